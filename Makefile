@@ -1,0 +1,28 @@
+# `make demo` and `make test` work on a fresh machine: each creates .venv, installs the
+# package with its test extras, and starts RabbitMQ/Redis when installed but not running.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench services clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+services:
+	./scripts/services.sh
+
+demo: $(STAMP) services
+	$(VENV)/bin/amqprpc demo
+
+test: $(STAMP) services
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP) services
+	$(VENV)/bin/python -m bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

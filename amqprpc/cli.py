@@ -1,0 +1,199 @@
+"""The ``amqprpc`` command. Every option also reads an ``AMQPRPC_*`` environment variable.
+
+Exit codes (``call``, ``cast``, ``publish``): 0 success, 1 remote error, 2 usage,
+3 timeout, 4 service or broker unavailable / circuit open.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Callable
+
+import click
+
+from . import logs
+from .config import DEFAULT_BROKER_URL, redact
+from .errors import CallTimeout, RemoteError, RpcError, ServiceUnavailable
+
+EXIT_OK, EXIT_REMOTE_ERROR, EXIT_USAGE, EXIT_TIMEOUT, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4
+
+
+# --- reusable option groups (Celery-style) -------------------------------------------
+def broker_option(fn: Callable) -> Callable:
+    return click.option("--broker", envvar="AMQPRPC_BROKER_URL", default=DEFAULT_BROKER_URL,
+                        show_default=redact(DEFAULT_BROKER_URL), show_envvar=True,
+                        help="Broker URL; several as 'amqp://h1;amqp://h2' fail over. amqps:// for TLS.")(fn)
+
+
+def logging_options(default_level: str = "info") -> Callable:
+    def decorate(fn: Callable) -> Callable:
+        fn = click.option("--log-level", envvar="AMQPRPC_LOG_LEVEL", default=default_level, show_default=True,
+                          show_envvar=True, type=click.Choice(logs.LEVELS, case_sensitive=False))(fn)
+        fn = click.option("--log-format", envvar="AMQPRPC_LOG_FORMAT", default="console", show_default=True,
+                          show_envvar=True, type=click.Choice(["json", "console"]),
+                          help="json for log shippers, console for people.")(fn)
+        return fn
+    return decorate
+
+
+def timeout_option(fn: Callable) -> Callable:
+    return click.option("--timeout", envvar="AMQPRPC_TIMEOUT", default=5.0, show_default=True, show_envvar=True,
+                        type=click.FloatRange(min=0.001), help="Seconds to wait for the answer.")(fn)
+
+
+class JsonObject(click.ParamType):
+    name = "JSON"
+
+    def convert(self, value: Any, param, ctx) -> dict:
+        if isinstance(value, dict):
+            return value
+        try:
+            doc = json.loads(value)
+        except ValueError as exc:
+            self.fail(f"not valid JSON: {exc}", param, ctx)
+        if not isinstance(doc, dict):
+            self.fail("must be a JSON object, e.g. '{\"user_id\": \"user_001\"}'", param, ctx)
+        return doc
+
+
+def fail(code: int, message: str) -> None:
+    click.echo(f"Error: {redact(message)}", err=True)
+    sys.exit(code)
+
+
+def exit_code_for(exc: RpcError) -> int:
+    if isinstance(exc, RemoteError):
+        return EXIT_REMOTE_ERROR
+    if isinstance(exc, CallTimeout):
+        return EXIT_TIMEOUT
+    return EXIT_UNAVAILABLE
+
+
+# --- commands ------------------------------------------------------------------------
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="amqprpc")
+def main() -> None:
+    """amqprpc: calls and events between microservices over RabbitMQ."""
+
+
+@main.command()
+@click.argument("service")
+@click.option("--app", envvar="AMQPRPC_APP", show_envvar=True, metavar="MODULE:ATTR",
+              help="Load the Service from here instead of the entry points / workers package.")
+@click.option("--concurrency", "-c", envvar="AMQPRPC_CONCURRENCY", default=8, show_default=True, show_envvar=True,
+              type=click.IntRange(min=1), help="Handler threads.")
+@click.option("--prefetch", envvar="AMQPRPC_PREFETCH", default=None, show_envvar=True, type=click.IntRange(min=1),
+              help="Unacked messages held at most  [default: 2 x concurrency]")
+@click.option("--shutdown-timeout", envvar="AMQPRPC_SHUTDOWN_TIMEOUT", default=30.0, show_default=True,
+              show_envvar=True, type=click.FloatRange(min=0), help="Seconds running handlers get to finish on SIGTERM.")
+@click.option("--heartbeat", envvar="AMQPRPC_HEARTBEAT", default=30.0, show_default=True, show_envvar=True,
+              type=click.FloatRange(min=0), help="AMQP heartbeat in seconds (0 disables).")
+@broker_option
+@logging_options("info")
+def worker(service: str, app: str | None, concurrency: int, prefetch: int | None, shutdown_timeout: float,
+           heartbeat: float, broker: str, log_format: str, log_level: str) -> None:
+    """Run SERVICE's handlers until SIGTERM/SIGINT (warm stop) or SIGQUIT (cold stop).
+
+    SERVICE resolves through the 'amqprpc.services' entry points, then the module
+    workers.<service with - as _>; --app overrides both. Exit 0 after a clean warm
+    stop, 1 after a cold stop, 2 for usage errors, 4 when the broker is unreachable.
+    """
+    from .daemon import run_worker
+    from .loading import ServiceNotFound, load_service
+    from .worker import Worker
+
+    logs.configure(log_format, log_level)
+    try:
+        svc = load_service(service, app)
+    except ServiceNotFound as exc:
+        raise click.UsageError(str(exc)) from None
+    logs.bind_process(service=svc.name)
+    instance = Worker(svc, broker_url=broker, concurrency=concurrency, prefetch=prefetch, heartbeat=heartbeat)
+    try:
+        code = run_worker(instance, shutdown_timeout)
+    except Exception as exc:  # noqa: BLE001 - connection failures at start: one line, no traceback
+        fail(EXIT_UNAVAILABLE, f"cannot connect to broker {broker}: {exc}")
+    sys.exit(code)
+
+
+@main.command()
+@click.argument("service")
+@click.argument("action")
+@click.argument("payload", required=False, default="{}", type=JsonObject())
+@timeout_option
+@broker_option
+@logging_options("warning")
+def call(service: str, action: str, payload: dict, timeout: float, broker: str, log_format: str,
+         log_level: str) -> None:
+    """Call ACTION on SERVICE with PAYLOAD (a JSON object) and print the data as JSON.
+
+    Exit 0 success, 1 remote error, 2 usage, 3 timeout, 4 unavailable.
+    """
+    logs.configure(log_format, log_level)
+    from .client import RpcClient
+
+    try:
+        with RpcClient("amqprpc-cli", broker_url=broker, timeout=timeout) as client:
+            data = client.call(service, action, payload, timeout=timeout)
+    except RpcError as exc:
+        fail(exit_code_for(exc), str(exc))
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+@main.command()
+@click.argument("service")
+@click.argument("action")
+@click.argument("payload", required=False, default="{}", type=JsonObject())
+@timeout_option
+@broker_option
+@logging_options("warning")
+def cast(service: str, action: str, payload: dict, timeout: float, broker: str, log_format: str,
+         log_level: str) -> None:
+    """Send ACTION to SERVICE without waiting for a reply (persistent, broker-confirmed)."""
+    logs.configure(log_format, log_level)
+    from .client import RpcClient
+
+    try:
+        with RpcClient("amqprpc-cli", broker_url=broker, timeout=timeout) as client:
+            client.cast(service, action, payload, timeout=timeout)
+    except RpcError as exc:
+        fail(exit_code_for(exc), str(exc))
+    click.echo("sent")
+
+
+@main.command()
+@click.argument("event")
+@click.argument("payload", required=False, default="{}", type=JsonObject())
+@timeout_option
+@broker_option
+@logging_options("warning")
+def publish(event: str, payload: dict, timeout: float, broker: str, log_format: str, log_level: str) -> None:
+    """Publish EVENT (e.g. order.created) with PAYLOAD (persistent, broker-confirmed)."""
+    logs.configure(log_format, log_level)
+    from .client import RpcClient
+
+    try:
+        with RpcClient("amqprpc-cli", broker_url=broker, timeout=timeout) as client:
+            client.publish_event(event, payload, timeout=timeout)
+    except RpcError as exc:
+        fail(exit_code_for(exc), str(exc))
+    click.echo("published")
+
+
+@main.command()
+@broker_option
+@logging_options("error")
+def demo(broker: str, log_format: str, log_level: str) -> None:
+    """Run the shop's scenario end to end against the broker (starts the workers in-process)."""
+    from .demo import run_demo
+
+    logs.configure(log_format, log_level)
+    try:
+        run_demo(broker)
+    except ServiceUnavailable as exc:
+        fail(EXIT_UNAVAILABLE, f"{exc}\n  No broker answers. Start one with 'rabbitmq-server -detached' "
+             f"(or set AMQPRPC_BROKER_URL), then run 'amqprpc demo' again.")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

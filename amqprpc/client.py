@@ -1,0 +1,319 @@
+"""RpcClient: thread-safe calls, casts and events over one connection.
+
+Any number of threads may call at once. The caller's thread builds and serializes the
+request; the loop thread (:class:`~amqprpc.ioloop.AmqpLoop`) publishes it, receives the
+reply on the client's one long-lived reply queue and resolves the caller's Future.
+Deadlines are timers of the loop thread, so no caller ever waits without a bound.
+"""
+from __future__ import annotations
+
+import heapq
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Mapping
+
+import amqp
+
+from . import context, envelope, logs
+from .config import broker_url as default_broker_url
+from .config import redact
+from .errors import CallTimeout, RemoteError, ServiceUnavailable
+from .ioloop import AmqpLoop, publish
+from .service import snake_case
+from .topology import DEFAULT_TOPOLOGY, Topology
+
+log = logs.get_logger("amqprpc.client")
+
+# How much longer than the call's own timeout a caller waits on its Future before it
+# gives up on the loop thread itself (which resolves every call at its deadline).
+_GRACE = 2.0
+
+
+class RpcClient(AmqpLoop):
+    """Calls services over RabbitMQ.
+
+    Parameters: ``source`` names this caller in envelopes and in its reply queue;
+    ``broker_url`` defaults to ``AMQPRPC_BROKER_URL``; ``timeout`` is the default call
+    timeout in seconds; ``heartbeat`` and ``connect_timeout`` in seconds.
+    Connects at construction and raises :class:`ServiceUnavailable` if it cannot.
+    """
+
+    def __init__(self, source: str = "amqprpc-client", *, broker_url: str | None = None, timeout: float = 5.0,
+                 topology: Topology = DEFAULT_TOPOLOGY, heartbeat: float = 30.0, connect_timeout: float = 5.0):
+        super().__init__(default_broker_url(broker_url), name=f"amqprpc-client-{source}", heartbeat=heartbeat,
+                         connect_timeout=connect_timeout)
+        self.source = source
+        self.timeout = timeout
+        self.topology = topology
+        self.reply_queue = topology.reply_queue(source)
+        self._call_channel: amqp.Channel | None = None
+        self._confirm_channel: amqp.Channel | None = None
+        self._pending: dict[str, tuple[Future, str, str, float]] = {}  # correlation id -> call
+        self._deadlines: list[tuple[float, str]] = []  # heap of (monotonic deadline, correlation id)
+        self._confirms: dict[int, tuple[Future, str, str]] = {}  # delivery tag -> publish
+        self._unroutable: set[str] = set()
+        self._publish_seq = 0
+        self._callbacks: ThreadPoolExecutor | None = None
+        self._closed = False
+        try:
+            self.start()
+        except Exception as exc:  # noqa: BLE001 - any connect failure is "unavailable" to a caller
+            raise ServiceUnavailable(f"cannot connect to broker {redact(self.url)}: {redact(str(exc))}") from None
+
+    # --- public API --------------------------------------------------------------------
+    def call(self, service: str, action: str, payload: Mapping[str, Any] | None = None, *,
+             timeout: float | None = None) -> Any:
+        """Call ``action`` on ``service`` and return its ``data``.
+
+        Raises RemoteError (the handler failed), CallTimeout (no reply within ``timeout``
+        seconds) or ServiceUnavailable (no queue for the service, or no broker).
+        """
+        timeout = self.timeout if timeout is None else timeout
+        future = self.call_async(service, action, payload, timeout=timeout)
+        try:
+            return future.result(timeout + _GRACE)
+        except TimeoutError:
+            raise CallTimeout(f"{service}.{action}: no answer within {timeout}s (client loop stalled)") from None
+
+    def call_async(self, service: str, action: str, payload: Mapping[str, Any] | None = None, *,
+                   timeout: float | None = None, callback: Callable[[Future], Any] | None = None) -> Future:
+        """Send a call and return a Future of its ``data`` at once.
+
+        ``callback(future)`` runs when it resolves, on a separate callback thread (so a
+        callback may itself make calls).
+        """
+        timeout, headers = self._deadline(timeout)
+        message_id = envelope.new_id()
+        body = envelope.request_body(message_id=message_id, source=self.source, target=service, action=action,
+                                     payload=payload or {}, reply_to=self.reply_queue.name, headers=headers)
+        message = amqp.Message(body, content_type=envelope.CONTENT_TYPE, message_id=message_id,
+                               correlation_id=message_id, reply_to=self.reply_queue.name, delivery_mode=2,
+                               expiration=str(max(1, int(timeout * 1000))))
+        future: Future = Future()
+        if callback is not None:
+            future.add_done_callback(self._run_callback(callback))
+        if timeout <= 0:
+            future.set_exception(CallTimeout(f"{service}.{action}: the deadline had already passed"))
+            return future
+        self.call_soon(self._send_call, message_id, message, service, action, timeout, future)
+        return future
+
+    def cast(self, service: str, action: str, payload: Mapping[str, Any] | None = None, *,
+             timeout: float | None = None) -> None:
+        """Send a request that gets no reply. Returns once the broker confirmed it stored
+        the message; raises ServiceUnavailable if no queue takes it."""
+        timeout, headers = self._deadline(timeout, with_deadline=False)
+        message_id = envelope.new_id()
+        body = envelope.request_body(message_id=message_id, source=self.source, target=service, action=action,
+                                     payload=payload or {}, reply_to=None, headers=headers)
+        self._confirmed(self.topology.service_exchange, self.topology.request_key(service), body, message_id,
+                        f"cast to {service}.{action}", mandatory=True, timeout=timeout)
+
+    def publish_event(self, name: str, payload: Mapping[str, Any] | None = None, *,
+                      timeout: float | None = None) -> None:
+        """Publish event ``name`` (e.g. ``order.created``); returns once the broker confirmed it."""
+        timeout, headers = self._deadline(timeout, with_deadline=False)
+        message_id = envelope.new_id()
+        body = envelope.request_body(message_id=message_id, source=self.source, target=None, action=name,
+                                     payload=payload or {}, reply_to=None, headers=headers)
+        self._confirmed(self.topology.event_exchange, name, body, message_id, f"event {name}",
+                        mandatory=False, timeout=timeout)
+
+    def proxy(self, service: str, *, timeout: float | None = None) -> "ServiceProxy":
+        """An object whose attributes are the service's actions: ``proxy.get_user(user_id=...)``."""
+        return ServiceProxy(self, service, timeout)
+
+    def close(self) -> None:
+        """Fail what is still pending, close the connection, end the loop thread."""
+        if self._closed:
+            return
+        self._closed = True
+        self.stop()
+        if self._callbacks is not None:
+            self._callbacks.shutdown(wait=False)
+
+    def __enter__(self) -> "RpcClient":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # --- caller thread helpers -------------------------------------------------------
+    def _deadline(self, timeout: float | None, with_deadline: bool = True) -> tuple[float, dict]:
+        """The effective timeout (bounded by an enclosing handler's deadline) and the
+        headers that carry the deadline and the trace id onwards."""
+        timeout = self.timeout if timeout is None else timeout
+        current = context.current.get()
+        headers: dict[str, Any] = {}
+        now = time.time()
+        deadline = now + timeout
+        if current is not None:
+            headers["trace_id"] = current.trace_id
+            headers["parent_id"] = current.correlation_id
+            if current.deadline is not None and current.deadline < deadline:
+                deadline = current.deadline
+                timeout = deadline - now
+        else:
+            headers["trace_id"] = envelope.new_id()
+        if with_deadline:
+            headers["deadline"] = round(deadline, 6)
+        return timeout, headers
+
+    def _confirmed(self, exchange: str, routing_key: str, body: bytes, message_id: str, what: str, *,
+                   mandatory: bool, timeout: float) -> None:
+        message = amqp.Message(body, content_type=envelope.CONTENT_TYPE, message_id=message_id, delivery_mode=2)
+        future: Future = Future()
+        self.call_soon(self._send_confirmed, exchange, routing_key, message, message_id, what, mandatory, future)
+        try:
+            future.result(timeout)
+        except TimeoutError:
+            raise CallTimeout(f"{what}: the broker did not confirm within {timeout}s") from None
+
+    def _run_callback(self, callback: Callable[[Future], Any]) -> Callable[[Future], None]:
+        if self._callbacks is None:
+            self._callbacks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="amqprpc-callback")
+        executor = self._callbacks
+        return lambda future: executor.submit(callback, future)
+
+    # --- loop thread -------------------------------------------------------------------
+    def on_connected(self, connection) -> None:
+        channel = connection.channel()
+        self.topology.request_exchange()(channel).declare()
+        self.reply_queue(channel).declare()
+        channel.basic_consume(queue=self.reply_queue.name, no_ack=True, callback=self._on_reply)
+        channel.events["basic_return"].add(self._on_call_returned)
+        confirm = connection.channel()
+        self.topology.events_exchange()(confirm).declare()
+        confirm.confirm_select()
+        confirm.events["basic_ack"].add(self._on_ack)
+        confirm.events["basic_nack"].add(self._on_nack)
+        confirm.events["basic_return"].add(self._on_confirm_returned)
+        self._publish_seq = 0
+        self._call_channel, self._confirm_channel = channel, confirm
+
+    def on_disconnected(self, exc) -> None:
+        self._call_channel = self._confirm_channel = None
+        reason = "client closed" if exc is None else f"connection to the broker lost: {redact(str(exc))}"
+        pending, self._pending = self._pending, {}
+        for future, service, action, _ in pending.values():
+            _settle(future, exception=ServiceUnavailable(f"{service}.{action}: {reason}"))
+        confirms, self._confirms = self._confirms, {}
+        for future, _, what in confirms.values():
+            _settle(future, exception=ServiceUnavailable(f"{what}: {reason}; not confirmed"))
+        self._unroutable.clear()
+
+    def _send_call(self, message_id: str, message: amqp.Message, service: str, action: str, timeout: float,
+                   future: Future) -> None:
+        channel = self._call_channel
+        if channel is None:
+            _settle(future, exception=ServiceUnavailable(f"{service}.{action}: not connected to the broker"))
+            return
+        due = time.monotonic() + timeout
+        self._pending[message_id] = (future, service, action, timeout)
+        heapq.heappush(self._deadlines, (due, message_id))
+        if self.next_tick is None or due < self.next_tick:
+            self.next_tick = due
+        publish(channel, message, self.topology.service_exchange, self.topology.request_key(service), mandatory=True)
+
+    def on_tick(self, now: float) -> float | None:
+        deadlines, pending = self._deadlines, self._pending
+        while deadlines and deadlines[0][0] <= now:
+            _, message_id = heapq.heappop(deadlines)
+            entry = pending.pop(message_id, None)
+            if entry is not None:
+                future, service, action, timeout = entry
+                _settle(future, exception=CallTimeout(f"{service}.{action}: no answer within {timeout:g}s"))
+        return deadlines[0][0] if deadlines else None
+
+    def _on_reply(self, message: amqp.Message) -> None:
+        body = message.body
+        entry = self._pending.pop(message.properties.get("correlation_id"), None)
+        try:
+            doc = envelope.loads(body)
+        except (ValueError, TypeError):
+            doc = None
+        if entry is None and isinstance(doc, dict):
+            # A foreign server may answer with the request's message_id only.
+            entry = self._pending.pop(doc.get("message_id"), None)
+        if entry is None:
+            log.debug("reply for no pending call (late or duplicate)",
+                      correlation_id=message.properties.get("correlation_id"))
+            return
+        future, service, action, _ = entry
+        if not isinstance(doc, dict):
+            _settle(future, exception=RemoteError("reply is not a JSON object", "BadReply"))
+        elif doc.get("success"):
+            _settle(future, result=doc.get("data"))
+        else:
+            _settle(future, exception=RemoteError(str(doc.get("error")), str(doc.get("error_type") or "RemoteError"),
+                                                  doc.get("message_id")))
+
+    def _on_call_returned(self, exc, exchange: str, routing_key: str, message: amqp.Message) -> None:
+        entry = self._pending.pop(message.properties.get("correlation_id"), None)
+        if entry is not None:
+            future, service, action, _ = entry
+            _settle(future, exception=ServiceUnavailable(
+                f"{service}.{action}: no queue is bound for {routing_key!r} (is {service} deployed?)"))
+
+    def _send_confirmed(self, exchange: str, routing_key: str, message: amqp.Message, message_id: str, what: str,
+                        mandatory: bool, future: Future) -> None:
+        channel = self._confirm_channel
+        if channel is None:
+            _settle(future, exception=ServiceUnavailable(f"{what}: not connected to the broker"))
+            return
+        self._publish_seq += 1
+        self._confirms[self._publish_seq] = (future, message_id, what)
+        publish(channel, message, exchange, routing_key, mandatory=mandatory)
+
+    def _on_confirm_returned(self, exc, exchange: str, routing_key: str, message: amqp.Message) -> None:
+        # basic.return precedes the basic.ack of the same message.
+        self._unroutable.add(message.properties.get("message_id"))
+
+    def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
+        for future, message_id, what in self._take_confirms(delivery_tag, multiple):
+            if message_id in self._unroutable:
+                self._unroutable.discard(message_id)
+                _settle(future, exception=ServiceUnavailable(f"{what}: no queue is bound for it"))
+            else:
+                _settle(future, result=None)
+
+    def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
+        for future, _, what in self._take_confirms(delivery_tag, multiple):
+            _settle(future, exception=ServiceUnavailable(f"{what}: the broker refused the message (nack)"))
+
+    def _take_confirms(self, delivery_tag: int, multiple: bool) -> list:
+        if not multiple:
+            entry = self._confirms.pop(delivery_tag, None)
+            return [entry] if entry else []
+        tags = [tag for tag in self._confirms if tag <= delivery_tag]
+        return [self._confirms.pop(tag) for tag in tags]
+
+
+class ServiceProxy:
+    """``client.proxy("user-service").get_user(user_id="u1")``; camelCase attribute
+    names are sent as snake_case actions (``getUser`` -> ``get_user``)."""
+
+    def __init__(self, client: RpcClient, service: str, timeout: float | None = None):
+        self._client = client
+        self._service = service
+        self._timeout = timeout
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        action = snake_case(name)
+
+        def remote_method(payload: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
+            return self._client.call(self._service, action, {**(payload or {}), **kwargs}, timeout=self._timeout)
+
+        remote_method.__name__ = action
+        return remote_method
+
+
+def _settle(future: Future, *, result: Any = None, exception: BaseException | None = None) -> None:
+    if future.done():
+        return
+    if exception is not None:
+        future.set_exception(exception)
+    else:
+        future.set_result(result)

@@ -1,0 +1,30 @@
+"""Where settings come from (environment first) and how secrets are kept out of output."""
+from __future__ import annotations
+
+import os
+import re
+
+DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672//"
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+
+# user:password@ inside any URL-looking text, for every scheme we speak (amqp, amqps,
+# redis, rediss, ...). Matching in free text, not only in known keys, is what makes
+# the "never in a log line or an error" promise hold for exception messages too.
+_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s;]*):(?P<password>[^@\s;/]*)@")
+
+
+def broker_url(url: str | None = None) -> str:
+    """The broker URL: the argument, else ``AMQPRPC_BROKER_URL``, else the local default."""
+    return url or os.environ.get("AMQPRPC_BROKER_URL") or DEFAULT_BROKER_URL
+
+
+def redis_url(url: str | None = None) -> str:
+    """The Redis URL: the argument, else ``AMQPRPC_REDIS_URL``, else the local default."""
+    return url or os.environ.get("AMQPRPC_REDIS_URL") or DEFAULT_REDIS_URL
+
+
+def redact(text: str) -> str:
+    """Replace the password of every URL in ``text`` with ``***``."""
+    if "@" not in text:
+        return text
+    return _CREDENTIALS.sub(r"\g<scheme>\g<user>:***@", text)

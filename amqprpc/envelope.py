@@ -1,0 +1,156 @@
+"""The JSON envelope on the wire: building requests and replies, and decoding them safely.
+
+Only JSON is accepted. Anything that is not a JSON object with the fields below raises
+:class:`~amqprpc.errors.BadMessage` with a reason a person can act on; the worker turns
+that into an error reply or a dead letter. Nothing here evaluates or unpickles input.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Mapping
+
+from .errors import BadMessage
+
+CONTENT_TYPE = "application/json"
+# Peers sometimes send these for JSON; anything else (pickle, yaml, msgpack) is refused.
+_JSON_TYPES = frozenset({"application/json", "text/json", "application/json; charset=utf-8"})
+
+_encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+_decode = json.loads
+
+
+def new_id() -> str:
+    """A random 128-bit id as 32 hex characters (cheaper than ``str(uuid4())``)."""
+    return os.urandom(16).hex()
+
+
+def dumps(obj: Any) -> bytes:
+    """Serialize to compact UTF-8 JSON. Raises TypeError/ValueError for what JSON cannot carry."""
+    return _encode(obj).encode()
+
+
+def loads(body: bytes | str) -> Any:
+    return _decode(body)
+
+
+def request_body(
+    *,
+    message_id: str,
+    source: str,
+    target: str,
+    action: str,
+    payload: Mapping[str, Any],
+    reply_to: str | None,
+    headers: Mapping[str, Any],
+) -> bytes:
+    """The request envelope of DESIGN.md. ``correlation_id`` equals ``message_id`` so a
+    foreign server that answers with the request's ``message_id`` only is still matched."""
+    return dumps({
+        "message_id": message_id,
+        "source_service": source,
+        "target_service": target,
+        "action": action,
+        "timestamp": int(time.time()),
+        "correlation_id": message_id,
+        "reply_to": reply_to,
+        "headers": headers,
+        "payload": payload,
+    })
+
+
+class Request:
+    """A decoded, validated request or event."""
+
+    __slots__ = ("message_id", "correlation_id", "reply_to", "source", "target", "action",
+                 "payload", "headers")
+
+    def __init__(self, message_id, correlation_id, reply_to, source, target, action, payload, headers):
+        self.message_id = message_id
+        self.correlation_id = correlation_id
+        self.reply_to = reply_to
+        self.source = source
+        self.target = target
+        self.action = action
+        self.payload = payload
+        self.headers = headers
+
+    @property
+    def deadline(self) -> float | None:
+        """Epoch seconds after which nobody waits for the answer, or None."""
+        value = self.headers.get("deadline")
+        return float(value) if isinstance(value, (int, float)) else None
+
+    @property
+    def trace_id(self) -> str | None:
+        return self.headers.get("trace_id")
+
+
+def reply_address(properties: Mapping[str, Any], body: bytes | str) -> tuple[str | None, str | None]:
+    """(reply_to, correlation_id) of a message that may not even be JSON, so that a bad
+    request can still be answered. Properties first; the body only if it parses."""
+    reply_to = properties.get("reply_to")
+    correlation_id = properties.get("correlation_id")
+    if reply_to and correlation_id:
+        return reply_to, correlation_id
+    try:
+        doc = _decode(body)
+    except (ValueError, TypeError):
+        return reply_to, correlation_id
+    if isinstance(doc, dict):
+        reply_to = reply_to or _str_or_none(doc.get("reply_to"))
+        correlation_id = correlation_id or _str_or_none(doc.get("correlation_id")) or _str_or_none(doc.get("message_id"))
+    return reply_to, correlation_id
+
+
+def decode_request(body: bytes | str, properties: Mapping[str, Any], max_bytes: int | None = None) -> Request:
+    """Validate and decode one request. Raises BadMessage naming what is wrong."""
+    content_type = properties.get("content_type")
+    if content_type and content_type.lower() not in _JSON_TYPES:
+        raise BadMessage(f"Unsupported content type: {content_type} (only application/json is accepted)")
+    if max_bytes is not None and len(body) > max_bytes:
+        raise BadMessage(f"Message too large: {len(body)} bytes (limit {max_bytes})")
+    try:
+        doc = _decode(body)
+    except (ValueError, TypeError) as exc:
+        raise BadMessage(f"Malformed JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise BadMessage(f"Envelope must be a JSON object, got {type(doc).__name__}")
+    action = doc.get("action")
+    if not isinstance(action, str) or not action:
+        raise BadMessage("Envelope has no action")
+    if "payload" not in doc:
+        raise BadMessage("Envelope has no payload")
+    payload = doc["payload"]
+    if not isinstance(payload, dict):
+        raise BadMessage(f"Payload must be a JSON object, got {type(payload).__name__}")
+    headers = doc.get("headers") or {}
+    if not isinstance(headers, dict):
+        raise BadMessage("Envelope headers must be a JSON object")
+    message_id = _str_or_none(doc.get("message_id")) or properties.get("message_id") or new_id()
+    return Request(
+        message_id,
+        properties.get("correlation_id") or _str_or_none(doc.get("correlation_id")) or message_id,
+        properties.get("reply_to") or _str_or_none(doc.get("reply_to")),
+        doc.get("source_service"),
+        doc.get("target_service"),
+        action,
+        payload,
+        headers,
+    )
+
+
+def ok_reply(data: Any, message_id: str | None) -> bytes:
+    """Raises TypeError/ValueError when ``data`` is not JSON-serializable."""
+    return dumps({"success": True, "data": data, "message_id": message_id})
+
+
+def error_reply(error: str, error_type: str, message_id: str | None) -> bytes:
+    return dumps({"success": False, "error": error, "error_type": error_type, "message_id": message_id})
+
+
+def _str_or_none(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    return value if isinstance(value, str) else str(value)

@@ -1,0 +1,235 @@
+"""The one thread that owns an AMQP connection.
+
+py-amqp connections are not thread-safe, so every worker and client has exactly one
+:class:`AmqpLoop`: it connects, reads frames, publishes, acks and sends heartbeats.
+Other threads hand it work with :meth:`AmqpLoop.call_soon`, which appends to a deque
+and wakes the loop through a pipe; the loop sleeps in ``poll()`` on the socket and that
+pipe, so nothing on the request/reply path sleeps or polls on a timer.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import select
+import socket
+import threading
+import time
+from typing import Any, Callable
+
+import amqp
+from amqp import spec
+from kombu import Connection
+
+from . import logs
+from .backoff import full_jitter
+from .config import redact
+
+log = logs.get_logger("amqprpc.ioloop")
+
+_READ = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
+
+
+def publish(channel: amqp.Channel, message: amqp.Message, exchange: str, routing_key: str,
+            mandatory: bool = False) -> None:
+    """``basic_publish`` without py-amqp's per-publish ``drain_events(timeout=0)``.
+
+    py-amqp drains the socket inside every publish when ``connection.blocked`` is
+    negotiated; called from a delivery callback that drain runs the next delivery's
+    callback recursively (DESIGN.md, pitfalls). Our loop drains the socket itself, so the
+    publish only needs to write the frames.
+    """
+    channel.send_method(spec.Basic.Publish, "Bssbb", (0, exchange, routing_key, mandatory, False), message)
+
+
+class AmqpLoop:
+    """Owns one kombu connection in one thread; reconnects with jittered backoff.
+
+    Subclasses (the worker's consumer, the client's requester) override the hooks:
+    ``on_connected(connection)`` declares topology and starts consuming,
+    ``on_disconnected(exc)`` fails or forgets what the dead connection carried,
+    ``on_tick(now)`` runs timers and returns the next monotonic time it wants a tick.
+
+    Parameters: ``heartbeat`` and ``connect_timeout`` in seconds; ``reconnect_base`` and
+    ``reconnect_cap`` bound the backoff between reconnect attempts, in seconds.
+    """
+
+    def __init__(self, url: str, *, name: str, heartbeat: float = 30.0, connect_timeout: float = 5.0,
+                 reconnect_base: float = 0.2, reconnect_cap: float = 10.0):
+        self.url = url
+        self.name = name
+        self.heartbeat = heartbeat
+        self.connect_timeout = connect_timeout
+        self.reconnect_base = reconnect_base
+        self.reconnect_cap = reconnect_cap
+        self.connection: Connection | None = None
+        self.generation = 0  # bumped on every (re)connect; stale delivery tags are dropped
+        self.connected = threading.Event()
+        self._ops: collections.deque = collections.deque()
+        self._signaled = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+        self.next_tick: float | None = None
+
+    # --- hooks -------------------------------------------------------------------------
+    def on_connected(self, connection: Connection) -> None:  # pragma: no cover - hook
+        pass
+
+    def on_disconnected(self, exc: BaseException | None) -> None:  # pragma: no cover - hook
+        pass
+
+    def on_tick(self, now: float) -> float | None:  # pragma: no cover - hook
+        return None
+
+    # --- any thread --------------------------------------------------------------------
+    def call_soon(self, fn: Callable, *args: Any) -> None:
+        """Run ``fn(*args)`` on the loop thread, in order. Safe from any thread."""
+        self._ops.append((fn, args))
+        # One byte per wake-up, not per call: the flag is cleared by the loop *before* it
+        # empties the deque, so an append that sees it set is always drained after.
+        if not self._signaled:
+            self._signaled = True
+            try:
+                os.write(self._wake_w, b"x")
+            except BlockingIOError:
+                pass
+
+    def start(self) -> None:
+        """Start the thread and wait for the first connection; raise what prevented it."""
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+        self._started.wait()
+        if self._start_error is not None:
+            self._thread.join()
+            raise self._start_error
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Run what is queued, close the connection and end the thread."""
+        self._stopping = True
+        self.call_soon(lambda: None)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # --- loop thread -------------------------------------------------------------------
+    def _connect(self) -> Connection:
+        conn = Connection(self.url, heartbeat=self.heartbeat, connect_timeout=self.connect_timeout,
+                          failover_strategy="round-robin")
+        # One attempt per listed host (``amqp://h1;amqp://h2``); our own loop does the backoff.
+        conn.ensure_connection(max_retries=max(len(conn.alt), 1) - 1, interval_start=0, interval_step=0,
+                               interval_max=0, reraise_as_library_errors=False)
+        return conn
+
+    def _run(self) -> None:
+        attempt = 0
+        while not self._stopping:
+            try:
+                self.connection = self._connect()
+                self.generation += 1
+                self.on_connected(self.connection)
+            except Exception as exc:  # noqa: BLE001 - any failure to connect is retried or reported
+                self._close_quietly()
+                if not self._started.is_set():
+                    self._start_error = exc
+                    self._started.set()
+                    return
+                delay = full_jitter(attempt, self.reconnect_base, self.reconnect_cap)
+                attempt += 1
+                log.warning("broker connect failed", url=redact(self.url), error=redact(str(exc)),
+                            attempt=attempt, retry_in=round(delay, 3))
+                self._idle(delay)
+                continue
+            if self._started.is_set():
+                log.info("broker reconnected", url=redact(self.url), generation=self.generation)
+            attempt = 0
+            self.connected.set()
+            self._started.set()
+            try:
+                self._serve()
+            except Exception as exc:  # noqa: BLE001 - connection or channel failure: reconnect
+                self.connected.clear()
+                log.warning("broker connection lost", url=redact(self.url), error=redact(repr(exc)))
+                self._close_quietly()
+                self.on_disconnected(exc)
+                continue
+        self._run_ops()
+        self.connected.clear()
+        self._close_quietly()
+        self.on_disconnected(None)
+        self._run_ops()
+
+    def _serve(self) -> None:
+        amqp_conn = self.connection.connection
+        sock = amqp_conn.transport.sock
+        poller = select.poll()
+        poller.register(sock.fileno(), _READ)
+        poller.register(self._wake_r, select.POLLIN)
+        sock_fd = sock.fileno()
+        hb_interval = self.heartbeat / 4.0 if self.heartbeat else None
+        hb_due = time.monotonic() + hb_interval if hb_interval else None
+        drain = amqp_conn.drain_events
+        while not self._stopping:
+            now = time.monotonic()
+            due = hb_due
+            if self.next_tick is not None and (due is None or self.next_tick < due):
+                due = self.next_tick
+            timeout_ms = None if due is None else max(0, int((due - now) * 1000) + 1)
+            events = poller.poll(timeout_ms)
+            if self._ops or self._signaled:
+                self._run_ops()
+            for fd, _ in events:
+                if fd == sock_fd:
+                    # Read every frame that is already here; the socket is left blocking
+                    # for writes, drain_events(timeout=0) reads without waiting.
+                    try:
+                        while True:
+                            drain(timeout=0)
+                    except socket.timeout:
+                        pass
+            now = time.monotonic()
+            if hb_due is not None and now >= hb_due:
+                self.connection.heartbeat_check(rate=2)
+                hb_due = now + hb_interval
+            if self.next_tick is not None and now >= self.next_tick:
+                self.next_tick = self.on_tick(now)
+
+    def _run_ops(self) -> None:
+        try:
+            os.read(self._wake_r, 4096)
+        except BlockingIOError:
+            pass
+        self._signaled = False
+        ops = self._ops
+        while ops:
+            fn, args = ops.popleft()
+            fn(*args)
+
+    def _idle(self, seconds: float) -> None:
+        """Wait between reconnect attempts, still running queued work (which fails fast
+        while disconnected) and waking at once on stop."""
+        deadline = time.monotonic() + seconds
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        while not self._stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            poller.poll(int(left * 1000) + 1)
+            self._run_ops()
+            if self.next_tick is not None and time.monotonic() >= self.next_tick:
+                self.next_tick = self.on_tick(time.monotonic())
+
+    def _close_quietly(self) -> None:
+        conn, self.connection = self.connection, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - already broken; nothing to save
+                pass

@@ -1,0 +1,73 @@
+"""A service: a name and its handlers, registered with decorators (no base class to inherit)."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict
+
+Handler = Callable[[dict], Any]
+
+_CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+
+
+def snake_case(name: str) -> str:
+    """``getUser`` -> ``get_user``; names already in snake_case are unchanged."""
+    return _CAMEL_BOUNDARY.sub("_", name).lower()
+
+
+@dataclass
+class EventSubscription:
+    pattern: str
+    function: Callable[[dict], None]
+    name: str
+    broadcast: bool = False
+
+
+@dataclass
+class Service:
+    """A named set of handlers.
+
+    >>> service = Service("user-service")
+    >>> @service.handler("get_user")
+    ... def get_user(payload): return {"id": payload["user_id"]}
+    """
+
+    name: str
+    handlers: Dict[str, Handler] = field(default_factory=dict)
+    events: Dict[str, EventSubscription] = field(default_factory=dict)
+
+    def handler(self, action: str | Callable | None = None) -> Callable:
+        """Register a function as the handler of ``action`` (default: the function's name).
+
+        Usable bare (``@service.handler``) or with a name (``@service.handler("get_user")``).
+        """
+        if callable(action):
+            return self.handler(None)(action)
+
+        def register(function: Handler) -> Handler:
+            name = action or function.__name__
+            if name in self.handlers:
+                raise ValueError(f"{self.name}: action {name!r} is registered twice")
+            self.handlers[name] = function
+            return function
+
+        return register
+
+    def event(self, pattern: str, *, name: str | None = None, broadcast: bool = False) -> Callable:
+        """Register a function for events whose name matches the topic ``pattern``."""
+
+        def register(function: Callable[[dict], None]) -> Callable[[dict], None]:
+            key = name or function.__name__
+            if key in self.events:
+                raise ValueError(f"{self.name}: event handler {key!r} is registered twice")
+            self.events[key] = EventSubscription(pattern, function, key, broadcast)
+            return function
+
+        return register
+
+    def find(self, action: str) -> Handler | None:
+        """The handler for ``action``, accepting camelCase spellings of snake_case names."""
+        found = self.handlers.get(action)
+        if found is None and action != (snake := snake_case(action)):
+            found = self.handlers.get(snake)
+        return found

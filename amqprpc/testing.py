@@ -1,0 +1,60 @@
+"""Helpers for testing services against a real broker (shipped, like ``nameko.testing``)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Callable, Iterator
+
+from kombu import Connection
+
+from .config import broker_url as default_broker_url
+from .service import Service
+from .topology import DEFAULT_TOPOLOGY, Topology
+from .worker import Worker
+
+
+def unique_name(prefix: str = "test") -> str:
+    """A name no other test (or developer) uses: queues and services cannot collide."""
+    return f"{prefix}-{os.getpid()}-{os.urandom(4).hex()}"
+
+
+def delete_queues(*names: str, broker_url: str | None = None) -> None:
+    """Delete queues a test declared (missing ones are fine)."""
+    with Connection(default_broker_url(broker_url)) as conn:
+        for name in names:
+            channel = conn.channel()
+            try:
+                channel.queue_delete(name)
+            except conn.channel_errors:
+                pass
+            finally:
+                with contextlib.suppress(Exception):
+                    channel.close()
+
+
+@contextlib.contextmanager
+def running_worker(service: Service, *, broker_url: str | None = None, topology: Topology = DEFAULT_TOPOLOGY,
+                   delete: bool = True, shutdown_timeout: float = 10.0, **options) -> Iterator[Worker]:
+    """Run ``service`` in a worker inside this process; stop it and delete its queue after."""
+    worker = Worker(service, broker_url=broker_url, topology=topology, **options)
+    worker.start()
+    try:
+        yield worker
+    finally:
+        worker.shutdown(shutdown_timeout)
+        if delete:
+            delete_queues(topology.request_queue_format.format(service=service.name), broker_url=broker_url)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> object:
+    """Poll ``predicate`` until it is truthy; raise AssertionError after ``timeout`` seconds.
+    (For tests only: production paths never poll.)"""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)

@@ -1,0 +1,52 @@
+"""Every exchange, queue and binding amqprpc uses, declared as kombu entities in one place.
+
+The defaults are the wire protocol of DESIGN.md, shared with peers written in other
+languages (php-amqplib services name the same exchange, queues and routing keys).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from kombu import Exchange, Queue
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Names of the shared entities. Change them only together with every peer."""
+
+    service_exchange: str = "service.exchange"
+    event_exchange: str = "event.exchange"
+    request_queue_format: str = "service.{service}.request"
+    request_key_format: str = "request.{service}"
+    reply_queue_format: str = "amqprpc.reply.{source}.{uid}"
+
+    def request_exchange(self) -> Exchange:
+        return Exchange(self.service_exchange, type="direct", durable=True)
+
+    def events_exchange(self) -> Exchange:
+        return Exchange(self.event_exchange, type="topic", durable=True)
+
+    def request_key(self, service: str) -> str:
+        return self.request_key_format.format(service=service)
+
+    def request_queue(self, service: str) -> Queue:
+        """The durable queue a service's workers compete on."""
+        return Queue(
+            self.request_queue_format.format(service=service),
+            exchange=self.request_exchange(),
+            routing_key=self.request_key(service),
+            durable=True,
+        )
+
+    def reply_queue(self, source: str) -> Queue:
+        """A caller's own reply queue: exclusive, so it dies with the connection.
+
+        The name is ours (not server-named) so that after a reconnect the client
+        declares the very queue its in-flight requests named in ``reply_to``.
+        """
+        name = self.reply_queue_format.format(source=source, uid=os.urandom(6).hex())
+        return Queue(name, exclusive=True, auto_delete=True, durable=False, no_ack=True)
+
+
+DEFAULT_TOPOLOGY = Topology()

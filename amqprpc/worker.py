@@ -1,0 +1,222 @@
+"""A worker: consumes one service's request queue and runs its handlers in a thread pool.
+
+Threads, and why:
+- the loop thread (:class:`~amqprpc.ioloop.AmqpLoop`) owns the connection: it receives
+  deliveries, publishes replies and acks. Heartbeats keep flowing however long handlers run.
+- ``concurrency`` handler threads take deliveries from an in-process queue, decode, run
+  the handler and hand ``(reply, ack)`` back to the loop with ``call_soon``.
+
+A message is acked only after its reply was published (at-least-once). The prefetch
+bounds how many messages one worker holds unacked.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import threading
+import time
+from typing import Any
+
+import amqp
+
+from . import context, envelope, logs
+from .config import broker_url as default_broker_url
+from .errors import BadMessage
+from .ioloop import AmqpLoop, publish
+from .service import Service
+from .topology import DEFAULT_TOPOLOGY, Topology
+
+log = logs.get_logger("amqprpc.worker")
+
+_STOP = object()
+
+
+class Worker(AmqpLoop):
+    """Serve ``service`` from its request queue.
+
+    Parameters: ``concurrency`` handler threads; ``prefetch`` unacked messages held at most
+    (default twice the concurrency); ``max_message_bytes`` larger bodies are refused;
+    ``heartbeat`` seconds.
+    """
+
+    def __init__(self, service: Service, *, broker_url: str | None = None, concurrency: int = 8,
+                 prefetch: int | None = None, topology: Topology = DEFAULT_TOPOLOGY,
+                 heartbeat: float = 30.0, max_message_bytes: int = 1 << 20):
+        super().__init__(default_broker_url(broker_url), name=f"amqprpc-io-{service.name}", heartbeat=heartbeat)
+        self.service = service
+        self.concurrency = concurrency
+        self.prefetch = prefetch or concurrency * 2
+        self.topology = topology
+        self.max_message_bytes = max_message_bytes
+        self.queue_name = topology.request_queue_format.format(service=service.name)
+        self.channel: amqp.Channel | None = None
+        self.consumer_tag = f"amqprpc.{service.name}.{socket.gethostname()}.{os.getpid()}.{os.urandom(3).hex()}"
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._consuming = False
+        self.stats = {"received": 0, "succeeded": 0, "failed": 0, "rejected": 0, "expired": 0}
+
+    # --- lifecycle (any thread) --------------------------------------------------------
+    def start(self) -> None:
+        """Connect, start consuming and start the handler threads."""
+        for index in range(self.concurrency):
+            thread = threading.Thread(target=self._work, name=f"amqprpc-handler-{index}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        super().start()
+        log.info("worker ready", queue=self.queue_name, concurrency=self.concurrency, prefetch=self.prefetch)
+
+    def shutdown(self, timeout: float = 30.0) -> bool:
+        """Warm stop: stop consuming, requeue what was prefetched but not started, let
+        running handlers finish within ``timeout`` seconds, publish their replies and acks,
+        then close. Returns False when handlers were still running at the timeout (their
+        messages go back to the queue when the connection closes)."""
+        stopped = threading.Event()
+        self.call_soon(self._stop_consuming, stopped)
+        stopped.wait(5.0)
+        for _ in self._threads:
+            self._inbox.put(_STOP)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        finished = not any(thread.is_alive() for thread in self._threads)
+        self.stop()
+        log.info("worker stopped", clean=finished, **self.stats)
+        return finished
+
+    # --- loop thread -------------------------------------------------------------------
+    def on_connected(self, connection) -> None:
+        channel = connection.channel()
+        self.topology.request_queue(self.service.name)(channel).declare()
+        channel.basic_qos(0, self.prefetch, False)
+        channel.basic_consume(queue=self.queue_name, consumer_tag=self.consumer_tag, callback=self._on_message)
+        self.channel = channel
+        self._consuming = True
+
+    def on_disconnected(self, exc) -> None:
+        # Unacked deliveries of the dead channel are redelivered by the broker; replies of
+        # handlers still running are published on the next connection, their acks dropped.
+        self.channel = None
+
+    def _on_message(self, message: amqp.Message) -> None:
+        self.stats["received"] += 1
+        self._inbox.put((self.generation, message))
+
+    def _stop_consuming(self, done: threading.Event) -> None:
+        try:
+            if self.channel is not None and self._consuming:
+                self._consuming = False
+                self.channel.basic_cancel(self.consumer_tag)
+            # After CancelOk nothing more arrives: give back what no handler has taken.
+            requeued = 0
+            while True:
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    continue
+                generation, message = item
+                if generation == self.generation and self.channel is not None:
+                    self.channel.basic_reject(message.delivery_tag, requeue=True)
+                    requeued += 1
+            if requeued:
+                log.info("requeued prefetched messages", count=requeued)
+        finally:
+            done.set()
+
+    def _finish(self, generation: int, delivery_tag: int, reply_to: str | None,
+                correlation_id: str | None, body: bytes | None, requeue: bool | None) -> None:
+        """Publish the reply (if any), then ack. ``requeue`` None = ack, False = reject."""
+        channel = self.channel
+        if channel is None:
+            return
+        if body is not None and reply_to:
+            publish(channel, amqp.Message(body, content_type=envelope.CONTENT_TYPE, correlation_id=correlation_id),
+                    "", reply_to)
+        if generation != self.generation:
+            return
+        if requeue is None:
+            channel.basic_ack(delivery_tag)
+        else:
+            channel.basic_reject(delivery_tag, requeue=requeue)
+
+    # --- handler threads ---------------------------------------------------------------
+    def _work(self) -> None:
+        get = self._inbox.get
+        while True:
+            item = get()
+            if item is _STOP:
+                return
+            generation, message = item
+            try:
+                self.call_soon(self._finish, generation, message.delivery_tag, *self._handle(message))
+            except Exception:  # noqa: BLE001 - a bug here must not kill the handler thread
+                log.exception("worker failed to process a message")
+                self.call_soon(self._finish, generation, message.delivery_tag, None, None, None, False)
+
+    def _handle(self, message: amqp.Message) -> tuple[Any, Any, bytes | None, bool | None]:
+        """Run one request; returns (reply_to, correlation_id, reply body, requeue)."""
+        started = time.perf_counter()
+        properties = message.properties
+        try:
+            request = envelope.decode_request(message.body, properties, self.max_message_bytes)
+        except BadMessage as exc:
+            return self._refuse(message, exc.reason)
+        trace_id = request.trace_id or request.correlation_id
+        deadline = request.deadline
+        if deadline is not None and time.time() > deadline:
+            self.stats["expired"] += 1
+            log.info("request expired, dropped unrun", action=request.action, correlation_id=request.correlation_id,
+                     trace_id=trace_id, late_by=round(time.time() - deadline, 3))
+            return None, None, None, None
+        handler = self.service.find(request.action)
+        if handler is None:
+            self.stats["failed"] += 1
+            log.warning("unknown action", action=request.action, correlation_id=request.correlation_id,
+                        trace_id=trace_id)
+            return request.reply_to, request.correlation_id, envelope.error_reply(
+                f"Unknown action: {request.action}", "UnknownAction", request.message_id), None
+        token = context.current.set(context.CallContext(
+            self.service.name, request.action, request.correlation_id, trace_id, deadline))
+        logs.bind_request(service=self.service.name, action=request.action, correlation_id=request.correlation_id, trace_id=trace_id)
+        try:
+            try:
+                result = handler(request.payload)
+            except Exception as exc:  # noqa: BLE001 - every handler error becomes an error reply
+                body = self._failed(exc, request, started)
+            else:
+                try:
+                    body = envelope.ok_reply(result, request.message_id)
+                except (TypeError, ValueError) as exc:
+                    body = self._failed(TypeError(f"Result is not JSON serializable: {exc}"), request, started)
+                else:
+                    self.stats["succeeded"] += 1
+                    log.debug("request handled", duration=round(time.perf_counter() - started, 6))
+        finally:
+            context.current.reset(token)
+            logs.clear_request()
+        return request.reply_to, request.correlation_id, body, None
+
+    def _failed(self, exc: BaseException, request: envelope.Request, started: float) -> bytes:
+        self.stats["failed"] += 1
+        error_type = type(exc).__name__
+        log.warning("handler failed", error=str(exc), error_type=error_type,
+                    duration=round(time.perf_counter() - started, 6))
+        return envelope.error_reply(str(exc), error_type, request.message_id)
+
+    def _refuse(self, message: amqp.Message, reason: str) -> tuple[Any, Any, bytes | None, bool | None]:
+        """A message that is not a valid request: answer it if it names a reply queue,
+        otherwise reject it without requeue (dead-lettered where the queue has a DLX)."""
+        self.stats["rejected"] += 1
+        body = message.body
+        reply_to, correlation_id = (None, None)
+        if len(body) <= self.max_message_bytes:
+            reply_to, correlation_id = envelope.reply_address(message.properties, body)
+        else:
+            reply_to, correlation_id = message.properties.get("reply_to"), message.properties.get("correlation_id")
+        log.warning("bad message", reason=reason, correlation_id=correlation_id, answered=bool(reply_to))
+        if reply_to:
+            return reply_to, correlation_id, envelope.error_reply(reason, "BadMessage", correlation_id), None
+        return None, None, None, False

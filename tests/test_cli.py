@@ -1,0 +1,90 @@
+"""The amqprpc command: help, exit codes, and the real worker process answering real calls."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from amqprpc.cli import main
+
+AMQPRPC = [sys.executable, "-m", "amqprpc"]
+
+
+@pytest.mark.parametrize("command", [[], ["worker"], ["call"], ["cast"], ["publish"], ["demo"]])
+def test_every_command_has_help(command):
+    result = CliRunner().invoke(main, command + ["--help"])
+    assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_bad_payload_is_a_usage_error_exit_2():
+    result = CliRunner().invoke(main, ["call", "user-service", "get_user", "[1]"])
+    assert result.exit_code == 2 and "must be a JSON object" in result.output
+
+
+def test_help_never_shows_the_default_password():
+    assert "guest:guest" not in CliRunner().invoke(main, ["worker", "--help"]).output
+
+
+def run(*args, timeout=20, env=None):
+    return subprocess.run(AMQPRPC + list(args), capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.integration
+def test_unreachable_broker_is_one_line_with_password_redacted():
+    result = run("call", "user-service", "get_user", "--broker", "amqp://bob:topsecret@127.0.0.1:1//")
+    assert result.returncode == 4
+    assert "topsecret" not in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def user_service_worker(broker_url):
+    process = subprocess.Popen(AMQPRPC + ["worker", "user-service", "--log-format", "json"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    line = ""
+    deadline = time.monotonic() + 20
+    while "worker ready" not in line and time.monotonic() < deadline:
+        line = process.stdout.readline()
+    assert "worker ready" in line, "worker did not start"
+    yield process
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(20) == 0
+
+
+@pytest.mark.integration
+def test_worker_and_call_get_user(user_service_worker):
+    result = run("call", "user-service", "get_user", '{"user_id": "user_001"}')
+    assert result.returncode == 0, result.stderr
+    assert '"name": "Alice Zhang"' in result.stdout
+
+
+@pytest.mark.integration
+def test_short_token_exits_1_with_invalid_token(user_service_worker):
+    result = run("call", "user-service", "validate_token", '{"token": "short"}')
+    assert result.returncode == 1 and "Invalid token" in result.stderr
+
+
+@pytest.mark.integration
+def test_unknown_action_exits_1_naming_it(user_service_worker):
+    result = run("call", "user-service", "no_such_action")
+    assert result.returncode == 1 and "no_such_action" in result.stderr
+
+
+@pytest.mark.integration
+def test_unknown_service_exits_4_in_under_2_seconds(broker_url):
+    started = time.monotonic()
+    result = run("call", "no-such-service", "get_user")
+    assert result.returncode == 4
+    assert time.monotonic() - started < 2.0
+
+
+@pytest.mark.integration
+def test_demo_runs_the_scenario(broker_url):
+    result = run("demo", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "Alice Zhang" in result.stdout and "Invalid token" in result.stdout
+    assert "Demo finished" in result.stdout

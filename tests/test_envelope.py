@@ -1,0 +1,82 @@
+"""The wire envelope: what we send is the article's format; what we accept is JSON only."""
+import json
+
+import pytest
+
+from amqprpc import envelope
+from amqprpc.errors import BadMessage
+
+JSON = {"content_type": "application/json"}
+
+
+def valid(**overrides):
+    doc = {"message_id": "m1", "source_service": "order-service", "target_service": "user-service",
+           "action": "get_user", "timestamp": 1, "correlation_id": "c1", "reply_to": "q1", "headers": {},
+           "payload": {"user_id": "u1"}}
+    doc.update(overrides)
+    return json.dumps(doc).encode()
+
+
+def test_request_body_has_exactly_the_article_fields():
+    body = envelope.request_body(message_id="m1", source="a", target="b", action="x", payload={"k": 1},
+                                 reply_to="q", headers={"trace_id": "t"})
+    doc = json.loads(body)
+    assert set(doc) == {"message_id", "source_service", "target_service", "action", "timestamp",
+                        "correlation_id", "reply_to", "headers", "payload"}
+    assert doc["correlation_id"] == doc["message_id"] == "m1"
+    assert isinstance(doc["timestamp"], int)
+
+
+def test_decode_takes_reply_to_and_correlation_from_body_when_properties_lack_them():
+    request = envelope.decode_request(valid(), JSON)
+    assert (request.action, request.payload, request.reply_to, request.correlation_id) == \
+        ("get_user", {"user_id": "u1"}, "q1", "c1")
+
+
+def test_properties_win_over_body_for_reply_address():
+    request = envelope.decode_request(valid(), {**JSON, "reply_to": "pq", "correlation_id": "pc"})
+    assert (request.reply_to, request.correlation_id) == ("pq", "pc")
+
+
+@pytest.mark.parametrize("body, properties, reason", [
+    (b"{not json", JSON, "Malformed JSON"),
+    (b"[1, 2]", JSON, "must be a JSON object"),
+    (valid(action=None), JSON, "no action"),
+    (json.dumps({"action": "x"}).encode(), JSON, "no payload"),
+    (valid(payload=[1]), JSON, "Payload must be a JSON object"),
+    (valid(headers="x"), JSON, "headers must be a JSON object"),
+    (b"\x80\x04K\x01.", {"content_type": "application/x-python-serialize"}, "Unsupported content type"),
+    (valid(), {"content_type": "application/x-yaml"}, "Unsupported content type"),
+])
+def test_bad_messages_are_refused_with_a_reason(body, properties, reason):
+    with pytest.raises(BadMessage, match=reason):
+        envelope.decode_request(body, properties)
+
+
+def test_oversized_body_is_refused_before_parsing():
+    with pytest.raises(BadMessage, match="too large"):
+        envelope.decode_request(valid(payload={"blob": "x" * 2000}), JSON, max_bytes=1000)
+
+
+def test_reply_address_survives_a_body_that_is_not_json():
+    assert envelope.reply_address({"reply_to": "q", "correlation_id": "c"}, b"\xff\xfe") == ("q", "c")
+    assert envelope.reply_address({}, valid()) == ("q1", "c1")
+    assert envelope.reply_address({}, b"garbage") == (None, None)
+
+
+def test_replies_have_the_article_shape():
+    assert json.loads(envelope.ok_reply({"a": 1}, "m1")) == {"success": True, "data": {"a": 1}, "message_id": "m1"}
+    assert json.loads(envelope.error_reply("boom", "ValueError", "m1")) == \
+        {"success": False, "error": "boom", "error_type": "ValueError", "message_id": "m1"}
+
+
+def test_unserializable_results_raise_rather_than_produce_invalid_json():
+    with pytest.raises(TypeError):
+        envelope.ok_reply(object(), "m")
+    with pytest.raises(ValueError):
+        envelope.ok_reply(float("nan"), "m")
+
+
+def test_ids_are_unique_hex():
+    ids = {envelope.new_id() for _ in range(1000)}
+    assert len(ids) == 1000 and all(len(i) == 32 for i in ids)

@@ -1,0 +1,36 @@
+"""The article's user-service: look users up and validate tokens."""
+from __future__ import annotations
+
+from amqprpc import Service
+
+service = Service("user-service")
+
+# The article's sample data. A real service would read a database.
+USERS = {
+    "user_001": {"id": "user_001", "name": "Alice Zhang", "email": "alice@example.com", "status": "active"},
+    "user_002": {"id": "user_002", "name": "Bob Li", "email": "bob@example.com", "status": "active"},
+    "user_003": {"id": "user_003", "name": "Carol Wang", "email": "carol@example.com", "status": "suspended"},
+}
+
+
+class UserNotFound(Exception):
+    pass
+
+
+@service.handler("get_user")
+def get_user(payload: dict) -> dict:
+    """The user whose id is ``payload["user_id"]``."""
+    user_id = payload.get("user_id")
+    user = USERS.get(user_id)
+    if user is None:
+        raise UserNotFound(f"User not found: {user_id}")
+    return user
+
+
+@service.handler("validate_token")
+def validate_token(payload: dict) -> dict:
+    """Accept tokens of at least 10 characters (the article's rule); refuse shorter ones."""
+    token = payload.get("token") or ""
+    if len(token) < 10:
+        raise ValueError("Invalid token")
+    return {"valid": True, "user_id": payload.get("user_id", "user_001")}
