@@ -1,0 +1,94 @@
+"""The amqprpc side: the same scenarios through the public RpcClient API."""
+from __future__ import annotations
+
+import threading
+import time
+
+from amqprpc import RpcClient
+
+from .measure import Sample
+
+perf = time.perf_counter
+
+
+class RpcSide:
+    def __init__(self, url: str, service: str, payload: dict):
+        self.client = RpcClient("bench", broker_url=url, timeout=30.0)
+        self.service, self.payload = service, payload
+        self.casts_sent = 0
+
+    def close(self) -> None:
+        self.client.close()
+
+    def sequential(self, count: int) -> Sample:
+        call, service, payload = self.client.call, self.service, self.payload
+        latencies = []
+        started = perf()
+        for _ in range(count):
+            t0 = perf()
+            call(service, "echo", payload)
+            latencies.append(perf() - t0)
+        return Sample(count, perf() - started, latencies)
+
+    def pipelined(self, count: int, in_flight: int) -> Sample:
+        """``count`` calls through ``call_async``, never more than ``in_flight`` pending."""
+        slots = threading.Semaphore(in_flight)
+        all_done = threading.Event()
+        latencies, errors = [], []
+        call_async, service, payload = self.client.call_async, self.service, self.payload
+
+        def done(future, t0) -> None:
+            latencies.append(perf() - t0)
+            if future.exception() is not None:
+                errors.append(future.exception())
+            slots.release()
+            if len(latencies) == count:
+                all_done.set()
+
+        started = perf()
+        for _ in range(count):
+            slots.acquire()
+            t0 = perf()
+            call_async(service, "echo", payload).add_done_callback(lambda f, t0=t0: done(f, t0))
+        if not all_done.wait(120):
+            raise RuntimeError(f"pipelined: only {len(latencies)} of {count} calls finished")
+        return Sample(count, perf() - started, latencies, len(errors))
+
+    def threads(self, count: int, threads: int) -> Sample:
+        """``count`` sequential calls split over ``threads`` threads sharing the client."""
+        latencies, errors = [], []
+        call, service, payload = self.client.call, self.service, self.payload
+
+        def caller(n: int) -> None:
+            for _ in range(n):
+                t0 = perf()
+                try:
+                    call(service, "echo", payload)
+                except Exception as exc:  # noqa: BLE001 - counted in the figures
+                    errors.append(exc)
+                latencies.append(perf() - t0)
+
+        workers = [threading.Thread(target=caller, args=(count // threads,)) for _ in range(threads)]
+        started = perf()
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        return Sample(len(latencies), perf() - started, latencies, len(errors))
+
+    def casts(self, count: int) -> Sample:
+        """Confirmed persistent casts, timed until the worker handled (and acked) them all."""
+        cast, service, payload = self.client.cast, self.service, self.payload
+        latencies = []
+        started = perf()
+        for _ in range(count):
+            t0 = perf()
+            cast(service, "touch", payload)
+            latencies.append(perf() - t0)
+        self.casts_sent += count
+        self.client.call(service, "casts_consumed", {"n": self.casts_sent}, timeout=60)
+        return Sample(count, perf() - started, latencies)
+
+    def calls(self, count: int) -> None:
+        """Untimed load (for warm-up and the RSS scenario)."""
+        self.pipelined(count, 32)
