@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds per scenario")
     parser.add_argument("--broker-url", default=None, help="default: AMQPRPC_BROKER_URL or local guest")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/<UTC timestamp>.json)")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated scenarios to run (sequential,pipelined_32,threads_8,casts,rss)")
     parser.add_argument("--note", default="", help="free text stored in the JSON (e.g. machine load)")
     args = parser.parse_args(argv)
     scale = args.scale if args.scale is not None else (0.1 if args.quick else 1.0)
@@ -65,18 +67,19 @@ def main(argv: list[str] | None = None) -> dict:
         ours.calls(warm)
         raw.pipelined(warm, IN_FLIGHT)
         started = time.time()
-        results = {
-            "sequential": interleaved(rounds, counts["sequential"], ours.sequential, raw.sequential),
-            "pipelined_32": interleaved(rounds, counts["pipelined"], lambda n: ours.pipelined(n, IN_FLIGHT),
-                                        lambda n: raw.pipelined(n, IN_FLIGHT)),
+        scenarios = {
+            "sequential": lambda: interleaved(rounds, counts["sequential"], ours.sequential, raw.sequential),
+            "pipelined_32": lambda: interleaved(rounds, counts["pipelined"], lambda n: ours.pipelined(n, IN_FLIGHT),
+                                                lambda n: raw.pipelined(n, IN_FLIGHT)),
             # Raw py-amqp cannot share a connection between threads: its figure is one
             # thread keeping 8 calls in flight, the best 8 concurrent callers could get.
-            "threads_8": interleaved(rounds, counts["threads"], lambda n: ours.threads(n, THREADS),
-                                     lambda n: raw.pipelined(n, THREADS)),
-            "casts": interleaved(rounds, counts["casts"], ours.casts, raw.casts),
+            "threads_8": lambda: interleaved(rounds, counts["threads"], lambda n: ours.threads(n, THREADS),
+                                             lambda n: raw.pipelined(n, THREADS)),
+            "casts": lambda: interleaved(rounds, counts["casts"], ours.casts, raw.casts),
+            "rss": lambda: _rss(ours, ours_server.pid, raw_server.pid, counts["rss"]),
         }
-        if counts["rss"]:
-            results["rss"] = _rss(ours, ours_server.pid, raw_server.pid, counts["rss"])
+        wanted = args.only.split(",") if args.only else [name for name in scenarios if name != "rss" or counts["rss"]]
+        results = {name: scenarios[name]() for name in wanted}
         doc = {
             "started_utc": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(),
             "seconds": round(time.time() - started, 1),

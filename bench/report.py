@@ -18,12 +18,14 @@ def table(doc: dict) -> str:
     results = doc["results"]
     lines = [f"{'':40} {'amqprpc':>10} {'raw':>10} {'ratio':>7}", "-" * 70]
     for scenario, key, label in ROWS:
+        if scenario not in results:
+            continue
         figures = results[scenario]
         ratio = figures["ratio"].get(key)
         lines.append(f"{label:40} {_fmt(figures['amqprpc'].get(key)):>10} {_fmt(figures['raw'].get(key)):>10} "
                      f"{_fmt(ratio):>7}")
     errors = sum(results[s][side]["errors"] for s in ("sequential", "pipelined_32", "threads_8", "casts")
-                 for side in ("amqprpc", "raw"))
+                 if s in results for side in ("amqprpc", "raw"))
     lines.append(f"errors: {errors}")
     rss = results.get("rss")
     if rss:
