@@ -95,7 +95,7 @@ class RpcClient(AmqpLoop):
         if timeout <= 0:
             future.set_exception(CallTimeout(f"{service}.{action}: the deadline had already passed"))
             return future
-        self.call_soon(self._send_call, message_id, message, service, action, timeout, future)
+        self._send_call(message_id, message, service, action, timeout, future)
         return future
 
     def cast(self, service: str, action: str, payload: Mapping[str, Any] | None = None, *,
@@ -192,9 +192,10 @@ class RpcClient(AmqpLoop):
         self._call_channel, self._confirm_channel = channel, confirm
 
     def on_disconnected(self, exc) -> None:
-        self._call_channel = self._confirm_channel = None
+        with self.write_lock:  # no caller may register on the dead channel after this
+            self._call_channel = self._confirm_channel = None
+            pending, self._pending = self._pending, {}
         reason = "client closed" if exc is None else f"connection to the broker lost: {redact(str(exc))}"
-        pending, self._pending = self._pending, {}
         for future, service, action, _ in pending.values():
             _settle(future, exception=ServiceUnavailable(f"{service}.{action}: {reason}"))
         confirms, self._confirms = self._confirms, {}
@@ -204,26 +205,52 @@ class RpcClient(AmqpLoop):
 
     def _send_call(self, message_id: str, message: amqp.Message, service: str, action: str, timeout: float,
                    future: Future) -> None:
-        channel = self._call_channel
-        if channel is None:
-            _settle(future, exception=ServiceUnavailable(f"{service}.{action}: not connected to the broker"))
-            return
-        due = time.monotonic() + timeout
-        self._pending[message_id] = (future, service, action, timeout)
-        heapq.heappush(self._deadlines, (due, message_id))
+        """Publish from the caller's thread (any thread): no hop to the loop thread and
+        back. Under ``write_lock`` the channel cannot be swapped by a reconnect between
+        the check and the publish, and ``on_disconnected`` sees every registered call."""
+        routing_key = self.topology.request_key(service)
+        with self.write_lock:
+            channel = self._call_channel
+            if channel is None:
+                _settle(future, exception=ServiceUnavailable(f"{service}.{action}: not connected to the broker"))
+                return
+            due = time.monotonic() + timeout
+            pending, deadlines = self._pending, self._deadlines
+            pending[message_id] = (future, service, action, timeout)
+            if len(deadlines) > 2 * len(pending) + 1024:
+                # Answered calls leave their deadline in the heap until it passes; drop
+                # them now and then so the heap stays bounded by what is in flight.
+                deadlines[:] = [entry for entry in deadlines if entry[1] in pending]
+                heapq.heapify(deadlines)
+            heapq.heappush(deadlines, (due, message_id))
+            earliest = deadlines[0][1] == message_id
+            try:
+                publish(channel, message, self.topology.service_exchange, routing_key, mandatory=True)
+            except Exception as exc:  # noqa: BLE001 - a broken connection; the loop reconnects
+                pending.pop(message_id, None)
+                _settle(future, exception=ServiceUnavailable(f"{service}.{action}: publish failed: {exc!r}"))
+                return
+        if earliest:
+            # Only the loop thread sets next_tick; it must wake to shorten its poll.
+            self.call_soon(self._arm, due)
+
+    def _arm(self, due: float) -> None:
         if self.next_tick is None or due < self.next_tick:
             self.next_tick = due
-        publish(channel, message, self.topology.service_exchange, self.topology.request_key(service), mandatory=True)
 
     def on_tick(self, now: float) -> float | None:
-        deadlines, pending = self._deadlines, self._pending
-        while deadlines and deadlines[0][0] <= now:
-            _, message_id = heapq.heappop(deadlines)
-            entry = pending.pop(message_id, None)
-            if entry is not None:
-                future, service, action, timeout = entry
-                _settle(future, exception=CallTimeout(f"{service}.{action}: no answer within {timeout:g}s"))
-        return deadlines[0][0] if deadlines else None
+        expired = []
+        with self.write_lock:  # callers push onto the heap from their own threads
+            deadlines, pending = self._deadlines, self._pending
+            while deadlines and deadlines[0][0] <= now:
+                _, message_id = heapq.heappop(deadlines)
+                entry = pending.pop(message_id, None)
+                if entry is not None:
+                    expired.append(entry)
+            next_due = deadlines[0][0] if deadlines else None
+        for future, service, action, timeout in expired:
+            _settle(future, exception=CallTimeout(f"{service}.{action}: no answer within {timeout:g}s"))
+        return next_due
 
     def _on_reply(self, message: amqp.Message) -> None:
         body = message.body

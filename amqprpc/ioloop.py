@@ -62,6 +62,10 @@ class AmqpLoop:
         self.reconnect_base = reconnect_base
         self.reconnect_cap = reconnect_cap
         self.connection: Connection | None = None
+        # Held while any frame is written and while a subclass checks-then-uses its
+        # channels from another thread (see :meth:`_lock_frames`). Reentrant: such a
+        # section itself writes frames.
+        self.write_lock = threading.RLock()
         self.generation = 0  # bumped on every (re)connect; stale delivery tags are dropped
         self.connected = threading.Event()
         self._ops: collections.deque = collections.deque()
@@ -127,11 +131,28 @@ class AmqpLoop:
                                interval_max=0, reraise_as_library_errors=False)
         return conn
 
+    def _lock_frames(self, amqp_conn) -> None:
+        """Serialize every frame written on this connection with :attr:`write_lock`.
+
+        Reading, (re)connecting and channel set-up stay on the loop thread; writing a
+        publish or an ack is safe from any thread once frames cannot interleave. py-amqp
+        >= 5.3 also locks its frame buffer; ours makes it hold for older versions too and
+        lets a caller publish, or a handler thread reply and ack, without waking the loop.
+        """
+        write, lock = amqp_conn.frame_writer, self.write_lock
+
+        def locked_frame_writer(*args):
+            with lock:
+                return write(*args)
+
+        amqp_conn.frame_writer = locked_frame_writer
+
     def _run(self) -> None:
         attempt = 0
         while not self._stopping:
             try:
                 self.connection = self._connect()
+                self._lock_frames(self.connection.connection)
                 self.generation += 1
                 self.on_connected(self.connection)
             except Exception as exc:  # noqa: BLE001 - any failure to connect is retried or reported
