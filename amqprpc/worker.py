@@ -97,7 +97,8 @@ class Worker(AmqpLoop):
     def on_disconnected(self, exc) -> None:
         # Unacked deliveries of the dead channel are redelivered by the broker; replies of
         # handlers still running are published on the next connection, their acks dropped.
-        self.channel = None
+        with self.write_lock:
+            self.channel = None
 
     def _on_message(self, message: amqp.Message) -> None:
         self.stats["received"] += 1
@@ -151,10 +152,24 @@ class Worker(AmqpLoop):
                 return
             generation, message = item
             try:
-                self.call_soon(self._finish, generation, message.delivery_tag, *self._handle(message))
+                outcome = self._handle(message)
             except Exception:  # noqa: BLE001 - a bug here must not kill the handler thread
                 log.exception("worker failed to process a message")
-                self.call_soon(self._finish, generation, message.delivery_tag, None, None, None, False)
+                outcome = (None, None, None, False)
+            self._finish_here(generation, message.delivery_tag, *outcome)
+
+    def _finish_here(self, generation: int, delivery_tag: int, *outcome: Any) -> None:
+        """Reply and ack from this handler thread, without a hop to the loop thread and
+        back (frames are serialized by ``write_lock``, see AmqpLoop._lock_frames). While
+        reconnecting there is no channel: the loop thread then does it in order."""
+        with self.write_lock:
+            if self.channel is not None:
+                try:
+                    self._finish(generation, delivery_tag, *outcome)
+                except Exception as exc:  # noqa: BLE001 - dead connection: the loop reconnects, broker redelivers
+                    log.warning("reply or ack not sent", error=repr(exc))
+                return
+        self.call_soon(self._finish, generation, delivery_tag, *outcome)
 
     def _handle(self, message: amqp.Message) -> tuple[Any, Any, bytes | None, bool | None]:
         """Run one request; returns (reply_to, correlation_id, reply body, requeue)."""
