@@ -163,7 +163,7 @@ class RpcClient(AmqpLoop):
                    mandatory: bool, timeout: float) -> None:
         message = amqp.Message(body, content_type=envelope.CONTENT_TYPE, message_id=message_id, delivery_mode=2)
         future: Future = Future()
-        self.call_soon(self._send_confirmed, exchange, routing_key, message, message_id, what, mandatory, future)
+        self._send_confirmed(exchange, routing_key, message, message_id, what, mandatory, future)
         try:
             future.result(timeout)
         except TimeoutError:
@@ -195,10 +195,10 @@ class RpcClient(AmqpLoop):
         with self.write_lock:  # no caller may register on the dead channel after this
             self._call_channel = self._confirm_channel = None
             pending, self._pending = self._pending, {}
+            confirms, self._confirms = self._confirms, {}
         reason = "client closed" if exc is None else f"connection to the broker lost: {redact(str(exc))}"
         for future, service, action, _ in pending.values():
             _settle(future, exception=ServiceUnavailable(f"{service}.{action}: {reason}"))
-        confirms, self._confirms = self._confirms, {}
         for future, _, what in confirms.values():
             _settle(future, exception=ServiceUnavailable(f"{what}: {reason}; not confirmed"))
         self._unroutable.clear()
@@ -284,13 +284,20 @@ class RpcClient(AmqpLoop):
 
     def _send_confirmed(self, exchange: str, routing_key: str, message: amqp.Message, message_id: str, what: str,
                         mandatory: bool, future: Future) -> None:
-        channel = self._confirm_channel
-        if channel is None:
-            _settle(future, exception=ServiceUnavailable(f"{what}: not connected to the broker"))
-            return
-        self._publish_seq += 1
-        self._confirms[self._publish_seq] = (future, message_id, what)
-        publish(channel, message, exchange, routing_key, mandatory=mandatory)
+        """From the caller's thread, like _send_call: the confirm's delivery tag is the
+        channel's publish count, so numbering and publishing happen under write_lock."""
+        with self.write_lock:
+            channel = self._confirm_channel
+            if channel is None:
+                _settle(future, exception=ServiceUnavailable(f"{what}: not connected to the broker"))
+                return
+            self._publish_seq += 1
+            self._confirms[self._publish_seq] = (future, message_id, what)
+            try:
+                publish(channel, message, exchange, routing_key, mandatory=mandatory)
+            except Exception as exc:  # noqa: BLE001 - a broken connection; the loop reconnects
+                self._confirms.pop(self._publish_seq, None)
+                _settle(future, exception=ServiceUnavailable(f"{what}: publish failed: {exc!r}"))
 
     def _on_confirm_returned(self, exc, exchange: str, routing_key: str, message: amqp.Message) -> None:
         # basic.return precedes the basic.ack of the same message.
@@ -312,8 +319,9 @@ class RpcClient(AmqpLoop):
         if not multiple:
             entry = self._confirms.pop(delivery_tag, None)
             return [entry] if entry else []
-        tags = [tag for tag in self._confirms if tag <= delivery_tag]
-        return [self._confirms.pop(tag) for tag in tags]
+        with self.write_lock:  # callers add entries from their threads
+            tags = [tag for tag in self._confirms if tag <= delivery_tag]
+            return [self._confirms.pop(tag) for tag in tags]
 
 
 class ServiceProxy:
