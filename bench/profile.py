@@ -38,7 +38,7 @@ def summarize(path: Path, top: int = 25) -> str:
         self_samples[frames[-1]] += count
         for frame in set(frames):
             inclusive[frame] += count
-    out = [f"{path.name}: {total} samples (idle excluded)", "  self%  incl%  function"]
+    out = [f"{path.name}: {total} samples (threads holding the GIL)", "  self%  incl%  function"]
     for frame, count in self_samples.most_common(top):
         out.append(f"  {100 * count / total:5.1f}  {100 * inclusive[frame] / total:5.1f}  {frame}")
     out.append("  -- inclusive --")
@@ -64,7 +64,7 @@ def main() -> None:
     try:
         side.calls(200)
         spies = [subprocess.Popen([py_spy, "record", "--format", "raw", "--threads", "--rate", str(args.rate),
-                                   "--nonblocking", "-o", str(outs[name]), "--pid", str(pid)],
+                                   "--nonblocking", "--gil", "-o", str(outs[name]), "--pid", str(pid)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                  for name, pid in (("client", os.getpid()), ("worker", server.pid))]
         time.sleep(1.0)
