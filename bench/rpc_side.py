@@ -1,6 +1,7 @@
 """The amqprpc side: the same scenarios through the public RpcClient API."""
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -30,19 +31,24 @@ class RpcSide:
             latencies.append(perf() - t0)
         return Sample(count, perf() - started, latencies)
 
-    def pipelined(self, count: int, in_flight: int) -> Sample:
-        """``count`` calls through ``call_async``, never more than ``in_flight`` pending."""
+    def pipelined(self, count: int, in_flight: int, record: bool = True) -> Sample:
+        """``count`` calls through ``call_async``, never more than ``in_flight`` pending.
+        ``record=False`` keeps no latencies (so the RSS scenario measures the client only)."""
         slots = threading.Semaphore(in_flight)
         all_done = threading.Event()
         latencies, errors = [], []
+        finished = itertools.count(1)  # next() is atomic; callbacks may run on either thread
+        progress = [0]
         call_async, service, payload = self.client.call_async, self.service, self.payload
 
         def done(future, t0) -> None:
-            latencies.append(perf() - t0)
+            if record:
+                latencies.append(perf() - t0)
             if future.exception() is not None:
                 errors.append(future.exception())
             slots.release()
-            if len(latencies) == count:
+            progress[0] = next(finished)
+            if progress[0] == count:
                 all_done.set()
 
         started = perf()
@@ -51,7 +57,7 @@ class RpcSide:
             t0 = perf()
             call_async(service, "echo", payload).add_done_callback(lambda f, t0=t0: done(f, t0))
         if not all_done.wait(120):
-            raise RuntimeError(f"pipelined: only {len(latencies)} of {count} calls finished")
+            raise RuntimeError(f"pipelined: only {progress[0]} of {count} calls finished")
         return Sample(count, perf() - started, latencies, len(errors))
 
     def threads(self, count: int, threads: int) -> Sample:
@@ -91,4 +97,6 @@ class RpcSide:
 
     def calls(self, count: int) -> None:
         """Untimed load (for warm-up and the RSS scenario)."""
-        self.pipelined(count, 32)
+        sample = self.pipelined(count, 32, record=False)
+        if sample.errors:
+            raise RuntimeError(f"{sample.errors} of {count} calls failed")
