@@ -6,6 +6,7 @@ import re
 
 DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672//"
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+DEFAULT_COLLECTOR_QUEUE = "amqprpc.responses"  # where submit() replies go (topology.Topology)
 
 # user:password@ inside any URL-looking text, for every scheme we speak (amqp, amqps,
 # redis, rediss, ...). Matching in free text, not only in known keys, is what makes
