@@ -238,3 +238,47 @@ def _ready_messages(broker_url: str, queue: str) -> int:
     """Messages ready in ``queue`` (not held unacked by a consumer)."""
     with Connection(broker_url) as conn:
         return conn.default_channel.queue_declare(queue, passive=True).message_count
+
+
+@pytest.mark.skipif(shutil.which("rabbitmqctl") is None or shutil.which("ss") is None,
+                    reason="needs rabbitmqctl (to close one connection) and ss (to find it)")
+def test_the_collector_reconnects_when_the_broker_drops_its_connection(broker_url, service):
+    """Only the collector's own connection is closed (the shared broker keeps running):
+    it reconnects by itself and replies sent meanwhile are stored."""
+    queue, prefix = unique_name("responses"), unique_name("test-response") + ":"
+    store = ResponseStore(prefix=prefix)
+
+    @service.handler
+    def ping(payload):
+        return payload["n"]
+
+    proc = collector(queue, prefix)
+    try:
+        with running_worker(service), RpcClient(unique_name("submitter"), broker_url=broker_url,
+                                                topology=Topology(collector_queue=queue)) as client:
+            first = client.submit(service.name, "ping", {"n": 0})
+            assert wait_for(lambda: store.get(first))["data"] == 0
+            for connection in _amqp_connections_of(proc.process.pid):
+                subprocess.run(["rabbitmqctl", "-q", "close_connection", connection, "test: dropped on purpose"],
+                               check=True, capture_output=True, timeout=60)
+            cids = {n: client.submit(service.name, "ping", {"n": n}) for n in range(1, 11)}
+            proc.wait_for_line("broker reconnected")
+            wait_for(lambda: all(store.get(cid) is not None for cid in cids.values()), timeout=30, interval=0.1)
+        assert all(store.get(cid)["data"] == n for n, cid in cids.items())
+        assert proc.stop() == 0, proc.output
+    finally:
+        if proc.process.poll() is None:
+            proc.stop(signal.SIGKILL)
+        delete_queues(queue, broker_url=broker_url)
+
+
+def _amqp_connections_of(pid: int) -> list[str]:
+    """The broker's pids of the AMQP connections process ``pid`` holds (found by local port)."""
+    sockets = subprocess.run(["ss", "-tnpH", "state", "established", "( dport = :5672 )"], capture_output=True,
+                             text=True, check=True).stdout
+    names = {f"{line.split()[2]} -> 127.0.0.1:5672" for line in sockets.splitlines() if f"pid={pid}," in line}
+    listed = subprocess.run(["rabbitmqctl", "-q", "list_connections", "pid", "name"], capture_output=True,
+                            text=True, check=True, timeout=60).stdout
+    found = [line.split("\t")[0] for line in listed.splitlines() if "\t" in line and line.split("\t")[1] in names]
+    assert found, f"no AMQP connection of pid {pid} ({names}) in:\n{listed}"
+    return found
