@@ -28,9 +28,10 @@ from urllib.parse import parse_qs, urlsplit
 import click
 
 from amqprpc import ResponseStore, RpcClient, Topology, logs
-from amqprpc.cli import broker_option, logging_options, redis_option
+from amqprpc.cli import EXIT_UNAVAILABLE, broker_option, fail, logging_options, redis_option
 from amqprpc.config import DEFAULT_COLLECTOR_QUEUE
 from amqprpc.errors import CallTimeout, ServiceUnavailable
+from amqprpc.loading import ServiceNotFound, load_service
 
 log = logs.get_logger("amqprpc.examples.web")
 
@@ -157,8 +158,13 @@ def main(host: str, port: int, service: str, action: str, queue_name: str, key_p
     logs.configure(log_format, log_level)
     topology = Topology(collector_queue=queue_name)
     store = ResponseStore(redis_url, prefix=key_prefix)
-    stop_services = _start_services(service, app, store, topology, broker) if with_services else (lambda: None)
-    client = RpcClient("shop-web", broker_url=broker, topology=topology)
+    try:
+        stop_services = _start_services(service, app, store, topology, broker) if with_services else (lambda: None)
+        client = RpcClient("shop-web", broker_url=broker, topology=topology)
+    except ServiceNotFound as exc:
+        raise click.UsageError(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - no broker at start: one line, exit 4 as the CLI does
+        fail(EXIT_UNAVAILABLE, f"cannot start: {exc}")
     server = WebServer((host, port), ShopApp(client, store, service, action))
 
     def on_signal(signum, _frame):
@@ -180,10 +186,12 @@ def main(host: str, port: int, service: str, action: str, queue_name: str, key_p
 
 def _start_services(service: str, app: str | None, store: ResponseStore, topology: Topology, broker: str):
     from amqprpc.collector import Collector
-    from amqprpc.loading import load_service
     from amqprpc.worker import Worker
 
-    worker = Worker(load_service(service, app), broker_url=broker, topology=topology, concurrency=4)
+    loaded = load_service(service, app)
+    if loaded.name != service:
+        raise click.UsageError(f"--app loads {loaded.name!r} but orders go to --service {service!r}")
+    worker = Worker(loaded, broker_url=broker, topology=topology, concurrency=4)
     collector = Collector(store, broker_url=broker, topology=topology)
     worker.start()
     collector.start()
