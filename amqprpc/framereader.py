@@ -8,19 +8,17 @@ nothing more is waiting. :class:`FrameReader` replaces the transport's ``_read``
 reads whatever the kernel holds (up to 64 KiB) in one ``recv`` into its own buffer and
 serves frames from there. At a frame boundary with an empty buffer, in non-blocking
 mode, it asks the kernel with ``MSG_DONTWAIT`` instead of switching the socket's mode,
-and raises ``socket.timeout`` as py-amqp's own timeout would; the loop then goes back to
-``poll()``. Mid-frame it blocks: the rest of the frame is already on its way.
+and raises ``socket.timeout`` as py-amqp's own timeout would. Mid-frame it blocks: the rest of the frame is already on its way.
 
-Outside :meth:`nonblocking` (a channel method waiting for its reply on the loop thread,
+Outside :meth:`drain` (a channel method waiting for its reply on the loop thread,
 e.g. ``basic_cancel``) reads block as py-amqp's do; frames such a wait read past its
 reply stay in the buffer, which the loop checks (:attr:`buffered`) before it polls. Only plain TCP transports are
 wrapped; TLS keeps py-amqp's reader, whose SSL object does its own buffering.
 """
 from __future__ import annotations
 
-import contextlib
 import socket
-from typing import Iterator
+from typing import Callable
 
 from amqp.transport import TCPTransport
 
@@ -37,10 +35,10 @@ class FrameReader:
         transport._read = self.read
 
     @classmethod
-    def install(cls, amqp_connection) -> "FrameReader | None":
+    def install(cls, amqp_connection) -> "FrameReader | TimeoutReads":
         transport = amqp_connection.transport
         if type(transport) is not TCPTransport:
-            return None
+            return TimeoutReads()
         return cls(transport)
 
     @property
@@ -48,12 +46,21 @@ class FrameReader:
         """True when frames already read wait in the buffer (poll() cannot see them)."""
         return len(self._buf) > self._pos
 
-    @contextlib.contextmanager
-    def nonblocking(self) -> Iterator[None]:
-        """Within: a read at a frame boundary with nothing received raises socket.timeout."""
+    def drain(self, drain_events: Callable[[], None]) -> None:
+        """Dispatch every frame already received, then return (to the loop's ``poll()``).
+
+        One ``recv`` fills the buffer; frames are dispatched from it until it is empty.
+        Stopping there, rather than reading until EAGAIN, saves a syscall and a
+        ``socket.timeout`` raised through four frames per wake-up: ``poll()`` reports
+        whatever arrived meanwhile.
+        """
         self._nonblocking = True
         try:
-            yield
+            drain_events()
+            while len(self._buf) > self._pos:
+                drain_events()
+        except socket.timeout:
+            pass  # poll() said readable, but nothing was there after all
         finally:
             self._nonblocking = False
 
@@ -83,3 +90,16 @@ class FrameReader:
         else:
             self._pos = end
         return data
+
+
+class TimeoutReads:
+    """py-amqp's own reads, for transports FrameReader does not wrap (TLS)."""
+
+    buffered = False
+
+    def drain(self, drain_events: Callable[..., None]) -> None:
+        try:
+            while True:
+                drain_events(timeout=0)
+        except socket.timeout:
+            pass

@@ -9,10 +9,8 @@ pipe, so nothing on the request/reply path sleeps or polls on a timer.
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 import select
-import socket
 import threading
 import time
 from typing import Any, Callable
@@ -199,28 +197,21 @@ class AmqpLoop:
         hb_due = time.monotonic() + hb_interval if hb_interval else None
         drain = amqp_conn.drain_events
         reader = FrameReader.install(amqp_conn)
-        drain_timeout = 0 if reader is None else None  # the reader makes reads non-blocking itself
-        nonblocking = reader.nonblocking if reader is not None else contextlib.nullcontext
         while not self._stopping:
             now = time.monotonic()
             due = hb_due
             if self.next_tick is not None and (due is None or self.next_tick < due):
                 due = self.next_tick
             timeout_ms = None if due is None else max(0, int((due - now) * 1000) + 1)
-            if reader is not None and reader.buffered:
+            if reader.buffered:
                 timeout_ms = 0  # a channel method's wait on this thread left frames in the buffer
             events = poller.poll(timeout_ms)
             if self._ops or self._signaled:
                 self._run_ops()
-            if any(fd == sock_fd for fd, _ in events) or (reader is not None and reader.buffered):
-                # Read every frame that is already here; the socket is left blocking
-                # for writes, reads do not wait (MSG_DONTWAIT, or drain_events(timeout=0)).
-                try:
-                    with nonblocking():
-                        while True:
-                            drain(timeout=drain_timeout)
-                except socket.timeout:
-                    pass
+            if reader.buffered or any(fd == sock_fd for fd, _ in events):
+                # Dispatch every frame already here without waiting; the socket stays
+                # blocking for writers on other threads.
+                reader.drain(drain)
             now = time.monotonic()
             if hb_due is not None and now >= hb_due:
                 self.connection.heartbeat_check(rate=2)
