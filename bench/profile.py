@@ -49,7 +49,7 @@ def summarize(path: Path, top: int = 25) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.profile")
-    parser.add_argument("--mode", choices=("sequential", "pipelined"), default="sequential")
+    parser.add_argument("--mode", choices=("sequential", "pipelined", "threads"), default="sequential")
     parser.add_argument("--calls", type=int, default=5000)
     parser.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
     args = parser.parse_args()
@@ -69,7 +69,8 @@ def main() -> None:
                  for name, pid in (("client", os.getpid()), ("worker", server.pid))]
         time.sleep(1.0)
         started = time.perf_counter()
-        sample = side.sequential(args.calls) if args.mode == "sequential" else side.pipelined(args.calls, 32)
+        sample = {"sequential": lambda: side.sequential(args.calls), "pipelined": lambda: side.pipelined(args.calls, 32),
+                  "threads": lambda: side.threads(args.calls, 8)}[args.mode]()
         print(f"{args.calls} calls in {time.perf_counter() - started:.2f}s: {sample.figures()}")
         for spy in spies:
             spy.send_signal(2)
