@@ -1,12 +1,13 @@
 """amqprpc: calls and events between microservices over RabbitMQ, built on kombu."""
 from .client import RpcClient, ServiceProxy
 from .errors import CallTimeout, CircuitOpen, RemoteError, RpcError, ServiceUnavailable
+from .retry import Retry
 from .service import Service
 from .topology import Topology
 from .worker import Worker
 
 __all__ = [
-    "Service", "RpcClient", "ServiceProxy", "Worker", "Topology",
+    "Service", "RpcClient", "Retry", "ServiceProxy", "Worker", "Topology",
     "RpcError", "RemoteError", "CallTimeout", "ServiceUnavailable", "CircuitOpen",
 ]
 __version__ = "0.1.0"

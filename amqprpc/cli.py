@@ -88,10 +88,18 @@ def main() -> None:
               show_envvar=True, type=click.FloatRange(min=0), help="Seconds running handlers get to finish on SIGTERM.")
 @click.option("--heartbeat", envvar="AMQPRPC_HEARTBEAT", default=30.0, show_default=True, show_envvar=True,
               type=click.FloatRange(min=0), help="AMQP heartbeat in seconds (0 disables).")
+@click.option("--max-message-bytes", envvar="AMQPRPC_MAX_MESSAGE_BYTES", default=1 << 20, show_default=True,
+              show_envvar=True, type=click.IntRange(min=1), help="Larger requests are refused unparsed.")
+@click.option("--queue-type", envvar="AMQPRPC_QUEUE_TYPE", default="classic", show_default=True, show_envvar=True,
+              type=click.Choice(["classic", "quorum"]), help="quorum for clustered brokers (with a delivery limit).")
+@click.option("--max-redeliveries", envvar="AMQPRPC_MAX_REDELIVERIES", default=5, show_default=True,
+              show_envvar=True, type=click.IntRange(min=0),
+              help="A message redelivered more often (it kills the worker?) is dead-lettered unrun.")
 @broker_option
 @logging_options("info")
 def worker(service: str, app: str | None, concurrency: int, prefetch: int | None, shutdown_timeout: float,
-           heartbeat: float, broker: str, log_format: str, log_level: str) -> None:
+           heartbeat: float, max_message_bytes: int, queue_type: str, max_redeliveries: int, broker: str,
+           log_format: str, log_level: str) -> None:
     """Run SERVICE's handlers until SIGTERM/SIGINT (warm stop) or SIGQUIT (cold stop).
 
     SERVICE resolves through the 'amqprpc.services' entry points, then the module
@@ -100,6 +108,7 @@ def worker(service: str, app: str | None, concurrency: int, prefetch: int | None
     """
     from .daemon import run_worker
     from .loading import ServiceNotFound, load_service
+    from .topology import TopologyMismatch
     from .worker import Worker
 
     logs.configure(log_format, log_level)
@@ -108,9 +117,12 @@ def worker(service: str, app: str | None, concurrency: int, prefetch: int | None
     except ServiceNotFound as exc:
         raise click.UsageError(str(exc)) from None
     logs.bind_process(service=svc.name)
-    instance = Worker(svc, broker_url=broker, concurrency=concurrency, prefetch=prefetch, heartbeat=heartbeat)
+    instance = Worker(svc, broker_url=broker, concurrency=concurrency, prefetch=prefetch, heartbeat=heartbeat,
+                      max_message_bytes=max_message_bytes, queue_type=queue_type, max_redeliveries=max_redeliveries)
     try:
         code = run_worker(instance, shutdown_timeout)
+    except TopologyMismatch as exc:
+        fail(EXIT_USAGE, str(exc))
     except Exception as exc:  # noqa: BLE001 - connection failures at start: one line, no traceback
         fail(EXIT_UNAVAILABLE, f"cannot connect to broker {broker}: {exc}")
     sys.exit(code)
@@ -178,6 +190,48 @@ def publish(event: str, payload: dict, timeout: float, broker: str, log_format: 
     except RpcError as exc:
         fail(exit_code_for(exc), str(exc))
     click.echo("published")
+
+
+@main.command()
+@click.argument("service")
+@click.option("--limit", "-n", envvar="AMQPRPC_DLQ_LIMIT", default=10, show_default=True, show_envvar=True,
+              type=click.IntRange(min=0), help="How many dead letters to show.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.option("--replay", is_flag=True, help="Send every dead letter back to its queue (ids kept, retries reset).")
+@click.option("--purge", is_flag=True, help="Delete every dead letter.")
+@broker_option
+@logging_options("warning")
+def dlq(service: str, limit: int, as_json: bool, replay: bool, purge: bool, broker: str, log_format: str,
+        log_level: str) -> None:
+    """Show SERVICE's dead letters (service.SERVICE.dead): how many, and why the first ones failed.
+
+    Exit 0, 2 for usage errors, 4 when the broker or the queue cannot be reached.
+    """
+    from . import dlq as dead
+
+    logs.configure(log_format, log_level)
+    if replay and purge:
+        raise click.UsageError("--replay and --purge exclude each other")
+    try:
+        if replay:
+            done, kept = dead.replay(service, broker_url=broker)
+            result: dict = {"replayed": done, "unroutable": kept}
+            text = f"replayed {done} dead letter(s) of {service}" + (f"; {kept} unroutable, kept" if kept else "")
+        elif purge:
+            result = {"purged": dead.purge(service, broker_url=broker)}
+            text = f"purged {result['purged']} dead letter(s) of {service}"
+        else:
+            count, letters = dead.inspect(service, limit, broker_url=broker)
+            result = {"queue": dead.DEFAULT_TOPOLOGY.dead_queue_name(service), "count": count, "messages": letters}
+            text = "\n".join([f"{count} dead letter(s) in {result['queue']}"] + [
+                f"  {m['message_id']}  {m['action']}  {m['error_type']}: {m['error']}  "
+                f"(attempts {m['attempts']}, last {m['last_failure']}, from {m['original_queue']})"
+                for m in letters])
+    except dead.NoDeadLetterQueue as exc:
+        fail(EXIT_UNAVAILABLE, str(exc))
+    except Exception as exc:  # noqa: BLE001 - connection failures: one line, no traceback
+        fail(EXIT_UNAVAILABLE, f"broker {broker}: {exc}")
+    click.echo(json.dumps(result, indent=2, ensure_ascii=False, default=str) if as_json else text)
 
 
 @main.command()

@@ -36,7 +36,8 @@ def delete_queues(*names: str, broker_url: str | None = None) -> None:
 @contextlib.contextmanager
 def running_worker(service: Service, *, broker_url: str | None = None, topology: Topology = DEFAULT_TOPOLOGY,
                    delete: bool = True, shutdown_timeout: float = 10.0, **options) -> Iterator[Worker]:
-    """Run ``service`` in a worker inside this process; stop it and delete its queue after."""
+    """Run ``service`` in a worker inside this process; stop it and delete its queues
+    (request, dead letters, delay buckets) after."""
     worker = Worker(service, broker_url=broker_url, topology=topology, **options)
     worker.start()
     try:
@@ -44,7 +45,7 @@ def running_worker(service: Service, *, broker_url: str | None = None, topology:
     finally:
         worker.shutdown(shutdown_timeout)
         if delete:
-            delete_queues(topology.request_queue_format.format(service=service.name), broker_url=broker_url)
+            delete_queues(*topology.service_queue_names(service.name), broker_url=broker_url)
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> object:

@@ -24,8 +24,10 @@ from . import context, envelope, logs
 from .config import broker_url as default_broker_url
 from .errors import BadMessage
 from .ioloop import AmqpLoop, publish
+from .redelivery import Forward, Forwarder, Redelivery
+from .retry import ERROR, ERROR_TYPE, attempts_made
 from .service import Service
-from .topology import DEFAULT_TOPOLOGY, Topology
+from .topology import DEFAULT_TOPOLOGY, Topology, TopologyMismatch
 
 log = logs.get_logger("amqprpc.worker")
 
@@ -37,12 +39,14 @@ class Worker(AmqpLoop):
 
     Parameters: ``concurrency`` handler threads; ``prefetch`` unacked messages held at most
     (default twice the concurrency); ``max_message_bytes`` larger bodies are refused;
-    ``heartbeat`` seconds.
+    ``heartbeat`` seconds; ``queue_type`` "classic" or "quorum"; ``max_redeliveries`` a
+    message redelivered more often (its handler kills the worker?) is dead-lettered unrun.
     """
 
     def __init__(self, service: Service, *, broker_url: str | None = None, concurrency: int = 8,
                  prefetch: int | None = None, topology: Topology = DEFAULT_TOPOLOGY,
-                 heartbeat: float = 30.0, max_message_bytes: int = 1 << 20):
+                 heartbeat: float = 30.0, max_message_bytes: int = 1 << 20, queue_type: str = "classic",
+                 max_redeliveries: int = 5):
         super().__init__(default_broker_url(broker_url), name=f"amqprpc-io-{service.name}", heartbeat=heartbeat)
         self.service = service
         self.concurrency = concurrency
@@ -50,6 +54,9 @@ class Worker(AmqpLoop):
         self.topology = topology
         self.max_message_bytes = max_message_bytes
         self.queue_name = topology.request_queue_format.format(service=service.name)
+        self.queue_type = queue_type
+        self.redelivery = Redelivery(service.name, topology, queue_type, max_redeliveries)
+        self.forwarder = Forwarder()
         self.channel: amqp.Channel | None = None
         self.consumer_tag = f"amqprpc.{service.name}.{socket.gethostname()}.{os.getpid()}.{os.urandom(3).hex()}"
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -88,7 +95,14 @@ class Worker(AmqpLoop):
     # --- loop thread -------------------------------------------------------------------
     def on_connected(self, connection) -> None:
         channel = connection.channel()
-        self.topology.request_queue(self.service.name)(channel).declare()
+        try:
+            self.topology.request_queue(self.service.name, self.queue_type,
+                                        self.redelivery.max_redeliveries + 2)(channel).declare()
+        except amqp.exceptions.PreconditionFailed as exc:
+            raise TopologyMismatch(
+                f"queue {self.queue_name} exists with other arguments than --queue-type {self.queue_type} "
+                f"declares ({exc.reply_text}); run with its current type, or drain and delete it first") from None
+        self.forwarder.connect(connection, [self.redelivery.dead_queue])
         channel.basic_qos(0, self.prefetch, False)
         channel.basic_consume(queue=self.queue_name, consumer_tag=self.consumer_tag, callback=self._on_message)
         self.channel = channel
@@ -98,6 +112,7 @@ class Worker(AmqpLoop):
         # Unacked deliveries of the dead channel are redelivered by the broker; replies of
         # handlers still running are published on the next connection, their acks dropped.
         self.channel = None
+        self.forwarder.disconnected()
 
     def _on_message(self, message: amqp.Message) -> None:
         self.stats["received"] += 1
@@ -127,8 +142,9 @@ class Worker(AmqpLoop):
             done.set()
 
     def _finish(self, generation: int, delivery_tag: int, reply_to: str | None,
-                correlation_id: str | None, body: bytes | None, requeue: bool | None) -> None:
-        """Publish the reply (if any), then ack. ``requeue`` None = ack, False = reject."""
+                correlation_id: str | None, body: bytes | None, requeue: bool | Forward | None) -> None:
+        """Publish the reply (if any), then ack. ``requeue`` None = ack, False = reject,
+        a Forward = publish its copy (retry, dead letter) and ack once that is confirmed."""
         channel = self.channel
         if channel is None:
             return
@@ -137,7 +153,9 @@ class Worker(AmqpLoop):
                     "", reply_to)
         if generation != self.generation:
             return
-        if requeue is None:
+        if isinstance(requeue, Forward):
+            self.forwarder.send(channel, delivery_tag, requeue)
+        elif requeue is None:
             channel.basic_ack(delivery_tag)
         else:
             channel.basic_reject(delivery_tag, requeue=requeue)
@@ -152,14 +170,21 @@ class Worker(AmqpLoop):
             generation, message = item
             try:
                 self.call_soon(self._finish, generation, message.delivery_tag, *self._handle(message))
-            except Exception:  # noqa: BLE001 - a bug here must not kill the handler thread
+            except Exception as exc:  # noqa: BLE001 - a bug here must not kill the handler thread
                 log.exception("worker failed to process a message")
-                self.call_soon(self._finish, generation, message.delivery_tag, None, None, None, False)
+                self.call_soon(self._finish, generation, message.delivery_tag, None, None, None,
+                               self.redelivery.dead_letter(message, self.queue_name, repr(exc), "WorkerError"))
 
     def _handle(self, message: amqp.Message) -> tuple[Any, Any, bytes | None, bool | None]:
         """Run one request; returns (reply_to, correlation_id, reply body, requeue)."""
         started = time.perf_counter()
         properties = message.properties
+        poisoned = self.redelivery.poisoned(message, self.queue_name)
+        if poisoned is not None:
+            if poisoned.what == "dead-letter":
+                log.error("message redelivered too often, dead-lettered unrun", queue=self.queue_name,
+                          correlation_id=properties.get("correlation_id"))
+            return None, None, None, poisoned
         try:
             request = envelope.decode_request(message.body, properties, self.max_message_bytes)
         except BadMessage as exc:
@@ -170,12 +195,19 @@ class Worker(AmqpLoop):
             self.stats["expired"] += 1
             log.info("request expired, dropped unrun", action=request.action, correlation_id=request.correlation_id,
                      trace_id=trace_id, late_by=round(time.time() - deadline, 3))
+            headers = properties.get("headers") or {}
+            if attempts_made(headers) and request.reply_to:  # a retry came back too late: say why it failed
+                return request.reply_to, request.correlation_id, envelope.error_reply(
+                    str(headers.get(ERROR)), str(headers.get(ERROR_TYPE)), request.message_id), None
             return None, None, None, None
         handler = self.service.find(request.action)
         if handler is None:
             self.stats["failed"] += 1
             log.warning("unknown action", action=request.action, correlation_id=request.correlation_id,
                         trace_id=trace_id)
+            if not request.reply_to:
+                return None, None, None, self.redelivery.dead_letter(
+                    message, self.queue_name, f"Unknown action: {request.action}", "UnknownAction")
             return request.reply_to, request.correlation_id, envelope.error_reply(
                 f"Unknown action: {request.action}", "UnknownAction", request.message_id), None
         token = context.current.set(context.CallContext(
@@ -186,6 +218,9 @@ class Worker(AmqpLoop):
                 result = handler(request.payload)
             except Exception as exc:  # noqa: BLE001 - every handler error becomes an error reply
                 body = self._failed(exc, request, started)
+                forward = self._after_failure(message, request, exc, started)
+                if forward is not None:
+                    return None, None, None, forward
             else:
                 try:
                     body = envelope.ok_reply(result, request.message_id)
@@ -206,9 +241,25 @@ class Worker(AmqpLoop):
                     duration=round(time.perf_counter() - started, 6))
         return envelope.error_reply(str(exc), error_type, request.message_id)
 
+    def _after_failure(self, message: amqp.Message, request: envelope.Request, exc: Exception,
+                       started: float) -> Forward | None:
+        """A retry through a delay queue while the policy and deadline allow; a dead
+        letter when the failure is final and nobody waits for a reply; else None (the
+        caller gets the error reply)."""
+        forward = self.redelivery.retry_later(message, self.queue_name, exc, self.service.retry_policy(request.action),
+                                              request.deadline, time.perf_counter() - started)
+        if forward is not None:
+            log.info("retry scheduled", attempt=forward.message.properties["headers"]["x-attempts"],
+                     delay_queue=forward.routing_key)
+            return forward
+        if request.reply_to:
+            return None
+        return self.redelivery.dead_letter(message, self.queue_name, str(exc) or type(exc).__name__,
+                                           type(exc).__name__)
+
     def _refuse(self, message: amqp.Message, reason: str) -> tuple[Any, Any, bytes | None, bool | None]:
         """A message that is not a valid request: answer it if it names a reply queue,
-        otherwise reject it without requeue (dead-lettered where the queue has a DLX)."""
+        otherwise dead-letter it with the reason (never a requeue loop)."""
         self.stats["rejected"] += 1
         body = message.body
         reply_to, correlation_id = (None, None)
@@ -219,4 +270,4 @@ class Worker(AmqpLoop):
         log.warning("bad message", reason=reason, correlation_id=correlation_id, answered=bool(reply_to))
         if reply_to:
             return reply_to, correlation_id, envelope.error_reply(reason, "BadMessage", correlation_id), None
-        return None, None, None, False
+        return None, None, None, self.redelivery.dead_letter(message, self.queue_name, reason, "BadMessage")

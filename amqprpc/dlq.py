@@ -1,0 +1,137 @@
+"""Operators' view of a service's dead letters: inspect, replay, purge (``amqprpc dlq``).
+
+Short-lived, synchronous connections: this is a command run by a person, not a hot path.
+Looking never consumes: messages are fetched unacked and go back (to their places) when
+the channel closes. Replaying publishes each copy with publisher confirms *before* acking
+the dead letter, so a replay interrupted half-way loses nothing (at worst one duplicate).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+from typing import Any, Iterator
+
+import amqp
+from kombu import Connection
+
+from . import envelope
+from . import retry as h
+from .config import broker_url as default_broker_url
+from .topology import DEFAULT_TOPOLOGY, Topology
+
+
+class NoDeadLetterQueue(LookupError):
+    """The service has no dead-letter queue (its worker never ran with this version)."""
+
+
+@contextlib.contextmanager
+def _channel(broker_url: str | None) -> Iterator[amqp.Channel]:
+    with Connection(default_broker_url(broker_url), connect_timeout=5) as conn:
+        channel = conn.channel()
+        try:
+            yield channel
+        finally:
+            with contextlib.suppress(Exception):
+                channel.close()
+
+
+def _count(channel: amqp.Channel, queue: str) -> int:
+    try:
+        return channel.queue_declare(queue, passive=True).message_count
+    except amqp.exceptions.NotFound:
+        raise NoDeadLetterQueue(f"no dead-letter queue {queue!r}") from None
+
+
+def describe(message: amqp.Message) -> dict[str, Any]:
+    """One dead letter as plain JSON-able data: ids, action, why, when, where from."""
+    headers = message.properties.get("headers") or {}
+    try:
+        doc = envelope.loads(message.body)
+        action = doc.get("action") if isinstance(doc, dict) else None
+    except (ValueError, TypeError, RecursionError):
+        action = None
+    return {
+        "message_id": message.properties.get("message_id"),
+        "correlation_id": message.properties.get("correlation_id"),
+        "action": action if isinstance(action, str) else None,
+        "error": _plain(headers.get(h.ERROR)),
+        "error_type": _plain(headers.get(h.ERROR_TYPE)),
+        "attempts": h.attempts_made(headers),
+        "first_failure": _when(headers.get(h.FIRST_FAILURE)),
+        "last_failure": _when(headers.get(h.LAST_FAILURE)),
+        "original_exchange": _plain(headers.get(h.ORIGINAL_EXCHANGE)),
+        "original_routing_key": _plain(headers.get(h.ORIGINAL_ROUTING_KEY)),
+        "original_queue": _plain(headers.get(h.ORIGINAL_QUEUE)),
+        "bytes": len(message.body),
+    }
+
+
+def inspect(service: str, limit: int = 10, *, broker_url: str | None = None,
+            topology: Topology = DEFAULT_TOPOLOGY) -> tuple[int, list[dict[str, Any]]]:
+    """(how many dead letters ``service`` has, the first ``limit`` of them described)."""
+    queue = topology.dead_queue_name(service)
+    with _channel(broker_url) as channel:
+        count = _count(channel, queue)
+        found = []
+        for _ in range(min(limit, count)):
+            message = channel.basic_get(queue, no_ack=False)
+            if message is None:
+                break
+            found.append(describe(message))
+        # Closing the channel (unacked) puts them back where they were.
+    return count, found
+
+
+def replay(service: str, *, broker_url: str | None = None, topology: Topology = DEFAULT_TOPOLOGY,
+           confirm_timeout: float = 10.0) -> tuple[int, int]:
+    """Send every dead letter of ``service`` back to the queue it failed in, keeping its
+    message id, correlation id and body, with a fresh retry budget. Only what was there
+    when the replay began is replayed (a letter that fails again is not looped over).
+    Returns (replayed, left in the dead queue because it could not be routed)."""
+    queue = topology.dead_queue_name(service)
+    replayed = unroutable = 0
+    with _channel(broker_url) as channel:
+        total = _count(channel, queue)
+        returned: list[str] = []
+        channel.events["basic_return"].add(lambda exc, exchange, key, msg: returned.append(key))
+        channel.confirm_select()
+        for _ in range(total):
+            message = channel.basic_get(queue, no_ack=False)
+            if message is None:
+                break
+            headers = message.properties.get("headers") or {}
+            target = _plain(headers.get(h.ORIGINAL_QUEUE)) or topology.request_queue_format.format(service=service)
+            copy = _fresh_copy(message)
+            returned.clear()
+            channel.basic_publish_confirm(copy, "", target, mandatory=True, confirm_timeout=confirm_timeout)
+            if returned:
+                unroutable += 1  # its queue is gone: keep the dead letter (requeued at close)
+                continue
+            channel.basic_ack(message.delivery_tag)
+            replayed += 1
+    return replayed, unroutable
+
+
+def purge(service: str, *, broker_url: str | None = None, topology: Topology = DEFAULT_TOPOLOGY) -> int:
+    """Empty ``service``'s dead-letter queue; returns how many letters were dropped."""
+    queue = topology.dead_queue_name(service)
+    with _channel(broker_url) as channel:
+        _count(channel, queue)
+        return channel.queue_purge(queue) or 0
+
+
+def _fresh_copy(message: amqp.Message) -> amqp.Message:
+    headers = {k: v for k, v in (message.properties.get("headers") or {}).items() if k not in h.BOOKKEEPING}
+    headers["x-replayed"] = h.int_header(message.properties.get("headers"), "x-replayed") + 1
+    properties = {**message.properties, "headers": headers, "delivery_mode": 2}
+    return amqp.Message(message.body, **properties)
+
+
+def _plain(value: Any) -> Any:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def _when(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return datetime.datetime.fromtimestamp(value, datetime.timezone.utc).isoformat(timespec="milliseconds")
