@@ -44,7 +44,7 @@ def _count(channel: amqp.Channel, queue: str) -> int:
 
 def describe(message: amqp.Message) -> dict[str, Any]:
     """One dead letter as plain JSON-able data: ids, action, why, when, where from."""
-    headers = message.properties.get("headers") or {}
+    headers = h.headers_of(message)
     try:
         doc = envelope.loads(message.body)
         action = doc.get("action") if isinstance(doc, dict) else None
@@ -99,7 +99,7 @@ def replay(service: str, *, broker_url: str | None = None, topology: Topology = 
             message = channel.basic_get(queue, no_ack=False)
             if message is None:
                 break
-            headers = message.properties.get("headers") or {}
+            headers = h.headers_of(message)
             target = _plain(headers.get(h.ORIGINAL_QUEUE)) or topology.request_queue_format.format(service=service)
             copy = _fresh_copy(message)
             returned.clear()
@@ -121,9 +121,9 @@ def purge(service: str, *, broker_url: str | None = None, topology: Topology = D
 
 
 def _fresh_copy(message: amqp.Message) -> amqp.Message:
-    headers = {k: v for k, v in (message.properties.get("headers") or {}).items() if k not in h.BOOKKEEPING}
-    headers["x-replayed"] = h.int_header(message.properties.get("headers"), "x-replayed") + 1
-    properties = {**message.properties, "headers": headers, "delivery_mode": 2}
+    headers = {k: v for k, v in (h.headers_of(message)).items() if k not in h.BOOKKEEPING}
+    headers["x-replayed"] = h.int_header(h.headers_of(message), "x-replayed") + 1
+    properties = {**message.properties, "application_headers": headers, "delivery_mode": 2}
     return amqp.Message(message.body, **properties)
 
 

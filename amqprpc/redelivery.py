@@ -18,7 +18,7 @@ the consumed queue. One TTL per bucket means no short delay waits behind a long 
 Poison messages (a handler that kills the process) are counted: quorum queues give
 ``x-delivery-count``; classic queues only say ``redelivered``, so a redelivered message is
 first re-published with ``x-deliveries + 1`` (confirmed, then the original acked) and runs
-as that copy. The next crash redelivers the copy, and so on until the count passes
+as that copy, 0.1 s later. The next crash redelivers the copy, and so on until the count passes
 ``max_redeliveries`` and it is dead-lettered unrun.
 """
 from __future__ import annotations
@@ -72,7 +72,7 @@ class Redelivery:
     def poisoned(self, message: amqp.Message, queue: str) -> Forward | None:
         """Before running a message: a Forward when it was redelivered (recount it, or
         dead-letter it after too many), None to run it."""
-        headers = message.properties.get("headers") or {}
+        headers = h.headers_of(message)
         quorum_count = h.int_header(headers, "x-delivery-count")
         if quorum_count:
             count = quorum_count
@@ -85,7 +85,12 @@ class Redelivery:
                                     "TooManyRedeliveries")
         if quorum_count:
             return None  # the broker counts for us; nothing to re-publish
-        return Forward(queue, _copy(message, {h.DELIVERIES: count, **_origin(message, queue)}), None, "recount")
+        # The copy goes through the shortest delay bucket, not straight back: published
+        # to the consumed queue it could be delivered -- and kill us again -- before the
+        # broker's confirm let us ack the original, leaving both to be redelivered.
+        delay_queue = self.topology.delay_queue(queue, self.topology.delay_buckets_ms[0], self.queue_type)
+        return Forward(delay_queue.name, _copy(message, {h.DELIVERIES: count, **_origin(message, queue)}),
+                       delay_queue, "recount")
 
     def retry_later(self, message: amqp.Message, queue: str, exc: BaseException, policy: Retry | None,
                     deadline: float | None = None, duration: float = 0.0) -> Forward | None:
@@ -94,7 +99,7 @@ class Redelivery:
         delay plus the last attempt's ``duration`` in s); None when this failure is final."""
         if policy is None:
             return None
-        headers = message.properties.get("headers") or {}
+        headers = h.headers_of(message)
         attempt = h.attempts_made(headers) + 1
         if not policy.retries(exc, attempt):
             return None
@@ -109,7 +114,7 @@ class Redelivery:
 
     def dead_letter(self, message: amqp.Message, queue: str, error: str, error_type: str) -> Forward:
         """The message, to ``service.{svc}.dead``, with why and where from in its headers."""
-        headers = message.properties.get("headers") or {}
+        headers = h.headers_of(message)
         now = time.time()
         update = {h.ATTEMPTS: h.attempts_made(headers) + 1, h.FIRST_FAILURE: headers.get(h.FIRST_FAILURE) or now,
                   h.LAST_FAILURE: now, h.ERROR: error[:4000], h.ERROR_TYPE: error_type, **_origin(message, queue)}
@@ -176,7 +181,7 @@ class Forwarder:
 
 def _origin(message: amqp.Message, queue: str) -> dict:
     """Where the message first came from; kept from an earlier forward if there was one."""
-    headers = message.properties.get("headers") or {}
+    headers = h.headers_of(message)
     info = message.delivery_info or {}
     return {h.ORIGINAL_EXCHANGE: headers.get(h.ORIGINAL_EXCHANGE, info.get("exchange", "")),
             h.ORIGINAL_ROUTING_KEY: headers.get(h.ORIGINAL_ROUTING_KEY, info.get("routing_key", "")),
@@ -187,11 +192,11 @@ def _copy(message: amqp.Message, update: dict) -> amqp.Message:
     """The same body and properties (ids kept), persistent, with ``update`` merged into
     the headers. ``expiration`` is dropped: the copy waits in a delay or dead queue and
     must not vanish there (the deadline in the envelope still guards calls)."""
-    properties = {k: v for k, v in message.properties.items() if k not in ("expiration", "headers")}
-    headers = {k: v for k, v in (message.properties.get("headers") or {}).items()
+    properties = {k: v for k, v in message.properties.items() if k not in ("expiration", "application_headers")}
+    headers = {k: v for k, v in (h.headers_of(message)).items()
                if not k.startswith(("x-death", "x-first-death", "x-last-death", "x-delivery-count"))}
     headers.update(update)
-    properties["headers"] = headers
+    properties["application_headers"] = headers
     properties["delivery_mode"] = 2
     return amqp.Message(message.body, **properties)
 

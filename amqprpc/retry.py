@@ -73,6 +73,11 @@ class Retry:
         return min(self.max_delay, self.base_delay * (2 ** min(attempt - 1, 32)))
 
 
+def headers_of(message: Any) -> dict:
+    """A py-amqp message's AMQP headers (py-amqp calls them ``application_headers``)."""
+    return message.properties.get("application_headers") or {}
+
+
 def attempts_made(headers: Mapping[str, Any] | None) -> int:
     """Attempts recorded in a message's AMQP headers (0 for a fresh message). Headers
     come from the wire, so anything that is not a sane integer counts as 0."""

@@ -195,7 +195,7 @@ class Worker(AmqpLoop):
             self.stats["expired"] += 1
             log.info("request expired, dropped unrun", action=request.action, correlation_id=request.correlation_id,
                      trace_id=trace_id, late_by=round(time.time() - deadline, 3))
-            headers = properties.get("headers") or {}
+            headers = properties.get("application_headers") or {}
             if attempts_made(headers) and request.reply_to:  # a retry came back too late: say why it failed
                 return request.reply_to, request.correlation_id, envelope.error_reply(
                     str(headers.get(ERROR)), str(headers.get(ERROR_TYPE)), request.message_id), None
@@ -249,7 +249,7 @@ class Worker(AmqpLoop):
         forward = self.redelivery.retry_later(message, self.queue_name, exc, self.service.retry_policy(request.action),
                                               request.deadline, time.perf_counter() - started)
         if forward is not None:
-            log.info("retry scheduled", attempt=forward.message.properties["headers"]["x-attempts"],
+            log.info("retry scheduled", attempt=forward.message.properties["application_headers"]["x-attempts"],
                      delay_queue=forward.routing_key)
             return forward
         if request.reply_to:
