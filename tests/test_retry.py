@@ -212,24 +212,26 @@ def test_cast_through_a_connection_loss_is_retried_and_delivered(service, client
         wait_for(lambda: sorted(set(seen)) == list(range(5)))
 
 
-def test_message_that_kills_the_worker_is_dead_lettered_after_n_redeliveries(service_name, broker_url):
-    """Real processes: the handler calls os._exit; the worker is restarted like a supervisor would."""
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+def test_message_that_kills_the_worker_is_dead_lettered_after_n_redeliveries(service_name, broker_url, queue_type):
+    """Real processes: the handler calls os._exit; the worker is restarted like a supervisor would.
+    Classic queues count by re-publishing (x-deliveries), quorum queues by x-delivery-count."""
     env = {**os.environ, "AMQPRPC_TEST_SERVICE": service_name, "PYTHONPATH": TESTS}
     command = [sys.executable, "-m", "amqprpc", "worker", service_name, "--app", "retry_app:service",
-               "--max-redeliveries", "2", "--concurrency", "1", "--log-level", "warning"]
+               "--max-redeliveries", "2", "--concurrency", "1", "--log-level", "warning", "--queue-type", queue_type]
     try:
         with RpcClient("tests", broker_url=broker_url) as client:
             exits = []
             for _ in range(6):
                 process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                if not exits:
-                    wait_for(lambda: _queue_exists(DEFAULT_TOPOLOGY.request_queue_format.format(service=service_name),
-                                                   broker_url), timeout=20)
+                if not exits:  # the dead queue is declared last, just before consuming starts
+                    wait_for(lambda: _queue_exists(DEFAULT_TOPOLOGY.dead_queue_name(service_name), broker_url),
+                             timeout=20)
                     client.cast(service_name, "die", {"n": 1})
-                try:
-                    exits.append(process.wait(15))
-                except subprocess.TimeoutExpired:
+                wait_for(lambda: process.poll() is not None or dead_count(service_name, broker_url), timeout=20)
+                if process.poll() is None:
                     break  # it survived: the poison is gone
+                exits.append(process.returncode)
             # 1 first delivery + 2 counted redeliveries kill it; the 3rd redelivery is dead-lettered unrun
             assert exits == [17, 17, 17]
             wait_for(lambda: dead_count(service_name, broker_url) == 1)
@@ -275,3 +277,15 @@ def test_retry_policy_is_validated_and_backs_off_exponentially_within_its_cap():
     assert DEFAULT_TOPOLOGY.delay_bucket_ms(0.0) == 100
     assert DEFAULT_TOPOLOGY.delay_bucket_ms(0.3) == 500
     assert DEFAULT_TOPOLOGY.delay_bucket_ms(10 ** 6) == 3600000
+
+
+def test_event_handlers_take_a_retry_policy_too(service):
+    policy = Retry(max_attempts=2)
+
+    @service.event("order.*", retry=policy)
+    def on_order(payload):
+        pass
+
+    assert service.events["on_order"].retry is policy
+    service.handler("getUser", retry=policy)(lambda payload: None)
+    assert service.retry_policy("getUser") is policy and service.retry_policy("other") is None
