@@ -23,6 +23,7 @@ as that copy, 0.1 s later. The next crash redelivers the copy, and so on until t
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -51,7 +52,7 @@ class Forward:
     routing_key: str
     message: amqp.Message
     declare: Queue | None
-    what: str  # "retry" | "dead-letter" | "recount", for logs and stats
+    what: str  # "retry" | "dead_letter" | "recount", for logs and stats
 
 
 class Redelivery:
@@ -118,7 +119,7 @@ class Redelivery:
         now = time.time()
         update = {h.ATTEMPTS: h.attempts_made(headers) + 1, h.FIRST_FAILURE: headers.get(h.FIRST_FAILURE) or now,
                   h.LAST_FAILURE: now, h.ERROR: error[:4000], h.ERROR_TYPE: error_type, **_origin(message, queue)}
-        return Forward(self.dead_queue.name, _copy(message, update), self.dead_queue, "dead-letter")
+        return Forward(self.dead_queue.name, _copy(message, update), self.dead_queue, "dead_letter")
 
 
 class Forwarder:
@@ -130,7 +131,9 @@ class Forwarder:
         self._pending: dict[int, tuple[amqp.Channel, int, str]] = {}
         self._seq = 0
         self._declared: dict[str, float] = {}
-        self.stats = {"retry": 0, "dead-letter": 0, "recount": 0, "nacked": 0}
+        self.idle = threading.Event()  # set while no copy awaits its confirm (for a warm stop)
+        self.idle.set()
+        self.stats = {"retry": 0, "dead_letter": 0, "recount": 0, "nacked": 0}
 
     def connect(self, connection: Any, declare: list[Queue] = ()) -> None:
         channel = connection.channel()
@@ -145,6 +148,7 @@ class Forwarder:
         # Unconfirmed copies may or may not be stored; their originals were not acked
         # and come back from the broker: at-least-once, never lost.
         self.channel, self._pending = None, {}
+        self.idle.set()
 
     def send(self, consume_channel: amqp.Channel, delivery_tag: int, forward: Forward) -> None:
         channel = self.channel
@@ -157,6 +161,7 @@ class Forwarder:
                 self._declared[forward.declare.name] = now
         self._seq += 1
         self._pending[self._seq] = (consume_channel, delivery_tag, forward.what)
+        self.idle.clear()
         publish(channel, forward.message, "", forward.routing_key)
 
     def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
@@ -175,8 +180,12 @@ class Forwarder:
     def _take(self, delivery_tag: int, multiple: bool) -> list:
         if not multiple:
             entry = self._pending.pop(delivery_tag, None)
-            return [entry] if entry else []
-        return [self._pending.pop(tag) for tag in [t for t in self._pending if t <= delivery_tag]]
+            taken = [entry] if entry else []
+        else:
+            taken = [self._pending.pop(tag) for tag in [t for t in self._pending if t <= delivery_tag]]
+        if not self._pending:
+            self.idle.set()
+        return taken
 
 
 def _origin(message: amqp.Message, queue: str) -> dict:

@@ -104,16 +104,22 @@ def call_with_retry(send: Callable[[float], Any], retry: Retry, timeout: float,
     """
     deadline = time.monotonic() + timeout
     attempt = 0
+    last: BaseException | None = None
     while True:
         attempt += 1
         left = deadline - time.monotonic()
+        if last is not None and left <= 0:
+            raise last
         try:
             return send(left / (retry.max_attempts - attempt + 1) if share else left)
         except retryable as exc:
             if isinstance(exc, CircuitOpen) or not retry.retries(exc, attempt):
                 raise
+            last = exc
             pause = retry.delay(attempt)
-            if time.monotonic() + pause >= deadline:
+            # Leave the next attempt at least a tenth of what is left, else report this failure
+            # (a "deadline had already passed" would hide what actually went wrong).
+            if time.monotonic() + pause >= deadline - 0.1 * (deadline - time.monotonic()):
                 raise
             time.sleep(pause)
 

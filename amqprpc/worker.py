@@ -88,8 +88,14 @@ class Worker(AmqpLoop):
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         finished = not any(thread.is_alive() for thread in self._threads)
+        # Retries and dead letters already handed to the loop: let their confirms (and so
+        # the originals' acks) arrive, or the originals come back as duplicates.
+        flushed = threading.Event()
+        self.call_soon(flushed.set)
+        if flushed.wait(5.0):
+            self.forwarder.idle.wait(max(1.0, deadline - time.monotonic()))
         self.stop()
-        log.info("worker stopped", clean=finished, **self.stats)
+        log.info("worker stopped", clean=finished, **self.stats, **self.forwarder.stats)
         return finished
 
     # --- loop thread -------------------------------------------------------------------
@@ -181,7 +187,7 @@ class Worker(AmqpLoop):
         properties = message.properties
         poisoned = self.redelivery.poisoned(message, self.queue_name)
         if poisoned is not None:
-            if poisoned.what == "dead-letter":
+            if poisoned.what == "dead_letter":
                 log.error("message redelivered too often, dead-lettered unrun", queue=self.queue_name,
                           correlation_id=properties.get("correlation_id"))
             return None, None, None, poisoned

@@ -149,8 +149,9 @@ def test_call_retries_while_the_deadline_allows_then_gets_the_error_reply(servic
         started = time.monotonic()
         with pytest.raises(RemoteError) as info:  # not CallTimeout
             client.call(service.name, "down", {}, timeout=1.5)
+        answered_after = time.monotonic() - started
     assert info.value.error_type == "ConnectionError"
-    assert time.monotonic() - started < 1.5
+    assert answered_after < 1.5
     assert 2 <= len(attempts) < 50
 
 
