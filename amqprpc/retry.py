@@ -92,6 +92,9 @@ def int_header(headers: Mapping[str, Any] | None, name: str) -> int:
 
 
 # Client side -------------------------------------------------------------------------
+_MIN_ATTEMPT_S = 0.05
+
+
 def call_with_retry(send: Callable[[float], Any], retry: Retry, timeout: float,
                     retryable: Tuple[Type[BaseException], ...] = (CallTimeout, ServiceUnavailable),
                     share: bool = True) -> Any:
@@ -99,8 +102,8 @@ def call_with_retry(send: Callable[[float], Any], retry: Retry, timeout: float,
 
     Only ``retryable`` errors (never :class:`CircuitOpen`: the breaker already decided)
     that also match ``retry.on`` are retried. With ``share`` each attempt gets an equal
-    share of the time that is left, so a timed-out attempt still leaves room for the
-    next; else each gets all of it. Backoff sleeps happen in the caller's own thread.
+    share of the time that is left (a third at most), so a timed-out attempt still leaves
+    room for the next; else each gets all of it. Backoff sleeps happen in the caller's own thread.
     """
     deadline = time.monotonic() + timeout
     attempt = 0
@@ -111,15 +114,17 @@ def call_with_retry(send: Callable[[float], Any], retry: Retry, timeout: float,
         if last is not None and left <= 0:
             raise last
         try:
-            return send(left / (retry.max_attempts - attempt + 1) if share else left)
+            return send(left / min(retry.max_attempts - attempt + 1, 3) if share else left)
         except retryable as exc:
             if isinstance(exc, CircuitOpen) or not retry.retries(exc, attempt):
                 raise
             last = exc
             pause = retry.delay(attempt)
-            # Leave the next attempt at least a tenth of what is left, else report this failure
-            # (a "deadline had already passed" would hide what actually went wrong).
-            if time.monotonic() + pause >= deadline - 0.1 * (deadline - time.monotonic()):
+            # Leave the next attempt a fair chance (a tenth of what is left, 50 ms at least),
+            # else report this failure: a timeout of a hopeless sliver of an attempt would
+            # hide what actually went wrong.
+            left = deadline - time.monotonic()
+            if left - pause < max(0.1 * left, _MIN_ATTEMPT_S):
                 raise
             time.sleep(pause)
 

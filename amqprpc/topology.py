@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from kombu import Exchange, Queue
 
+from .config import DEFAULT_COLLECTOR_QUEUE
+
 
 class TopologyMismatch(RuntimeError):
     """A queue exists with other arguments than the ones asked for (PRECONDITION_FAILED)."""
@@ -34,6 +36,7 @@ class Topology:
     # An idle delay queue vanishes this long after its last declare (publishers re-declare
     # at least every DELAY_REDECLARE_S, so a queue never expires with a message inside).
     delay_queue_idle_ms: int = 600000
+    collector_queue: str = DEFAULT_COLLECTOR_QUEUE
 
     def request_exchange(self) -> Exchange:
         return Exchange(self.service_exchange, type="direct", durable=True)
@@ -114,6 +117,11 @@ class Topology:
         """
         name = self.reply_queue_format.format(source=source, uid=os.urandom(6).hex())
         return Queue(name, exclusive=True, auto_delete=True, durable=False, no_ack=True)
+
+    def responses_queue(self) -> Queue:
+        """The shared durable queue ``submit`` names as ``reply_to``; ``amqprpc collector``
+        consumes it. Durable so replies wait there while no collector runs."""
+        return Queue(self.collector_queue, durable=True)
 
 
 DEFAULT_TOPOLOGY = Topology()
