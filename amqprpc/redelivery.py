@@ -39,6 +39,11 @@ from .topology import Topology
 
 log = logs.get_logger("amqprpc.redelivery")
 
+# Time kept free before a call's deadline for the hops of one more attempt (publish,
+# TTL expiry at the queue head, redelivery, the reply): a retry that would land after the
+# deadline turns the caller's error reply into a CallTimeout.
+DEADLINE_MARGIN_S = 0.25
+
 # Re-declare a delay queue at least this often: publishing does not count as "use" for
 # x-expires, a declare does. Topology.delay_queue_idle_ms must stay well above this.
 DELAY_REDECLARE_S = 60.0
@@ -106,8 +111,8 @@ class Redelivery:
             return None
         ms = self.topology.delay_bucket_ms(policy.delay(attempt))
         now = time.time()
-        if deadline is not None and now + ms / 1000.0 + duration >= deadline:
-            return None
+        if deadline is not None and now + ms / 1000.0 + duration + DEADLINE_MARGIN_S >= deadline:
+            return None  # answer now with this error rather than let the caller time out
         delay_queue = self.topology.delay_queue(queue, ms, self.queue_type)
         update = {h.ATTEMPTS: attempt, h.FIRST_FAILURE: headers.get(h.FIRST_FAILURE) or now, h.LAST_FAILURE: now,
                   h.ERROR: _text(exc), h.ERROR_TYPE: type(exc).__name__, **_origin(message, queue)}
