@@ -75,7 +75,8 @@ class Worker(AmqpLoop):
         except BaseException:
             shared_client.detach(self.service.name, self.url, self.topology)
             raise
-        log.info("worker ready", queue=self.queue_name, concurrency=self.concurrency, prefetch=self.prefetch)
+        log.info("worker ready", queue=self.queue_name, concurrency=self.concurrency, prefetch=self.prefetch,
+                 event_queues=[consumer.queue.name for consumer in self.event_consumers.values()])
 
     def shutdown(self, timeout: float = 30.0) -> bool:
         """Warm stop: stop consuming, requeue what was prefetched but not started, let
