@@ -66,3 +66,18 @@ def start_consuming(channel: amqp.Channel, consumers: Iterable[EventConsumer],
     for consumer in consumers:
         consumer.queue(channel).declare()
         channel.basic_consume(queue=consumer.queue.name, consumer_tag=consumer.tag, callback=callback)
+
+
+def topic_matches(pattern: str, routing_key: str) -> bool:
+    """Whether a topic exchange routes ``routing_key`` to a binding with ``pattern``
+    (``*`` one word, ``#`` zero or more words), e.g. to tell which handlers an event reaches."""
+    return _topic_match(pattern.split("."), routing_key.split("."))
+
+
+def _topic_match(pattern: list[str], words: list[str]) -> bool:
+    if not pattern:
+        return not words
+    head, rest = pattern[0], pattern[1:]
+    if head == "#":
+        return any(_topic_match(rest, words[i:]) for i in range(len(words) + 1))
+    return bool(words) and head in ("*", words[0]) and _topic_match(rest, words[1:])

@@ -24,8 +24,9 @@ log = get_logger("workers.payment")
 LIMIT = 10_000.0  # the simulated card limit, in the shop's currency
 
 
-def build(shop: Shop | None = None, name: str = "payment-service") -> Service:
-    """payment-service keeping its state under ``shop`` (default: from the environment)."""
+def build(shop: Shop | None = None, name: str = "payment-service", limit: float = LIMIT) -> Service:
+    """payment-service keeping its state under ``shop`` (default: from the environment);
+    payments above ``limit`` fail."""
     shop = shop or Shop()
     service = Service(name)
 
@@ -35,8 +36,8 @@ def build(shop: Shop | None = None, name: str = "payment-service") -> Service:
         payment = {"payment_id": f"p-{os.urandom(6).hex()}", "order_id": order_id,
                    "user_id": payload.get("user_id"), "amount": amount, "trace_id": trace_id(),
                    "at": int(time.time())}
-        if amount > LIMIT:
-            payment.update(status="failed", reason=f"Amount {amount:.2f} is over the limit of {LIMIT:.2f}")
+        if amount > limit:
+            payment.update(status="failed", reason=f"Amount {amount:.2f} is over the limit of {limit:.2f}")
         else:
             payment.update(status="completed")
         key = shop.key("payment", order_id)
