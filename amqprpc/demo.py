@@ -99,11 +99,10 @@ def _calls(client: RpcClient) -> None:
 
 
 def _order(client: RpcClient, shop, services: list[Service], seen: queue.SimpleQueue) -> None:
-    click.echo("A customer orders 2 x sku-001; order-service calls, then events fan out:")
-    _show("inventory check_stock(sku-001)",
-          f"{client.call('inventory-service', 'check_stock', {'sku': 'sku-001'})['stock']} in stock")
+    click.echo("A customer orders 2 x prod_001; order-service calls, then events fan out:")
+    _show("inventory check_stock(prod_001)", f"{_stock(client)} in stock")
     order = client.call("order-service", "create_order", {
-        "token": "a-long-valid-token", "user_id": "user_001", "items": [{"sku": "sku-001", "quantity": 2}]})
+        "token": "a-long-valid-token", "user_id": "user_001", "items": [{"product_id": "prod_001", "quantity": 2}]})
     order_id, trace_id = order["order_id"], order["trace_id"]
     _show("order-service create_order", f"{order_id} {order['status']}, total {order['total']:.2f}")
     redis, key = shop.redis, shop.key
@@ -131,7 +130,7 @@ def _order(client: RpcClient, shop, services: list[Service], seen: queue.SimpleQ
           f"payment {payment.get('payment_id')} {payment.get('status')}: {payment.get('amount', 0):.2f}")
     _show("inventory-service (reserve, on payment)",
           f"reservation {reservation.get('status')}, "
-          f"{client.call('inventory-service', 'check_stock', {'sku': 'sku-001'})['stock']} left in stock")
+          f"{_stock(client)} left in stock")
     _show("order-service (on payment.completed)", f"order {redis.hget(key('order', order_id), 'status')}")
     notes = [json.loads(n) for n in redis.lrange(key("notifications", order_id), 0, -1)]
     for note in notes:
@@ -140,6 +139,10 @@ def _order(client: RpcClient, shop, services: list[Service], seen: queue.SimpleQ
     _show("trace id of every record", trace_id if traces == {trace_id} else f"MIXED: {sorted(map(str, traces))}")
     if not settled() or traces != {trace_id}:
         raise click.ClickException(f"the order's events did not all arrive within {_WAIT:g}s")
+
+
+def _stock(client: RpcClient) -> int:
+    return client.call("inventory-service", "check_stock", {"product_id": "prod_001"})["stock"]
 
 
 def _current_event() -> str:

@@ -9,6 +9,7 @@ from typing import Callable, Iterator
 from kombu import Connection
 
 from .config import broker_url as default_broker_url
+from .config import ssl_options
 from .events import service_queue_names
 from .service import Service
 from .topology import DEFAULT_TOPOLOGY, Topology
@@ -31,7 +32,8 @@ def delete_exchanges(*names: str, broker_url: str | None = None) -> None:
 
 
 def _delete(method: str, names: tuple[str, ...], broker_url: str | None) -> None:
-    with Connection(default_broker_url(broker_url)) as conn:
+    url = default_broker_url(broker_url)
+    with Connection(url, ssl=ssl_options(url)) as conn:
         for name in names:
             channel = conn.channel()
             try:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, replace
 
 from kombu import Exchange, Queue
 
+from .config import DEFAULT_COLLECTOR_QUEUE
+
 
 @dataclass(frozen=True)
 class Topology:
@@ -22,6 +24,7 @@ class Topology:
     reply_queue_format: str = "amqprpc.reply.{source}.{uid}"
     event_queue_format: str = "service.{service}.event.{handler}"
     broadcast_queue_format: str = "service.{service}.event.{handler}.{instance}"
+    collector_queue: str = DEFAULT_COLLECTOR_QUEUE
 
     def request_exchange(self) -> Exchange:
         return Exchange(self.service_exchange, type="direct", durable=True)
@@ -82,8 +85,13 @@ class Topology:
             self,
             **{field: f"{namespace}.{getattr(self, field)}" for field in (
                 "service_exchange", "event_exchange", "request_queue_format", "reply_queue_format",
-                "event_queue_format", "broadcast_queue_format")},
+                "event_queue_format", "broadcast_queue_format", "collector_queue")},
         )
+
+    def responses_queue(self) -> Queue:
+        """The shared durable queue ``submit`` names as ``reply_to``; ``amqprpc collector``
+        consumes it. Durable so replies wait there while no collector runs."""
+        return Queue(self.collector_queue, durable=True)
 
 
 DEFAULT_TOPOLOGY = Topology()

@@ -46,11 +46,11 @@ def shop(broker_url, redis_available):
 
 def order(client, *items, user_id="user_001", token=TOKEN, **extra):
     return client.call("order-service", "create_order", {
-        "token": token, "user_id": user_id, "items": [{"sku": sku, "quantity": qty} for sku, qty in items], **extra})
+        "token": token, "user_id": user_id, "items": [{"product_id": p, "quantity": qty} for p, qty in items], **extra})
 
 
-def stock(client, sku):
-    return client.call("inventory-service", "check_stock", {"sku": sku})["stock"]
+def stock(client, product_id):
+    return client.call("inventory-service", "check_stock", {"product_id": product_id})["stock"]
 
 
 def wait_for_status(shop, order_id, status):
@@ -63,8 +63,8 @@ def notifications(shop, order_id):
 
 def test_an_order_fans_out_to_payment_inventory_and_notification_under_one_trace_id(shop):
     shop, client, stream = shop
-    before = stock(client, "sku-001")
-    created = order(client, ("sku-001", 2))
+    before = stock(client, "prod_001")
+    created = order(client, ("prod_001", 2))
     order_id, trace = created["order_id"], created["trace_id"]
     assert created["status"] == "created" and created["total"] == pytest.approx(99.8)
     wait_for_status(shop, order_id, "paid")
@@ -78,7 +78,7 @@ def test_an_order_fans_out_to_payment_inventory_and_notification_under_one_trace
     sent = notifications(shop, order_id)
     assert [n["event"] for n in sent] == ["order.created", "payment.completed"]
     assert "received" in sent[0]["message"] and payment["payment_id"] in sent[1]["message"]
-    assert stock(client, "sku-001") == before - 2
+    assert stock(client, "prod_001") == before - 2
     # One trace id in every record of every service...
     assert {shop.redis.hget(shop.key("order", order_id), "trace_id"), payment["trace_id"],
             reservation["trace_id"], *(n["trace_id"] for n in sent)} == {trace}
@@ -94,46 +94,46 @@ def test_an_order_fans_out_to_payment_inventory_and_notification_under_one_trace
 def test_a_refused_token_or_suspended_user_creates_nothing(shop):
     shop, client, _ = shop
     with pytest.raises(RemoteError) as refused:
-        order(client, ("sku-001", 1), token="short", order_id="o-bad-token")
+        order(client, ("prod_001", 1), token="short", order_id="o-bad-token")
     assert (refused.value.error_type, refused.value.message) == ("Unauthorized", "Invalid token")
     with pytest.raises(RemoteError, match="user_003 is suspended"):
-        order(client, ("sku-001", 1), user_id="user_003", order_id="o-suspended")
+        order(client, ("prod_001", 1), user_id="user_003", order_id="o-suspended")
     assert not shop.redis.exists(shop.key("order", "o-bad-token"), shop.key("order", "o-suspended"),
                                  shop.key("reservation", "o-bad-token"), shop.key("reservation", "o-suspended"))
 
 
 def test_concurrent_orders_never_oversell(shop):
     shop, client, _ = shop
-    available = stock(client, "sku-003")
+    available = stock(client, "prod_003")
     futures = [client.call_async("order-service", "create_order", {
-        "token": TOKEN, "user_id": "user_002", "items": [{"sku": "sku-003", "quantity": 1}]}, timeout=20)
+        "token": TOKEN, "user_id": "user_002", "items": [{"product_id": "prod_003", "quantity": 1}]}, timeout=20)
         for _ in range(available + 5)]
     outcomes = [future.exception(25) for future in futures]
     refused = [exc for exc in outcomes if exc is not None]
     assert len(refused) == 5 and all(isinstance(exc, RemoteError) and exc.error_type == "OrderRejected"
-                                      and "Out of stock: sku-003" in exc.message for exc in refused)
-    assert stock(client, "sku-003") == 0
+                                      and "Out of stock: prod_003" in exc.message for exc in refused)
+    assert stock(client, "prod_003") == 0
 
 
 def test_a_failed_payment_gives_the_stock_back(shop):
     shop, client, _ = shop
-    before = stock(client, "sku-002")
-    created = order(client, ("sku-002", 30))  # 597.00, over this shop's limit
+    before = stock(client, "prod_002")
+    created = order(client, ("prod_002", 30))  # 597.00, over this shop's limit
     wait_for_status(shop, created["order_id"], "payment_failed")
     wait_for(lambda: shop.redis.hget(shop.key("reservation", created["order_id"]), "status") == "released")
-    assert stock(client, "sku-002") == before
+    assert stock(client, "prod_002") == before
     wait_for(lambda: len(notifications(shop, created["order_id"])) == 2)
     assert "over the limit" in notifications(shop, created["order_id"])[1]["message"]
 
 
 def test_create_order_is_idempotent_per_order_id(shop):
     shop, client, _ = shop
-    before = stock(client, "sku-001")
-    first = order(client, ("sku-001", 1), order_id="o-" + unique_name("idem"))
-    again = order(client, ("sku-001", 1), order_id=first["order_id"])
+    before = stock(client, "prod_001")
+    first = order(client, ("prod_001", 1), order_id="o-" + unique_name("idem"))
+    again = order(client, ("prod_001", 1), order_id=first["order_id"])
     assert again["order_id"] == first["order_id"] and again["trace_id"] == first["trace_id"]
     wait_for_status(shop, first["order_id"], "paid")
-    assert stock(client, "sku-001") == before - 1
+    assert stock(client, "prod_001") == before - 1
     assert client.call("order-service", "get_order", {"order_id": first["order_id"]})["status"] == "paid"
     with pytest.raises(RemoteError, match="Order not found"):
         client.call("order-service", "get_order", {"order_id": "o-nope"})

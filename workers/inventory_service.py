@@ -2,7 +2,7 @@
 payment's outcome does to them.
 
 Redis (``{prefix}`` = the shop's key prefix):
-- ``{prefix}stock:{sku}``: units in stock (integer), seeded from :data:`CATALOG` on first use;
+- ``{prefix}stock:{product_id}``: units in stock (integer), seeded from :data:`CATALOG` on first use;
 - ``{prefix}reservation:{order_id}``: hash ``order_id, items (JSON), total, status, trace_id``,
   status ``reserved`` -> ``committed`` (payment.completed) or ``released`` (payment.failed,
   the units go back to stock).
@@ -23,9 +23,9 @@ log = get_logger("workers.inventory")
 
 # The shop's products. Prices are in the shop's currency; stock is what a fresh shop has.
 CATALOG = {
-    "sku-001": {"sku": "sku-001", "name": "Mechanical keyboard", "price": 49.90, "stock": 100},
-    "sku-002": {"sku": "sku-002", "name": "USB-C hub", "price": 19.90, "stock": 100},
-    "sku-003": {"sku": "sku-003", "name": "4K monitor", "price": 329.00, "stock": 10},
+    "prod_001": {"product_id": "prod_001", "name": "Mechanical keyboard", "price": 49.90, "stock": 100},
+    "prod_002": {"product_id": "prod_002", "name": "USB-C hub", "price": 19.90, "stock": 100},
+    "prod_003": {"product_id": "prod_003", "name": "4K monitor", "price": 329.00, "stock": 10},
 }
 
 # KEYS: stock key of each item..., reservation key. ARGV: quantity of each item..., then
@@ -67,31 +67,31 @@ def build(shop: Shop | None = None, name: str = "inventory-service") -> Service:
     reserve_script = shop.redis.register_script(_RESERVE)
     release_script = shop.redis.register_script(_RELEASE)
 
-    def stock_key(sku: str) -> str:
-        return shop.key("stock", sku)
+    def stock_key(product_id: str) -> str:
+        return shop.key("stock", product_id)
 
-    def seed(skus) -> None:
+    def seed(product_ids) -> None:
         # SET NX: the catalog's stock only for products this shop has never stocked.
         with shop.redis.pipeline(transaction=False) as pipe:
-            for sku in skus:
-                pipe.set(stock_key(sku), CATALOG[sku]["stock"], nx=True)
+            for product_id in product_ids:
+                pipe.set(stock_key(product_id), CATALOG[product_id]["stock"], nx=True)
             pipe.execute()
 
-    def product(sku) -> dict:
-        if sku not in CATALOG:
-            raise UnknownProduct(f"Unknown product: {sku}")
-        return CATALOG[sku]
+    def product(product_id) -> dict:
+        if product_id not in CATALOG:
+            raise UnknownProduct(f"Unknown product: {product_id}")
+        return CATALOG[product_id]
 
     @service.handler
     def check_stock(payload: dict) -> dict:
-        """``{"sku": "sku-001"}`` -> the product with its units in ``stock``."""
-        item = product(payload.get("sku"))
-        seed([item["sku"]])
-        return {**item, "stock": int(shop.redis.get(stock_key(item["sku"])))}
+        """``{"product_id": "prod_001"}`` -> the product with its units in ``stock``."""
+        item = product(payload.get("product_id"))
+        seed([item["product_id"]])
+        return {**item, "stock": int(shop.redis.get(stock_key(item["product_id"])))}
 
     @service.handler
     def reserve(payload: dict) -> dict:
-        """``{"order_id", "items": [{"sku", "quantity"}]}`` -> the reservation with prices
+        """``{"order_id", "items": [{"product_id", "quantity"}]}`` -> the reservation with prices
         and total. Raises OutOfStock (nothing is taken) or UnknownProduct."""
         order_id = payload.get("order_id")
         if not order_id:
@@ -101,21 +101,22 @@ def build(shop: Shop | None = None, name: str = "inventory-service") -> Service:
             quantity = int(line.get("quantity", 1))
             if quantity < 1:
                 raise ValueError(f"Quantity must be at least 1, got {quantity}")
-            wanted[product(line.get("sku"))["sku"]] = wanted.get(line.get("sku"), 0) + quantity
+            product_id = product(line.get("product_id"))["product_id"]
+            wanted[product_id] = wanted.get(product_id, 0) + quantity
         if not wanted:
             raise ValueError("An order needs at least one item")
         seed(wanted)
-        items = [{"sku": sku, "name": CATALOG[sku]["name"], "price": CATALOG[sku]["price"], "quantity": qty}
-                 for sku, qty in wanted.items()]
+        items = [{"product_id": product_id, "name": CATALOG[product_id]["name"], "price": CATALOG[product_id]["price"],
+                  "quantity": quantity} for product_id, quantity in wanted.items()]
         total = round(sum(line["price"] * line["quantity"] for line in items), 2)
         key = shop.key("reservation", order_id)
         fields = {"order_id": order_id, "items": json.dumps(items), "total": total, "status": "reserved",
                   "trace_id": trace_id()}
-        outcome = reserve_script(keys=[stock_key(sku) for sku in wanted] + [key],
+        outcome = reserve_script(keys=[stock_key(product_id) for product_id in wanted] + [key],
                                  args=list(wanted.values()) + [v for pair in fields.items() for v in pair])
         if outcome > 0:
-            sku = list(wanted)[outcome - 1]
-            raise OutOfStock(f"Out of stock: {sku} ({wanted[sku]} wanted)")
+            product_id = list(wanted)[outcome - 1]
+            raise OutOfStock(f"Out of stock: {product_id} ({wanted[product_id]} wanted)")
         stored = shop.redis.hgetall(key)
         log.info("inventory reserved", order_id=order_id, items=len(items), total=total,
                  again=outcome == -1)
@@ -135,7 +136,7 @@ def build(shop: Shop | None = None, name: str = "inventory-service") -> Service:
         """The payment failed: the reserved units go back to stock (once)."""
         key = shop.key("reservation", payload["order_id"])
         items = json.loads(shop.redis.hget(key, "items") or "[]")
-        released = release_script(keys=[key] + [stock_key(line["sku"]) for line in items],
+        released = release_script(keys=[key] + [stock_key(line["product_id"]) for line in items],
                                   args=[line["quantity"] for line in items])
         log.info("inventory released", order_id=payload["order_id"], released=bool(released))
 

@@ -61,7 +61,7 @@ def build(shop: Shop | None = None, name: str = "order-service") -> Service:
 
     @service.handler
     def create_order(payload: dict) -> dict:
-        """``{"token", "user_id", "items": [{"sku", "quantity"}], "order_id"?}`` -> the order.
+        """``{"token", "user_id", "items": [{"product_id", "quantity"}], "order_id"?}`` -> the order.
 
         Raises Unauthorized (token or user refused) or OrderRejected (stock)."""
         order_id = payload.get("order_id") or f"o-{os.urandom(6).hex()}"
