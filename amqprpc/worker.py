@@ -148,8 +148,10 @@ class Worker(AmqpLoop):
         if channel is None:
             return
         if body is not None and reply_to:
-            publish(channel, amqp.Message(body, content_type=envelope.CONTENT_TYPE, correlation_id=correlation_id),
-                    "", reply_to)
+            # Persistent: a reply waiting in the durable collector queue (submit) must survive a
+            # broker restart; in a caller's transient reply queue the flag costs nothing.
+            publish(channel, amqp.Message(body, content_type=envelope.CONTENT_TYPE, correlation_id=correlation_id,
+                                          delivery_mode=2), "", reply_to)
         if generation != self.generation:
             return
         if requeue is None:
