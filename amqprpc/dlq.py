@@ -17,16 +17,14 @@ from kombu import Connection
 from . import envelope
 from . import retry as h
 from .config import broker_url as default_broker_url
+from .config import ssl_options
 from .topology import DEFAULT_TOPOLOGY, Topology
-
-
-class NoDeadLetterQueue(LookupError):
-    """The service has no dead-letter queue (its worker never ran with this version)."""
 
 
 @contextlib.contextmanager
 def _channel(broker_url: str | None) -> Iterator[amqp.Channel]:
-    with Connection(default_broker_url(broker_url), connect_timeout=5) as conn:
+    url = default_broker_url(broker_url)
+    with Connection(url, connect_timeout=5, ssl=ssl_options(url)) as conn:
         channel = conn.channel()
         try:
             yield channel
@@ -35,11 +33,15 @@ def _channel(broker_url: str | None) -> Iterator[amqp.Channel]:
                 channel.close()
 
 
-def _count(channel: amqp.Channel, queue: str) -> int:
-    try:
-        return channel.queue_declare(queue, passive=True).message_count
-    except amqp.exceptions.NotFound:
-        raise NoDeadLetterQueue(f"no dead-letter queue {queue!r}") from None
+def _count(broker_url: str | None, queue: str) -> int:
+    """Letters waiting in ``queue``; 0 when it does not exist (a worker declares it with the
+    first dead letter, so a service that never failed has none). Its own channel: a
+    passive declare of a missing queue closes the channel it ran on."""
+    with _channel(broker_url) as channel:
+        try:
+            return channel.queue_declare(queue, passive=True).message_count
+        except amqp.exceptions.NotFound:
+            return 0
 
 
 def describe(message: amqp.Message) -> dict[str, Any]:
@@ -70,8 +72,8 @@ def inspect(service: str, limit: int = 10, *, broker_url: str | None = None,
             topology: Topology = DEFAULT_TOPOLOGY) -> tuple[int, list[dict[str, Any]]]:
     """(how many dead letters ``service`` has, the first ``limit`` of them described)."""
     queue = topology.dead_queue_name(service)
+    count = _count(broker_url, queue)
     with _channel(broker_url) as channel:
-        count = _count(channel, queue)
         found = []
         for _ in range(min(limit, count)):
             message = channel.basic_get(queue, no_ack=False)
@@ -90,8 +92,8 @@ def replay(service: str, *, broker_url: str | None = None, topology: Topology = 
     Returns (replayed, left in the dead queue because it could not be routed)."""
     queue = topology.dead_queue_name(service)
     replayed = unroutable = 0
+    total = _count(broker_url, queue)
     with _channel(broker_url) as channel:
-        total = _count(channel, queue)
         returned: list[str] = []
         channel.events["basic_return"].add(lambda exc, exchange, key, msg: returned.append(key))
         channel.confirm_select()
@@ -115,8 +117,9 @@ def replay(service: str, *, broker_url: str | None = None, topology: Topology = 
 def purge(service: str, *, broker_url: str | None = None, topology: Topology = DEFAULT_TOPOLOGY) -> int:
     """Empty ``service``'s dead-letter queue; returns how many letters were dropped."""
     queue = topology.dead_queue_name(service)
+    if not _count(broker_url, queue):
+        return 0
     with _channel(broker_url) as channel:
-        _count(channel, queue)
         return channel.queue_purge(queue) or 0
 
 

@@ -140,10 +140,8 @@ class Forwarder:
         self.idle.set()
         self.stats = {"retry": 0, "dead_letter": 0, "recount": 0, "nacked": 0}
 
-    def connect(self, connection: Any, declare: list[Queue] = ()) -> None:
+    def connect(self, connection: Any) -> None:
         channel = connection.channel()
-        for queue in declare:
-            queue(channel).declare()
         channel.confirm_select()
         channel.events["basic_ack"].add(self._on_ack)
         channel.events["basic_nack"].add(self._on_nack)

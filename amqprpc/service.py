@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict
+from typing import TYPE_CHECKING, Any, Callable, Dict
+
+if TYPE_CHECKING:
+    from .client import RpcClient
 
 from .retry import Retry
 
@@ -85,3 +88,13 @@ class Service:
     def retry_policy(self, action: str) -> Retry | None:
         """The retry policy of ``action``'s handler (camelCase accepted, as in :meth:`find`)."""
         return self.retries.get(action) or self.retries.get(snake_case(action))
+
+    @property
+    def client(self) -> "RpcClient":
+        """The RpcClient this service's handlers use for nested calls and events: one per
+        process, created on first use, closed when the last worker of the service here
+        stops (see :mod:`amqprpc.shared_client`). Calls and events made with it inside a
+        handler carry the handler's trace id and what is left of its deadline."""
+        from .shared_client import client_for  # the client module imports this one
+
+        return client_for(self.name)

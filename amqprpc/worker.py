@@ -7,10 +7,14 @@ Threads, and why:
   the handler and hand ``(reply, ack)`` back to the loop with ``call_soon``.
 
 A message is acked only after its reply was published (at-least-once). The prefetch
-bounds how many messages one worker holds unacked.
+bounds how many messages one worker holds unacked (per consumed queue).
+
+Events (``@service.event``) are consumed on the same channel, one consumer per handler
+(:mod:`amqprpc.events`), run by the same handler threads and acked once the handler returned.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import socket
@@ -20,13 +24,13 @@ from typing import Any
 
 import amqp
 
-from . import context, envelope, logs
+from . import context, envelope, events, logs, shared_client
 from .config import broker_url as default_broker_url
 from .errors import BadMessage
 from .ioloop import AmqpLoop, publish
 from .redelivery import Forward, Forwarder, Redelivery
 from .retry import ERROR, ERROR_TYPE, attempts_made
-from .service import Service
+from .service import EventSubscription, Service
 from .topology import DEFAULT_TOPOLOGY, Topology, TopologyMismatch
 
 log = logs.get_logger("amqprpc.worker")
@@ -59,6 +63,7 @@ class Worker(AmqpLoop):
         self.forwarder = Forwarder()
         self.channel: amqp.Channel | None = None
         self.consumer_tag = f"amqprpc.{service.name}.{socket.gethostname()}.{os.getpid()}.{os.urandom(3).hex()}"
+        self.event_consumers = events.event_consumers(service, topology, self.consumer_tag)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._consuming = False
@@ -71,8 +76,14 @@ class Worker(AmqpLoop):
             thread = threading.Thread(target=self._work, name=f"amqprpc-handler-{index}", daemon=True)
             thread.start()
             self._threads.append(thread)
-        super().start()
-        log.info("worker ready", queue=self.queue_name, concurrency=self.concurrency, prefetch=self.prefetch)
+        shared_client.attach(self.service.name, self.url, self.topology)
+        try:
+            super().start()
+        except BaseException:
+            shared_client.detach(self.service.name, self.url, self.topology)
+            raise
+        log.info("worker ready", queue=self.queue_name, concurrency=self.concurrency, prefetch=self.prefetch,
+                 event_queues=[consumer.queue.name for consumer in self.event_consumers.values()])
 
     def shutdown(self, timeout: float = 30.0) -> bool:
         """Warm stop: stop consuming, requeue what was prefetched but not started, let
@@ -94,6 +105,7 @@ class Worker(AmqpLoop):
         self.call_soon(flushed.set)
         if flushed.wait(5.0):
             self.forwarder.idle.wait(max(1.0, deadline - time.monotonic()))
+        shared_client.detach(self.service.name, self.url, self.topology)
         self.stop()
         log.info("worker stopped", clean=finished, **self.stats, **self.forwarder.stats)
         return finished
@@ -108,9 +120,12 @@ class Worker(AmqpLoop):
             raise TopologyMismatch(
                 f"queue {self.queue_name} exists with other arguments than --queue-type {self.queue_type} "
                 f"declares ({exc.reply_text}); run with its current type, or drain and delete it first") from None
-        self.forwarder.connect(connection, [self.redelivery.dead_queue])
+        # The dead-letter and delay queues are declared on first use (Forward.declare): a
+        # service that never fails leaves nothing behind on the broker.
+        self.forwarder.connect(connection)
         channel.basic_qos(0, self.prefetch, False)
         channel.basic_consume(queue=self.queue_name, consumer_tag=self.consumer_tag, callback=self._on_message)
+        events.start_consuming(channel, self.event_consumers.values(), self._on_message)
         self.channel = channel
         self._consuming = True
 
@@ -129,6 +144,8 @@ class Worker(AmqpLoop):
             if self.channel is not None and self._consuming:
                 self._consuming = False
                 self.channel.basic_cancel(self.consumer_tag)
+                for tag in self.event_consumers:
+                    self.channel.basic_cancel(tag)
             # After CancelOk nothing more arrives: give back what no handler has taken.
             requeued = 0
             while True:
@@ -181,18 +198,22 @@ class Worker(AmqpLoop):
             except Exception as exc:  # noqa: BLE001 - a bug here must not kill the handler thread
                 log.exception("worker failed to process a message")
                 self.call_soon(self._finish, generation, message.delivery_tag, None, None, None,
-                               self.redelivery.dead_letter(message, self.queue_name, repr(exc), "WorkerError"))
+                               self.redelivery.dead_letter(message, self._queue_of(message), repr(exc), "WorkerError"))
 
     def _handle(self, message: amqp.Message) -> tuple[Any, Any, bytes | None, bool | None]:
         """Run one request; returns (reply_to, correlation_id, reply body, requeue)."""
-        started = time.perf_counter()
-        properties = message.properties
-        poisoned = self.redelivery.poisoned(message, self.queue_name)
+        queue_name = self._queue_of(message)
+        poisoned = self.redelivery.poisoned(message, queue_name)
         if poisoned is not None:
             if poisoned.what == "dead_letter":
-                log.error("message redelivered too often, dead-lettered unrun", queue=self.queue_name,
-                          correlation_id=properties.get("correlation_id"))
+                log.error("message redelivered too often, dead-lettered unrun", queue=queue_name,
+                          correlation_id=message.properties.get("correlation_id"))
             return None, None, None, poisoned
+        event_consumer = self.event_consumers.get(message.delivery_info.get("consumer_tag"))
+        if event_consumer is not None:
+            return self._handle_event(event_consumer.subscription, message)
+        started = time.perf_counter()
+        properties = message.properties
         try:
             request = envelope.decode_request(message.body, properties, self.max_message_bytes)
         except BadMessage as exc:
@@ -218,10 +239,7 @@ class Worker(AmqpLoop):
                     message, self.queue_name, f"Unknown action: {request.action}", "UnknownAction")
             return request.reply_to, request.correlation_id, envelope.error_reply(
                 f"Unknown action: {request.action}", "UnknownAction", request.message_id), None
-        token = context.current.set(context.CallContext(
-            self.service.name, request.action, request.correlation_id, trace_id, deadline))
-        logs.bind_request(service=self.service.name, action=request.action, correlation_id=request.correlation_id, trace_id=trace_id)
-        try:
+        with self._bound(request.action, request.correlation_id, trace_id, deadline):
             try:
                 result = handler(request.payload)
             except Exception as exc:  # noqa: BLE001 - every handler error becomes an error reply
@@ -237,10 +255,63 @@ class Worker(AmqpLoop):
                 else:
                     self.stats["succeeded"] += 1
                     log.debug("request handled", duration=round(time.perf_counter() - started, 6))
+        return request.reply_to, request.correlation_id, body, None
+
+    @contextlib.contextmanager
+    def _bound(self, action: str, correlation_id: str, trace_id: str, deadline: float | None, **log_fields: Any):
+        """Around running one handler (request or event): the call context that nested
+        calls and events inherit (trace id, deadline) and the fields of its log lines."""
+        token = context.current.set(context.CallContext(self.service.name, action, correlation_id, trace_id, deadline))
+        logs.bind_request(service=self.service.name, action=action, correlation_id=correlation_id, trace_id=trace_id,
+                          **log_fields)
+        try:
+            yield
         finally:
             context.current.reset(token)
             logs.clear_request()
-        return request.reply_to, request.correlation_id, body, None
+
+    def _handle_event(self, subscription: EventSubscription, message: amqp.Message) -> tuple[Any, Any, None, bool | None]:
+        """Run one event handler; (None, None, None, requeue): ack once it returned, else
+        what :meth:`_event_failed` decides. Events get no reply and have no deadline."""
+        started = time.perf_counter()
+        try:
+            event = envelope.decode_request(message.body, message.properties, self.max_message_bytes)
+        except BadMessage as exc:
+            self.stats["rejected"] += 1
+            log.warning("bad event message", reason=exc.reason, handler=subscription.name)
+            return None, None, None, self.redelivery.dead_letter(message, self._queue_of(message), exc.reason,
+                                                                 "BadMessage")
+        with self._bound(event.action, event.message_id, event.trace_id or event.message_id, None,
+                         handler=subscription.name):
+            try:
+                subscription.function(event.payload)
+            except Exception as exc:  # noqa: BLE001 - a failing handler must not kill the thread
+                return None, None, None, self._event_failed(subscription, message, event, exc, started)
+            self.stats["succeeded"] += 1
+            log.debug("event handled", duration=round(time.perf_counter() - started, 6))
+        return None, None, None, None
+
+    def _event_failed(self, subscription: EventSubscription, message: amqp.Message, event: envelope.Request,
+                      exc: Exception, started: float) -> Forward:
+        """Where a failed event handler's message goes: the one place for retry and
+        dead-letter policies. A retry through a delay queue back into this handler's own
+        queue while ``subscription.retry`` allows, else a dead letter: never a hot requeue
+        loop, never dropped. Runs inside the event's log context (trace id bound)."""
+        self.stats["failed"] += 1
+        log.warning("event handler failed", error=str(exc), error_type=type(exc).__name__,
+                    duration=round(time.perf_counter() - started, 6))
+        queue_name = self._queue_of(message)
+        forward = self.redelivery.retry_later(message, queue_name, exc, subscription.retry)
+        if forward is not None:
+            log.info("retry scheduled", attempt=forward.message.properties["application_headers"]["x-attempts"],
+                     delay_queue=forward.routing_key)
+            return forward
+        return self.redelivery.dead_letter(message, queue_name, str(exc) or type(exc).__name__, type(exc).__name__)
+
+    def _queue_of(self, message: amqp.Message) -> str:
+        """The queue a delivery came from (the request queue or one event handler's)."""
+        consumer = self.event_consumers.get(message.delivery_info.get("consumer_tag"))
+        return self.queue_name if consumer is None else consumer.queue.name
 
     def _failed(self, exc: BaseException, request: envelope.Request, started: float) -> bytes:
         self.stats["failed"] += 1

@@ -67,7 +67,8 @@ def test_1000_bad_messages_among_1000_good_calls_are_all_accounted_for_and_the_w
     try:
         with Connection(broker_url) as conn, RpcClient("soak", broker_url=broker_url) as client:
             raw = conn.channel()
-            wait_for(lambda: _exists(conn, dead_queue), timeout=20)  # the worker declared its queues
+            wait_for(lambda: _count(conn, DEFAULT_TOPOLOGY.request_queue_format.format(service=service_name),
+                                    "consumer_count"), timeout=20)  # the worker consumes: declared and bound
             reply_queue = raw.queue_declare("", exclusive=True).queue
             rss = []
             replies, expected_dead = {}, 0
@@ -94,7 +95,7 @@ def test_1000_bad_messages_among_1000_good_calls_are_all_accounted_for_and_the_w
                 for correlation_id, reason in expected_replies.items():
                     reply = replies[correlation_id]
                     assert reply["success"] is False and reason in reply["error"], (correlation_id, reply)
-                wait_for(lambda: raw.queue_declare(dead_queue, passive=True).message_count == expected_dead,
+                wait_for(lambda: _count(conn, dead_queue) == expected_dead,
                          timeout=60)
                 assert worker.poll() is None, "the worker died"
                 rss.append(rss_kib(worker.pid))
@@ -115,15 +116,21 @@ def test_1000_bad_messages_among_1000_good_calls_are_all_accounted_for_and_the_w
         if worker.poll() is None:
             worker.kill()
             worker.wait()
-        delete_queues(*DEFAULT_TOPOLOGY.service_queue_names(service_name), broker_url=broker_url)
+        request = DEFAULT_TOPOLOGY.request_queue_format.format(service=service_name)
+        delete_queues(request, *DEFAULT_TOPOLOGY.retry_queue_names(service_name, [request]), broker_url=broker_url)
 
 
-def _exists(conn, queue):
+def _count(conn, queue, what="message_count"):
+    """Messages (or consumers) of ``queue``, None if it does not exist (on a channel of its
+    own: a failed passive declare closes the channel it ran on)."""
+    channel = conn.channel()
     try:
-        conn.channel().queue_declare(queue, passive=True)
-        return True
+        return getattr(channel.queue_declare(queue, passive=True), what)
     except amqp.exceptions.NotFound:
-        return False
+        return None
+    finally:
+        if channel.is_open:
+            channel.close()
 
 
 def _drain(channel, queue, replies) -> bool:

@@ -68,10 +68,16 @@ def test_dlq_lists_replays_keeping_ids_and_purges(service, broker_url):
         assert json.loads(dlq(service.name, "--json"))["count"] == 0
 
 
-def test_dlq_of_an_unknown_service_exits_4():
-    result = subprocess.run([sys.executable, "-m", "amqprpc", "dlq", "no-such-service-anywhere"],
+def test_dlq_of_a_service_that_never_failed_is_empty():
+    # The dead-letter queue is declared with the first dead letter: none, nothing to show.
+    assert json.loads(dlq("no-such-service-anywhere", "--json"))["count"] == 0
+    assert json.loads(dlq("no-such-service-anywhere", "--purge", "--json")) == {"purged": 0}
+
+
+def test_dlq_without_a_broker_exits_4_without_the_password():
+    result = subprocess.run([sys.executable, "-m", "amqprpc", "dlq", "x", "--broker", "amqp://bob:topsecret@127.0.0.1:1//"],
                             capture_output=True, text=True, timeout=30)
-    assert result.returncode == 4 and "no dead-letter queue" in result.stderr
+    assert result.returncode == 4 and "topsecret" not in result.stderr and "Traceback" not in result.stderr
 
 
 def _count(broker_url, queue):

@@ -14,7 +14,7 @@ from kombu import Connection
 
 from amqprpc import CallTimeout, RemoteError, Retry, RpcClient, Service, ServiceUnavailable
 from amqprpc import retry as h
-from amqprpc.testing import delete_queues, running_worker, unique_name, wait_for
+from amqprpc.testing import delete_exchanges, delete_queues, running_worker, unique_name, wait_for
 from amqprpc.topology import DEFAULT_TOPOLOGY, TopologyMismatch
 from amqprpc.worker import Worker
 
@@ -40,8 +40,13 @@ def dead_letters(service_name, broker_url):
 
 
 def dead_count(service_name, broker_url):
+    """Letters in service.{svc}.dead; 0 before the first one declared it."""
     with Connection(broker_url) as conn:
-        return conn.channel().queue_declare(DEFAULT_TOPOLOGY.dead_queue_name(service_name), passive=True).message_count
+        try:
+            return conn.channel().queue_declare(DEFAULT_TOPOLOGY.dead_queue_name(service_name),
+                                                passive=True).message_count
+        except amqp.exceptions.NotFound:
+            return 0
 
 
 @pytest.mark.parametrize("queue_type", ["classic", "quorum"])
@@ -225,9 +230,9 @@ def test_message_that_kills_the_worker_is_dead_lettered_after_n_redeliveries(ser
             exits = []
             for _ in range(6):
                 process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                if not exits:  # the dead queue is declared last, just before consuming starts
-                    wait_for(lambda: _queue_exists(DEFAULT_TOPOLOGY.dead_queue_name(service_name), broker_url),
-                             timeout=20)
+                if not exits:  # once it consumes, the queue is declared and bound
+                    wait_for(lambda: _consumers(DEFAULT_TOPOLOGY.request_queue_format.format(service=service_name),
+                                                broker_url), timeout=20)
                     client.cast(service_name, "die", {"n": 1})
                 wait_for(lambda: process.poll() is not None or dead_count(service_name, broker_url), timeout=20)
                 if process.poll() is None:
@@ -242,16 +247,20 @@ def test_message_that_kills_the_worker_is_dead_lettered_after_n_redeliveries(ser
             [letter] = dead_letters(service_name, broker_url)
             assert letter.properties["application_headers"][h.ERROR_TYPE] == "TooManyRedeliveries"
     finally:
-        delete_queues(*DEFAULT_TOPOLOGY.service_queue_names(service_name), broker_url=broker_url)
+        delete_queues(*_all_queues(service_name), broker_url=broker_url)
 
 
-def _queue_exists(name, broker_url):
+def _all_queues(service_name):
+    request = DEFAULT_TOPOLOGY.request_queue_format.format(service=service_name)
+    return [request, *DEFAULT_TOPOLOGY.retry_queue_names(service_name, [request])]
+
+
+def _consumers(name, broker_url):
     with Connection(broker_url) as conn:
         try:
-            conn.channel().queue_declare(name, passive=True)
-            return True
+            return conn.channel().queue_declare(name, passive=True).consumer_count
         except amqp.exceptions.NotFound:
-            return False
+            return 0
 
 
 def test_quorum_worker_on_an_existing_classic_queue_says_what_to_do(service, broker_url):
@@ -264,7 +273,7 @@ def test_quorum_worker_on_an_existing_classic_queue_says_what_to_do(service, bro
         with pytest.raises(TopologyMismatch, match="drain and delete it first"):
             worker.start()
     finally:
-        delete_queues(*DEFAULT_TOPOLOGY.service_queue_names(service.name), broker_url=broker_url)
+        delete_queues(*_all_queues(service.name), broker_url=broker_url)
 
 
 def test_retry_policy_is_validated_and_backs_off_exponentially_within_its_cap():
@@ -290,3 +299,36 @@ def test_event_handlers_take_a_retry_policy_too(service):
     assert service.events["on_order"].retry is policy
     service.handler("getUser", retry=policy)(lambda payload: None)
     assert service.retry_policy("getUser") is policy and service.retry_policy("other") is None
+
+
+def test_failing_event_handler_is_retried_in_its_own_queue_then_dead_lettered(broker_url):
+    topology = DEFAULT_TOPOLOGY.namespaced(unique_name("rt"))
+    billing, audit = Service(unique_name("billing")), Service(unique_name("audit"))
+    attempts, audited = collections.Counter(), []
+
+    @billing.event("invoice.*", retry=Retry(max_attempts=3, base_delay=0.05, on=ConnectionError))
+    def charge(payload):
+        attempts[payload["n"]] += 1
+        if payload["n"] == 0 and attempts[0] < 3:
+            raise ConnectionError("bank offline")  # n=0 succeeds on attempt 3
+        if payload["n"] == 1:
+            raise ConnectionError("bank gone")     # n=1 never does
+
+    audit.event("invoice.*")(lambda payload: audited.append(payload["n"]))
+    try:
+        with running_worker(billing, topology=topology), running_worker(audit, topology=topology), \
+                RpcClient("tests", broker_url=broker_url, topology=topology) as client:
+            client.publish_event("invoice.created", {"n": 0})
+            client.publish_event("invoice.created", {"n": 1})
+            wait_for(lambda: attempts == {0: 3, 1: 3} and len(audited) == 2, timeout=20)
+            with Connection(broker_url) as conn:
+                dead = topology.dead_queue_name(billing.name)
+                wait_for(lambda: conn.channel().queue_declare(dead, passive=True).message_count == 1)
+                letter = conn.channel().basic_get(dead, no_ack=True)
+        headers = h.headers_of(letter)
+        assert (headers[h.ERROR], headers[h.ATTEMPTS]) == ("bank gone", 3)
+        assert headers[h.ORIGINAL_QUEUE] == topology.event_queue_format.format(service=billing.name, handler="charge")
+        assert headers[h.ORIGINAL_ROUTING_KEY] == "invoice.created"
+        assert sorted(audited) == [0, 1]  # retries went to billing's queue only, not to every subscriber
+    finally:
+        delete_exchanges(topology.service_exchange, topology.event_exchange, broker_url=broker_url)
