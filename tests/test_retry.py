@@ -332,3 +332,23 @@ def test_failing_event_handler_is_retried_in_its_own_queue_then_dead_lettered(br
         assert sorted(audited) == [0, 1]  # retries went to billing's queue only, not to every subscriber
     finally:
         delete_exchanges(topology.service_exchange, topology.event_exchange, broker_url=broker_url)
+
+
+def test_warm_stop_right_after_failures_leaves_each_retry_exactly_once(service, client, broker_url):
+    # The copies in the delay queue are confirmed and the originals acked before the
+    # connection closes: nothing comes back as a duplicate, nothing is lost.
+    service.handler("later", retry=Retry(max_attempts=2, base_delay=30.0, jitter=False))(
+        lambda payload: (_ for _ in ()).throw(ConnectionError("not now")))
+    request = DEFAULT_TOPOLOGY.request_queue_format.format(service=service.name)
+    delay = DEFAULT_TOPOLOGY.delay_queue(request, DEFAULT_TOPOLOGY.delay_bucket_ms(30.0)).name
+    with running_worker(service, concurrency=4, delete=False) as worker:
+        for n in range(50):
+            client.cast(service.name, "later", {"n": n})
+        wait_for(lambda: worker.stats["failed"] == 50)
+    try:
+        with Connection(broker_url) as conn:
+            channel = conn.channel()
+            assert channel.queue_declare(request, passive=True).message_count == 0
+            assert channel.queue_declare(delay, passive=True).message_count == 50
+    finally:
+        delete_queues(*_all_queues(service.name), broker_url=broker_url)
