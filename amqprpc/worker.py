@@ -24,6 +24,7 @@ from . import context, envelope, logs
 from .config import broker_url as default_broker_url
 from .errors import BadMessage
 from .ioloop import AmqpLoop, publish
+from .registry import DEFAULT_INTERVAL, Presence, Registry, describe_worker, new_instance_id, ping_handler
 from .service import Service
 from .topology import DEFAULT_TOPOLOGY, Topology
 
@@ -37,12 +38,14 @@ class Worker(AmqpLoop):
 
     Parameters: ``concurrency`` handler threads; ``prefetch`` unacked messages held at most
     (default twice the concurrency); ``max_message_bytes`` larger bodies are refused;
-    ``heartbeat`` seconds.
+    ``heartbeat`` seconds; ``registry`` a :class:`~amqprpc.registry.Registry` to announce
+    this instance in every ``registry_interval`` seconds (from a thread of its own).
     """
 
     def __init__(self, service: Service, *, broker_url: str | None = None, concurrency: int = 8,
                  prefetch: int | None = None, topology: Topology = DEFAULT_TOPOLOGY,
-                 heartbeat: float = 30.0, max_message_bytes: int = 1 << 20):
+                 heartbeat: float = 30.0, max_message_bytes: int = 1 << 20,
+                 registry: Registry | None = None, registry_interval: float = DEFAULT_INTERVAL):
         super().__init__(default_broker_url(broker_url), name=f"amqprpc-io-{service.name}", heartbeat=heartbeat)
         self.service = service
         self.concurrency = concurrency
@@ -56,6 +59,10 @@ class Worker(AmqpLoop):
         self._threads: list[threading.Thread] = []
         self._consuming = False
         self.stats = {"received": 0, "succeeded": 0, "failed": 0, "rejected": 0, "expired": 0}
+        self.instance_id = new_instance_id()
+        self.started_at = time.time()
+        self._builtins = {"ping": ping_handler(self)}
+        self.presence = registry and Presence(registry, lambda: describe_worker(self), registry_interval)
 
     # --- lifecycle (any thread) --------------------------------------------------------
     def start(self) -> None:
@@ -65,6 +72,8 @@ class Worker(AmqpLoop):
             thread.start()
             self._threads.append(thread)
         super().start()
+        if self.presence:
+            self.presence.start()
         log.info("worker ready", queue=self.queue_name, concurrency=self.concurrency, prefetch=self.prefetch)
 
     def shutdown(self, timeout: float = 30.0) -> bool:
@@ -75,6 +84,8 @@ class Worker(AmqpLoop):
         stopped = threading.Event()
         self.call_soon(self._stop_consuming, stopped)
         stopped.wait(5.0)
+        if self.presence:
+            self.presence.stop()  # stop advertising as soon as we stop consuming
         for _ in self._threads:
             self._inbox.put(_STOP)
         deadline = time.monotonic() + timeout
@@ -165,13 +176,18 @@ class Worker(AmqpLoop):
         except BadMessage as exc:
             return self._refuse(message, exc.reason)
         trace_id = request.trace_id or request.correlation_id
+        # Bound before anything is logged, so that even the "expired" and "unknown action"
+        # lines carry the request's fields (and nothing of the previous request leaks in).
+        logs.clear_request()
+        logs.bind_request(service=self.service.name, action=request.action, correlation_id=request.correlation_id,
+                          trace_id=trace_id, parent_id=request.headers.get("parent_id"))
         deadline = request.deadline
         if deadline is not None and time.time() > deadline:
             self.stats["expired"] += 1
             log.info("request expired, dropped unrun", action=request.action, correlation_id=request.correlation_id,
                      trace_id=trace_id, late_by=round(time.time() - deadline, 3))
             return None, None, None, None
-        handler = self.service.find(request.action)
+        handler = self.service.find(request.action) or self._builtins.get(request.action)
         if handler is None:
             self.stats["failed"] += 1
             log.warning("unknown action", action=request.action, correlation_id=request.correlation_id,
@@ -180,7 +196,6 @@ class Worker(AmqpLoop):
                 f"Unknown action: {request.action}", "UnknownAction", request.message_id), None
         token = context.current.set(context.CallContext(
             self.service.name, request.action, request.correlation_id, trace_id, deadline))
-        logs.bind_request(service=self.service.name, action=request.action, correlation_id=request.correlation_id, trace_id=trace_id)
         try:
             try:
                 result = handler(request.payload)
