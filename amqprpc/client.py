@@ -263,6 +263,10 @@ class RpcClient(AmqpLoop):
             _settle(future, exception=RemoteError("reply is not a JSON object", "BadReply"))
         elif doc.get("success"):
             _settle(future, result=doc.get("data"))
+        elif doc.get("error_type") == "CallTimeout":
+            # The deadline ran out further down the chain (nested calls share it): to this
+            # caller that is its own timeout, whichever hop noticed first.
+            _settle(future, exception=CallTimeout(f"{service}.{action}: {doc.get('error')}"))
         else:
             _settle(future, exception=RemoteError(str(doc.get("error")), str(doc.get("error_type") or "RemoteError"),
                                                   doc.get("message_id")))
