@@ -450,6 +450,7 @@ class _RedisStore:
         self._record = self.client.register_script(_LUA_RECORD)
         self.down_until = 0.0  # monotonic; while in the future, use local state without trying Redis
         self.warned = False
+        self.lock = threading.Lock()
         # Keys outlive any plausible outage of a caller but do not pile up forever.
         self.ttl_ms = int(max(breaker.reset_timeout * 10, 3600) * 1000)
 
@@ -463,8 +464,9 @@ class _RedisStore:
             result = script(keys=[f"{self.prefix}:{name}"], args=self._args() + args)
         except self.errors as exc:
             self.down_until = time.monotonic() + self.retry_interval
-            if not self.warned:
-                self.warned = True
+            with self.lock:  # one warning per outage, however many threads noticed it
+                first, self.warned = not self.warned, True
+            if first:
                 log.warning("redis unreachable; circuit breakers use process-local state until it is back",
                             url=redact(self.url), error=redact(str(exc)))
             return local()

@@ -226,6 +226,19 @@ def test_a_dead_service_opens_the_breaker_then_calls_fail_fast_unsent_then_it_cl
     assert [(c.old, c.new) for c in changes] == [(CLOSED, OPEN), (OPEN, HALF_OPEN), (HALF_OPEN, CLOSED)]
 
 
+@pytest.mark.integration
+def test_call_async_is_guarded_too_and_records_off_the_io_thread(broker_url):
+    breaker = CircuitBreaker(failure_threshold=2, reset_timeout=60, shared=False)
+    missing = unique_name("nobody")
+    with RpcClient("tests", broker_url=broker_url, breaker=breaker) as client:
+        for _ in range(2):
+            with pytest.raises(ServiceUnavailable):
+                client.call_async(missing, "echo", {}).result(5)
+        wait_for(lambda: breaker.state(missing) == OPEN)  # recorded by the callback thread
+        refused = client.call_async(missing, "echo", {})
+        assert isinstance(refused.exception(0), CircuitOpen)
+
+
 _SECOND_PROCESS = """
 import json, sys, time
 from amqprpc import CircuitBreaker, CircuitOpen, RpcClient

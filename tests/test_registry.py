@@ -55,6 +55,16 @@ def app_service(tmp_path):
     delete_queues(f"service.{name}.request")
 
 
+@pytest.mark.parametrize("command", ["services", "ping"])
+def test_commands_have_help(command):
+    from click.testing import CliRunner
+
+    from amqprpc.cli import main
+
+    result = CliRunner().invoke(main, [command, "--help"])
+    assert result.exit_code == 0 and "Usage:" in result.output
+
+
 def registry_of(env, stale_after=60.0):
     """The same view as `amqprpc services`, in-process: cheap enough to poll."""
     return Registry(REDIS_URL, prefix=env["AMQPRPC_REGISTRY_PREFIX"], stale_after=stale_after)
