@@ -62,7 +62,7 @@ def test_a_chain_with_a_1s_deadline_drops_the_late_request_and_shares_one_trace(
             with pytest.raises(CallTimeout):
                 client.call(names["A"], "start", {"sleep": 0}, timeout=1.0)
             elapsed = time.monotonic() - started
-        assert 0.9 <= elapsed < 1.3, elapsed
+        assert 0.9 <= elapsed < 1.5, elapsed  # the deadline, plus scheduling slack on a busy machine
 
         def dropped():
             return [line for line in log_lines(workers["C"]) if line["event"] == "request expired, dropped unrun"]
