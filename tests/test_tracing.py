@@ -105,6 +105,10 @@ def test_casts_and_events_from_a_handler_carry_the_trace_and_parent(broker_url, 
     def touch(payload):
         seen["cast"] = current.get()
 
+    @receiver.event(event_name)
+    def on_happened(payload):
+        seen["event"] = current.get()
+
     @service.handler
     def fan_out(payload):
         seen["origin"] = current.get()
@@ -120,11 +124,11 @@ def test_casts_and_events_from_a_handler_carry_the_trace_and_parent(broker_url, 
         bound.declare()
         with RpcClient("tests", broker_url=broker_url) as client:
             assert client.call(service.name, "fan_out", {}) == "ok"
-        wait_for(lambda: "cast" in seen)
+        wait_for(lambda: "cast" in seen and "event" in seen)
         message = wait_for(lambda: bound.get(no_ack=True))
     headers = envelope.loads(message.body)["headers"]
     origin = seen["origin"]
-    assert seen["cast"].trace_id == origin.trace_id == headers["trace_id"]
+    assert seen["cast"].trace_id == seen["event"].trace_id == origin.trace_id == headers["trace_id"]
     assert headers["parent_id"] == origin.correlation_id
 
 
