@@ -297,3 +297,23 @@ def test_with_redis_stopped_calls_still_work_on_local_state(broker_url, service,
     warnings = [line for line in logged if line["log_level"] == "warning" and "redis" in line["event"]]
     assert len(warnings) == 1, logged
     assert "circuit opened" in [line["event"] for line in logged]
+
+
+@pytest.mark.integration
+def test_a_services_breaker_guards_the_calls_its_handlers_make(broker_url, service):
+    """Service(breaker=...) reaches service.client: a dead downstream service fails the
+    handler's nested calls fast (CircuitOpen) once the threshold is reached."""
+    service.breaker = CircuitBreaker(failure_threshold=2, reset_timeout=60.0, shared=False)
+    downstream = unique_name("gone")
+
+    @service.handler
+    def relay(payload):
+        return service.client.call(downstream, "anything", {}, timeout=2)
+
+    error_types = []
+    with running_worker(service), RpcClient("tests", broker_url=broker_url) as client:
+        for _ in range(4):
+            with pytest.raises(RemoteError) as info:
+                client.call(service.name, "relay", {})
+            error_types.append(info.value.error_type)
+    assert error_types == ["ServiceUnavailable", "ServiceUnavailable", "CircuitOpen", "CircuitOpen"]
