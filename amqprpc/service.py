@@ -42,6 +42,9 @@ class Service:
     handlers: Dict[str, Handler] = field(default_factory=dict)
     events: Dict[str, EventSubscription] = field(default_factory=dict)
     retries: Dict[str, Retry] = field(default_factory=dict)
+    #: CircuitBreaker for the calls this service's handlers make through ``service.client``,
+    #: so one dead downstream service fails them fast instead of tying up handler threads.
+    breaker: Any = None
 
     def handler(self, action: str | Callable | None = None, *, retry: Retry | None = None) -> Callable:
         """Register a function as the handler of ``action`` (default: the function's name).
@@ -97,4 +100,4 @@ class Service:
         handler carry the handler's trace id and what is left of its deadline."""
         from .shared_client import client_for  # the client module imports this one
 
-        return client_for(self.name)
+        return client_for(self.name, breaker=self.breaker)
