@@ -225,6 +225,7 @@ def test_message_that_kills_the_worker_is_dead_lettered_after_n_redeliveries(ser
     env = {**os.environ, "AMQPRPC_TEST_SERVICE": service_name, "PYTHONPATH": TESTS}
     command = [sys.executable, "-m", "amqprpc", "worker", service_name, "--app", "retry_app:service",
                "--max-redeliveries", "2", "--concurrency", "1", "--log-level", "warning", "--queue-type", queue_type]
+    process = None
     try:
         with RpcClient("tests", broker_url=broker_url) as client:
             exits = []
@@ -247,6 +248,9 @@ def test_message_that_kills_the_worker_is_dead_lettered_after_n_redeliveries(ser
             [letter] = dead_letters(service_name, broker_url)
             assert letter.properties["application_headers"][h.ERROR_TYPE] == "TooManyRedeliveries"
     finally:
+        if process is not None and process.poll() is None:  # a failed assertion must not leave it running
+            process.kill()
+            process.wait()
         delete_queues(*_all_queues(service_name), broker_url=broker_url)
 
 
