@@ -16,10 +16,12 @@ from typing import Any, Callable, Mapping
 import amqp
 
 from . import context, envelope, logs
+from .breaker import CircuitBreaker
 from .config import broker_url as default_broker_url
 from .config import redact
-from .errors import CallTimeout, RemoteError, ServiceUnavailable
+from .errors import CallTimeout, ConnectionLost, RemoteError, ServiceUnavailable
 from .ioloop import AmqpLoop, publish
+from .retry import PUBLISH_RETRY, Retry, call_with_retry
 from .service import snake_case
 from .topology import DEFAULT_TOPOLOGY, Topology
 
@@ -40,11 +42,13 @@ class RpcClient(AmqpLoop):
     """
 
     def __init__(self, source: str = "amqprpc-client", *, broker_url: str | None = None, timeout: float = 5.0,
-                 topology: Topology = DEFAULT_TOPOLOGY, heartbeat: float = 30.0, connect_timeout: float = 5.0):
+                 topology: Topology = DEFAULT_TOPOLOGY, heartbeat: float = 30.0, connect_timeout: float = 5.0,
+                 breaker: CircuitBreaker | None = None):
         super().__init__(default_broker_url(broker_url), name=f"amqprpc-client-{source}", heartbeat=heartbeat,
                          connect_timeout=connect_timeout)
         self.source = source
         self.timeout = timeout
+        self.breaker = breaker
         self.topology = topology
         self.reply_queue = topology.reply_queue(source)
         self._call_channel: amqp.Channel | None = None
@@ -64,14 +68,24 @@ class RpcClient(AmqpLoop):
 
     # --- public API --------------------------------------------------------------------
     def call(self, service: str, action: str, payload: Mapping[str, Any] | None = None, *,
-             timeout: float | None = None) -> Any:
+             timeout: float | None = None, retry: Retry | None = None) -> Any:
         """Call ``action`` on ``service`` and return its ``data``.
 
         Raises RemoteError (the handler failed), CallTimeout (no reply within ``timeout``
-        seconds) or ServiceUnavailable (no queue for the service, or no broker).
+        seconds), ServiceUnavailable (no queue for the service, or no broker) or
+        CircuitOpen (the breaker refused; nothing was sent).
+        ``retry``: for idempotent actions only, re-send after CallTimeout/ServiceUnavailable
+        with backoff (never after CircuitOpen); ``timeout`` then bounds all attempts together.
         """
         timeout = self.timeout if timeout is None else timeout
-        future = self.call_async(service, action, payload, timeout=timeout)
+        if retry is not None:
+            return call_with_retry(lambda left: self.call(service, action, payload, timeout=left), retry, timeout)
+        if self.breaker is not None:
+            return self.breaker.call(service, action, payload, lambda: self._call(service, action, payload, timeout))
+        return self._call(service, action, payload, timeout)
+
+    def _call(self, service: str, action: str, payload: Mapping[str, Any] | None, timeout: float) -> Any:
+        future = self._call_async(service, action, payload, timeout)
         try:
             return future.result(timeout + _GRACE)
         except TimeoutError:
@@ -84,6 +98,18 @@ class RpcClient(AmqpLoop):
         ``callback(future)`` runs when it resolves, on a separate callback thread (so a
         callback may itself make calls).
         """
+        if self.breaker is not None:
+            future = self.breaker.call_async(service, action, payload,
+                                             lambda: self._call_async(service, action, payload, timeout),
+                                             self._run_callback)
+        else:
+            future = self._call_async(service, action, payload, timeout)
+        if callback is not None:
+            future.add_done_callback(self._run_callback(callback))
+        return future
+
+    def _call_async(self, service: str, action: str, payload: Mapping[str, Any] | None,
+                    timeout: float | None) -> Future:
         timeout, headers = self._deadline(timeout)
         message_id = envelope.new_id()
         body = envelope.request_body(message_id=message_id, source=self.source, target=service, action=action,
@@ -92,8 +118,6 @@ class RpcClient(AmqpLoop):
                                correlation_id=message_id, reply_to=self.reply_queue.name, delivery_mode=2,
                                expiration=str(max(1, int(timeout * 1000))))
         future: Future = Future()
-        if callback is not None:
-            future.add_done_callback(self._run_callback(callback))
         if timeout <= 0:
             future.set_exception(CallTimeout(f"{service}.{action}: the deadline had already passed"))
             return future
@@ -193,12 +217,18 @@ class RpcClient(AmqpLoop):
                    mandatory: bool, timeout: float, **properties: Any) -> None:
         message = amqp.Message(body, content_type=envelope.CONTENT_TYPE, message_id=message_id, delivery_mode=2,
                                **properties)
-        future: Future = Future()
-        self._send_confirmed(exchange, routing_key, message, message_id, what, mandatory, future)
-        try:
-            future.result(timeout)
-        except TimeoutError:
-            raise CallTimeout(f"{what}: the broker did not confirm within {timeout}s") from None
+
+        def attempt(left: float) -> None:
+            future: Future = Future()
+            self._send_confirmed(exchange, routing_key, message, message_id, what, mandatory, future)
+            try:
+                future.result(left)
+            except TimeoutError:
+                raise CallTimeout(f"{what}: the broker did not confirm within {timeout}s") from None
+
+        # Through a connection loss: wait for the reconnect and send again, bounded
+        # (never kombu's retry-forever default). The same message id goes each time.
+        call_with_retry(attempt, PUBLISH_RETRY, timeout, retryable=(ConnectionLost,), share=False)
 
     def _run_callback(self, callback: Callable[[Future], Any]) -> Callable[[Future], None]:
         if self._callbacks is None:
@@ -229,9 +259,9 @@ class RpcClient(AmqpLoop):
             confirms, self._confirms = self._confirms, {}
         reason = "client closed" if exc is None else f"connection to the broker lost: {redact(str(exc))}"
         for future, service, action, _ in pending.values():
-            _settle(future, exception=ServiceUnavailable(f"{service}.{action}: {reason}"))
+            _settle(future, exception=ConnectionLost(f"{service}.{action}: {reason}"))
         for future, _, what in confirms.values():
-            _settle(future, exception=ServiceUnavailable(f"{what}: {reason}; not confirmed"))
+            _settle(future, exception=ConnectionLost(f"{what}: {reason}; not confirmed"))
         self._unroutable.clear()
 
     def _declare_once(self, queue) -> None:
@@ -250,7 +280,7 @@ class RpcClient(AmqpLoop):
         with self.write_lock:
             channel = self._call_channel
             if channel is None:
-                _settle(future, exception=ServiceUnavailable(f"{service}.{action}: not connected to the broker"))
+                _settle(future, exception=ConnectionLost(f"{service}.{action}: not connected to the broker"))
                 return
             due = time.monotonic() + timeout
             pending, deadlines = self._pending, self._deadlines
@@ -266,7 +296,7 @@ class RpcClient(AmqpLoop):
                 publish(channel, message, self.topology.service_exchange, routing_key, mandatory=True)
             except Exception as exc:  # noqa: BLE001 - a broken connection; the loop reconnects
                 pending.pop(message_id, None)
-                _settle(future, exception=ServiceUnavailable(f"{service}.{action}: publish failed: {exc!r}"))
+                _settle(future, exception=ConnectionLost(f"{service}.{action}: publish failed: {exc!r}"))
                 return
         if earliest:
             # Only the loop thread sets next_tick; it must wake to shorten its poll.
@@ -309,6 +339,10 @@ class RpcClient(AmqpLoop):
             _settle(future, exception=RemoteError("reply is not a JSON object", "BadReply"))
         elif doc.get("success"):
             _settle(future, result=doc.get("data"))
+        elif doc.get("error_type") == "CallTimeout":
+            # The deadline ran out further down the chain (nested calls share it): to this
+            # caller that is its own timeout, whichever hop noticed first.
+            _settle(future, exception=CallTimeout(f"{service}.{action}: {doc.get('error')}"))
         else:
             _settle(future, exception=RemoteError(str(doc.get("error")), str(doc.get("error_type") or "RemoteError"),
                                                   doc.get("message_id")))
@@ -327,7 +361,7 @@ class RpcClient(AmqpLoop):
         with self.write_lock:
             channel = self._confirm_channel
             if channel is None:
-                _settle(future, exception=ServiceUnavailable(f"{what}: not connected to the broker"))
+                _settle(future, exception=ConnectionLost(f"{what}: not connected to the broker"))
                 return
             self._publish_seq += 1
             self._confirms[self._publish_seq] = (future, message_id, what)
@@ -335,7 +369,7 @@ class RpcClient(AmqpLoop):
                 publish(channel, message, exchange, routing_key, mandatory=mandatory)
             except Exception as exc:  # noqa: BLE001 - a broken connection; the loop reconnects
                 self._confirms.pop(self._publish_seq, None)
-                _settle(future, exception=ServiceUnavailable(f"{what}: publish failed: {exc!r}"))
+                _settle(future, exception=ConnectionLost(f"{what}: publish failed: {exc!r}"))
 
     def _on_confirm_returned(self, exc, exchange: str, routing_key: str, message: amqp.Message) -> None:
         # basic.return precedes the basic.ack of the same message.

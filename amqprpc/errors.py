@@ -25,12 +25,19 @@ class RemoteError(RpcError):
 
 
 class CallTimeout(RpcError):
-    """No reply arrived before the call's deadline."""
+    """No reply arrived before the call's deadline, or a service down the chain (which
+    shares the deadline) answered that its own call ran out of it (error_type CallTimeout)."""
 
 
 class ServiceUnavailable(RpcError):
     """Nobody can take the request: no queue is bound for the service, or the
     broker cannot be reached, or the connection was lost with the call in flight."""
+
+
+class ConnectionLost(ServiceUnavailable):
+    """Not connected to the broker, or the connection dropped with the request in flight.
+    Unlike "no queue is bound", waiting for the reconnect may help: casts and events
+    retry it under a bounded policy (``amqprpc.retry.PUBLISH_RETRY``)."""
 
 
 class CircuitOpen(ServiceUnavailable):
