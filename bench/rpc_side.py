@@ -22,14 +22,7 @@ class RpcSide:
         self.client.close()
 
     def sequential(self, count: int) -> Sample:
-        call, service, payload = self.client.call, self.service, self.payload
-        latencies = []
-        started = perf()
-        for _ in range(count):
-            t0 = perf()
-            call(service, "echo", payload)
-            latencies.append(perf() - t0)
-        return Sample(count, perf() - started, latencies)
+        return _one_at_a_time(count, self.client.call, self.service, "echo", self.payload)
 
     def pipelined(self, count: int, in_flight: int, record: bool = True) -> Sample:
         """``count`` calls through ``call_async``, never more than ``in_flight`` pending.
@@ -84,19 +77,26 @@ class RpcSide:
 
     def casts(self, count: int) -> Sample:
         """Confirmed persistent casts, timed until the worker handled (and acked) them all."""
-        cast, service, payload = self.client.cast, self.service, self.payload
-        latencies = []
         started = perf()
-        for _ in range(count):
-            t0 = perf()
-            cast(service, "touch", payload)
-            latencies.append(perf() - t0)
+        sample = _one_at_a_time(count, self.client.cast, self.service, "touch", self.payload)
         self.casts_sent += count
-        self.client.call(service, "casts_consumed", {"n": self.casts_sent}, timeout=60)
-        return Sample(count, perf() - started, latencies)
+        self.client.call(self.service, "casts_consumed", {"n": self.casts_sent}, timeout=60)
+        sample.seconds = perf() - started
+        return sample
 
     def calls(self, count: int) -> None:
         """Untimed load (for warm-up and the RSS scenario)."""
         sample = self.pipelined(count, 32, record=False)
         if sample.errors:
             raise RuntimeError(f"{sample.errors} of {count} calls failed")
+
+
+def _one_at_a_time(count: int, send, service: str, action: str, payload: dict) -> Sample:
+    """``count`` sends, each waited for, each one's latency recorded."""
+    latencies = []
+    started = perf()
+    for _ in range(count):
+        t0 = perf()
+        send(service, action, payload)
+        latencies.append(perf() - t0)
+    return Sample(count, perf() - started, latencies)
