@@ -218,15 +218,20 @@ class Worker(AmqpLoop):
         """Reply and ack from this handler thread, without a hop to the loop thread and
         back (frames are serialized by ``write_lock``, see AmqpLoop._lock_frames). While
         reconnecting there is no channel, and a Forward (retry, dead letter) is the
-        forwarder's, which lives on the loop thread: those go through the loop, in order."""
-        if not isinstance(outcome[-1], Forward):
-            with self.write_lock:
+        forwarder's, which lives on the loop thread: those go through the loop."""
+        # Never wait for the lock: when another thread is writing, the loop thread takes
+        # this one over (it writes what piled up in one go) instead of handler threads
+        # queueing on the lock, each sleep and wake-up a context switch.
+        if not isinstance(outcome[-1], Forward) and self.write_lock.acquire(blocking=False):
+            try:
                 if self.channel is not None:
                     try:
                         self._finish(generation, delivery_tag, *outcome)
                     except Exception as exc:  # noqa: BLE001 - dead connection: the loop reconnects, broker redelivers
                         log.warning("reply or ack not sent", error=repr(exc))
                     return
+            finally:
+                self.write_lock.release()
         self.call_soon(self._finish, generation, delivery_tag, *outcome)
 
     def _handle(self, message: amqp.Message) -> tuple[Any, Any, bytes | None, bool | None]:
