@@ -274,8 +274,21 @@ class RpcClient(AmqpLoop):
     def _send_call(self, message_id: str, message: amqp.Message, service: str, action: str, timeout: float,
                    future: Future) -> None:
         """Publish from the caller's thread (any thread): no hop to the loop thread and
-        back. Under ``write_lock`` the channel cannot be swapped by a reconnect between
-        the check and the publish, and ``on_disconnected`` sees every registered call."""
+        back. But never wait for the lock: when another thread is writing, the loop thread
+        publishes this call (in one go with whatever else piled up) rather than callers
+        queueing on the lock, each sleep and wake-up a context switch."""
+        if self.write_lock.acquire(blocking=False):
+            try:
+                self._publish_call(message_id, message, service, action, timeout, future)
+            finally:
+                self.write_lock.release()
+        else:
+            self.call_soon(self._publish_call, message_id, message, service, action, timeout, future)
+
+    def _publish_call(self, message_id: str, message: amqp.Message, service: str, action: str, timeout: float,
+                      future: Future) -> None:
+        """Under ``write_lock`` the channel cannot be swapped by a reconnect between the
+        check and the publish, and ``on_disconnected`` sees every registered call."""
         routing_key = self.topology.request_key(service)
         with self.write_lock:
             channel = self._call_channel
