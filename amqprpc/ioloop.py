@@ -1,10 +1,14 @@
 """The one thread that owns an AMQP connection.
 
 py-amqp connections are not thread-safe, so every worker and client has exactly one
-:class:`AmqpLoop`: it connects, reads frames, publishes, acks and sends heartbeats.
+:class:`AmqpLoop`: it connects, reads frames, sets up channels and sends heartbeats.
 Other threads hand it work with :meth:`AmqpLoop.call_soon`, which appends to a deque
 and wakes the loop through a pipe; the loop sleeps in ``poll()`` on the socket and that
 pipe, so nothing on the request/reply path sleeps or polls on a timer.
+
+The one exception, for speed: a publish or an ack may be written by another thread
+while it holds :attr:`AmqpLoop.write_lock`, which every frame written on the connection
+takes (see ``_lock_frames``); a thread that finds it taken hands the write to the loop.
 """
 from __future__ import annotations
 
