@@ -36,6 +36,19 @@ def logging_options(default_level: str = "info") -> Callable:
     return decorate
 
 
+def daemon_options(fn: Callable) -> Callable:
+    """What a worker under Supervisor/systemd needs (see supervisor/ and systemd/)."""
+    fn = click.option("--reconnect-cap", envvar="AMQPRPC_RECONNECT_CAP", default=10.0, show_default=True,
+                      show_envvar=True, type=click.FloatRange(min=0.1),
+                      help="Longest wait in seconds between broker reconnect attempts (full-jitter backoff).")(fn)
+    fn = click.option("--metrics-port", envvar="AMQPRPC_METRICS_PORT", default=None, show_envvar=True,
+                      type=click.IntRange(min=0, max=65535),
+                      help="Serve Prometheus metrics on this port at /metrics.")(fn)
+    fn = click.option("--pidfile", envvar="AMQPRPC_PIDFILE", default=None, show_envvar=True,
+                      type=click.Path(dir_okay=False), help="Write the pid here; refuse to start if it names a live process.")(fn)
+    return fn
+
+
 def timeout_option(fn: Callable) -> Callable:
     return click.option("--timeout", envvar="AMQPRPC_TIMEOUT", default=5.0, show_default=True, show_envvar=True,
                         type=click.FloatRange(min=0.001), help="Seconds to wait for the answer.")(fn)
@@ -88,17 +101,26 @@ def main() -> None:
               show_envvar=True, type=click.FloatRange(min=0), help="Seconds running handlers get to finish on SIGTERM.")
 @click.option("--heartbeat", envvar="AMQPRPC_HEARTBEAT", default=30.0, show_default=True, show_envvar=True,
               type=click.FloatRange(min=0), help="AMQP heartbeat in seconds (0 disables).")
+@daemon_options
 @broker_option
 @logging_options("info")
 def worker(service: str, app: str | None, concurrency: int, prefetch: int | None, shutdown_timeout: float,
-           heartbeat: float, broker: str, log_format: str, log_level: str) -> None:
-    """Run SERVICE's handlers until SIGTERM/SIGINT (warm stop) or SIGQUIT (cold stop).
+           heartbeat: float, pidfile: str | None, metrics_port: int | None, reconnect_cap: float, broker: str,
+           log_format: str, log_level: str) -> None:
+    """Run SERVICE's handlers in the foreground until a stop signal.
+
+    \b
+    SIGTERM/SIGINT  warm stop: running handlers finish (--shutdown-timeout), the rest is requeued
+    2nd signal, SIGQUIT  cold stop at once: everything unacked is requeued, exit 1
+    SIGHUP          ignored (restart = SIGTERM, then the supervisor starts a new worker)
 
     SERVICE resolves through the 'amqprpc.services' entry points, then the module
     workers.<service with - as _>; --app overrides both. Exit 0 after a clean warm
     stop, 1 after a cold stop, 2 for usage errors, 4 when the broker is unreachable.
+    A lost broker connection is retried forever with capped, jittered backoff.
     """
     from .daemon import run_worker
+    from .pidfile import PidFileError
     from .loading import ServiceNotFound, load_service
     from .worker import Worker
 
@@ -109,8 +131,11 @@ def worker(service: str, app: str | None, concurrency: int, prefetch: int | None
         raise click.UsageError(str(exc)) from None
     logs.bind_process(service=svc.name)
     instance = Worker(svc, broker_url=broker, concurrency=concurrency, prefetch=prefetch, heartbeat=heartbeat)
+    instance.reconnect_cap = reconnect_cap
     try:
-        code = run_worker(instance, shutdown_timeout)
+        code = run_worker(instance, shutdown_timeout, pidfile=pidfile, metrics_port=metrics_port)
+    except PidFileError as exc:
+        fail(EXIT_USAGE, str(exc))
     except Exception as exc:  # noqa: BLE001 - connection failures at start: one line, no traceback
         fail(EXIT_UNAVAILABLE, f"cannot connect to broker {broker}: {exc}")
     sys.exit(code)

@@ -55,6 +55,7 @@ class Worker(AmqpLoop):
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._consuming = False
+        self._shutting_down = False
         self.stats = {"received": 0, "succeeded": 0, "failed": 0, "rejected": 0, "expired": 0}
 
     # --- lifecycle (any thread) --------------------------------------------------------
@@ -73,6 +74,7 @@ class Worker(AmqpLoop):
         then close. Returns False when handlers were still running at the timeout (their
         messages go back to the queue when the connection closes)."""
         stopped = threading.Event()
+        self._shutting_down = True  # a reconnect during the stop must not consume again
         self.call_soon(self._stop_consuming, stopped)
         stopped.wait(5.0)
         for _ in self._threads:
@@ -90,14 +92,32 @@ class Worker(AmqpLoop):
         channel = connection.channel()
         self.topology.request_queue(self.service.name)(channel).declare()
         channel.basic_qos(0, self.prefetch, False)
-        channel.basic_consume(queue=self.queue_name, consumer_tag=self.consumer_tag, callback=self._on_message)
         self.channel = channel
+        if self._shutting_down:
+            return
+        channel.basic_consume(queue=self.queue_name, consumer_tag=self.consumer_tag, callback=self._on_message)
         self._consuming = True
 
     def on_disconnected(self, exc) -> None:
         # Unacked deliveries of the dead channel are redelivered by the broker; replies of
         # handlers still running are published on the next connection, their acks dropped.
         self.channel = None
+        # What no handler has taken yet is back in the queue already: running it now would
+        # only make a duplicate whose ack is dropped.
+        dropped, sentinels = 0, 0
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                sentinels += 1
+            else:
+                dropped += 1
+        for _ in range(sentinels):  # shutdown's, still owed to the handler threads
+            self._inbox.put(_STOP)
+        if dropped:
+            log.info("dropped unstarted messages of the lost connection", count=dropped)
 
     def _on_message(self, message: amqp.Message) -> None:
         self.stats["received"] += 1

@@ -1,0 +1,92 @@
+"""Prometheus metrics of a worker (``amqprpc worker --metrics-port``).
+
+The metrics are module-level collectors in prometheus_client's default registry, so a
+service's own metrics appear on the same endpoint. :func:`instrument` wraps a worker's
+request handling from the outside: the worker itself knows nothing about Prometheus, and
+a worker without ``--metrics-port`` pays nothing. Other parts of amqprpc that dead-letter
+a message call :func:`dead_letter`.
+
+Label cardinality is bounded: ``action`` is one of the service's own handlers or
+``<unknown>``, never a string taken from the wire.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from . import envelope
+from .service import snake_case
+
+UNKNOWN_ACTION = "<unknown>"
+
+REQUESTS = Counter("amqprpc_requests", "Requests handled, by action and outcome "
+                   "(success, error, rejected, expired).", ["service", "action", "outcome"])
+DURATION = Histogram("amqprpc_handler_duration_seconds", "Time from taking a request to its reply, in seconds.",
+                     ["service", "action"],
+                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+IN_FLIGHT = Gauge("amqprpc_requests_in_flight", "Requests being handled right now.", ["service"])
+REDELIVERIES = Counter("amqprpc_redeliveries", "Requests the broker delivered again (redelivered flag set).",
+                       ["service"])
+DEAD_LETTERS = Counter("amqprpc_dead_letters", "Messages given up on and dead-lettered (or dropped), by reason.",
+                       ["service", "reason"])
+
+
+def dead_letter(service: str, reason: str, count: int = 1) -> None:
+    """Count ``count`` messages of ``service`` dead-lettered for ``reason`` (a short
+    fixed word such as ``bad_message`` or ``retries_exhausted``, not free text)."""
+    DEAD_LETTERS.labels(service, reason).inc(count)
+
+
+def serve(port: int, addr: str = "0.0.0.0") -> None:
+    """Serve ``/metrics`` on ``addr:port`` from a daemon thread."""
+    start_http_server(port, addr)
+
+
+def instrument(worker: Any) -> None:
+    """Count every request ``worker`` (an :class:`amqprpc.worker.Worker`) handles."""
+    service = worker.service
+    name = service.name
+    handle = worker._handle
+    in_flight = IN_FLIGHT.labels(name)
+    redeliveries = REDELIVERIES.labels(name)
+    # Pre-create the series of every known action so dashboards see zeros, not gaps.
+    for action in service.handlers:
+        for outcome in ("success", "error"):
+            REQUESTS.labels(name, action, outcome)
+    redeliveries.inc(0)
+
+    def handle_and_count(message):
+        started = time.perf_counter()
+        if message.delivery_info.get("redelivered"):
+            redeliveries.inc()
+        in_flight.inc()
+        try:
+            result = handle(message)
+        finally:
+            in_flight.dec()
+        _, _, body, requeue = result
+        action = _action_of(service, message.body)
+        if requeue is False:
+            outcome = "rejected"
+            dead_letter(name, "bad_message")
+        elif body is None:
+            outcome = "expired"
+        else:
+            outcome = "success" if body.startswith(b'{"success":true') else "error"
+        REQUESTS.labels(name, action, outcome).inc()
+        DURATION.labels(name, action).observe(time.perf_counter() - started)
+        return result
+
+    worker._handle = handle_and_count
+
+
+def _action_of(service: Any, body: bytes) -> str:
+    try:
+        action = envelope.loads(body).get("action")
+    except Exception:  # noqa: BLE001 - a bad message has no action
+        return UNKNOWN_ACTION
+    if not isinstance(action, str) or service.find(action) is None:
+        return UNKNOWN_ACTION
+    return action if action in service.handlers else snake_case(action)  # getUser counts as get_user
