@@ -22,6 +22,7 @@ import threading
 import time
 
 from . import logs, sdnotify
+from .config import redact
 from .pidfile import PidFile
 from .worker import Worker
 
@@ -68,7 +69,7 @@ def run_worker(worker: Worker, shutdown_timeout: float = 30.0, *, pidfile: str |
 
             metrics.instrument(worker)
             metrics.serve(metrics_port)
-        log.info("worker starting", pid=os.getpid(), handlers=len(worker.service.handlers),
+        log.info("worker starting", pid=os.getpid(), broker=redact(worker.url), handlers=len(worker.service.handlers),
                  concurrency=worker.concurrency, prefetch=worker.prefetch, metrics_port=metrics_port)
         worker.start()
         sdnotify.notify("READY=1", f"STATUS=serving {name}", f"MAINPID={os.getpid()}")

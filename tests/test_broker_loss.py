@@ -58,12 +58,17 @@ def answers(client, svc) -> bool:
     return True
 
 
-def test_idle_worker_and_client_resume_after_broker_restart(own_broker, svc, client, tmp_path):
+def test_idle_worker_and_client_resume_after_broker_restart(own_broker, svc, client, r, tmp_path):
+    redis_client, done = r
     worker = start(svc, tmp_path, own_broker.url)
     try:
         assert answers(client, svc)
+        in_flight = client.call_async(svc, "work", {"n": 0, "done": done, "sleep": 3}, timeout=60)
         own_broker.stop_app()
         worker.wait_event("broker connection lost")
+        # The call in flight fails when the connection drops, not after its 60 s timeout.
+        with pytest.raises(ServiceUnavailable, match="connection to the broker lost"):
+            in_flight.result(10)
         wait_for(lambda: not client.connected.is_set(), timeout=10)
         began = time.monotonic()
         with pytest.raises(ServiceUnavailable):  # fails at once, never hangs
@@ -78,6 +83,8 @@ def test_idle_worker_and_client_resume_after_broker_restart(own_broker, svc, cli
         assert attempts, "no reconnect attempt was logged"
         assert [a["attempt"] for a in attempts] == list(range(1, len(attempts) + 1))
         assert all(0 <= a["retry_in"] <= 1.0 for a in attempts)  # capped by --reconnect-cap
+        # The request that was running when the broker went is run again (at least once).
+        wait_for(lambda: redis_client.hlen(done) == 1, timeout=30)
     finally:
         stop(worker)
 

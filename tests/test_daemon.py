@@ -127,6 +127,17 @@ def test_second_sigterm_stops_at_once_and_requeues_what_was_running(svc, client,
     assert r.hlen(done) == 0
 
 
+def test_shutdown_timeout_is_a_cold_stop(svc, client, r, tmp_path):
+    started, done = r.test_key("started"), r.test_key("done")
+    worker = start(svc, tmp_path, "--concurrency", "1", "--shutdown-timeout", "1")
+    cast_all(client, svc, done, count=1, started=started, sleep=60)
+    wait_for(lambda: r.hlen(started) == 1, timeout=20)
+    worker.process.send_signal(signal.SIGTERM)
+    assert worker.wait(15) == 1
+    assert worker.events("worker stopped")[-1]["clean"] is False
+    wait_for(lambda: _ready_in_queue(svc) == 1, timeout=10)  # the running one went back
+
+
 def _notify_socket(tmp_path) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(tmp_path / "notify.sock"))
