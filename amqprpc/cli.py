@@ -42,7 +42,7 @@ def daemon_options(fn: Callable) -> Callable:
                       show_envvar=True, type=click.FloatRange(min=0.1),
                       help="Longest wait in seconds between broker reconnect attempts (full-jitter backoff).")(fn)
     fn = click.option("--metrics-port", envvar="AMQPRPC_METRICS_PORT", default=None, show_envvar=True,
-                      type=click.IntRange(min=0, max=65535),
+                      type=click.IntRange(min=1, max=65535),
                       help="Serve Prometheus metrics on this port at /metrics.")(fn)
     fn = click.option("--pidfile", envvar="AMQPRPC_PIDFILE", default=None, show_envvar=True,
                       type=click.Path(dir_okay=False), help="Write the pid here; refuse to start if it names a live process.")(fn)
@@ -110,9 +110,10 @@ def worker(service: str, app: str | None, concurrency: int, prefetch: int | None
     """Run SERVICE's handlers in the foreground until a stop signal.
 
     \b
-    SIGTERM/SIGINT  warm stop: running handlers finish (--shutdown-timeout), the rest is requeued
+    SIGTERM, SIGINT      warm stop: running handlers finish (--shutdown-timeout),
+                         prefetched messages are requeued, exit 0
     2nd signal, SIGQUIT  cold stop at once: everything unacked is requeued, exit 1
-    SIGHUP          ignored (restart = SIGTERM, then the supervisor starts a new worker)
+    SIGHUP               ignored (restart = SIGTERM, the supervisor starts a new one)
 
     SERVICE resolves through the 'amqprpc.services' entry points, then the module
     workers.<service with - as _>; --app overrides both. Exit 0 after a clean warm
