@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench services clean
+.PHONY: demo test bench services clean web
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ services:
 
 demo: $(STAMP) services
 	$(VENV)/bin/amqprpc demo
+
+# The accept-then-poll web example with its collector and order-service in one process (WEB_ARGS=--port 8080).
+web: $(STAMP) services
+	$(VENV)/bin/python examples/web/server.py --with-services $(WEB_ARGS)
 
 test: $(STAMP) services
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)

@@ -1,12 +1,14 @@
 """amqprpc: calls and events between microservices over RabbitMQ, built on kombu."""
 from .client import RpcClient, ServiceProxy
+from .aio import AsyncRpcClient
 from .errors import CallTimeout, CircuitOpen, RemoteError, RpcError, ServiceUnavailable
+from .responses import ResponseStore
 from .service import Service
 from .topology import Topology
 from .worker import Worker
 
 __all__ = [
-    "Service", "RpcClient", "ServiceProxy", "Worker", "Topology",
+    "Service", "RpcClient", "ServiceProxy", "AsyncRpcClient", "ResponseStore", "Worker", "Topology",
     "RpcError", "RemoteError", "CallTimeout", "ServiceUnavailable", "CircuitOpen",
 ]
 __version__ = "0.1.0"

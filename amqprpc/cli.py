@@ -12,7 +12,7 @@ from typing import Any, Callable
 import click
 
 from . import logs
-from .config import DEFAULT_BROKER_URL, redact
+from .config import DEFAULT_BROKER_URL, DEFAULT_COLLECTOR_QUEUE, DEFAULT_REDIS_URL, redact
 from .errors import CallTimeout, RemoteError, RpcError, ServiceUnavailable
 
 EXIT_OK, EXIT_REMOTE_ERROR, EXIT_USAGE, EXIT_TIMEOUT, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4
@@ -36,14 +36,21 @@ def logging_options(default_level: str = "info") -> Callable:
     return decorate
 
 
+def redis_option(fn: Callable) -> Callable:
+    return click.option("--redis", "redis_url", envvar="AMQPRPC_REDIS_URL", default=DEFAULT_REDIS_URL,
+                        show_default=True, show_envvar=True, help="Redis URL.")(fn)
+
+
 def daemon_options(fn: Callable) -> Callable:
-    """What a worker under Supervisor/systemd needs (see supervisor/ and systemd/)."""
+    """Options of every resident process (worker, collector)."""
+    fn = click.option("--heartbeat", envvar="AMQPRPC_HEARTBEAT", default=30.0, show_default=True, show_envvar=True,
+                      type=click.FloatRange(min=0), help="AMQP heartbeat in seconds (0 disables).")(fn)
+    fn = click.option("--shutdown-timeout", envvar="AMQPRPC_SHUTDOWN_TIMEOUT", default=30.0, show_default=True,
+                      show_envvar=True, type=click.FloatRange(min=0),
+                      help="Seconds running work gets to finish on SIGTERM.")(fn)
     fn = click.option("--reconnect-cap", envvar="AMQPRPC_RECONNECT_CAP", default=10.0, show_default=True,
                       show_envvar=True, type=click.FloatRange(min=0.1),
                       help="Longest wait in seconds between broker reconnect attempts (full-jitter backoff).")(fn)
-    fn = click.option("--metrics-port", envvar="AMQPRPC_METRICS_PORT", default=None, show_envvar=True,
-                      type=click.IntRange(min=1, max=65535),
-                      help="Serve Prometheus metrics on this port at /metrics.")(fn)
     fn = click.option("--pidfile", envvar="AMQPRPC_PIDFILE", default=None, show_envvar=True,
                       type=click.Path(dir_okay=False), help="Write the pid here; refuse to start if it names a live process.")(fn)
     return fn
@@ -97,10 +104,8 @@ def main() -> None:
               type=click.IntRange(min=1), help="Handler threads.")
 @click.option("--prefetch", envvar="AMQPRPC_PREFETCH", default=None, show_envvar=True, type=click.IntRange(min=1),
               help="Unacked messages held at most  [default: 2 x concurrency]")
-@click.option("--shutdown-timeout", envvar="AMQPRPC_SHUTDOWN_TIMEOUT", default=30.0, show_default=True,
-              show_envvar=True, type=click.FloatRange(min=0), help="Seconds running handlers get to finish on SIGTERM.")
-@click.option("--heartbeat", envvar="AMQPRPC_HEARTBEAT", default=30.0, show_default=True, show_envvar=True,
-              type=click.FloatRange(min=0), help="AMQP heartbeat in seconds (0 disables).")
+@click.option("--metrics-port", envvar="AMQPRPC_METRICS_PORT", default=None, show_envvar=True,
+              type=click.IntRange(min=1, max=65535), help="Serve Prometheus metrics on this port at /metrics.")
 @daemon_options
 @broker_option
 @logging_options("info")
@@ -121,8 +126,8 @@ def worker(service: str, app: str | None, concurrency: int, prefetch: int | None
     A lost broker connection is retried forever with capped, jittered backoff.
     """
     from .daemon import run_worker
-    from .pidfile import PidFileError
     from .loading import ServiceNotFound, load_service
+    from .pidfile import PidFileError
     from .worker import Worker
 
     logs.configure(log_format, log_level)
@@ -204,6 +209,48 @@ def publish(event: str, payload: dict, timeout: float, broker: str, log_format: 
     except RpcError as exc:
         fail(exit_code_for(exc), str(exc))
     click.echo("published")
+
+
+@main.command()
+@redis_option
+@click.option("--ttl", envvar="AMQPRPC_COLLECTOR_TTL", default=300.0, show_default=True, show_envvar=True,
+              type=click.FloatRange(min=0.001), help="Seconds a stored reply lives in Redis.")
+@click.option("--queue", "queue_name", envvar="AMQPRPC_COLLECTOR_QUEUE", default=DEFAULT_COLLECTOR_QUEUE,
+              show_default=True, show_envvar=True, help="The queue submit() names as reply_to.")
+@click.option("--key-prefix", envvar="AMQPRPC_RESPONSE_PREFIX", default="response:", show_default=True,
+              show_envvar=True, help="Replies are stored under PREFIX{correlation_id}.")
+@click.option("--prefetch", envvar="AMQPRPC_COLLECTOR_PREFETCH", default=200, show_default=True, show_envvar=True,
+              type=click.IntRange(min=1), help="Unacked replies held at most (also the Redis batch size).")
+@daemon_options
+@broker_option
+@logging_options("info")
+def collector(redis_url: str, ttl: float, queue_name: str, key_prefix: str, prefetch: int, shutdown_timeout: float,
+              heartbeat: float, reconnect_cap: float, pidfile: str | None, broker: str, log_format: str,
+              log_level: str) -> None:
+    """Store the replies of submitted requests in Redis (for ResponseStore().get) until
+    SIGTERM/SIGINT (warm stop) or SIGQUIT (cold stop).
+
+    A reply is acked only once Redis stored it; while Redis is down the collector retries
+    with backoff and the replies wait in the queue. Exit codes as for 'worker'.
+    """
+    from .collector import Collector
+    from .daemon import run_worker
+    from .pidfile import PidFileError
+    from .responses import ResponseStore
+    from .topology import Topology
+
+    logs.configure(log_format, log_level)
+    logs.bind_process(service="amqprpc-collector")
+    instance = Collector(ResponseStore(redis_url, prefix=key_prefix), broker_url=broker, ttl=ttl,
+                         topology=Topology(collector_queue=queue_name), prefetch=prefetch, heartbeat=heartbeat)
+    instance.reconnect_cap = reconnect_cap
+    try:
+        code = run_worker(instance, shutdown_timeout, pidfile=pidfile, title="amqprpc collector")
+    except PidFileError as exc:
+        fail(EXIT_USAGE, str(exc))
+    except Exception as exc:  # noqa: BLE001 - connection failures at start: one line, no traceback
+        fail(EXIT_UNAVAILABLE, f"cannot connect to broker {broker}: {exc}")
+    sys.exit(code)
 
 
 @main.command()

@@ -53,6 +53,7 @@ class RpcClient(AmqpLoop):
         self._confirms: dict[int, tuple[Future, str, str]] = {}  # delivery tag -> publish
         self._unroutable: set[str] = set()
         self._publish_seq = 0
+        self._declared: dict[str, int] = {}  # queue name -> connection generation it was declared on
         self._callbacks: ThreadPoolExecutor | None = None
         self._closed = False
         try:
@@ -119,6 +120,29 @@ class RpcClient(AmqpLoop):
         self._confirmed(self.topology.event_exchange, name, body, message_id, f"event {name}",
                         mandatory=False, timeout=timeout)
 
+    def submit(self, service: str, action: str, payload: Mapping[str, Any] | None = None, *,
+               timeout: float | None = None) -> str:
+        """Accept-then-poll: send a request whose reply goes to the shared collector queue
+        (``topology.collector_queue``) and return its correlation id.
+
+        Returns once the broker confirmed it stored the request (a web tier that answered
+        202 must not lose it; the confirm is one local round trip). Raises
+        ServiceUnavailable at once if no queue is bound for ``service``, CallTimeout if the
+        broker did not confirm within ``timeout`` seconds. The request carries no deadline:
+        it runs whenever a worker gets to it. ``amqprpc collector`` stores the reply in
+        Redis; read it with :class:`amqprpc.ResponseStore`.
+        """
+        timeout, headers = self._deadline(timeout, with_deadline=False)
+        message_id = envelope.new_id()
+        collector = self.topology.responses_queue()
+        body = envelope.request_body(message_id=message_id, source=self.source, target=service, action=action,
+                                     payload=payload or {}, reply_to=collector.name, headers=headers)
+        self.call_soon(self._declare_once, collector)
+        self._confirmed(self.topology.service_exchange, self.topology.request_key(service), body, message_id,
+                        f"submit to {service}.{action}", mandatory=True, timeout=timeout,
+                        correlation_id=message_id, reply_to=collector.name)
+        return message_id
+
     def proxy(self, service: str, *, timeout: float | None = None) -> "ServiceProxy":
         """An object whose attributes are the service's actions: ``proxy.get_user(user_id=...)``."""
         return ServiceProxy(self, service, timeout)
@@ -160,8 +184,9 @@ class RpcClient(AmqpLoop):
         return timeout, headers
 
     def _confirmed(self, exchange: str, routing_key: str, body: bytes, message_id: str, what: str, *,
-                   mandatory: bool, timeout: float) -> None:
-        message = amqp.Message(body, content_type=envelope.CONTENT_TYPE, message_id=message_id, delivery_mode=2)
+                   mandatory: bool, timeout: float, **properties: Any) -> None:
+        message = amqp.Message(body, content_type=envelope.CONTENT_TYPE, message_id=message_id, delivery_mode=2,
+                               **properties)
         future: Future = Future()
         self.call_soon(self._send_confirmed, exchange, routing_key, message, message_id, what, mandatory, future)
         try:
@@ -201,6 +226,13 @@ class RpcClient(AmqpLoop):
         for future, _, what in confirms.values():
             _settle(future, exception=ServiceUnavailable(f"{what}: {reason}; not confirmed"))
         self._unroutable.clear()
+
+    def _declare_once(self, queue) -> None:
+        # Declared by the sender too, so that replies wait in the queue even before the
+        # first collector ever ran (a reply to a missing queue is dropped by the broker).
+        if self._confirm_channel is not None and self._declared.get(queue.name) != self.generation:
+            queue(self._confirm_channel).declare()
+            self._declared[queue.name] = self.generation
 
     def _send_call(self, message_id: str, message: amqp.Message, service: str, action: str, timeout: float,
                    future: Future) -> None:

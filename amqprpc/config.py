@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
+from typing import Any
 
 DEFAULT_BROKER_URL = "amqp://guest:guest@localhost:5672//"
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+DEFAULT_COLLECTOR_QUEUE = "amqprpc.responses"  # where submit() replies go (topology.Topology)
 
 # user:password@ inside any URL-looking text, for every scheme we speak (amqp, amqps,
 # redis, rediss, ...). Matching in free text, not only in known keys, is what makes
@@ -28,3 +31,26 @@ def redact(text: str) -> str:
     if "@" not in text:
         return text
     return _CREDENTIALS.sub(r"\g<scheme>\g<user>:***@", text)
+
+
+def ssl_options(url: str) -> dict[str, Any] | bool:
+    """TLS settings for an ``amqps://`` URL, from the environment; False for plain ``amqp://``.
+
+    The certificate chain *and* the host name are verified by default (the host name of
+    whichever failover URL is in use). ``AMQPRPC_SSL_CA_FILE`` names a private CA bundle;
+    ``AMQPRPC_SSL_CERT_FILE``/``AMQPRPC_SSL_KEY_FILE`` a client certificate for mutual TLS;
+    ``AMQPRPC_SSL_VERIFY=0`` turns verification off (for a lab, never for production).
+    """
+    if not url.lower().startswith("amqps://"):
+        return False
+    options: dict[str, Any] = {}
+    if os.environ.get("AMQPRPC_SSL_VERIFY", "1").lower() in ("0", "false", "no", "off"):
+        options["cert_reqs"] = ssl.CERT_NONE
+    else:
+        options["cert_reqs"] = ssl.CERT_REQUIRED
+        options["server_hostname"] = None  # kombu fills in the current broker's host name
+    for key, variable in (("ca_certs", "AMQPRPC_SSL_CA_FILE"), ("certfile", "AMQPRPC_SSL_CERT_FILE"),
+                          ("keyfile", "AMQPRPC_SSL_KEY_FILE")):
+        if os.environ.get(variable):
+            options[key] = os.environ[variable]
+    return options

@@ -33,8 +33,11 @@ EXIT_COLD_STOP = 1
 
 
 def run_worker(worker: Worker, shutdown_timeout: float = 30.0, *, pidfile: str | None = None,
-               metrics_port: int | None = None) -> int:
+               metrics_port: int | None = None, title: str | None = None) -> int:
     """Serve until a signal; return the process exit code.
+
+    ``worker`` is a :class:`Worker` or anything with its lifecycle (``start``,
+    ``shutdown``, ``stop``, ``alive``, ``stats``, ``url``), such as the collector.
 
     Parameters: ``shutdown_timeout`` seconds running handlers get on a warm stop;
     ``pidfile`` path to write this pid to (refused while another live process holds it,
@@ -43,7 +46,7 @@ def run_worker(worker: Worker, shutdown_timeout: float = 30.0, *, pidfile: str |
     """
     stop_requested = threading.Event()
     cold = threading.Event()
-    name = worker.service.name
+    title = title or f"amqprpc worker {worker.service.name}"
 
     def on_stop_signal(signum, _frame):
         if stop_requested.is_set() or signum == signal.SIGQUIT:
@@ -60,7 +63,7 @@ def run_worker(worker: Worker, shutdown_timeout: float = 30.0, *, pidfile: str |
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         signal.signal(signum, on_stop_signal)
     signal.signal(signal.SIGHUP, on_hangup)
-    _set_process_title(f"amqprpc worker {name}")
+    _set_process_title(title)
     if lock is not None:
         lock.acquire()
     try:
@@ -69,10 +72,11 @@ def run_worker(worker: Worker, shutdown_timeout: float = 30.0, *, pidfile: str |
 
             metrics.instrument(worker)
             metrics.serve(metrics_port)
-        log.info("worker starting", pid=os.getpid(), broker=redact(worker.url), handlers=len(worker.service.handlers),
-                 concurrency=worker.concurrency, prefetch=worker.prefetch, metrics_port=metrics_port)
+        sizes = {key: getattr(worker, key) for key in ("concurrency", "prefetch") if hasattr(worker, key)}
+        log.info("worker starting", title=title, pid=os.getpid(), broker=redact(worker.url), **sizes,
+                 metrics_port=metrics_port)
         worker.start()
-        sdnotify.notify("READY=1", f"STATUS=serving {name}", f"MAINPID={os.getpid()}")
+        sdnotify.notify("READY=1", f"STATUS={title}: serving", f"MAINPID={os.getpid()}")
         watchdog = sdnotify.watchdog_interval()
         tick = min(1.0, watchdog) if watchdog else 1.0
         next_ping = time.monotonic()
@@ -84,7 +88,7 @@ def run_worker(worker: Worker, shutdown_timeout: float = 30.0, *, pidfile: str |
                 # Only while the I/O thread lives: a dead loop gets the unit restarted.
                 sdnotify.notify("WATCHDOG=1")
                 next_ping = time.monotonic() + watchdog
-        sdnotify.notify("STOPPING=1", f"STATUS=stopping {name}")
+        sdnotify.notify("STOPPING=1", f"STATUS={title}: stopping")
         clean = worker.shutdown(shutdown_timeout)
         code = EXIT_OK if clean and not cold.is_set() else EXIT_COLD_STOP
         log.info("worker exiting", exit_code=code)

@@ -22,7 +22,7 @@ from kombu import Connection
 
 from . import logs
 from .backoff import full_jitter
-from .config import redact
+from .config import redact, ssl_options
 
 log = logs.get_logger("amqprpc.ioloop")
 
@@ -121,7 +121,7 @@ class AmqpLoop:
     # --- loop thread -------------------------------------------------------------------
     def _connect(self) -> Connection:
         conn = Connection(self.url, heartbeat=self.heartbeat, connect_timeout=self.connect_timeout,
-                          failover_strategy="round-robin")
+                          failover_strategy="round-robin", ssl=ssl_options(self.url))
         # One attempt per listed host (``amqp://h1;amqp://h2``); our own loop does the backoff.
         conn.ensure_connection(max_retries=max(len(conn.alt), 1) - 1, interval_start=0, interval_step=0,
                                interval_max=0, reraise_as_library_errors=False)

@@ -9,6 +9,7 @@ from typing import Callable, Iterator
 from kombu import Connection
 
 from .config import broker_url as default_broker_url
+from .config import ssl_options
 from .service import Service
 from .topology import DEFAULT_TOPOLOGY, Topology
 from .worker import Worker
@@ -21,7 +22,8 @@ def unique_name(prefix: str = "test") -> str:
 
 def delete_queues(*names: str, broker_url: str | None = None) -> None:
     """Delete queues a test declared (missing ones are fine)."""
-    with Connection(default_broker_url(broker_url)) as conn:
+    url = default_broker_url(broker_url)
+    with Connection(url, ssl=ssl_options(url)) as conn:
         for name in names:
             channel = conn.channel()
             try:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from kombu import Exchange, Queue
 
+from .config import DEFAULT_COLLECTOR_QUEUE
+
 
 @dataclass(frozen=True)
 class Topology:
@@ -20,6 +22,7 @@ class Topology:
     request_queue_format: str = "service.{service}.request"
     request_key_format: str = "request.{service}"
     reply_queue_format: str = "amqprpc.reply.{source}.{uid}"
+    collector_queue: str = DEFAULT_COLLECTOR_QUEUE
 
     def request_exchange(self) -> Exchange:
         return Exchange(self.service_exchange, type="direct", durable=True)
@@ -47,6 +50,11 @@ class Topology:
         """
         name = self.reply_queue_format.format(source=source, uid=os.urandom(6).hex())
         return Queue(name, exclusive=True, auto_delete=True, durable=False, no_ack=True)
+
+    def responses_queue(self) -> Queue:
+        """The shared durable queue ``submit`` names as ``reply_to``; ``amqprpc collector``
+        consumes it. Durable so replies wait there while no collector runs."""
+        return Queue(self.collector_queue, durable=True)
 
 
 DEFAULT_TOPOLOGY = Topology()
