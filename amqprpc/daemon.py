@@ -42,7 +42,8 @@ def run_worker(worker: Worker, shutdown_timeout: float = 30.0, *, pidfile: str |
     Parameters: ``shutdown_timeout`` seconds running handlers get on a warm stop;
     ``pidfile`` path to write this pid to (refused while another live process holds it,
     :class:`~amqprpc.pidfile.PidFileError`); ``metrics_port`` TCP port for Prometheus'
-    ``/metrics`` (None: no endpoint).
+    ``/metrics`` (None: no endpoint; a Worker only); ``title`` the process title
+    (default ``amqprpc worker <service>``).
     """
     stop_requested = threading.Event()
     cold = threading.Event()

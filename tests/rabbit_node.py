@@ -80,6 +80,14 @@ class RabbitNode:
         self.ctl("start_app")
         self.wait_up()
 
+    def ensure_running(self) -> None:
+        """After a test that failed between stop_app and start_app: bring the app back so
+        the next test does not fail for the wrong reason."""
+        try:
+            self.wait_up(timeout=1)
+        except AssertionError:
+            self.start_app()
+
     def connections(self) -> list[str]:
         """One line per client connection: ``name`` (peer address and port) and state."""
         out = self.ctl("list_connections", "-q", "name", "state", "--no-table-headers")
