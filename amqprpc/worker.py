@@ -104,7 +104,13 @@ class Worker(AmqpLoop):
         self.channel = None
         # What no handler has taken yet is back in the queue already: running it now would
         # only make a duplicate whose ack is dropped.
-        dropped, sentinels = 0, 0
+        dropped = len(self._take_unstarted())
+        if dropped:
+            log.info("dropped unstarted messages of the lost connection", count=dropped)
+
+    def _take_unstarted(self) -> list:
+        """Empty the inbox of the deliveries no handler has taken; shutdown's sentinels stay."""
+        taken, sentinels = [], 0
         while True:
             try:
                 item = self._inbox.get_nowait()
@@ -113,11 +119,10 @@ class Worker(AmqpLoop):
             if item is _STOP:
                 sentinels += 1
             else:
-                dropped += 1
-        for _ in range(sentinels):  # shutdown's, still owed to the handler threads
+                taken.append(item)
+        for _ in range(sentinels):  # still owed to the handler threads
             self._inbox.put(_STOP)
-        if dropped:
-            log.info("dropped unstarted messages of the lost connection", count=dropped)
+        return taken
 
     def _on_message(self, message: amqp.Message) -> None:
         self.stats["received"] += 1
@@ -130,14 +135,7 @@ class Worker(AmqpLoop):
                 self.channel.basic_cancel(self.consumer_tag)
             # After CancelOk nothing more arrives: give back what no handler has taken.
             requeued = 0
-            while True:
-                try:
-                    item = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    continue
-                generation, message = item
+            for generation, message in self._take_unstarted():
                 if generation == self.generation and self.channel is not None:
                     self.channel.basic_reject(message.delivery_tag, requeue=True)
                     requeued += 1
