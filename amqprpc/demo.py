@@ -1,48 +1,159 @@
-"""``amqprpc demo``: the seed article's scenario, end to end against a real broker."""
+"""``amqprpc demo``: the seed article's scenario, end to end against a real broker and Redis.
+
+The whole shop (user, order, payment, inventory, notification) runs in this process, in a
+namespace of its own (``Topology.namespaced`` exchanges and queues, its own Redis prefix),
+so the demo never meets real workers or other runs on the same broker, and it deletes
+everything it declared and stored when it is done.
+"""
 from __future__ import annotations
 
+import json
+import os
+import queue
 import threading
+import time
 from concurrent.futures import Future
 
 import click
 
 from .client import RpcClient
-from .errors import RemoteError
+from .config import redact
+from .context import current
+from .errors import RemoteError, ServiceUnavailable
+from .events import service_queue_names, topic_matches
+from .service import Service
+from .testing import delete_exchanges, delete_queues
+from .topology import DEFAULT_TOPOLOGY
 from .worker import Worker
+
+_WAIT = 10.0  # seconds the events get to fan out before the demo says what is missing
 
 
 def _show(label: str, value) -> None:
-    click.echo(f"  {label:<38} -> {value}")
+    click.echo(f"  {label:<44} -> {value}")
 
 
 def run_demo(broker_url: str) -> None:
-    from workers.user_service import service as user_service
+    from workers.shop import Shop, build_all
 
-    click.echo(f"Starting user-service worker in-process...")
-    worker = Worker(user_service, broker_url=broker_url, concurrency=4)
-    worker.start()
+    namespace = f"amqprpc-demo-{os.urandom(3).hex()}"
+    topology = DEFAULT_TOPOLOGY.namespaced(namespace)
+    shop = Shop(prefix=namespace + ":")
+    _check_redis(shop)
+    services = build_all(shop)
+    seen: queue.SimpleQueue = queue.SimpleQueue()
+    observer = Service("demo-observer")  # a broadcast subscriber to every event: what fans out
+    observer.event("#", broadcast=True)(lambda payload: seen.put((_current_event(), payload)))
+
+    click.echo(f"Starting the shop in-process: {', '.join(s.name for s in services)}...")
+    click.echo(f"  (exchanges and queues under {namespace}.*, Redis keys under {shop.prefix}*)")
+    workers: list[Worker] = []
     try:
-        with RpcClient("demo", broker_url=broker_url, timeout=5.0) as client:
-            users = client.proxy("user-service")
-            click.echo("order-service calls user-service over RabbitMQ:")
-            _show("users.get_user(user_id='user_001')", users.get_user(user_id="user_001"))
-            _show("users.getUser(user_id='user_002')", users.getUser(user_id="user_002"))
-            _show("validate_token(token='a-long-valid-token')",
-                  client.call("user-service", "validate_token", {"token": "a-long-valid-token"}))
+        for service in services + [observer]:
+            worker = Worker(service, broker_url=broker_url, concurrency=4, topology=topology)
             try:
-                client.call("user-service", "validate_token", {"token": "short"})
-            except RemoteError as exc:
-                _show("validate_token(token='short')", f"RemoteError {exc.error_type}: {exc.message}")
-            done = threading.Event()
-            seen: list = []
-
-            def on_done(future: Future) -> None:
-                seen.append(future.result())
-                done.set()
-
-            client.call_async("user-service", "get_user", {"user_id": "user_003"}, callback=on_done)
-            done.wait(5.0)
-            _show("call_async(get_user user_003) callback", seen[0] if seen else "no answer")
+                worker.start()
+            except Exception as exc:  # noqa: BLE001 - whatever stops a connection: say so, no traceback
+                raise ServiceUnavailable(f"cannot connect to broker {redact(broker_url)}: {redact(str(exc))}") from None
+            workers.append(worker)
+        with RpcClient("demo", broker_url=broker_url, timeout=5.0, topology=topology) as client:
+            _calls(client)
+            _order(client, shop, services, seen)
     finally:
-        worker.shutdown(5.0)
-    click.echo("Demo finished: every call answered, worker stopped cleanly.")
+        for worker in workers:
+            worker.shutdown(5.0)
+        if workers:
+            _delete(services + [observer], topology, shop, broker_url)
+    click.echo("Demo finished: every call answered, every event delivered, workers stopped cleanly.")
+
+
+def _delete(services: list[Service], topology, shop, broker_url: str) -> None:
+    """Delete what the demo declared and stored."""
+    delete_queues(*[name for service in services for name in service_queue_names(service, topology)],
+                  broker_url=broker_url)
+    delete_exchanges(topology.service_exchange, topology.event_exchange, broker_url=broker_url)
+    shop.delete_all()
+
+
+def _calls(client: RpcClient) -> None:
+    users = client.proxy("user-service")
+    click.echo("order-service calls user-service over RabbitMQ:")
+    _show("users.get_user(user_id='user_001')", users.get_user(user_id="user_001"))
+    _show("users.getUser(user_id='user_002')", users.getUser(user_id="user_002"))
+    _show("validate_token(token='a-long-valid-token')",
+          client.call("user-service", "validate_token", {"token": "a-long-valid-token"}))
+    try:
+        client.call("user-service", "validate_token", {"token": "short"})
+    except RemoteError as exc:
+        _show("validate_token(token='short')", f"RemoteError {exc.error_type}: {exc.message}")
+    done = threading.Event()
+    answers: list = []
+
+    def on_done(future: Future) -> None:
+        answers.append(future.result())
+        done.set()
+
+    client.call_async("user-service", "get_user", {"user_id": "user_003"}, callback=on_done)
+    done.wait(5.0)
+    _show("call_async(get_user user_003) callback", answers[0] if answers else "no answer")
+
+
+def _order(client: RpcClient, shop, services: list[Service], seen: queue.SimpleQueue) -> None:
+    click.echo("A customer orders 2 x prod_001; order-service calls, then events fan out:")
+    _show("inventory check_stock(prod_001)", f"{_stock(client)} in stock")
+    order = client.call("order-service", "create_order", {
+        "token": "a-long-valid-token", "user_id": "user_001", "items": [{"product_id": "prod_001", "quantity": 2}]})
+    order_id, trace_id = order["order_id"], order["trace_id"]
+    _show("order-service create_order", f"{order_id} {order['status']}, total {order['total']:.2f}")
+    redis, key = shop.redis, shop.key
+
+    def settled() -> bool:
+        return (redis.hget(key("order", order_id), "status") == "paid"
+                and redis.hget(key("reservation", order_id), "status") == "committed"
+                and redis.llen(key("notifications", order_id)) >= 2)
+
+    deadline = time.monotonic() + _WAIT
+    while not settled() and time.monotonic() < deadline:
+        time.sleep(0.02)  # a demo waiting for a store to show a result; workers never poll
+    events = []
+    while not seen.empty():
+        name, payload = seen.get()
+        if payload.get("order_id") == order_id:
+            events.append(name)
+    for name in events:
+        subscribers = [f"{s.name}.{h}" for s in services for h, sub in s.events.items()
+                       if topic_matches(sub.pattern, name)]
+        _show(f"event {name}", ", ".join(subscribers))
+    payment = json.loads(redis.get(key("payment", order_id)) or "{}")
+    reservation = redis.hgetall(key("reservation", order_id))
+    _show("payment-service (on order.created)",
+          f"payment {payment.get('payment_id')} {payment.get('status')}: {payment.get('amount', 0):.2f}")
+    _show("inventory-service (reserve, on payment)",
+          f"reservation {reservation.get('status')}, "
+          f"{_stock(client)} left in stock")
+    _show("order-service (on payment.completed)", f"order {redis.hget(key('order', order_id), 'status')}")
+    notes = [json.loads(n) for n in redis.lrange(key("notifications", order_id), 0, -1)]
+    for note in notes:
+        _show(f"notification-service (on {note['event']})", f"sent: {note['message']}")
+    traces = {payment.get("trace_id"), reservation.get("trace_id"), *(n["trace_id"] for n in notes)}
+    _show("trace id of every record", trace_id if traces == {trace_id} else f"MIXED: {sorted(map(str, traces))}")
+    if not settled() or traces != {trace_id}:
+        raise click.ClickException(f"the order's events did not all arrive within {_WAIT:g}s")
+
+
+def _stock(client: RpcClient) -> int:
+    return client.call("inventory-service", "check_stock", {"product_id": "prod_001"})["stock"]
+
+
+def _current_event() -> str:
+    return current.get().action
+
+
+def _check_redis(shop) -> None:
+    import redis
+
+    try:
+        shop.redis.ping()
+    except redis.RedisError as exc:
+        raise click.ClickException(f"Redis does not answer at {redact(shop.redis_url)}: {redact(str(exc))}\n  Start it with "
+                                   f"'redis-server --daemonize yes' (or set AMQPRPC_REDIS_URL).") from None

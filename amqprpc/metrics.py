@@ -21,8 +21,8 @@ from .service import snake_case
 
 UNKNOWN_ACTION = "<unknown>"
 
-REQUESTS = Counter("amqprpc_requests", "Requests handled, by action and outcome "
-                   "(success, error, rejected, expired).", ["service", "action", "outcome"])
+REQUESTS = Counter("amqprpc_requests", "Requests and events handled, by action (for an event: its handler's "
+                   "name) and outcome (success, error, rejected, expired).", ["service", "action", "outcome"])
 DURATION = Histogram("amqprpc_handler_duration_seconds", "Time from taking a request to its reply, in seconds.",
                      ["service", "action"],
                      buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
@@ -45,14 +45,14 @@ def serve(port: int, addr: str = "0.0.0.0") -> None:
 
 
 def instrument(worker: Any) -> None:
-    """Count every request ``worker`` (an :class:`amqprpc.worker.Worker`) handles."""
+    """Count every request and event ``worker`` (an :class:`amqprpc.worker.Worker`) handles."""
     service = worker.service
     name = service.name
     handle = worker._handle
     in_flight = IN_FLIGHT.labels(name)
     redeliveries = REDELIVERIES.labels(name)
     # Pre-create the series of every known action so dashboards see zeros, not gaps.
-    for action in service.handlers:
+    for action in [*service.handlers, *service.events]:
         for outcome in ("success", "error"):
             REQUESTS.labels(name, action, outcome)
     redeliveries.inc(0)
@@ -67,19 +67,31 @@ def instrument(worker: Any) -> None:
         finally:
             in_flight.dec()
         _, _, body, requeue = result
-        action = _action_of(service, message.body)
-        if requeue is False:
-            outcome = "rejected"
-            dead_letter(name, "bad_message")
-        elif body is None:
-            outcome = "expired"
+        event_consumer = worker.event_consumers.get(message.delivery_info.get("consumer_tag"))
+        if event_consumer is not None:
+            # An event: no reply; acked (None) once its handler returned, rejected otherwise.
+            action = event_consumer.subscription.name
+            outcome = "success" if requeue is None else "error"
+            if requeue is False:
+                dead_letter(name, "event_rejected")
         else:
-            outcome = "success" if body.startswith(b'{"success":true') else "error"
+            action, outcome = _request_outcome(service, message.body, body, requeue)
         REQUESTS.labels(name, action, outcome).inc()
         DURATION.labels(name, action).observe(time.perf_counter() - started)
         return result
 
     worker._handle = handle_and_count
+
+
+def _request_outcome(service: Any, request: bytes, reply: bytes | None, requeue: bool | None) -> tuple[str, str]:
+    """(action label, outcome) of a request from what the worker made of it."""
+    action = _action_of(service, request)
+    if requeue is False:  # not a valid request and nowhere to answer: rejected, dead-lettered
+        dead_letter(service.name, "bad_message")
+        return action, "rejected"
+    if reply is None:
+        return action, "expired"
+    return action, "success" if reply.startswith(b'{"success":true') else "error"
 
 
 def _action_of(service: Any, body: bytes) -> str:

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict
+from typing import TYPE_CHECKING, Any, Callable, Dict
+
+if TYPE_CHECKING:
+    from .client import RpcClient
 
 Handler = Callable[[dict], Any]
 
@@ -71,3 +74,13 @@ class Service:
         if found is None and action != (snake := snake_case(action)):
             found = self.handlers.get(snake)
         return found
+
+    @property
+    def client(self) -> "RpcClient":
+        """The RpcClient this service's handlers use for nested calls and events: one per
+        process, created on first use, closed when the last worker of the service here
+        stops (see :mod:`amqprpc.shared_client`). Calls and events made with it inside a
+        handler carry the handler's trace id and what is left of its deadline."""
+        from .shared_client import client_for  # the client module imports this one
+
+        return client_for(self.name)

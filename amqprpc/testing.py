@@ -10,6 +10,7 @@ from kombu import Connection
 
 from .config import broker_url as default_broker_url
 from .config import ssl_options
+from .events import service_queue_names
 from .service import Service
 from .topology import DEFAULT_TOPOLOGY, Topology
 from .worker import Worker
@@ -22,12 +23,21 @@ def unique_name(prefix: str = "test") -> str:
 
 def delete_queues(*names: str, broker_url: str | None = None) -> None:
     """Delete queues a test declared (missing ones are fine)."""
+    _delete("queue_delete", names, broker_url)
+
+
+def delete_exchanges(*names: str, broker_url: str | None = None) -> None:
+    """Delete exchanges a test declared, e.g. those of a ``Topology.namespaced`` one."""
+    _delete("exchange_delete", names, broker_url)
+
+
+def _delete(method: str, names: tuple[str, ...], broker_url: str | None) -> None:
     url = default_broker_url(broker_url)
     with Connection(url, ssl=ssl_options(url)) as conn:
         for name in names:
             channel = conn.channel()
             try:
-                channel.queue_delete(name)
+                getattr(channel, method)(name)
             except conn.channel_errors:
                 pass
             finally:
@@ -38,7 +48,9 @@ def delete_queues(*names: str, broker_url: str | None = None) -> None:
 @contextlib.contextmanager
 def running_worker(service: Service, *, broker_url: str | None = None, topology: Topology = DEFAULT_TOPOLOGY,
                    delete: bool = True, shutdown_timeout: float = 10.0, **options) -> Iterator[Worker]:
-    """Run ``service`` in a worker inside this process; stop it and delete its queue after."""
+    """Run ``service`` in a worker inside this process; stop it and delete its queues after
+    (its request queue and its service-pool event queues; pass ``delete=False`` when other
+    workers of the same service outlive this one)."""
     worker = Worker(service, broker_url=broker_url, topology=topology, **options)
     worker.start()
     try:
@@ -46,7 +58,7 @@ def running_worker(service: Service, *, broker_url: str | None = None, topology:
     finally:
         worker.shutdown(shutdown_timeout)
         if delete:
-            delete_queues(topology.request_queue_format.format(service=service.name), broker_url=broker_url)
+            delete_queues(*service_queue_names(service, topology), broker_url=broker_url)
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> object:

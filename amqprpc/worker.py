@@ -7,10 +7,14 @@ Threads, and why:
   the handler and hand ``(reply, ack)`` back to the loop with ``call_soon``.
 
 A message is acked only after its reply was published (at-least-once). The prefetch
-bounds how many messages one worker holds unacked.
+bounds how many messages one worker holds unacked (per consumed queue).
+
+Events (``@service.event``) are consumed on the same channel, one consumer per handler
+(:mod:`amqprpc.events`), run by the same handler threads and acked once the handler returned.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import socket
@@ -20,11 +24,11 @@ from typing import Any
 
 import amqp
 
-from . import context, envelope, logs
+from . import context, envelope, events, logs, shared_client
 from .config import broker_url as default_broker_url
 from .errors import BadMessage
 from .ioloop import AmqpLoop, publish
-from .service import Service
+from .service import EventSubscription, Service
 from .topology import DEFAULT_TOPOLOGY, Topology
 
 log = logs.get_logger("amqprpc.worker")
@@ -52,6 +56,7 @@ class Worker(AmqpLoop):
         self.queue_name = topology.request_queue_format.format(service=service.name)
         self.channel: amqp.Channel | None = None
         self.consumer_tag = f"amqprpc.{service.name}.{socket.gethostname()}.{os.getpid()}.{os.urandom(3).hex()}"
+        self.event_consumers = events.event_consumers(service, topology, self.consumer_tag)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._consuming = False
@@ -65,8 +70,14 @@ class Worker(AmqpLoop):
             thread = threading.Thread(target=self._work, name=f"amqprpc-handler-{index}", daemon=True)
             thread.start()
             self._threads.append(thread)
-        super().start()
-        log.info("worker ready", queue=self.queue_name, concurrency=self.concurrency, prefetch=self.prefetch)
+        shared_client.attach(self.service.name, self.url, self.topology)
+        try:
+            super().start()
+        except BaseException:
+            shared_client.detach(self.service.name, self.url, self.topology)
+            raise
+        log.info("worker ready", queue=self.queue_name, concurrency=self.concurrency, prefetch=self.prefetch,
+                 event_queues=[consumer.queue.name for consumer in self.event_consumers.values()])
 
     def shutdown(self, timeout: float = 30.0) -> bool:
         """Warm stop: stop consuming, requeue what was prefetched but not started, let
@@ -83,6 +94,7 @@ class Worker(AmqpLoop):
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         finished = not any(thread.is_alive() for thread in self._threads)
+        shared_client.detach(self.service.name, self.url, self.topology)
         self.stop()
         log.info("worker stopped", clean=finished, **self.stats)
         return finished
@@ -96,6 +108,7 @@ class Worker(AmqpLoop):
         if self._shutting_down:
             return
         channel.basic_consume(queue=self.queue_name, consumer_tag=self.consumer_tag, callback=self._on_message)
+        events.start_consuming(channel, self.event_consumers.values(), self._on_message)
         self._consuming = True
 
     def on_disconnected(self, exc) -> None:
@@ -133,6 +146,8 @@ class Worker(AmqpLoop):
             if self.channel is not None and self._consuming:
                 self._consuming = False
                 self.channel.basic_cancel(self.consumer_tag)
+                for tag in self.event_consumers:
+                    self.channel.basic_cancel(tag)
             # After CancelOk nothing more arrives: give back what no handler has taken.
             requeued = 0
             for generation, message in self._take_unstarted():
@@ -151,8 +166,10 @@ class Worker(AmqpLoop):
         if channel is None:
             return
         if body is not None and reply_to:
-            publish(channel, amqp.Message(body, content_type=envelope.CONTENT_TYPE, correlation_id=correlation_id),
-                    "", reply_to)
+            # Persistent: a reply waiting in the durable collector queue (submit) must survive a
+            # broker restart; in a caller's transient reply queue the flag costs nothing.
+            publish(channel, amqp.Message(body, content_type=envelope.CONTENT_TYPE, correlation_id=correlation_id,
+                                          delivery_mode=2), "", reply_to)
         if generation != self.generation:
             return
         if requeue is None:
@@ -176,6 +193,9 @@ class Worker(AmqpLoop):
 
     def _handle(self, message: amqp.Message) -> tuple[Any, Any, bytes | None, bool | None]:
         """Run one request; returns (reply_to, correlation_id, reply body, requeue)."""
+        event_consumer = self.event_consumers.get(message.delivery_info.get("consumer_tag"))
+        if event_consumer is not None:
+            return self._handle_event(event_consumer.subscription, message)
         started = time.perf_counter()
         properties = message.properties
         try:
@@ -196,10 +216,7 @@ class Worker(AmqpLoop):
                         trace_id=trace_id)
             return request.reply_to, request.correlation_id, envelope.error_reply(
                 f"Unknown action: {request.action}", "UnknownAction", request.message_id), None
-        token = context.current.set(context.CallContext(
-            self.service.name, request.action, request.correlation_id, trace_id, deadline))
-        logs.bind_request(service=self.service.name, action=request.action, correlation_id=request.correlation_id, trace_id=trace_id)
-        try:
+        with self._bound(request.action, request.correlation_id, trace_id, deadline):
             try:
                 result = handler(request.payload)
             except Exception as exc:  # noqa: BLE001 - every handler error becomes an error reply
@@ -212,10 +229,51 @@ class Worker(AmqpLoop):
                 else:
                     self.stats["succeeded"] += 1
                     log.debug("request handled", duration=round(time.perf_counter() - started, 6))
+        return request.reply_to, request.correlation_id, body, None
+
+    @contextlib.contextmanager
+    def _bound(self, action: str, correlation_id: str, trace_id: str, deadline: float | None, **log_fields: Any):
+        """Around running one handler (request or event): the call context that nested
+        calls and events inherit (trace id, deadline) and the fields of its log lines."""
+        token = context.current.set(context.CallContext(self.service.name, action, correlation_id, trace_id, deadline))
+        logs.bind_request(service=self.service.name, action=action, correlation_id=correlation_id, trace_id=trace_id,
+                          **log_fields)
+        try:
+            yield
         finally:
             context.current.reset(token)
             logs.clear_request()
-        return request.reply_to, request.correlation_id, body, None
+
+    def _handle_event(self, subscription: EventSubscription, message: amqp.Message) -> tuple[Any, Any, None, bool | None]:
+        """Run one event handler; (None, None, None, requeue): ack once it returned, else
+        what :meth:`_event_failed` decides. Events get no reply and have no deadline."""
+        started = time.perf_counter()
+        try:
+            event = envelope.decode_request(message.body, message.properties, self.max_message_bytes)
+        except BadMessage as exc:
+            self.stats["rejected"] += 1
+            log.warning("bad event message", reason=exc.reason, handler=subscription.name)
+            return None, None, None, False
+        with self._bound(event.action, event.message_id, event.trace_id or event.message_id, None,
+                         handler=subscription.name):
+            try:
+                subscription.function(event.payload)
+            except Exception as exc:  # noqa: BLE001 - a failing handler must not kill the thread
+                return None, None, None, self._event_failed(subscription, message, event, exc, started)
+            self.stats["succeeded"] += 1
+            log.debug("event handled", duration=round(time.perf_counter() - started, 6))
+        return None, None, None, None
+
+    def _event_failed(self, subscription: EventSubscription, message: amqp.Message, event: envelope.Request,
+                      exc: Exception, started: float) -> bool | None:
+        """Where a failed event handler's message goes: the one place for retry and
+        dead-letter policies. Returns the disposition for ``_finish`` (None ack, False
+        reject without requeue: dead-lettered where the queue has a DLX, never a hot
+        requeue loop). Runs inside the event's log context (trace id bound)."""
+        self.stats["failed"] += 1
+        log.warning("event handler failed", error=str(exc), error_type=type(exc).__name__,
+                    duration=round(time.perf_counter() - started, 6))
+        return False
 
     def _failed(self, exc: BaseException, request: envelope.Request, started: float) -> bytes:
         self.stats["failed"] += 1

@@ -24,3 +24,9 @@ def work(payload: dict) -> dict:
     time.sleep(float(payload.get("sleep", 0.1)))
     _redis.hincrby(payload["done"], n, 1)
     return {"n": n}
+
+
+@service.event(f"{service.name}.happened")
+def happened(payload: dict) -> None:
+    """An event of this test's own: counted like a request, under ``event``."""
+    _redis.hincrby(payload["done"], "event", 1)

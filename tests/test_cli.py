@@ -83,8 +83,24 @@ def test_unknown_service_exits_4_in_under_2_seconds(broker_url):
 
 
 @pytest.mark.integration
-def test_demo_runs_the_scenario(broker_url):
+def test_demo_runs_the_scenario(broker_url, redis_available):
+    import re
+
+    import redis
+    from kombu import Connection
+
     result = run("demo", timeout=60)
     assert result.returncode == 0, result.stderr
     assert "Alice Zhang" in result.stdout and "Invalid token" in result.stdout
+    # The order fans out: payment, inventory, order status and notifications, one trace.
+    for shown in ("event order.created", "event payment.completed", "completed: 99.80", "reservation committed",
+                  "98 left in stock", "order paid", "sent: Order o-", "went through: 99.80"):
+        assert shown in result.stdout, shown
+    assert "MIXED" not in result.stdout
     assert "Demo finished" in result.stdout
+    # ... and the demo took away what it declared and stored.
+    namespace = re.search(r"queues under (amqprpc-demo-[0-9a-f]+)\.", result.stdout).group(1)
+    assert not list(redis.Redis().scan_iter(match=namespace + ":*"))
+    with Connection(broker_url) as conn:
+        with pytest.raises(conn.channel_errors):
+            conn.channel().queue_declare(f"{namespace}.service.order-service.request", passive=True)

@@ -37,7 +37,7 @@ def r(redis_available):
 def svc(broker_url):
     name = unique_name("daemon")
     yield name
-    delete_queues(f"service.{name}.request")
+    delete_queues(f"service.{name}.request", f"service.{name}.event.happened")
 
 
 @pytest.fixture
@@ -208,7 +208,10 @@ def test_metrics_endpoint_counts_requests(svc, client, r, tmp_path):
             client.call(svc, "work", {"n": n, "done": done, "sleep": 0})
         with pytest.raises(RemoteError):
             client.call(svc, "no_such_action", timeout=5)
-        after = _scrape(port)
+        client.publish_event(f"{svc}.happened", {"done": done})
+        wait_for(lambda: r.hget(done, "event"), timeout=10)
+        event_ok = ("amqprpc_requests_total", (("action", "happened"), ("outcome", "success")))
+        after = wait_for(lambda: (scraped := _scrape(port)).get(event_ok) and scraped, timeout=10)
         assert after[success] == 3
         assert after[("amqprpc_requests_total", (("action", "<unknown>"), ("outcome", "error")))] == 1
         assert after[("amqprpc_handler_duration_seconds_count", (("action", "work"),))] == 3

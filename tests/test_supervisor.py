@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from amqprpc import RemoteError, RpcClient
-from amqprpc.testing import delete_queues, wait_for
+from amqprpc.testing import delete_queues, unique_name, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -51,9 +51,9 @@ def test_program_file_follows_the_rules(path):
         assert "AMQPRPC_BROKER_URL=" in program["environment"]
 
 
-def template(path: Path, tmp: Path, broker_url: str) -> Path:
+def template(path: Path, tmp: Path, broker_url: str, shop_prefix: str) -> Path:
     """The shipped file with this machine's paths: the venv's amqprpc, logs under tmp,
-    the test broker, no user switch."""
+    the test broker, Redis keys of this test's own, no user switch."""
     parser = configparser.RawConfigParser()
     parser.read(path)
     for section in parser.sections():
@@ -64,7 +64,7 @@ def template(path: Path, tmp: Path, broker_url: str) -> Path:
         program["directory"] = str(tmp)
         program.pop("user", None)
         program["environment"] = re.sub(r'AMQPRPC_BROKER_URL="[^"]*"', f'AMQPRPC_BROKER_URL="{broker_url}"',
-                                        program["environment"])
+                                        program["environment"]) + f',AMQPRPC_SHOP_PREFIX="{shop_prefix}"'
         program["stdout_logfile"] = str(tmp / "logs" / Path(program["stdout_logfile"]).name)
     out = tmp / "conf.d" / path.name
     with open(out, "w") as handle:
@@ -77,7 +77,7 @@ def supervisord(own_broker, tmp_path):
     (tmp_path / "conf.d").mkdir()
     (tmp_path / "logs").mkdir()
     for path in PROGRAM_FILES:
-        template(path, tmp_path, own_broker.url)
+        template(path, tmp_path, own_broker.url, unique_name("amqprpc-test-shop") + ":")
     conf = tmp_path / "supervisord.conf"
     conf.write_text(f"""\
 [unix_http_server]

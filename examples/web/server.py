@@ -191,13 +191,21 @@ def _start_services(service: str, app: str | None, store: ResponseStore, topolog
     loaded = load_service(service, app)
     if loaded.name != service:
         raise click.UsageError(f"--app loads {loaded.name!r} but orders go to --service {service!r}")
-    worker = Worker(loaded, broker_url=broker, topology=topology, concurrency=4)
+    services = [loaded]
+    if app is None and service == "order-service":
+        # The shipped order-service calls user- and inventory-service, and its events feed
+        # payment- and notification-service: run the whole shop with it.
+        from workers.shop import build_all
+        services += [other for other in build_all() if other.name != service]
+    workers = [Worker(each, broker_url=broker, topology=topology, concurrency=4) for each in services]
     collector = Collector(store, broker_url=broker, topology=topology)
-    worker.start()
+    for worker in workers:
+        worker.start()
     collector.start()
 
     def stop() -> None:
-        worker.shutdown(5.0)
+        for worker in workers:
+            worker.shutdown(5.0)
         collector.shutdown(5.0)
     return stop
 

@@ -1,0 +1,72 @@
+"""What the shop's services share: where their state lives in Redis.
+
+Each shop service module has a ``build(shop)`` factory and a module-level ``service =
+build()`` that ``amqprpc worker <name>`` runs. A :class:`Shop` names the Redis database
+(``AMQPRPC_REDIS_URL``) and the key prefix (``AMQPRPC_SHOP_PREFIX``, default ``shop:``), so
+that several shops (the demo, tests running side by side) never see each other's state;
+a namespaced :class:`~amqprpc.Topology` does the same for their queues and exchanges.
+
+The events of the shop (routing keys on the event exchange):
+``order.created`` (order-service), ``payment.completed`` / ``payment.failed`` (payment-service).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+
+import redis
+
+from amqprpc.config import redis_url
+from amqprpc.context import current
+
+DEFAULT_PREFIX = "shop:"
+
+
+def _prefix_from_env() -> str:
+    return os.environ.get("AMQPRPC_SHOP_PREFIX") or DEFAULT_PREFIX
+
+
+@dataclass(frozen=True)
+class Shop:
+    """Where one shop keeps its state. ``prefix`` starts every Redis key it writes."""
+
+    prefix: str = field(default_factory=_prefix_from_env)
+    redis_url: str = field(default_factory=redis_url)
+
+    def key(self, *parts: str) -> str:
+        """``shop.key("order", "o-1")`` -> ``shop:order:o-1``."""
+        return self.prefix + ":".join(parts)
+
+    @property
+    def redis(self) -> redis.Redis:
+        """A Redis client (thread-safe, pooled), one per URL per process."""
+        return _redis(self.redis_url)
+
+    def delete_all(self) -> int:
+        """Delete every key of this shop (tests, the demo). Returns how many."""
+        keys = list(self.redis.scan_iter(match=self.prefix + "*", count=500))
+        return self.redis.delete(*keys) if keys else 0
+
+
+@functools.lru_cache(maxsize=None)
+def _redis(url: str) -> redis.Redis:
+    # decode_responses: the shop stores text and JSON, never bytes.
+    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=5.0, socket_connect_timeout=5.0)
+
+
+def trace_id() -> str:
+    """The trace id of the request or event being handled ("" outside a handler), stored
+    with every record so a record leads to the log lines of every hop."""
+    call = current.get()
+    return call.trace_id if call is not None else ""
+
+
+def build_all(shop: Shop | None = None) -> list:
+    """Every service of the shop built for ``shop`` (user, order, payment, inventory,
+    notification): what the demo and the tests run together."""
+    from . import inventory_service, notification_service, order_service, payment_service, user_service
+
+    shop = shop or Shop()
+    return [user_service.service, order_service.build(shop), payment_service.build(shop),
+            inventory_service.build(shop), notification_service.build(shop)]
