@@ -125,9 +125,8 @@ def worker(service: str, app: str | None, concurrency: int, prefetch: int | None
     stop, 1 after a cold stop, 2 for usage errors, 4 when the broker is unreachable.
     A lost broker connection is retried forever with capped, jittered backoff.
     """
-    from .daemon import run_worker
+    from .daemon import StartupError, run_worker
     from .loading import ServiceNotFound, load_service
-    from .pidfile import PidFileError
     from .worker import Worker
 
     logs.configure(log_format, log_level)
@@ -140,7 +139,7 @@ def worker(service: str, app: str | None, concurrency: int, prefetch: int | None
     instance.reconnect_cap = reconnect_cap
     try:
         code = run_worker(instance, shutdown_timeout, pidfile=pidfile, metrics_port=metrics_port)
-    except PidFileError as exc:
+    except StartupError as exc:
         fail(EXIT_USAGE, str(exc))
     except Exception as exc:  # noqa: BLE001 - connection failures at start: one line, no traceback
         fail(EXIT_UNAVAILABLE, f"cannot connect to broker {broker}: {exc}")
@@ -234,8 +233,7 @@ def collector(redis_url: str, ttl: float, queue_name: str, key_prefix: str, pref
     with backoff and the replies wait in the queue. Exit codes as for 'worker'.
     """
     from .collector import Collector
-    from .daemon import run_worker
-    from .pidfile import PidFileError
+    from .daemon import StartupError, run_worker
     from .responses import ResponseStore
     from .topology import Topology
 
@@ -246,7 +244,7 @@ def collector(redis_url: str, ttl: float, queue_name: str, key_prefix: str, pref
     instance.reconnect_cap = reconnect_cap
     try:
         code = run_worker(instance, shutdown_timeout, pidfile=pidfile, title="amqprpc collector")
-    except PidFileError as exc:
+    except StartupError as exc:
         fail(EXIT_USAGE, str(exc))
     except Exception as exc:  # noqa: BLE001 - connection failures at start: one line, no traceback
         fail(EXIT_UNAVAILABLE, f"cannot connect to broker {broker}: {exc}")

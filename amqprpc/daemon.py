@@ -23,13 +23,18 @@ import time
 
 from . import logs, sdnotify
 from .config import redact
-from .pidfile import PidFile
+from .pidfile import PidFile, PidFileError
 from .worker import Worker
 
 log = logs.get_logger("amqprpc.daemon")
 
 EXIT_OK = 0
 EXIT_COLD_STOP = 1
+
+
+class StartupError(Exception):
+    """The process cannot start as configured (pidfile held, metrics port taken): a
+    usage error, not a broker problem."""
 
 
 def run_worker(worker: Worker, shutdown_timeout: float = 30.0, *, pidfile: str | None = None,
@@ -40,8 +45,8 @@ def run_worker(worker: Worker, shutdown_timeout: float = 30.0, *, pidfile: str |
     ``shutdown``, ``stop``, ``alive``, ``stats``, ``url``), such as the collector.
 
     Parameters: ``shutdown_timeout`` seconds running handlers get on a warm stop;
-    ``pidfile`` path to write this pid to (refused while another live process holds it,
-    :class:`~amqprpc.pidfile.PidFileError`); ``metrics_port`` TCP port for Prometheus'
+    ``pidfile`` path to write this pid to (refused while another live process holds it:
+    :class:`StartupError`, as for a metrics port already taken); ``metrics_port`` TCP port for Prometheus'
     ``/metrics`` (None: no endpoint; a Worker only); ``title`` the process title
     (default ``amqprpc worker <service>``).
     """
@@ -66,13 +71,19 @@ def run_worker(worker: Worker, shutdown_timeout: float = 30.0, *, pidfile: str |
     signal.signal(signal.SIGHUP, on_hangup)
     _set_process_title(title)
     if lock is not None:
-        lock.acquire()
+        try:
+            lock.acquire()
+        except PidFileError as exc:
+            raise StartupError(str(exc)) from None
     try:
         if metrics_port is not None:
             from . import metrics  # prometheus_client only when asked for
 
             metrics.instrument(worker)
-            metrics.serve(metrics_port)
+            try:
+                metrics.serve(metrics_port)
+            except OSError as exc:
+                raise StartupError(f"cannot serve metrics on port {metrics_port}: {exc}") from None
         sizes = {key: getattr(worker, key) for key in ("concurrency", "prefetch") if hasattr(worker, key)}
         log.info("worker starting", title=title, pid=os.getpid(), broker=redact(worker.url), **sizes,
                  metrics_port=metrics_port)

@@ -217,6 +217,11 @@ def test_metrics_endpoint_counts_requests(svc, client, r, tmp_path):
         assert after[("amqprpc_handler_duration_seconds_count", (("action", "work"),))] == 3
         assert after[("amqprpc_requests_in_flight", ())] == 0
         assert after[("amqprpc_redeliveries_total", ())] == 0
+
+        # A second worker on a port already taken is a usage error (exit 2), not "no broker".
+        taken = WorkerProcess(svc, str(tmp_path / "taken.log"), "--metrics-port", str(port))
+        assert taken.wait(20) == 2
+        assert "cannot serve metrics on port" in taken.text()
     finally:
         worker.process.send_signal(signal.SIGTERM)
         assert worker.wait(15) == 0
