@@ -1,4 +1,5 @@
 """amqprpc: calls and events between microservices over RabbitMQ, built on kombu."""
+from .breaker import CircuitBreaker
 from .client import RpcClient, ServiceProxy
 from .aio import AsyncRpcClient
 from .errors import CallTimeout, CircuitOpen, RemoteError, RpcError, ServiceUnavailable
@@ -8,7 +9,7 @@ from .topology import Topology
 from .worker import Worker
 
 __all__ = [
-    "Service", "RpcClient", "ServiceProxy", "AsyncRpcClient", "ResponseStore", "Worker", "Topology",
+    "Service", "RpcClient", "CircuitBreaker", "ServiceProxy", "AsyncRpcClient", "ResponseStore", "Worker", "Topology",
     "RpcError", "RemoteError", "CallTimeout", "ServiceUnavailable", "CircuitOpen",
 ]
 __version__ = "0.1.0"

@@ -106,12 +106,16 @@ def main() -> None:
               help="Unacked messages held at most  [default: 2 x concurrency]")
 @click.option("--metrics-port", envvar="AMQPRPC_METRICS_PORT", default=None, show_envvar=True,
               type=click.IntRange(min=1, max=65535), help="Serve Prometheus metrics on this port at /metrics.")
+@click.option("--registry-interval", envvar="AMQPRPC_REGISTRY_INTERVAL", default=5.0, show_default=True,
+              show_envvar=True, type=click.FloatRange(min=0),
+              help="Seconds between heartbeats to the service registry in Redis (0: do not register).")
+@redis_option
 @daemon_options
 @broker_option
 @logging_options("info")
 def worker(service: str, app: str | None, concurrency: int, prefetch: int | None, shutdown_timeout: float,
-           heartbeat: float, pidfile: str | None, metrics_port: int | None, reconnect_cap: float, broker: str,
-           log_format: str, log_level: str) -> None:
+           heartbeat: float, registry_interval: float, redis_url: str, pidfile: str | None,
+           metrics_port: int | None, reconnect_cap: float, broker: str, log_format: str, log_level: str) -> None:
     """Run SERVICE's handlers in the foreground until a stop signal.
 
     \b
@@ -135,7 +139,11 @@ def worker(service: str, app: str | None, concurrency: int, prefetch: int | None
     except ServiceNotFound as exc:
         raise click.UsageError(str(exc)) from None
     logs.bind_process(service=svc.name)
-    instance = Worker(svc, broker_url=broker, concurrency=concurrency, prefetch=prefetch, heartbeat=heartbeat)
+    from .registry import Registry
+
+    registry = Registry(redis_url) if registry_interval > 0 else None
+    instance = Worker(svc, broker_url=broker, concurrency=concurrency, prefetch=prefetch, heartbeat=heartbeat,
+                      registry=registry, registry_interval=registry_interval or 5.0)
     instance.reconnect_cap = reconnect_cap
     try:
         code = run_worker(instance, shutdown_timeout, pidfile=pidfile, metrics_port=metrics_port)
@@ -208,6 +216,53 @@ def publish(event: str, payload: dict, timeout: float, broker: str, log_format: 
     except RpcError as exc:
         fail(exit_code_for(exc), str(exc))
     click.echo("published")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--stale-after", envvar="AMQPRPC_REGISTRY_STALE_AFTER", default=60.0, show_default=True,
+              show_envvar=True, type=click.FloatRange(min=0.1),
+              help="Seconds without a heartbeat after which an instance counts as dead (and is pruned).")
+@redis_option
+def services(as_json: bool, stale_after: float, redis_url: str) -> None:
+    """List the services of the registry: live instances, heartbeat age, processed counts.
+
+    Exit 0, or 4 when Redis cannot be reached.
+    """
+    from .registry import Registry, format_table
+
+    try:
+        found = Registry(redis_url, stale_after=stale_after).snapshot()
+    except Exception as exc:  # noqa: BLE001 - redis errors: one line, no traceback
+        fail(EXIT_UNAVAILABLE, f"cannot read the service registry at {redis_url}: {exc}")
+    click.echo(json.dumps(found, indent=2) if as_json else format_table(found))
+
+
+@main.command()
+@click.argument("service")
+@click.option("--count", "-n", default=1, show_default=True, type=click.IntRange(min=1), help="Round trips to make.")
+@timeout_option
+@broker_option
+@logging_options("warning")
+def ping(service: str, count: int, timeout: float, broker: str, log_format: str, log_level: str) -> None:
+    """Round trip(s) to SERVICE's built-in ping action; prints who answered and the latency.
+
+    Exit 0 when every ping was answered, 3 timeout, 4 unavailable.
+    """
+    import time
+
+    logs.configure(log_format, log_level)
+    from .client import RpcClient
+
+    try:
+        with RpcClient("amqprpc-cli", broker_url=broker, timeout=timeout) as client:
+            for _ in range(count):
+                started = time.perf_counter()
+                data = client.call(service, "ping", {}, timeout=timeout)
+                click.echo(f"pong from {service} {data.get('instance_id')} in "
+                           f"{(time.perf_counter() - started) * 1000:.2f} ms")
+    except RpcError as exc:
+        fail(exit_code_for(exc), str(exc))
 
 
 @main.command()

@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 import amqp
 
 from . import context, envelope, logs
+from .breaker import CircuitBreaker
 from .config import broker_url as default_broker_url
 from .config import redact
 from .errors import CallTimeout, RemoteError, ServiceUnavailable
@@ -39,11 +40,13 @@ class RpcClient(AmqpLoop):
     """
 
     def __init__(self, source: str = "amqprpc-client", *, broker_url: str | None = None, timeout: float = 5.0,
-                 topology: Topology = DEFAULT_TOPOLOGY, heartbeat: float = 30.0, connect_timeout: float = 5.0):
+                 topology: Topology = DEFAULT_TOPOLOGY, heartbeat: float = 30.0, connect_timeout: float = 5.0,
+                 breaker: CircuitBreaker | None = None):
         super().__init__(default_broker_url(broker_url), name=f"amqprpc-client-{source}", heartbeat=heartbeat,
                          connect_timeout=connect_timeout)
         self.source = source
         self.timeout = timeout
+        self.breaker = breaker
         self.topology = topology
         self.reply_queue = topology.reply_queue(source)
         self._call_channel: amqp.Channel | None = None
@@ -67,10 +70,16 @@ class RpcClient(AmqpLoop):
         """Call ``action`` on ``service`` and return its ``data``.
 
         Raises RemoteError (the handler failed), CallTimeout (no reply within ``timeout``
-        seconds) or ServiceUnavailable (no queue for the service, or no broker).
+        seconds), ServiceUnavailable (no queue for the service, or no broker) or
+        CircuitOpen (the breaker refused; nothing was sent).
         """
         timeout = self.timeout if timeout is None else timeout
-        future = self.call_async(service, action, payload, timeout=timeout)
+        if self.breaker is not None:
+            return self.breaker.call(service, action, payload, lambda: self._call(service, action, payload, timeout))
+        return self._call(service, action, payload, timeout)
+
+    def _call(self, service: str, action: str, payload: Mapping[str, Any] | None, timeout: float) -> Any:
+        future = self._call_async(service, action, payload, timeout)
         try:
             return future.result(timeout + _GRACE)
         except TimeoutError:
@@ -83,6 +92,18 @@ class RpcClient(AmqpLoop):
         ``callback(future)`` runs when it resolves, on a separate callback thread (so a
         callback may itself make calls).
         """
+        if self.breaker is not None:
+            future = self.breaker.call_async(service, action, payload,
+                                             lambda: self._call_async(service, action, payload, timeout),
+                                             self._run_callback)
+        else:
+            future = self._call_async(service, action, payload, timeout)
+        if callback is not None:
+            future.add_done_callback(self._run_callback(callback))
+        return future
+
+    def _call_async(self, service: str, action: str, payload: Mapping[str, Any] | None,
+                    timeout: float | None) -> Future:
         timeout, headers = self._deadline(timeout)
         message_id = envelope.new_id()
         body = envelope.request_body(message_id=message_id, source=self.source, target=service, action=action,
@@ -91,8 +112,6 @@ class RpcClient(AmqpLoop):
                                correlation_id=message_id, reply_to=self.reply_queue.name, delivery_mode=2,
                                expiration=str(max(1, int(timeout * 1000))))
         future: Future = Future()
-        if callback is not None:
-            future.add_done_callback(self._run_callback(callback))
         if timeout <= 0:
             future.set_exception(CallTimeout(f"{service}.{action}: the deadline had already passed"))
             return future
@@ -276,6 +295,10 @@ class RpcClient(AmqpLoop):
             _settle(future, exception=RemoteError("reply is not a JSON object", "BadReply"))
         elif doc.get("success"):
             _settle(future, result=doc.get("data"))
+        elif doc.get("error_type") == "CallTimeout":
+            # The deadline ran out further down the chain (nested calls share it): to this
+            # caller that is its own timeout, whichever hop noticed first.
+            _settle(future, exception=CallTimeout(f"{service}.{action}: {doc.get('error')}"))
         else:
             _settle(future, exception=RemoteError(str(doc.get("error")), str(doc.get("error_type") or "RemoteError"),
                                                   doc.get("message_id")))

@@ -26,6 +26,18 @@ def redis_url(url: str | None = None) -> str:
     return url or os.environ.get("AMQPRPC_REDIS_URL") or DEFAULT_REDIS_URL
 
 
+def redis_client(url: str, timeout: float):
+    """A ``redis.Redis`` that gives up after ``timeout`` seconds (connect and read) and never
+    retries on its own: each caller decides what an unreachable Redis means (the breaker and
+    the registry carry on without it)."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                retry=Retry(NoBackoff(), 0))
+
+
 def redact(text: str) -> str:
     """Replace the password of every URL in ``text`` with ``***``."""
     if "@" not in text:

@@ -25,7 +25,8 @@ class RemoteError(RpcError):
 
 
 class CallTimeout(RpcError):
-    """No reply arrived before the call's deadline."""
+    """No reply arrived before the call's deadline, or a service down the chain (which
+    shares the deadline) answered that its own call ran out of it (error_type CallTimeout)."""
 
 
 class ServiceUnavailable(RpcError):

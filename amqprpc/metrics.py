@@ -75,7 +75,7 @@ def instrument(worker: Any) -> None:
             if requeue is False:
                 dead_letter(name, "event_rejected")
         else:
-            action, outcome = _request_outcome(service, message.body, body, requeue)
+            action, outcome = _request_outcome(worker, message.body, body, requeue)
         REQUESTS.labels(name, action, outcome).inc()
         DURATION.labels(name, action).observe(time.perf_counter() - started)
         return result
@@ -83,22 +83,25 @@ def instrument(worker: Any) -> None:
     worker._handle = handle_and_count
 
 
-def _request_outcome(service: Any, request: bytes, reply: bytes | None, requeue: bool | None) -> tuple[str, str]:
+def _request_outcome(worker: Any, request: bytes, reply: bytes | None, requeue: bool | None) -> tuple[str, str]:
     """(action label, outcome) of a request from what the worker made of it."""
-    action = _action_of(service, request)
+    action = _action_of(worker, request)
     if requeue is False:  # not a valid request and nowhere to answer: rejected, dead-lettered
-        dead_letter(service.name, "bad_message")
+        dead_letter(worker.service.name, "bad_message")
         return action, "rejected"
     if reply is None:
         return action, "expired"
     return action, "success" if reply.startswith(b'{"success":true') else "error"
 
 
-def _action_of(service: Any, body: bytes) -> str:
+def _action_of(worker: Any, body: bytes) -> str:
     try:
         action = envelope.loads(body).get("action")
     except Exception:  # noqa: BLE001 - a bad message has no action
         return UNKNOWN_ACTION
-    if not isinstance(action, str) or service.find(action) is None:
+    if not isinstance(action, str):
         return UNKNOWN_ACTION
-    return action if action in service.handlers else snake_case(action)  # getUser counts as get_user
+    service = worker.service
+    if service.find(action) is not None:
+        return action if action in service.handlers else snake_case(action)  # getUser counts as get_user
+    return action if action in getattr(worker, "_builtins", {}) else UNKNOWN_ACTION  # e.g. ping

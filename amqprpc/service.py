@@ -38,6 +38,9 @@ class Service:
     name: str
     handlers: Dict[str, Handler] = field(default_factory=dict)
     events: Dict[str, EventSubscription] = field(default_factory=dict)
+    #: CircuitBreaker for the calls this service's handlers make through ``service.client``,
+    #: so one dead downstream service fails them fast instead of tying up handler threads.
+    breaker: Any = None
 
     def handler(self, action: str | Callable | None = None) -> Callable:
         """Register a function as the handler of ``action`` (default: the function's name).
@@ -83,4 +86,4 @@ class Service:
         handler carry the handler's trace id and what is left of its deadline."""
         from .shared_client import client_for  # the client module imports this one
 
-        return client_for(self.name)
+        return client_for(self.name, breaker=self.breaker)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 
+from .breaker import CircuitBreaker
 from .client import RpcClient
 from .topology import DEFAULT_TOPOLOGY, Topology
 
@@ -29,8 +30,9 @@ _attached: dict[str, list[tuple[str | None, Topology]]] = {}  # service -> (brok
 _clients: dict[str, RpcClient] = {}  # service -> its shared client
 
 
-def client_for(service: str) -> RpcClient:
-    """The shared client of ``service``'s handlers; connects on first use.
+def client_for(service: str, breaker: CircuitBreaker | None = None) -> RpcClient:
+    """The shared client of ``service``'s handlers; connects on first use, guarded by
+    ``breaker`` (the Service's own) when given.
 
     Raises :class:`~amqprpc.errors.ServiceUnavailable` when the broker cannot be reached
     (the next use tries again).
@@ -42,7 +44,7 @@ def client_for(service: str) -> RpcClient:
         client = _clients.get(service)
         if client is None:
             broker_url, topology = (_attached.get(service) or [(None, DEFAULT_TOPOLOGY)])[0]
-            client = _clients[service] = RpcClient(service, broker_url=broker_url, topology=topology)
+            client = _clients[service] = RpcClient(service, broker_url=broker_url, topology=topology, breaker=breaker)
         return client
 
 

@@ -28,6 +28,7 @@ from . import context, envelope, events, logs, shared_client
 from .config import broker_url as default_broker_url
 from .errors import BadMessage
 from .ioloop import AmqpLoop, publish
+from .registry import DEFAULT_INTERVAL, Presence, Registry, describe_worker, new_instance_id, ping_handler
 from .service import EventSubscription, Service
 from .topology import DEFAULT_TOPOLOGY, Topology
 
@@ -41,12 +42,14 @@ class Worker(AmqpLoop):
 
     Parameters: ``concurrency`` handler threads; ``prefetch`` unacked messages held at most
     (default twice the concurrency); ``max_message_bytes`` larger bodies are refused;
-    ``heartbeat`` seconds.
+    ``heartbeat`` seconds; ``registry`` a :class:`~amqprpc.registry.Registry` to announce
+    this instance in every ``registry_interval`` seconds (from a thread of its own).
     """
 
     def __init__(self, service: Service, *, broker_url: str | None = None, concurrency: int = 8,
                  prefetch: int | None = None, topology: Topology = DEFAULT_TOPOLOGY,
-                 heartbeat: float = 30.0, max_message_bytes: int = 1 << 20):
+                 heartbeat: float = 30.0, max_message_bytes: int = 1 << 20,
+                 registry: Registry | None = None, registry_interval: float = DEFAULT_INTERVAL):
         super().__init__(default_broker_url(broker_url), name=f"amqprpc-io-{service.name}", heartbeat=heartbeat)
         self.service = service
         self.concurrency = concurrency
@@ -62,6 +65,10 @@ class Worker(AmqpLoop):
         self._consuming = False
         self._shutting_down = False
         self.stats = {"received": 0, "succeeded": 0, "failed": 0, "rejected": 0, "expired": 0}
+        self.instance_id = new_instance_id()
+        self.started_at = time.time()
+        self._builtins = {"ping": ping_handler(self)}
+        self.presence = registry and Presence(registry, lambda: describe_worker(self), registry_interval)
 
     # --- lifecycle (any thread) --------------------------------------------------------
     def start(self) -> None:
@@ -76,6 +83,8 @@ class Worker(AmqpLoop):
         except BaseException:
             shared_client.detach(self.service.name, self.url, self.topology)
             raise
+        if self.presence:
+            self.presence.start()
         log.info("worker ready", queue=self.queue_name, concurrency=self.concurrency, prefetch=self.prefetch,
                  event_queues=[consumer.queue.name for consumer in self.event_consumers.values()])
 
@@ -88,6 +97,8 @@ class Worker(AmqpLoop):
         self._shutting_down = True  # a reconnect during the stop must not consume again
         self.call_soon(self._stop_consuming, stopped)
         stopped.wait(5.0)
+        if self.presence:
+            self.presence.stop()  # stop advertising as soon as we stop consuming
         for _ in self._threads:
             self._inbox.put(_STOP)
         deadline = time.monotonic() + timeout
@@ -203,13 +214,18 @@ class Worker(AmqpLoop):
         except BadMessage as exc:
             return self._refuse(message, exc.reason)
         trace_id = request.trace_id or request.correlation_id
+        # Bound before anything is logged, so that even the "expired" and "unknown action"
+        # lines carry the request's fields (and nothing of the previous request leaks in).
+        logs.clear_request()
+        logs.bind_request(service=self.service.name, action=request.action, correlation_id=request.correlation_id,
+                          trace_id=trace_id, parent_id=request.headers.get("parent_id"))
         deadline = request.deadline
         if deadline is not None and time.time() > deadline:
             self.stats["expired"] += 1
             log.info("request expired, dropped unrun", action=request.action, correlation_id=request.correlation_id,
                      trace_id=trace_id, late_by=round(time.time() - deadline, 3))
             return None, None, None, None
-        handler = self.service.find(request.action)
+        handler = self.service.find(request.action) or self._builtins.get(request.action)
         if handler is None:
             self.stats["failed"] += 1
             log.warning("unknown action", action=request.action, correlation_id=request.correlation_id,
@@ -255,7 +271,7 @@ class Worker(AmqpLoop):
             log.warning("bad event message", reason=exc.reason, handler=subscription.name)
             return None, None, None, False
         with self._bound(event.action, event.message_id, event.trace_id or event.message_id, None,
-                         handler=subscription.name):
+                         handler=subscription.name, parent_id=event.headers.get("parent_id")):
             try:
                 subscription.function(event.payload)
             except Exception as exc:  # noqa: BLE001 - a failing handler must not kill the thread

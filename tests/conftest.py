@@ -57,3 +57,84 @@ def own_broker():
     node.start()
     yield node
     node.stop()
+
+
+@pytest.fixture
+def worker_processes(tmp_path, broker_url):
+    """Start ``amqprpc worker`` subprocesses, each logging JSON to its own file
+    (``process.log_path``); whatever still runs after the test is killed."""
+    import os
+    import subprocess
+    import sys
+
+    started = []
+
+    def start(service: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+        log_path = tmp_path / f"{service}.{len(started)}.log"
+        with open(log_path, "w") as log:
+            process = subprocess.Popen([sys.executable, "-m", "amqprpc", "worker", service, "--log-format", "json",
+                                        *args], stdout=log, stderr=subprocess.STDOUT,
+                                       env={**os.environ, "PYTHONPATH": str(tmp_path), **(env or {})})
+        process.log_path = log_path
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+def log_lines(process) -> list:
+    """The JSON log lines a worker process wrote so far."""
+    import json
+
+    lines = []
+    for raw in process.log_path.read_text().splitlines():
+        try:
+            lines.append(json.loads(raw))
+        except ValueError:
+            pass
+    return lines
+
+
+def wait_ready(*processes, timeout: float = 30.0) -> None:
+    from amqprpc.testing import wait_for
+
+    for process in processes:
+        wait_for(lambda: process.poll() is not None or any(line.get("event") == "worker ready"
+                                                            for line in log_lines(process)), timeout=timeout)
+        assert process.poll() is None, process.log_path.read_text()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """Start redis-server instances of this test alone on free ports: ``start(port=None) -> (url, process)``.
+    (The shared Redis on 6379 must never be stopped; a test that stops Redis stops its own.)"""
+    import subprocess
+
+    from amqprpc.testing import wait_for
+
+    started = []
+
+    def start(port: int | None = None):
+        port = port or free_port()
+        process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                    "--appendonly", "no", "--dir", str(tmp_path)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started.append(process)
+        wait_for(lambda: _port_open(port), timeout=10)
+        return f"redis://127.0.0.1:{port}/0", process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(10)

@@ -19,7 +19,8 @@ class WorkerProcess:
         command = [sys.executable, "-m", "amqprpc", "worker", service, "--log-format", "json", *args]
         if app:
             command += ["--app", app]
-        environment = {**os.environ, "AMQPRPC_TEST_SERVICE": service,
+        # No registry entries in the shared Redis (a kill -9 would leave them behind).
+        environment = {**os.environ, "AMQPRPC_TEST_SERVICE": service, "AMQPRPC_REGISTRY_INTERVAL": "0",
                        "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]), **(env or {})}
         if broker_url:
             environment["AMQPRPC_BROKER_URL"] = broker_url
