@@ -3,13 +3,15 @@ from .breaker import CircuitBreaker
 from .client import RpcClient, ServiceProxy
 from .aio import AsyncRpcClient
 from .errors import CallTimeout, CircuitOpen, RemoteError, RpcError, ServiceUnavailable
+from .retry import Retry
 from .responses import ResponseStore
 from .service import Service
 from .topology import Topology
 from .worker import Worker
 
 __all__ = [
-    "Service", "RpcClient", "CircuitBreaker", "ServiceProxy", "AsyncRpcClient", "ResponseStore", "Worker", "Topology",
+    "Service", "RpcClient", "Retry", "CircuitBreaker", "ServiceProxy", "AsyncRpcClient", "ResponseStore", "Worker",
+    "Topology",
     "RpcError", "RemoteError", "CallTimeout", "ServiceUnavailable", "CircuitOpen",
 ]
 __version__ = "0.1.0"

@@ -111,11 +111,19 @@ def main() -> None:
               help="Seconds between heartbeats to the service registry in Redis (0: do not register).")
 @redis_option
 @daemon_options
+@click.option("--max-message-bytes", envvar="AMQPRPC_MAX_MESSAGE_BYTES", default=1 << 20, show_default=True,
+              show_envvar=True, type=click.IntRange(min=1), help="Larger requests are refused unparsed.")
+@click.option("--queue-type", envvar="AMQPRPC_QUEUE_TYPE", default="classic", show_default=True, show_envvar=True,
+              type=click.Choice(["classic", "quorum"]), help="quorum for clustered brokers (with a delivery limit).")
+@click.option("--max-redeliveries", envvar="AMQPRPC_MAX_REDELIVERIES", default=5, show_default=True,
+              show_envvar=True, type=click.IntRange(min=0),
+              help="A message redelivered more often (it kills the worker?) is dead-lettered unrun.")
 @broker_option
 @logging_options("info")
 def worker(service: str, app: str | None, concurrency: int, prefetch: int | None, shutdown_timeout: float,
-           heartbeat: float, registry_interval: float, redis_url: str, pidfile: str | None,
-           metrics_port: int | None, reconnect_cap: float, broker: str, log_format: str, log_level: str) -> None:
+           heartbeat: float, registry_interval: float, redis_url: str, max_message_bytes: int, queue_type: str,
+           max_redeliveries: int, pidfile: str | None, metrics_port: int | None, reconnect_cap: float, broker: str,
+           log_format: str, log_level: str) -> None:
     """Run SERVICE's handlers in the foreground until a stop signal.
 
     \b
@@ -131,6 +139,7 @@ def worker(service: str, app: str | None, concurrency: int, prefetch: int | None
     """
     from .daemon import StartupError, run_worker
     from .loading import ServiceNotFound, load_service
+    from .topology import TopologyMismatch
     from .worker import Worker
 
     logs.configure(log_format, log_level)
@@ -143,11 +152,12 @@ def worker(service: str, app: str | None, concurrency: int, prefetch: int | None
 
     registry = Registry(redis_url) if registry_interval > 0 else None
     instance = Worker(svc, broker_url=broker, concurrency=concurrency, prefetch=prefetch, heartbeat=heartbeat,
-                      registry=registry, registry_interval=registry_interval or 5.0)
+                      registry=registry, registry_interval=registry_interval or 5.0,
+                      max_message_bytes=max_message_bytes, queue_type=queue_type, max_redeliveries=max_redeliveries)
     instance.reconnect_cap = reconnect_cap
     try:
         code = run_worker(instance, shutdown_timeout, pidfile=pidfile, metrics_port=metrics_port)
-    except StartupError as exc:
+    except (StartupError, TopologyMismatch) as exc:
         fail(EXIT_USAGE, str(exc))
     except Exception as exc:  # noqa: BLE001 - connection failures at start: one line, no traceback
         fail(EXIT_UNAVAILABLE, f"cannot connect to broker {broker}: {exc}")
@@ -216,6 +226,46 @@ def publish(event: str, payload: dict, timeout: float, broker: str, log_format: 
     except RpcError as exc:
         fail(exit_code_for(exc), str(exc))
     click.echo("published")
+
+
+@main.command()
+@click.argument("service")
+@click.option("--limit", "-n", envvar="AMQPRPC_DLQ_LIMIT", default=10, show_default=True, show_envvar=True,
+              type=click.IntRange(min=0), help="How many dead letters to show.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.option("--replay", is_flag=True, help="Send every dead letter back to its queue (ids kept, retries reset).")
+@click.option("--purge", is_flag=True, help="Delete every dead letter.")
+@broker_option
+@logging_options("warning")
+def dlq(service: str, limit: int, as_json: bool, replay: bool, purge: bool, broker: str, log_format: str,
+        log_level: str) -> None:
+    """Show SERVICE's dead letters (service.SERVICE.dead): how many, and why the first ones failed.
+
+    Exit 0, 2 for usage errors, 4 when the broker or the queue cannot be reached.
+    """
+    from . import dlq as dead
+
+    logs.configure(log_format, log_level)
+    if replay and purge:
+        raise click.UsageError("--replay and --purge exclude each other")
+    try:
+        if replay:
+            done, kept = dead.replay(service, broker_url=broker)
+            result: dict = {"replayed": done, "unroutable": kept}
+            text = f"replayed {done} dead letter(s) of {service}" + (f"; {kept} unroutable, kept" if kept else "")
+        elif purge:
+            result = {"purged": dead.purge(service, broker_url=broker)}
+            text = f"purged {result['purged']} dead letter(s) of {service}"
+        else:
+            count, letters = dead.inspect(service, limit, broker_url=broker)
+            result = {"queue": dead.DEFAULT_TOPOLOGY.dead_queue_name(service), "count": count, "messages": letters}
+            text = "\n".join([f"{count} dead letter(s) in {result['queue']}"] + [
+                f"  {m['message_id']}  {m['action']}  {m['error_type']}: {m['error']}  "
+                f"(attempts {m['attempts']}, last {m['last_failure']}, from {m['original_queue']})"
+                for m in letters])
+    except Exception as exc:  # noqa: BLE001 - connection failures: one line, no traceback
+        fail(EXIT_UNAVAILABLE, f"broker {broker}: {exc}")
+    click.echo(json.dumps(result, indent=2, ensure_ascii=False, default=str) if as_json else text)
 
 
 @main.command()

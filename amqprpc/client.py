@@ -18,8 +18,9 @@ from . import context, envelope, logs
 from .breaker import CircuitBreaker
 from .config import broker_url as default_broker_url
 from .config import redact
-from .errors import CallTimeout, RemoteError, ServiceUnavailable
+from .errors import CallTimeout, ConnectionLost, RemoteError, ServiceUnavailable
 from .ioloop import AmqpLoop, publish
+from .retry import PUBLISH_RETRY, Retry, call_with_retry
 from .service import snake_case
 from .topology import DEFAULT_TOPOLOGY, Topology
 
@@ -66,14 +67,18 @@ class RpcClient(AmqpLoop):
 
     # --- public API --------------------------------------------------------------------
     def call(self, service: str, action: str, payload: Mapping[str, Any] | None = None, *,
-             timeout: float | None = None) -> Any:
+             timeout: float | None = None, retry: Retry | None = None) -> Any:
         """Call ``action`` on ``service`` and return its ``data``.
 
         Raises RemoteError (the handler failed), CallTimeout (no reply within ``timeout``
         seconds), ServiceUnavailable (no queue for the service, or no broker) or
         CircuitOpen (the breaker refused; nothing was sent).
+        ``retry``: for idempotent actions only, re-send after CallTimeout/ServiceUnavailable
+        with backoff (never after CircuitOpen); ``timeout`` then bounds all attempts together.
         """
         timeout = self.timeout if timeout is None else timeout
+        if retry is not None:
+            return call_with_retry(lambda left: self.call(service, action, payload, timeout=left), retry, timeout)
         if self.breaker is not None:
             return self.breaker.call(service, action, payload, lambda: self._call(service, action, payload, timeout))
         return self._call(service, action, payload, timeout)
@@ -206,12 +211,18 @@ class RpcClient(AmqpLoop):
                    mandatory: bool, timeout: float, **properties: Any) -> None:
         message = amqp.Message(body, content_type=envelope.CONTENT_TYPE, message_id=message_id, delivery_mode=2,
                                **properties)
-        future: Future = Future()
-        self.call_soon(self._send_confirmed, exchange, routing_key, message, message_id, what, mandatory, future)
-        try:
-            future.result(timeout)
-        except TimeoutError:
-            raise CallTimeout(f"{what}: the broker did not confirm within {timeout}s") from None
+
+        def attempt(left: float) -> None:
+            future: Future = Future()
+            self.call_soon(self._send_confirmed, exchange, routing_key, message, message_id, what, mandatory, future)
+            try:
+                future.result(left)
+            except TimeoutError:
+                raise CallTimeout(f"{what}: the broker did not confirm within {timeout}s") from None
+
+        # Through a connection loss: wait for the reconnect and send again, bounded
+        # (never kombu's retry-forever default). The same message id goes each time.
+        call_with_retry(attempt, PUBLISH_RETRY, timeout, retryable=(ConnectionLost,), share=False)
 
     def _run_callback(self, callback: Callable[[Future], Any]) -> Callable[[Future], None]:
         if self._callbacks is None:
@@ -240,10 +251,10 @@ class RpcClient(AmqpLoop):
         reason = "client closed" if exc is None else f"connection to the broker lost: {redact(str(exc))}"
         pending, self._pending = self._pending, {}
         for future, service, action, _ in pending.values():
-            _settle(future, exception=ServiceUnavailable(f"{service}.{action}: {reason}"))
+            _settle(future, exception=ConnectionLost(f"{service}.{action}: {reason}"))
         confirms, self._confirms = self._confirms, {}
         for future, _, what in confirms.values():
-            _settle(future, exception=ServiceUnavailable(f"{what}: {reason}; not confirmed"))
+            _settle(future, exception=ConnectionLost(f"{what}: {reason}; not confirmed"))
         self._unroutable.clear()
 
     def _declare_once(self, queue) -> None:
@@ -257,7 +268,7 @@ class RpcClient(AmqpLoop):
                    future: Future) -> None:
         channel = self._call_channel
         if channel is None:
-            _settle(future, exception=ServiceUnavailable(f"{service}.{action}: not connected to the broker"))
+            _settle(future, exception=ConnectionLost(f"{service}.{action}: not connected to the broker"))
             return
         due = time.monotonic() + timeout
         self._pending[message_id] = (future, service, action, timeout)
@@ -314,7 +325,7 @@ class RpcClient(AmqpLoop):
                         mandatory: bool, future: Future) -> None:
         channel = self._confirm_channel
         if channel is None:
-            _settle(future, exception=ServiceUnavailable(f"{what}: not connected to the broker"))
+            _settle(future, exception=ConnectionLost(f"{what}: not connected to the broker"))
             return
         self._publish_seq += 1
         self._confirms[self._publish_seq] = (future, message_id, what)

@@ -96,7 +96,7 @@ def reply_address(properties: Mapping[str, Any], body: bytes | str) -> tuple[str
         return reply_to, correlation_id
     try:
         doc = _decode(body)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         return reply_to, correlation_id
     if isinstance(doc, dict):
         reply_to = reply_to or _str_or_none(doc.get("reply_to"))
@@ -115,6 +115,8 @@ def decode_request(body: bytes | str, properties: Mapping[str, Any], max_bytes: 
         doc = _decode(body)
     except (ValueError, TypeError) as exc:
         raise BadMessage(f"Malformed JSON: {exc}") from None
+    except RecursionError:  # b"[" * 100000 is valid-looking JSON that nests past the C stack guard
+        raise BadMessage("Malformed JSON: nested too deeply") from None
     if not isinstance(doc, dict):
         raise BadMessage(f"Envelope must be a JSON object, got {type(doc).__name__}")
     action = doc.get("action")

@@ -34,6 +34,12 @@ class ServiceUnavailable(RpcError):
     broker cannot be reached, or the connection was lost with the call in flight."""
 
 
+class ConnectionLost(ServiceUnavailable):
+    """Not connected to the broker, or the connection dropped with the request in flight.
+    Unlike "no queue is bound", waiting for the reconnect may help: casts and events
+    retry it under a bounded policy (``amqprpc.retry.PUBLISH_RETRY``)."""
+
+
 class CircuitOpen(ServiceUnavailable):
     """The caller's circuit breaker for this service is open; nothing was sent."""
 

@@ -22,20 +22,23 @@ from .service import snake_case
 UNKNOWN_ACTION = "<unknown>"
 
 REQUESTS = Counter("amqprpc_requests", "Requests and events handled, by action (for an event: its handler's "
-                   "name) and outcome (success, error, rejected, expired).", ["service", "action", "outcome"])
+                   "name) and outcome (success, error, retried, dead_lettered, recounted, rejected, expired).",
+                   ["service", "action", "outcome"])
 DURATION = Histogram("amqprpc_handler_duration_seconds", "Time from taking a request to its reply, in seconds.",
                      ["service", "action"],
                      buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 IN_FLIGHT = Gauge("amqprpc_requests_in_flight", "Requests being handled right now.", ["service"])
 REDELIVERIES = Counter("amqprpc_redeliveries", "Requests the broker delivered again (redelivered flag set).",
                        ["service"])
-DEAD_LETTERS = Counter("amqprpc_dead_letters", "Messages given up on and dead-lettered (or dropped), by reason.",
-                       ["service", "reason"])
+DEAD_LETTERS = Counter("amqprpc_dead_letters", "Messages given up on and dead-lettered, by reason (the error "
+                       "type: an exception class name, BadMessage, ...).", ["service", "reason"])
 
 
 def dead_letter(service: str, reason: str, count: int = 1) -> None:
     """Count ``count`` messages of ``service`` dead-lettered for ``reason`` (a short
-    fixed word such as ``bad_message`` or ``retries_exhausted``, not free text)."""
+    bounded word such as an exception class name or ``BadMessage``, never free text).
+    A worker with metrics counts its own through :func:`instrument`; other code that
+    dead-letters (tools, custom consumers) calls this."""
     DEAD_LETTERS.labels(service, reason).inc(count)
 
 
@@ -45,7 +48,8 @@ def serve(port: int, addr: str = "0.0.0.0") -> None:
 
 
 def instrument(worker: Any) -> None:
-    """Count every request and event ``worker`` (an :class:`amqprpc.worker.Worker`) handles."""
+    """Count every request and event ``worker`` (an :class:`amqprpc.worker.Worker`)
+    handles, and every message it dead-letters."""
     service = worker.service
     name = service.name
     handle = worker._handle
@@ -66,28 +70,48 @@ def instrument(worker: Any) -> None:
             result = handle(message)
         finally:
             in_flight.dec()
-        _, _, body, requeue = result
+        _, _, body, disposition = result
         event_consumer = worker.event_consumers.get(message.delivery_info.get("consumer_tag"))
         if event_consumer is not None:
-            # An event: no reply; acked (None) once its handler returned, rejected otherwise.
             action = event_consumer.subscription.name
-            outcome = "success" if requeue is None else "error"
-            if requeue is False:
-                dead_letter(name, "event_rejected")
+            outcome = "success" if disposition is None else _forwarded(disposition) or "error"
         else:
-            action, outcome = _request_outcome(worker, message.body, body, requeue)
+            action, outcome = _request_outcome(worker, message.body, body, disposition)
         REQUESTS.labels(name, action, outcome).inc()
         DURATION.labels(name, action).observe(time.perf_counter() - started)
         return result
 
     worker._handle = handle_and_count
 
+    # Dead letters are counted where they are published (the worker's Forwarder), whatever
+    # path decided them: a final failure, a bad message, a poison message, a worker error.
+    forwarder = worker.forwarder
+    send = forwarder.send
 
-def _request_outcome(worker: Any, request: bytes, reply: bytes | None, requeue: bool | None) -> tuple[str, str]:
-    """(action label, outcome) of a request from what the worker made of it."""
+    def send_and_count(channel, delivery_tag, forward):
+        if forward.what == "dead_letter":
+            headers = forward.message.properties.get("application_headers") or {}
+            dead_letter(name, str(headers.get("x-error-type") or "unknown"))
+        return send(channel, delivery_tag, forward)
+
+    forwarder.send = send_and_count
+
+
+def _forwarded(disposition: Any) -> str | None:
+    """The outcome of a message forwarded instead of acked: ``retried`` (to a delay
+    queue), ``dead_lettered``, ``recounted`` (a redelivery put back with its count)."""
+    what = getattr(disposition, "what", None)
+    return {"retry": "retried", "dead_letter": "dead_lettered", "recount": "recounted"}.get(what)
+
+
+def _request_outcome(worker: Any, request: bytes, reply: bytes | None, disposition: Any) -> tuple[str, str]:
+    """(action label, outcome) of a request from what the worker made of it:
+    ``(reply_to, correlation_id, reply body, disposition)``."""
     action = _action_of(worker, request)
-    if requeue is False:  # not a valid request and nowhere to answer: rejected, dead-lettered
-        dead_letter(worker.service.name, "bad_message")
+    forwarded = _forwarded(disposition)
+    if forwarded:
+        return action, forwarded
+    if disposition is False:
         return action, "rejected"
     if reply is None:
         return action, "expired"

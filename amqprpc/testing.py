@@ -49,8 +49,8 @@ def _delete(method: str, names: tuple[str, ...], broker_url: str | None) -> None
 def running_worker(service: Service, *, broker_url: str | None = None, topology: Topology = DEFAULT_TOPOLOGY,
                    delete: bool = True, shutdown_timeout: float = 10.0, **options) -> Iterator[Worker]:
     """Run ``service`` in a worker inside this process; stop it and delete its queues after
-    (its request queue and its service-pool event queues; pass ``delete=False`` when other
-    workers of the same service outlive this one)."""
+    (its request queue and its service-pool event queues, with their dead-letter and delay
+    queues; pass ``delete=False`` when other workers of the same service outlive this one)."""
     worker = Worker(service, broker_url=broker_url, topology=topology, **options)
     worker.start()
     try:
@@ -58,7 +58,8 @@ def running_worker(service: Service, *, broker_url: str | None = None, topology:
     finally:
         worker.shutdown(shutdown_timeout)
         if delete:
-            delete_queues(*service_queue_names(service, topology), broker_url=broker_url)
+            names = service_queue_names(service, topology)
+            delete_queues(*names, *topology.retry_queue_names(service.name, names), broker_url=broker_url)
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> object:

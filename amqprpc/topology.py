@@ -13,6 +13,10 @@ from kombu import Exchange, Queue
 from .config import DEFAULT_COLLECTOR_QUEUE
 
 
+class TopologyMismatch(RuntimeError):
+    """A queue exists with other arguments than the ones asked for (PRECONDITION_FAILED)."""
+
+
 @dataclass(frozen=True)
 class Topology:
     """Names of the shared entities. Change them only together with every peer."""
@@ -24,6 +28,16 @@ class Topology:
     reply_queue_format: str = "amqprpc.reply.{source}.{uid}"
     event_queue_format: str = "service.{service}.event.{handler}"
     broadcast_queue_format: str = "service.{service}.event.{handler}.{instance}"
+    dead_queue_format: str = "service.{service}.dead"
+    delay_queue_format: str = "{queue}.delay.{ms}"
+    # Backoff delays are rounded *up* into these buckets (ms): a queue's per-message TTL
+    # only expires at its head (DESIGN.md, pitfalls), so each bucket holds one TTL and
+    # its messages leave in arrival order; a short delay never waits behind a long one.
+    delay_buckets_ms: tuple = (100, 250, 500, 1000, 2000, 5000, 10000, 30000, 60000, 120000, 300000,
+                               600000, 1800000, 3600000)
+    # An idle delay queue vanishes this long after its last declare (publishers re-declare
+    # at least every DELAY_REDECLARE_S, so a queue never expires with a message inside).
+    delay_queue_idle_ms: int = 600000
     collector_queue: str = DEFAULT_COLLECTOR_QUEUE
 
     def request_exchange(self) -> Exchange:
@@ -35,14 +49,66 @@ class Topology:
     def request_key(self, service: str) -> str:
         return self.request_key_format.format(service=service)
 
-    def request_queue(self, service: str) -> Queue:
-        """The durable queue a service's workers compete on."""
+    def request_queue(self, service: str, queue_type: str = "classic", delivery_limit: int = 10) -> Queue:
+        """The durable queue a service's workers compete on.
+
+        Classic queues get no arguments at all, so the queues users already declared
+        (``service.X.request`` without arguments) keep working: retries and dead letters
+        are published by the worker, not by a broker-side DLX on this queue. Quorum
+        queues (``queue_type="quorum"``, for clusters) get a ``x-delivery-limit`` and a
+        dead-letter route to the service's dead queue as a backstop under the worker's
+        own redelivery count.
+        """
         return Queue(
             self.request_queue_format.format(service=service),
             exchange=self.request_exchange(),
             routing_key=self.request_key(service),
             durable=True,
+            queue_arguments=self.queue_arguments(service, queue_type, delivery_limit),
         )
+
+    def queue_arguments(self, service: str, queue_type: str = "classic", delivery_limit: int = 10) -> dict | None:
+        """x-arguments of a durable queue consumed by ``service``'s workers."""
+        if queue_type == "classic":
+            return None
+        if queue_type != "quorum":
+            raise ValueError(f"queue type must be classic or quorum, not {queue_type!r}")
+        return {"x-queue-type": "quorum", "x-delivery-limit": delivery_limit,
+                "x-dead-letter-exchange": "", "x-dead-letter-routing-key": self.dead_queue_name(service)}
+
+    def dead_queue_name(self, service: str) -> str:
+        return self.dead_queue_format.format(service=service)
+
+    def dead_queue(self, service: str, queue_type: str = "classic") -> Queue:
+        """``service.{svc}.dead``: what failed for good, with the reason in its headers.
+        Bound to nothing: the worker publishes to it through the default exchange."""
+        arguments = {"x-queue-type": "quorum"} if queue_type == "quorum" else None
+        return Queue(self.dead_queue_name(service), durable=True, queue_arguments=arguments)
+
+    def delay_bucket_ms(self, seconds: float) -> int:
+        """The smallest bucket not shorter than ``seconds`` (the largest one at most)."""
+        wanted = seconds * 1000.0
+        for bucket in self.delay_buckets_ms:
+            if bucket >= wanted:
+                return bucket
+        return self.delay_buckets_ms[-1]
+
+    def delay_queue(self, queue: str, ms: int, queue_type: str = "classic") -> Queue:
+        """A queue holding messages for ``ms`` milliseconds, then dead-lettering them
+        through the default exchange straight back into ``queue``. Going back to the
+        consumed queue itself (not to an exchange) makes it work for request queues and
+        event queues alike, and an event retry reaches only the subscriber that failed."""
+        arguments = {"x-message-ttl": ms, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": queue,
+                     "x-expires": ms + self.delay_queue_idle_ms}
+        if queue_type == "quorum":
+            arguments["x-queue-type"] = "quorum"
+        return Queue(self.delay_queue_format.format(queue=queue, ms=ms), durable=True, queue_arguments=arguments)
+
+    def retry_queue_names(self, service: str, queues: list[str]) -> list[str]:
+        """The dead-letter queue of ``service`` and every delay queue its workers may
+        declare for the consumed ``queues`` (for cleaning up after tests)."""
+        return [self.dead_queue_name(service)] + [
+            self.delay_queue_format.format(queue=queue, ms=ms) for queue in queues for ms in self.delay_buckets_ms]
 
     def reply_queue(self, source: str) -> Queue:
         """A caller's own reply queue: exclusive, so it dies with the connection.
@@ -85,7 +151,7 @@ class Topology:
             self,
             **{field: f"{namespace}.{getattr(self, field)}" for field in (
                 "service_exchange", "event_exchange", "request_queue_format", "reply_queue_format",
-                "event_queue_format", "broadcast_queue_format", "collector_queue")},
+                "event_queue_format", "broadcast_queue_format", "collector_queue", "dead_queue_format")},
         )
 
     def responses_queue(self) -> Queue:

@@ -28,9 +28,11 @@ from . import context, envelope, events, logs, shared_client
 from .config import broker_url as default_broker_url
 from .errors import BadMessage
 from .ioloop import AmqpLoop, publish
+from .redelivery import Forward, Forwarder, Redelivery
+from .retry import ERROR, ERROR_TYPE, attempts_made
 from .registry import DEFAULT_INTERVAL, Presence, Registry, describe_worker, new_instance_id, ping_handler
 from .service import EventSubscription, Service
-from .topology import DEFAULT_TOPOLOGY, Topology
+from .topology import DEFAULT_TOPOLOGY, Topology, TopologyMismatch
 
 log = logs.get_logger("amqprpc.worker")
 
@@ -42,14 +44,17 @@ class Worker(AmqpLoop):
 
     Parameters: ``concurrency`` handler threads; ``prefetch`` unacked messages held at most
     (default twice the concurrency); ``max_message_bytes`` larger bodies are refused;
-    ``heartbeat`` seconds; ``registry`` a :class:`~amqprpc.registry.Registry` to announce
-    this instance in every ``registry_interval`` seconds (from a thread of its own).
+    ``heartbeat`` seconds; ``queue_type`` "classic" or "quorum"; ``max_redeliveries`` a
+    message redelivered more often (its handler kills the worker?) is dead-lettered unrun;
+    ``registry`` a :class:`~amqprpc.registry.Registry` to announce this instance in every
+    ``registry_interval`` seconds (from a thread of its own).
     """
 
     def __init__(self, service: Service, *, broker_url: str | None = None, concurrency: int = 8,
                  prefetch: int | None = None, topology: Topology = DEFAULT_TOPOLOGY,
-                 heartbeat: float = 30.0, max_message_bytes: int = 1 << 20,
-                 registry: Registry | None = None, registry_interval: float = DEFAULT_INTERVAL):
+                 heartbeat: float = 30.0, max_message_bytes: int = 1 << 20, queue_type: str = "classic",
+                 max_redeliveries: int = 5, registry: Registry | None = None,
+                 registry_interval: float = DEFAULT_INTERVAL):
         super().__init__(default_broker_url(broker_url), name=f"amqprpc-io-{service.name}", heartbeat=heartbeat)
         self.service = service
         self.concurrency = concurrency
@@ -57,6 +62,9 @@ class Worker(AmqpLoop):
         self.topology = topology
         self.max_message_bytes = max_message_bytes
         self.queue_name = topology.request_queue_format.format(service=service.name)
+        self.queue_type = queue_type
+        self.redelivery = Redelivery(service.name, topology, queue_type, max_redeliveries)
+        self.forwarder = Forwarder()
         self.channel: amqp.Channel | None = None
         self.consumer_tag = f"amqprpc.{service.name}.{socket.gethostname()}.{os.getpid()}.{os.urandom(3).hex()}"
         self.event_consumers = events.event_consumers(service, topology, self.consumer_tag)
@@ -105,15 +113,30 @@ class Worker(AmqpLoop):
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         finished = not any(thread.is_alive() for thread in self._threads)
+        # Retries and dead letters already handed to the loop: let their confirms (and so
+        # the originals' acks) arrive, or the originals come back as duplicates.
+        flushed = threading.Event()
+        self.call_soon(flushed.set)
+        if flushed.wait(5.0):
+            self.forwarder.idle.wait(max(1.0, deadline - time.monotonic()))
         shared_client.detach(self.service.name, self.url, self.topology)
         self.stop()
-        log.info("worker stopped", clean=finished, **self.stats)
+        log.info("worker stopped", clean=finished, **self.stats, **self.forwarder.stats)
         return finished
 
     # --- loop thread -------------------------------------------------------------------
     def on_connected(self, connection) -> None:
         channel = connection.channel()
-        self.topology.request_queue(self.service.name)(channel).declare()
+        try:
+            self.topology.request_queue(self.service.name, self.queue_type,
+                                        self.redelivery.max_redeliveries + 2)(channel).declare()
+        except amqp.exceptions.PreconditionFailed as exc:
+            raise TopologyMismatch(
+                f"queue {self.queue_name} exists with other arguments than --queue-type {self.queue_type} "
+                f"declares ({exc.reply_text}); run with its current type, or drain and delete it first") from None
+        # The dead-letter and delay queues are declared on first use (Forward.declare): a
+        # service that never fails leaves nothing behind on the broker.
+        self.forwarder.connect(connection)
         channel.basic_qos(0, self.prefetch, False)
         self.channel = channel
         if self._shutting_down:
@@ -126,6 +149,7 @@ class Worker(AmqpLoop):
         # Unacked deliveries of the dead channel are redelivered by the broker; replies of
         # handlers still running are published on the next connection, their acks dropped.
         self.channel = None
+        self.forwarder.disconnected()
         # What no handler has taken yet is back in the queue already: running it now would
         # only make a duplicate whose ack is dropped.
         dropped = len(self._take_unstarted())
@@ -171,8 +195,9 @@ class Worker(AmqpLoop):
             done.set()
 
     def _finish(self, generation: int, delivery_tag: int, reply_to: str | None,
-                correlation_id: str | None, body: bytes | None, requeue: bool | None) -> None:
-        """Publish the reply (if any), then ack. ``requeue`` None = ack, False = reject."""
+                correlation_id: str | None, body: bytes | None, requeue: bool | Forward | None) -> None:
+        """Publish the reply (if any), then ack. ``requeue`` None = ack, False = reject,
+        a Forward = publish its copy (retry, dead letter) and ack once that is confirmed."""
         channel = self.channel
         if channel is None:
             return
@@ -183,7 +208,9 @@ class Worker(AmqpLoop):
                                           delivery_mode=2), "", reply_to)
         if generation != self.generation:
             return
-        if requeue is None:
+        if isinstance(requeue, Forward):
+            self.forwarder.send(channel, delivery_tag, requeue)
+        elif requeue is None:
             channel.basic_ack(delivery_tag)
         else:
             channel.basic_reject(delivery_tag, requeue=requeue)
@@ -198,12 +225,20 @@ class Worker(AmqpLoop):
             generation, message = item
             try:
                 self.call_soon(self._finish, generation, message.delivery_tag, *self._handle(message))
-            except Exception:  # noqa: BLE001 - a bug here must not kill the handler thread
+            except Exception as exc:  # noqa: BLE001 - a bug here must not kill the handler thread
                 log.exception("worker failed to process a message")
-                self.call_soon(self._finish, generation, message.delivery_tag, None, None, None, False)
+                self.call_soon(self._finish, generation, message.delivery_tag, None, None, None,
+                               self.redelivery.dead_letter(message, self._queue_of(message), repr(exc), "WorkerError"))
 
     def _handle(self, message: amqp.Message) -> tuple[Any, Any, bytes | None, bool | None]:
         """Run one request; returns (reply_to, correlation_id, reply body, requeue)."""
+        queue_name = self._queue_of(message)
+        poisoned = self.redelivery.poisoned(message, queue_name)
+        if poisoned is not None:
+            if poisoned.what == "dead_letter":
+                log.error("message redelivered too often, dead-lettered unrun", queue=queue_name,
+                          correlation_id=message.properties.get("correlation_id"))
+            return None, None, None, poisoned
         event_consumer = self.event_consumers.get(message.delivery_info.get("consumer_tag"))
         if event_consumer is not None:
             return self._handle_event(event_consumer.subscription, message)
@@ -224,12 +259,19 @@ class Worker(AmqpLoop):
             self.stats["expired"] += 1
             log.info("request expired, dropped unrun", action=request.action, correlation_id=request.correlation_id,
                      trace_id=trace_id, late_by=round(time.time() - deadline, 3))
+            headers = properties.get("application_headers") or {}
+            if attempts_made(headers) and request.reply_to:  # a retry came back too late: say why it failed
+                return request.reply_to, request.correlation_id, envelope.error_reply(
+                    str(headers.get(ERROR)), str(headers.get(ERROR_TYPE)), request.message_id), None
             return None, None, None, None
         handler = self.service.find(request.action) or self._builtins.get(request.action)
         if handler is None:
             self.stats["failed"] += 1
             log.warning("unknown action", action=request.action, correlation_id=request.correlation_id,
                         trace_id=trace_id)
+            if not request.reply_to:
+                return None, None, None, self.redelivery.dead_letter(
+                    message, self.queue_name, f"Unknown action: {request.action}", "UnknownAction")
             return request.reply_to, request.correlation_id, envelope.error_reply(
                 f"Unknown action: {request.action}", "UnknownAction", request.message_id), None
         with self._bound(request.action, request.correlation_id, trace_id, deadline):
@@ -237,6 +279,9 @@ class Worker(AmqpLoop):
                 result = handler(request.payload)
             except Exception as exc:  # noqa: BLE001 - every handler error becomes an error reply
                 body = self._failed(exc, request, started)
+                forward = self._after_failure(message, request, exc, started)
+                if forward is not None:
+                    return None, None, None, forward
             else:
                 try:
                     body = envelope.ok_reply(result, request.message_id)
@@ -269,7 +314,8 @@ class Worker(AmqpLoop):
         except BadMessage as exc:
             self.stats["rejected"] += 1
             log.warning("bad event message", reason=exc.reason, handler=subscription.name)
-            return None, None, None, False
+            return None, None, None, self.redelivery.dead_letter(message, self._queue_of(message), exc.reason,
+                                                                 "BadMessage")
         with self._bound(event.action, event.message_id, event.trace_id or event.message_id, None,
                          handler=subscription.name, parent_id=event.headers.get("parent_id")):
             try:
@@ -281,15 +327,26 @@ class Worker(AmqpLoop):
         return None, None, None, None
 
     def _event_failed(self, subscription: EventSubscription, message: amqp.Message, event: envelope.Request,
-                      exc: Exception, started: float) -> bool | None:
+                      exc: Exception, started: float) -> Forward:
         """Where a failed event handler's message goes: the one place for retry and
-        dead-letter policies. Returns the disposition for ``_finish`` (None ack, False
-        reject without requeue: dead-lettered where the queue has a DLX, never a hot
-        requeue loop). Runs inside the event's log context (trace id bound)."""
+        dead-letter policies. A retry through a delay queue back into this handler's own
+        queue while ``subscription.retry`` allows, else a dead letter: never a hot requeue
+        loop, never dropped. Runs inside the event's log context (trace id bound)."""
         self.stats["failed"] += 1
         log.warning("event handler failed", error=str(exc), error_type=type(exc).__name__,
                     duration=round(time.perf_counter() - started, 6))
-        return False
+        queue_name = self._queue_of(message)
+        forward = self.redelivery.retry_later(message, queue_name, exc, subscription.retry)
+        if forward is not None:
+            log.info("retry scheduled", attempt=forward.message.properties["application_headers"]["x-attempts"],
+                     delay_queue=forward.routing_key)
+            return forward
+        return self.redelivery.dead_letter(message, queue_name, str(exc) or type(exc).__name__, type(exc).__name__)
+
+    def _queue_of(self, message: amqp.Message) -> str:
+        """The queue a delivery came from (the request queue or one event handler's)."""
+        consumer = self.event_consumers.get(message.delivery_info.get("consumer_tag"))
+        return self.queue_name if consumer is None else consumer.queue.name
 
     def _failed(self, exc: BaseException, request: envelope.Request, started: float) -> bytes:
         self.stats["failed"] += 1
@@ -298,9 +355,25 @@ class Worker(AmqpLoop):
                     duration=round(time.perf_counter() - started, 6))
         return envelope.error_reply(str(exc), error_type, request.message_id)
 
+    def _after_failure(self, message: amqp.Message, request: envelope.Request, exc: Exception,
+                       started: float) -> Forward | None:
+        """A retry through a delay queue while the policy and deadline allow; a dead
+        letter when the failure is final and nobody waits for a reply; else None (the
+        caller gets the error reply)."""
+        forward = self.redelivery.retry_later(message, self.queue_name, exc, self.service.retry_policy(request.action),
+                                              request.deadline, time.perf_counter() - started)
+        if forward is not None:
+            log.info("retry scheduled", attempt=forward.message.properties["application_headers"]["x-attempts"],
+                     delay_queue=forward.routing_key)
+            return forward
+        if request.reply_to:
+            return None
+        return self.redelivery.dead_letter(message, self.queue_name, str(exc) or type(exc).__name__,
+                                           type(exc).__name__)
+
     def _refuse(self, message: amqp.Message, reason: str) -> tuple[Any, Any, bytes | None, bool | None]:
         """A message that is not a valid request: answer it if it names a reply queue,
-        otherwise reject it without requeue (dead-lettered where the queue has a DLX)."""
+        otherwise dead-letter it with the reason (never a requeue loop)."""
         self.stats["rejected"] += 1
         body = message.body
         reply_to, correlation_id = (None, None)
@@ -311,4 +384,4 @@ class Worker(AmqpLoop):
         log.warning("bad message", reason=reason, correlation_id=correlation_id, answered=bool(reply_to))
         if reply_to:
             return reply_to, correlation_id, envelope.error_reply(reason, "BadMessage", correlation_id), None
-        return None, None, None, False
+        return None, None, None, self.redelivery.dead_letter(message, self.queue_name, reason, "BadMessage")

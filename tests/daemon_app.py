@@ -30,3 +30,9 @@ def work(payload: dict) -> dict:
 def happened(payload: dict) -> None:
     """An event of this test's own: counted like a request, under ``event``."""
     _redis.hincrby(payload["done"], "event", 1)
+
+
+@service.handler
+def fail(payload: dict) -> None:
+    """Always raises: a cast of it (nobody to answer) is dead-lettered."""
+    raise ValueError("failing on purpose")

@@ -31,7 +31,7 @@ def svc(own_broker):
     name = unique_name("loss")
     yield name
     own_broker.ensure_running()
-    delete_queues(f"service.{name}.request", f"service.{name}.event.happened", broker_url=own_broker.url)
+    delete_queues(f"service.{name}.request", f"service.{name}.event.happened", f"service.{name}.dead", broker_url=own_broker.url)
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ def r(redis_available):
 def svc(broker_url):
     name = unique_name("daemon")
     yield name
-    delete_queues(f"service.{name}.request", f"service.{name}.event.happened")
+    delete_queues(f"service.{name}.request", f"service.{name}.event.happened", f"service.{name}.dead")
 
 
 @pytest.fixture
@@ -207,6 +207,7 @@ def test_metrics_endpoint_counts_requests(svc, client, r, tmp_path):
             client.call(svc, "work", {"n": n, "done": done, "sleep": 0})
         with pytest.raises(RemoteError):
             client.call(svc, "no_such_action", timeout=5)
+        client.cast(svc, "fail", {})  # no reply_to and no retry policy: dead-lettered at once
         client.publish_event(f"{svc}.happened", {"done": done})
         wait_for(lambda: r.hget(done, "event"), timeout=10)
         event_ok = ("amqprpc_requests_total", (("action", "happened"), ("outcome", "success")))
@@ -216,6 +217,10 @@ def test_metrics_endpoint_counts_requests(svc, client, r, tmp_path):
         assert after[("amqprpc_handler_duration_seconds_count", (("action", "work"),))] == 3
         assert after[("amqprpc_requests_in_flight", ())] == 0
         assert after[("amqprpc_redeliveries_total", ())] == 0
+        dead = ("amqprpc_dead_letters_total", (("reason", "ValueError"),))
+        after = wait_for(lambda: (scraped := _scrape(port)).get(dead) and scraped, timeout=10)
+        assert after[dead] == 1
+        assert after[("amqprpc_requests_total", (("action", "fail"), ("outcome", "dead_lettered")))] == 1
 
         # A second worker on a port already taken is a usage error (exit 2), not "no broker".
         taken = WorkerProcess(svc, str(tmp_path / "taken.log"), "--metrics-port", str(port))

@@ -1,0 +1,218 @@
+"""What happens to a consumed message that cannot simply be acked: retry later, or dead-letter.
+
+Generic over *any* consumed message (requests, events): the worker asks this module for
+a :class:`Forward` -- "publish this copy, confirmed, then ack the original" -- and the
+loop thread carries it out with :class:`Forwarder`.
+
+Why the worker publishes retries and dead letters itself instead of rejecting into a
+broker-side dead-letter exchange: that would need ``x-dead-letter-exchange`` on the
+request queue, and changing the arguments of an existing durable queue fails with
+PRECONDITION_FAILED -- every ``service.X.request`` declared before this feature would
+break. Publishing with publisher confirms before the ack loses nothing either: until the
+broker confirmed the copy, the original stays unacked and is redelivered if we die.
+
+Retry delays go through per-queue delay buckets (``{queue}.delay.{ms}``, see
+:meth:`Topology.delay_queue`): a queue with ``x-message-ttl`` that dead-letters back into
+the consumed queue. One TTL per bucket means no short delay waits behind a long one.
+
+Poison messages (a handler that kills the process) are counted: quorum queues give
+``x-delivery-count``; classic queues only say ``redelivered``, so a redelivered message is
+first re-published with ``x-deliveries + 1`` (confirmed, then the original acked) and runs
+as that copy, 0.1 s later. The next crash redelivers the copy, and so on until the count passes
+``max_redeliveries`` and it is dead-lettered unrun.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import amqp
+from kombu import Queue
+
+from . import logs
+from . import retry as h
+from .ioloop import publish
+from .retry import Retry
+from .topology import Topology
+
+log = logs.get_logger("amqprpc.redelivery")
+
+# Time kept free before a call's deadline for the hops of one more attempt (publish,
+# TTL expiry at the queue head, redelivery, the reply): a retry that would land after the
+# deadline turns the caller's error reply into a CallTimeout.
+DEADLINE_MARGIN_S = 0.25
+
+# Re-declare a delay queue at least this often: publishing does not count as "use" for
+# x-expires, a declare does. Topology.delay_queue_idle_ms must stay well above this.
+DELAY_REDECLARE_S = 60.0
+
+
+@dataclass
+class Forward:
+    """Publish ``message`` to ``routing_key`` through the default exchange, confirmed,
+    then ack the original. ``declare`` is declared first (delay and dead queues)."""
+
+    routing_key: str
+    message: amqp.Message
+    declare: Queue | None
+    what: str  # "retry" | "dead_letter" | "recount", for logs and stats
+
+
+class Redelivery:
+    """Builds :class:`Forward` decisions for the messages of one service (any thread).
+
+    Parameters: ``service`` name; ``queue_type`` "classic" or "quorum" for the queues it
+    declares; ``max_redeliveries`` how many redeliveries a message survives before it is
+    dead-lettered unrun.
+    """
+
+    def __init__(self, service: str, topology: Topology, queue_type: str = "classic", max_redeliveries: int = 5):
+        self.service = service
+        self.topology = topology
+        self.queue_type = queue_type
+        self.max_redeliveries = max_redeliveries
+        self.dead_queue = topology.dead_queue(service, queue_type)
+
+    def poisoned(self, message: amqp.Message, queue: str) -> Forward | None:
+        """Before running a message: a Forward when it was redelivered (recount it, or
+        dead-letter it after too many), None to run it."""
+        headers = h.headers_of(message)
+        quorum_count = h.int_header(headers, "x-delivery-count")
+        if quorum_count:
+            count = quorum_count
+        elif message.delivery_info.get("redelivered"):
+            count = h.int_header(headers, h.DELIVERIES) + 1
+        else:
+            return None
+        if count > self.max_redeliveries:
+            return self.dead_letter(message, queue, f"Redelivered {count} times (does the handler kill the worker?)",
+                                    "TooManyRedeliveries")
+        if quorum_count:
+            return None  # the broker counts for us; nothing to re-publish
+        # The copy goes through the shortest delay bucket, not straight back: published
+        # to the consumed queue it could be delivered -- and kill us again -- before the
+        # broker's confirm let us ack the original, leaving both to be redelivered.
+        delay_queue = self.topology.delay_queue(queue, self.topology.delay_buckets_ms[0], self.queue_type)
+        return Forward(delay_queue.name, _copy(message, {h.DELIVERIES: count, **_origin(message, queue)}),
+                       delay_queue, "recount")
+
+    def retry_later(self, message: amqp.Message, queue: str, exc: BaseException, policy: Retry | None,
+                    deadline: float | None = None, duration: float = 0.0) -> Forward | None:
+        """After a failed attempt: a Forward into a delay bucket when ``policy`` grants
+        another attempt and the caller's ``deadline`` (epoch s) leaves room for it (the
+        delay plus the last attempt's ``duration`` in s); None when this failure is final."""
+        if policy is None:
+            return None
+        headers = h.headers_of(message)
+        attempt = h.attempts_made(headers) + 1
+        if not policy.retries(exc, attempt):
+            return None
+        ms = self.topology.delay_bucket_ms(policy.delay(attempt))
+        now = time.time()
+        if deadline is not None and now + ms / 1000.0 + duration + DEADLINE_MARGIN_S >= deadline:
+            return None  # answer now with this error rather than let the caller time out
+        delay_queue = self.topology.delay_queue(queue, ms, self.queue_type)
+        update = {h.ATTEMPTS: attempt, h.FIRST_FAILURE: headers.get(h.FIRST_FAILURE) or now, h.LAST_FAILURE: now,
+                  h.ERROR: _text(exc), h.ERROR_TYPE: type(exc).__name__, **_origin(message, queue)}
+        return Forward(delay_queue.name, _copy(message, update), delay_queue, "retry")
+
+    def dead_letter(self, message: amqp.Message, queue: str, error: str, error_type: str) -> Forward:
+        """The message, to ``service.{svc}.dead``, with why and where from in its headers."""
+        headers = h.headers_of(message)
+        now = time.time()
+        update = {h.ATTEMPTS: h.attempts_made(headers) + 1, h.FIRST_FAILURE: headers.get(h.FIRST_FAILURE) or now,
+                  h.LAST_FAILURE: now, h.ERROR: error[:4000], h.ERROR_TYPE: error_type, **_origin(message, queue)}
+        return Forward(self.dead_queue.name, _copy(message, update), self.dead_queue, "dead_letter")
+
+
+class Forwarder:
+    """Carries out :class:`Forward` decisions on the loop thread, over its own confirm
+    channel; acks (or, on a nack, requeues) the original when the broker answered."""
+
+    def __init__(self) -> None:
+        self.channel: amqp.Channel | None = None
+        self._pending: dict[int, tuple[amqp.Channel, int, str]] = {}
+        self._seq = 0
+        self._declared: dict[str, float] = {}
+        self.idle = threading.Event()  # set while no copy awaits its confirm (for a warm stop)
+        self.idle.set()
+        self.stats = {"retry": 0, "dead_letter": 0, "recount": 0, "nacked": 0}
+
+    def connect(self, connection: Any) -> None:
+        channel = connection.channel()
+        channel.confirm_select()
+        channel.events["basic_ack"].add(self._on_ack)
+        channel.events["basic_nack"].add(self._on_nack)
+        self.channel, self._pending, self._seq, self._declared = channel, {}, 0, {}
+
+    def disconnected(self) -> None:
+        # Unconfirmed copies may or may not be stored; their originals were not acked
+        # and come back from the broker: at-least-once, never lost.
+        self.channel, self._pending = None, {}
+        self.idle.set()
+
+    def send(self, consume_channel: amqp.Channel, delivery_tag: int, forward: Forward) -> None:
+        channel = self.channel
+        if channel is None:
+            return  # the original is redelivered after the reconnect
+        if forward.declare is not None:
+            now = time.monotonic()
+            if now - self._declared.get(forward.declare.name, -DELAY_REDECLARE_S) >= DELAY_REDECLARE_S:
+                forward.declare(channel).declare()
+                self._declared[forward.declare.name] = now
+        self._seq += 1
+        self._pending[self._seq] = (consume_channel, delivery_tag, forward.what)
+        self.idle.clear()
+        publish(channel, forward.message, "", forward.routing_key)
+
+    def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
+        for consume_channel, original, what in self._take(delivery_tag, multiple):
+            self.stats[what] += 1
+            if consume_channel.is_open:
+                consume_channel.basic_ack(original)
+
+    def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
+        for consume_channel, original, what in self._take(delivery_tag, multiple):
+            self.stats["nacked"] += 1
+            log.warning("broker refused a forwarded copy; original requeued", what=what)
+            if consume_channel.is_open:
+                consume_channel.basic_reject(original, requeue=True)
+
+    def _take(self, delivery_tag: int, multiple: bool) -> list:
+        if not multiple:
+            entry = self._pending.pop(delivery_tag, None)
+            taken = [entry] if entry else []
+        else:
+            taken = [self._pending.pop(tag) for tag in [t for t in self._pending if t <= delivery_tag]]
+        if not self._pending:
+            self.idle.set()
+        return taken
+
+
+def _origin(message: amqp.Message, queue: str) -> dict:
+    """Where the message first came from; kept from an earlier forward if there was one."""
+    headers = h.headers_of(message)
+    info = message.delivery_info or {}
+    return {h.ORIGINAL_EXCHANGE: headers.get(h.ORIGINAL_EXCHANGE, info.get("exchange", "")),
+            h.ORIGINAL_ROUTING_KEY: headers.get(h.ORIGINAL_ROUTING_KEY, info.get("routing_key", "")),
+            h.ORIGINAL_QUEUE: headers.get(h.ORIGINAL_QUEUE, queue)}
+
+
+def _copy(message: amqp.Message, update: dict) -> amqp.Message:
+    """The same body and properties (ids kept), persistent, with ``update`` merged into
+    the headers. ``expiration`` is dropped: the copy waits in a delay or dead queue and
+    must not vanish there (the deadline in the envelope still guards calls)."""
+    properties = {k: v for k, v in message.properties.items() if k not in ("expiration", "application_headers")}
+    headers = {k: v for k, v in (h.headers_of(message)).items()
+               if not k.startswith(("x-death", "x-first-death", "x-last-death", "x-delivery-count"))}
+    headers.update(update)
+    properties["application_headers"] = headers
+    properties["delivery_mode"] = 2
+    return amqp.Message(message.body, **properties)
+
+
+def _text(exc: BaseException) -> str:
+    return (str(exc) or type(exc).__name__)[:4000]
+
