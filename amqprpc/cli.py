@@ -81,6 +81,17 @@ def fail(code: int, message: str) -> None:
     sys.exit(code)
 
 
+def with_client(broker: str, timeout: float, use: Callable[[Any], Any]) -> Any:
+    """Run ``use(client)`` with a short-lived client; an RpcError exits with its code."""
+    from .client import RpcClient
+
+    try:
+        with RpcClient("amqprpc-cli", broker_url=broker, timeout=timeout) as client:
+            return use(client)
+    except RpcError as exc:
+        fail(exit_code_for(exc), str(exc))
+
+
 def exit_code_for(exc: RpcError) -> int:
     if isinstance(exc, RemoteError):
         return EXIT_REMOTE_ERROR
@@ -178,13 +189,7 @@ def call(service: str, action: str, payload: dict, timeout: float, broker: str, 
     Exit 0 success, 1 remote error, 2 usage, 3 timeout, 4 unavailable.
     """
     logs.configure(log_format, log_level)
-    from .client import RpcClient
-
-    try:
-        with RpcClient("amqprpc-cli", broker_url=broker, timeout=timeout) as client:
-            data = client.call(service, action, payload, timeout=timeout)
-    except RpcError as exc:
-        fail(exit_code_for(exc), str(exc))
+    data = with_client(broker, timeout, lambda client: client.call(service, action, payload, timeout=timeout))
     click.echo(json.dumps(data, indent=2, ensure_ascii=False))
 
 
@@ -199,13 +204,7 @@ def cast(service: str, action: str, payload: dict, timeout: float, broker: str, 
          log_level: str) -> None:
     """Send ACTION to SERVICE without waiting for a reply (persistent, broker-confirmed)."""
     logs.configure(log_format, log_level)
-    from .client import RpcClient
-
-    try:
-        with RpcClient("amqprpc-cli", broker_url=broker, timeout=timeout) as client:
-            client.cast(service, action, payload, timeout=timeout)
-    except RpcError as exc:
-        fail(exit_code_for(exc), str(exc))
+    with_client(broker, timeout, lambda client: client.cast(service, action, payload, timeout=timeout))
     click.echo("sent")
 
 
@@ -218,13 +217,7 @@ def cast(service: str, action: str, payload: dict, timeout: float, broker: str, 
 def publish(event: str, payload: dict, timeout: float, broker: str, log_format: str, log_level: str) -> None:
     """Publish EVENT (e.g. order.created) with PAYLOAD (persistent, broker-confirmed)."""
     logs.configure(log_format, log_level)
-    from .client import RpcClient
-
-    try:
-        with RpcClient("amqprpc-cli", broker_url=broker, timeout=timeout) as client:
-            client.publish_event(event, payload, timeout=timeout)
-    except RpcError as exc:
-        fail(exit_code_for(exc), str(exc))
+    with_client(broker, timeout, lambda client: client.publish_event(event, payload, timeout=timeout))
     click.echo("published")
 
 
@@ -302,17 +295,15 @@ def ping(service: str, count: int, timeout: float, broker: str, log_format: str,
     import time
 
     logs.configure(log_format, log_level)
-    from .client import RpcClient
 
-    try:
-        with RpcClient("amqprpc-cli", broker_url=broker, timeout=timeout) as client:
-            for _ in range(count):
-                started = time.perf_counter()
-                data = client.call(service, "ping", {}, timeout=timeout)
-                click.echo(f"pong from {service} {data.get('instance_id')} in "
-                           f"{(time.perf_counter() - started) * 1000:.2f} ms")
-    except RpcError as exc:
-        fail(exit_code_for(exc), str(exc))
+    def pings(client) -> None:
+        for _ in range(count):
+            started = time.perf_counter()
+            data = client.call(service, "ping", {}, timeout=timeout)
+            click.echo(f"pong from {service} {data.get('instance_id')} in "
+                       f"{(time.perf_counter() - started) * 1000:.2f} ms")
+
+    with_client(broker, timeout, pings)
 
 
 @main.command()
