@@ -48,6 +48,11 @@ def daemon_options(fn: Callable) -> Callable:
     fn = click.option("--shutdown-timeout", envvar="AMQPRPC_SHUTDOWN_TIMEOUT", default=30.0, show_default=True,
                       show_envvar=True, type=click.FloatRange(min=0),
                       help="Seconds running work gets to finish on SIGTERM.")(fn)
+    fn = click.option("--reconnect-cap", envvar="AMQPRPC_RECONNECT_CAP", default=10.0, show_default=True,
+                      show_envvar=True, type=click.FloatRange(min=0.1),
+                      help="Longest wait in seconds between broker reconnect attempts (full-jitter backoff).")(fn)
+    fn = click.option("--pidfile", envvar="AMQPRPC_PIDFILE", default=None, show_envvar=True,
+                      type=click.Path(dir_okay=False), help="Write the pid here; refuse to start if it names a live process.")(fn)
     return fn
 
 
@@ -76,6 +81,17 @@ def fail(code: int, message: str) -> None:
     sys.exit(code)
 
 
+def with_client(broker: str, timeout: float, use: Callable[[Any], Any]) -> Any:
+    """Run ``use(client)`` with a short-lived client; an RpcError exits with its code."""
+    from .client import RpcClient
+
+    try:
+        with RpcClient("amqprpc-cli", broker_url=broker, timeout=timeout) as client:
+            return use(client)
+    except RpcError as exc:
+        fail(exit_code_for(exc), str(exc))
+
+
 def exit_code_for(exc: RpcError) -> int:
     if isinstance(exc, RemoteError):
         return EXIT_REMOTE_ERROR
@@ -99,6 +115,8 @@ def main() -> None:
               type=click.IntRange(min=1), help="Handler threads.")
 @click.option("--prefetch", envvar="AMQPRPC_PREFETCH", default=None, show_envvar=True, type=click.IntRange(min=1),
               help="Unacked messages held at most  [default: 2 x concurrency]")
+@click.option("--metrics-port", envvar="AMQPRPC_METRICS_PORT", default=None, show_envvar=True,
+              type=click.IntRange(min=1, max=65535), help="Serve Prometheus metrics on this port at /metrics.")
 @click.option("--registry-interval", envvar="AMQPRPC_REGISTRY_INTERVAL", default=5.0, show_default=True,
               show_envvar=True, type=click.FloatRange(min=0),
               help="Seconds between heartbeats to the service registry in Redis (0: do not register).")
@@ -115,14 +133,22 @@ def main() -> None:
 @logging_options("info")
 def worker(service: str, app: str | None, concurrency: int, prefetch: int | None, shutdown_timeout: float,
            heartbeat: float, registry_interval: float, redis_url: str, max_message_bytes: int, queue_type: str,
-           max_redeliveries: int, broker: str, log_format: str, log_level: str) -> None:
-    """Run SERVICE's handlers until SIGTERM/SIGINT (warm stop) or SIGQUIT (cold stop).
+           max_redeliveries: int, pidfile: str | None, metrics_port: int | None, reconnect_cap: float, broker: str,
+           log_format: str, log_level: str) -> None:
+    """Run SERVICE's handlers in the foreground until a stop signal.
+
+    \b
+    SIGTERM, SIGINT      warm stop: running handlers finish (--shutdown-timeout),
+                         prefetched messages are requeued, exit 0
+    2nd signal, SIGQUIT  cold stop at once: everything unacked is requeued, exit 1
+    SIGHUP               ignored (restart = SIGTERM, the supervisor starts a new one)
 
     SERVICE resolves through the 'amqprpc.services' entry points, then the module
     workers.<service with - as _>; --app overrides both. Exit 0 after a clean warm
     stop, 1 after a cold stop, 2 for usage errors, 4 when the broker is unreachable.
+    A lost broker connection is retried forever with capped, jittered backoff.
     """
-    from .daemon import run_worker
+    from .daemon import StartupError, run_worker
     from .loading import ServiceNotFound, load_service
     from .topology import TopologyMismatch
     from .worker import Worker
@@ -139,9 +165,10 @@ def worker(service: str, app: str | None, concurrency: int, prefetch: int | None
     instance = Worker(svc, broker_url=broker, concurrency=concurrency, prefetch=prefetch, heartbeat=heartbeat,
                       registry=registry, registry_interval=registry_interval or 5.0,
                       max_message_bytes=max_message_bytes, queue_type=queue_type, max_redeliveries=max_redeliveries)
+    instance.reconnect_cap = reconnect_cap
     try:
-        code = run_worker(instance, shutdown_timeout)
-    except TopologyMismatch as exc:
+        code = run_worker(instance, shutdown_timeout, pidfile=pidfile, metrics_port=metrics_port)
+    except (StartupError, TopologyMismatch) as exc:
         fail(EXIT_USAGE, str(exc))
     except Exception as exc:  # noqa: BLE001 - connection failures at start: one line, no traceback
         fail(EXIT_UNAVAILABLE, f"cannot connect to broker {broker}: {exc}")
@@ -162,13 +189,7 @@ def call(service: str, action: str, payload: dict, timeout: float, broker: str, 
     Exit 0 success, 1 remote error, 2 usage, 3 timeout, 4 unavailable.
     """
     logs.configure(log_format, log_level)
-    from .client import RpcClient
-
-    try:
-        with RpcClient("amqprpc-cli", broker_url=broker, timeout=timeout) as client:
-            data = client.call(service, action, payload, timeout=timeout)
-    except RpcError as exc:
-        fail(exit_code_for(exc), str(exc))
+    data = with_client(broker, timeout, lambda client: client.call(service, action, payload, timeout=timeout))
     click.echo(json.dumps(data, indent=2, ensure_ascii=False))
 
 
@@ -183,13 +204,7 @@ def cast(service: str, action: str, payload: dict, timeout: float, broker: str, 
          log_level: str) -> None:
     """Send ACTION to SERVICE without waiting for a reply (persistent, broker-confirmed)."""
     logs.configure(log_format, log_level)
-    from .client import RpcClient
-
-    try:
-        with RpcClient("amqprpc-cli", broker_url=broker, timeout=timeout) as client:
-            client.cast(service, action, payload, timeout=timeout)
-    except RpcError as exc:
-        fail(exit_code_for(exc), str(exc))
+    with_client(broker, timeout, lambda client: client.cast(service, action, payload, timeout=timeout))
     click.echo("sent")
 
 
@@ -202,13 +217,7 @@ def cast(service: str, action: str, payload: dict, timeout: float, broker: str, 
 def publish(event: str, payload: dict, timeout: float, broker: str, log_format: str, log_level: str) -> None:
     """Publish EVENT (e.g. order.created) with PAYLOAD (persistent, broker-confirmed)."""
     logs.configure(log_format, log_level)
-    from .client import RpcClient
-
-    try:
-        with RpcClient("amqprpc-cli", broker_url=broker, timeout=timeout) as client:
-            client.publish_event(event, payload, timeout=timeout)
-    except RpcError as exc:
-        fail(exit_code_for(exc), str(exc))
+    with_client(broker, timeout, lambda client: client.publish_event(event, payload, timeout=timeout))
     click.echo("published")
 
 
@@ -286,17 +295,15 @@ def ping(service: str, count: int, timeout: float, broker: str, log_format: str,
     import time
 
     logs.configure(log_format, log_level)
-    from .client import RpcClient
 
-    try:
-        with RpcClient("amqprpc-cli", broker_url=broker, timeout=timeout) as client:
-            for _ in range(count):
-                started = time.perf_counter()
-                data = client.call(service, "ping", {}, timeout=timeout)
-                click.echo(f"pong from {service} {data.get('instance_id')} in "
-                           f"{(time.perf_counter() - started) * 1000:.2f} ms")
-    except RpcError as exc:
-        fail(exit_code_for(exc), str(exc))
+    def pings(client) -> None:
+        for _ in range(count):
+            started = time.perf_counter()
+            data = client.call(service, "ping", {}, timeout=timeout)
+            click.echo(f"pong from {service} {data.get('instance_id')} in "
+                       f"{(time.perf_counter() - started) * 1000:.2f} ms")
+
+    with_client(broker, timeout, pings)
 
 
 @main.command()
@@ -313,7 +320,8 @@ def ping(service: str, count: int, timeout: float, broker: str, log_format: str,
 @broker_option
 @logging_options("info")
 def collector(redis_url: str, ttl: float, queue_name: str, key_prefix: str, prefetch: int, shutdown_timeout: float,
-              heartbeat: float, broker: str, log_format: str, log_level: str) -> None:
+              heartbeat: float, reconnect_cap: float, pidfile: str | None, broker: str, log_format: str,
+              log_level: str) -> None:
     """Store the replies of submitted requests in Redis (for ResponseStore().get) until
     SIGTERM/SIGINT (warm stop) or SIGQUIT (cold stop).
 
@@ -321,7 +329,7 @@ def collector(redis_url: str, ttl: float, queue_name: str, key_prefix: str, pref
     with backoff and the replies wait in the queue. Exit codes as for 'worker'.
     """
     from .collector import Collector
-    from .daemon import run_worker
+    from .daemon import StartupError, run_worker
     from .responses import ResponseStore
     from .topology import Topology
 
@@ -329,8 +337,11 @@ def collector(redis_url: str, ttl: float, queue_name: str, key_prefix: str, pref
     logs.bind_process(service="amqprpc-collector")
     instance = Collector(ResponseStore(redis_url, prefix=key_prefix), broker_url=broker, ttl=ttl,
                          topology=Topology(collector_queue=queue_name), prefetch=prefetch, heartbeat=heartbeat)
+    instance.reconnect_cap = reconnect_cap
     try:
-        code = run_worker(instance, shutdown_timeout)
+        code = run_worker(instance, shutdown_timeout, pidfile=pidfile, title="amqprpc collector")
+    except StartupError as exc:
+        fail(EXIT_USAGE, str(exc))
     except Exception as exc:  # noqa: BLE001 - connection failures at start: one line, no traceback
         fail(EXIT_UNAVAILABLE, f"cannot connect to broker {broker}: {exc}")
     sys.exit(code)

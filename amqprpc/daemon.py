@@ -1,16 +1,29 @@
-"""Running a worker in the foreground as a daemon: signals, exit codes.
+"""Running a worker in the foreground as a supervised daemon: signals, exit codes,
+pidfile, systemd notifications, process title, metrics endpoint.
 
-First SIGTERM/SIGINT: warm stop (see :meth:`Worker.shutdown`), exit 0 when every running
-handler finished in time. A second SIGTERM/SIGINT, or SIGQUIT: cold stop, at once: close
-the connection so the broker requeues whatever is unacked, exit 1 (EXIT_COLD_STOP).
+The worker never forks or detaches: Supervisor and systemd want the process they
+started, and ``exec amqprpc worker ...`` in a wrapper script keeps the pid.
+
+Signals:
+
+- first SIGTERM/SIGINT: warm stop (see :meth:`Worker.shutdown`), exit 0 when every
+  running handler finished within the shutdown timeout, 1 when the timeout cut them off;
+- a second SIGTERM/SIGINT, or SIGQUIT: cold stop, at once: close the connection so the
+  broker requeues whatever is unacked (running handlers included), exit 1 (EXIT_COLD_STOP);
+- SIGHUP: ignored (logged). A graceful restart is the supervisor's job (SIGTERM, then it
+  starts a new process); treating HUP as "stop" would leave a ``Restart=on-failure`` unit
+  down after an exit 0, and a terminal hang-up must not kill a worker either.
 """
 from __future__ import annotations
 
 import os
 import signal
 import threading
+import time
 
-from . import logs
+from . import logs, sdnotify
+from .config import redact
+from .pidfile import PidFile, PidFileError
 from .worker import Worker
 
 log = logs.get_logger("amqprpc.daemon")
@@ -19,33 +32,100 @@ EXIT_OK = 0
 EXIT_COLD_STOP = 1
 
 
-def run_worker(worker: Worker, shutdown_timeout: float = 30.0) -> int:
-    """Serve until a signal; return the process exit code."""
+class StartupError(Exception):
+    """The process cannot start as configured (pidfile held, metrics port taken): a
+    usage error, not a broker problem."""
+
+
+def run_worker(worker: Worker, shutdown_timeout: float = 30.0, *, pidfile: str | None = None,
+               metrics_port: int | None = None, title: str | None = None) -> int:
+    """Serve until a signal; return the process exit code.
+
+    ``worker`` is a :class:`Worker` or anything with its lifecycle (``start``,
+    ``shutdown``, ``stop``, ``alive``, ``stats``, ``url``), such as the collector.
+
+    Parameters: ``shutdown_timeout`` seconds running handlers get on a warm stop;
+    ``pidfile`` path to write this pid to (refused while another live process holds it:
+    :class:`StartupError`, as for a metrics port already taken); ``metrics_port`` TCP port for Prometheus'
+    ``/metrics`` (None: no endpoint; a Worker only); ``title`` the process title
+    (default ``amqprpc worker <service>``).
+    """
     stop_requested = threading.Event()
     cold = threading.Event()
+    title = title or f"amqprpc worker {worker.service.name}"
 
     def on_stop_signal(signum, _frame):
         if stop_requested.is_set() or signum == signal.SIGQUIT:
             cold.set()
             log.warning("cold stop requested", signal=signal.Signals(signum).name)
-            _cold_stop(worker)
+            _cold_stop(worker, lock)
         log.info("warm stop requested", signal=signal.Signals(signum).name, shutdown_timeout=shutdown_timeout)
         stop_requested.set()
 
+    def on_hangup(_signum, _frame):
+        log.info("SIGHUP ignored: stop with SIGTERM and let the supervisor start a new worker")
+
+    lock = PidFile(pidfile) if pidfile else None
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         signal.signal(signum, on_stop_signal)
-    worker.start()
-    while not stop_requested.wait(1.0):
-        if not worker.alive:
-            log.error("worker loop died")
-            return EXIT_COLD_STOP
-    clean = worker.shutdown(shutdown_timeout)
-    return EXIT_OK if clean and not cold.is_set() else EXIT_COLD_STOP
+    signal.signal(signal.SIGHUP, on_hangup)
+    _set_process_title(title)
+    if lock is not None:
+        try:
+            lock.acquire()
+        except PidFileError as exc:
+            raise StartupError(str(exc)) from None
+    try:
+        if metrics_port is not None:
+            from . import metrics  # prometheus_client only when asked for
+
+            metrics.instrument(worker)
+            try:
+                metrics.serve(metrics_port)
+            except OSError as exc:
+                raise StartupError(f"cannot serve metrics on port {metrics_port}: {exc}") from None
+        sizes = {key: getattr(worker, key) for key in ("concurrency", "prefetch") if hasattr(worker, key)}
+        log.info("worker starting", title=title, pid=os.getpid(), broker=redact(worker.url), **sizes,
+                 metrics_port=metrics_port)
+        worker.start()
+        sdnotify.notify("READY=1", f"STATUS={title}: serving", f"MAINPID={os.getpid()}")
+        watchdog = sdnotify.watchdog_interval()
+        tick = min(1.0, watchdog) if watchdog else 1.0
+        next_ping = time.monotonic()
+        while not stop_requested.wait(tick):
+            if not worker.alive:
+                log.error("worker loop died")
+                return EXIT_COLD_STOP
+            if watchdog and time.monotonic() >= next_ping:
+                # Only while the I/O thread lives: a dead loop gets the unit restarted.
+                sdnotify.notify("WATCHDOG=1")
+                next_ping = time.monotonic() + watchdog
+        sdnotify.notify("STOPPING=1", f"STATUS={title}: stopping")
+        clean = worker.shutdown(shutdown_timeout)
+        code = EXIT_OK if clean and not cold.is_set() else EXIT_COLD_STOP
+        log.info("worker exiting", exit_code=code)
+        return code
+    finally:
+        if lock is not None:
+            lock.release()
 
 
-def _cold_stop(worker: Worker) -> None:
+def _cold_stop(worker: Worker, lock: PidFile | None) -> None:
     # Closing the socket makes the broker requeue every unacked message at once; the
     # handler threads are daemons and die with the process.
+    sdnotify.notify("STOPPING=1")
     worker.stop(timeout=2.0)
     log.info("worker stopped (cold)", **worker.stats)
+    if lock is not None:
+        lock.release()
     os._exit(EXIT_COLD_STOP)
+
+
+def _set_process_title(title: str) -> None:
+    # What ps/top/htop show instead of "python3 -m amqprpc ...": an operator finds the
+    # worker of one service at a glance.
+    try:
+        import setproctitle
+    except ImportError:  # pragma: no cover - a declared dependency; degrade, do not fail
+        return
+    setproctitle.setproctitle(title)

@@ -71,6 +71,7 @@ class Worker(AmqpLoop):
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._consuming = False
+        self._shutting_down = False
         self.stats = {"received": 0, "succeeded": 0, "failed": 0, "rejected": 0, "expired": 0}
         self.instance_id = new_instance_id()
         self.started_at = time.time()
@@ -101,6 +102,7 @@ class Worker(AmqpLoop):
         then close. Returns False when handlers were still running at the timeout (their
         messages go back to the queue when the connection closes)."""
         stopped = threading.Event()
+        self._shutting_down = True  # a reconnect during the stop must not consume again
         self.call_soon(self._stop_consuming, stopped)
         stopped.wait(5.0)
         if self.presence:
@@ -136,9 +138,11 @@ class Worker(AmqpLoop):
         # service that never fails leaves nothing behind on the broker.
         self.forwarder.connect(connection)
         channel.basic_qos(0, self.prefetch, False)
+        self.channel = channel
+        if self._shutting_down:
+            return
         channel.basic_consume(queue=self.queue_name, consumer_tag=self.consumer_tag, callback=self._on_message)
         events.start_consuming(channel, self.event_consumers.values(), self._on_message)
-        self.channel = channel
         self._consuming = True
 
     def on_disconnected(self, exc) -> None:
@@ -147,6 +151,27 @@ class Worker(AmqpLoop):
         with self.write_lock:
             self.channel = None
         self.forwarder.disconnected()
+        # What no handler has taken yet is back in the queue already: running it now would
+        # only make a duplicate whose ack is dropped.
+        dropped = len(self._take_unstarted())
+        if dropped:
+            log.info("dropped unstarted messages of the lost connection", count=dropped)
+
+    def _take_unstarted(self) -> list:
+        """Empty the inbox of the deliveries no handler has taken; shutdown's sentinels stay."""
+        taken, sentinels = [], 0
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                sentinels += 1
+            else:
+                taken.append(item)
+        for _ in range(sentinels):  # still owed to the handler threads
+            self._inbox.put(_STOP)
+        return taken
 
     def _on_message(self, message: amqp.Message) -> None:
         self.stats["received"] += 1
@@ -161,14 +186,7 @@ class Worker(AmqpLoop):
                     self.channel.basic_cancel(tag)
             # After CancelOk nothing more arrives: give back what no handler has taken.
             requeued = 0
-            while True:
-                try:
-                    item = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    continue
-                generation, message = item
+            for generation, message in self._take_unstarted():
                 if generation == self.generation and self.channel is not None:
                     self.channel.basic_reject(message.delivery_tag, requeue=True)
                     requeued += 1

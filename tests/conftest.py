@@ -46,6 +46,19 @@ def service(service_name: str) -> Service:
     return Service(service_name)
 
 
+@pytest.fixture(scope="session")
+def own_broker():
+    """A RabbitMQ node this test session alone uses, for tests that stop and start the
+    broker or need a service name (user-service) no other run is consuming. Started once,
+    on first use (a few seconds), stopped at the end of the session."""
+    from rabbit_node import RabbitNode
+
+    node = RabbitNode()
+    node.start()
+    yield node
+    node.stop()
+
+
 @pytest.fixture
 def worker_processes(tmp_path, broker_url):
     """Start ``amqprpc worker`` subprocesses, each logging JSON to its own file
