@@ -2,9 +2,10 @@
 
 Threads, and why:
 - the loop thread (:class:`~amqprpc.ioloop.AmqpLoop`) owns the connection: it receives
-  deliveries, publishes replies and acks. Heartbeats keep flowing however long handlers run.
+  deliveries and keeps heartbeats flowing however long handlers run.
 - ``concurrency`` handler threads take deliveries from an in-process queue, decode, run
-  the handler and hand ``(reply, ack)`` back to the loop with ``call_soon``.
+  the handler, then publish the reply and ack themselves under the loop's ``write_lock``
+  (or, when it is taken, hand ``(reply, ack)`` back to the loop with ``call_soon``).
 
 A message is acked only after its reply was published (at-least-once). The prefetch
 bounds how many messages one worker holds unacked (per consumed queue).
