@@ -7,7 +7,7 @@ that into an error reply or a dead letter. Nothing here evaluates or unpickles i
 from __future__ import annotations
 
 import json
-import os
+import random
 import time
 from typing import Any, Mapping
 
@@ -19,11 +19,17 @@ _JSON_TYPES = frozenset({"application/json", "text/json", "application/json; cha
 
 _encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
 _decode = json.loads
+_getrandbits = random.getrandbits
 
 
 def new_id() -> str:
-    """A random 128-bit id as 32 hex characters (cheaper than ``str(uuid4())``)."""
-    return os.urandom(16).hex()
+    """A random 128-bit id as 32 hex characters.
+
+    From ``random`` (seeded from the OS, reseeded after fork), not ``os.urandom``: ids need
+    to be unique, not secret, and the getrandom() syscall releases the GIL, so on a busy
+    client every id cost a wait to win the GIL back (measured: ~60 us per id, two per call).
+    """
+    return "%032x" % _getrandbits(128)
 
 
 def dumps(obj: Any) -> bytes:
