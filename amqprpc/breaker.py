@@ -32,7 +32,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from . import logs
+from . import logs, metrics
 from .config import redact, redis_client
 from .errors import CallTimeout, CircuitOpen, RemoteError, ServiceUnavailable
 
@@ -126,7 +126,9 @@ class CircuitBreaker:
         self._is_failure = is_failure
         self.fallback = fallback
         self.sync_interval = sync_interval
-        self._listeners = list(listeners)
+        # Every breaker reports to the Prometheus metrics (a worker's --metrics-port shows
+        # the breakers of its handlers' service.client); more listeners may be added.
+        self._listeners = [metrics.breaker_changed, *listeners]
         self._views: dict[str, _View] = {}
         self._windows: dict[str, _RateWindow] = {}
         self._lock = threading.Lock()
@@ -245,6 +247,7 @@ class CircuitBreaker:
     # --- internals -----------------------------------------------------------------------
     def _reject(self, name: str, left: float) -> None:
         self.stats["rejected"] += 1
+        metrics.breaker_rejected(name)
         raise CircuitOpen(f"{name}: circuit open, retry in {max(left, 0.0):.1f}s; nothing was sent")
 
     def _transition(self, name: str, outcome: str) -> None:

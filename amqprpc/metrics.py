@@ -34,6 +34,27 @@ DEAD_LETTERS = Counter("amqprpc_dead_letters", "Messages given up on and dead-le
                        "type: an exception class name, BadMessage, ...).", ["service", "reason"])
 
 
+BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+BREAKER_STATE = Gauge("amqprpc_breaker_state", "Circuit breaker state per target: 0 closed, 1 half-open, 2 open.",
+                      ["breaker"])
+BREAKER_TRANSITIONS = Counter("amqprpc_breaker_transitions", "Circuit breaker state changes made or seen here.",
+                              ["breaker", "old", "new", "origin"])
+BREAKER_REJECTIONS = Counter("amqprpc_breaker_rejections", "Calls refused with CircuitOpen (nothing published).",
+                             ["breaker"])
+
+
+def breaker_changed(change: Any) -> None:
+    """A CircuitBreaker listener (every breaker registers it): count the transition and
+    publish the new state. ``change.name`` is a target service (or service.action) the
+    caller chose, so cardinality is that of the caller's own targets."""
+    BREAKER_TRANSITIONS.labels(change.name, change.old, change.new, change.origin).inc()
+    BREAKER_STATE.labels(change.name).set(BREAKER_STATES.get(change.new, -1))
+
+
+def breaker_rejected(name: str) -> None:
+    BREAKER_REJECTIONS.labels(name).inc()
+
+
 def dead_letter(service: str, reason: str, count: int = 1) -> None:
     """Count ``count`` messages of ``service`` dead-lettered for ``reason`` (a short
     bounded word such as an exception class name or ``BadMessage``, never free text).

@@ -59,6 +59,22 @@ def test_consecutive_failures_open_it_and_a_success_resets_the_count():
     assert breaker.stats["rejected"] == 1
 
 
+def test_state_changes_and_rejections_are_counted_in_prometheus_metrics():
+    from prometheus_client import REGISTRY
+
+    name = unique_name("metered")
+    breaker = CircuitBreaker(failure_threshold=2, shared=False)
+
+    def sample(metric, **labels):
+        return REGISTRY.get_sample_value(metric, {"breaker": name, **labels}) or 0.0
+
+    fail(breaker, name), fail(breaker, name)
+    assert rejects(breaker, name) and rejects(breaker, name)
+    assert sample("amqprpc_breaker_state") == 2  # open
+    assert sample("amqprpc_breaker_transitions_total", old=CLOSED, new=OPEN, origin="local") == 1
+    assert sample("amqprpc_breaker_rejections_total") == 2
+
+
 def test_half_open_allows_bounded_trials_then_success_closes_and_failure_reopens():
     changes = []
     breaker = CircuitBreaker(failure_threshold=1, reset_timeout=0.2, half_open_max_calls=2, shared=False,
