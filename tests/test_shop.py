@@ -123,7 +123,8 @@ def test_a_failed_payment_gives_the_stock_back(shop):
     wait_for(lambda: shop.redis.hget(shop.key("reservation", created["order_id"]), "status") == "released")
     assert stock(client, "prod_002") == before
     wait_for(lambda: len(notifications(shop, created["order_id"])) == 2)
-    assert "over the limit" in notifications(shop, created["order_id"])[1]["message"]
+    # order.created and payment.failed are handled by concurrent threads: either may be recorded first.
+    assert any("over the limit" in note["message"] for note in notifications(shop, created["order_id"]))
 
 
 def test_create_order_is_idempotent_per_order_id(shop):
