@@ -81,6 +81,17 @@ def fail(code: int, message: str) -> None:
     sys.exit(code)
 
 
+def request_arguments(fn: Callable) -> Callable:
+    """SERVICE ACTION [PAYLOAD] with the timeout, broker and logging options (call, cast)."""
+    for decorate in reversed([
+        click.argument("service"), click.argument("action"),
+        click.argument("payload", required=False, default="{}", type=JsonObject()),
+        timeout_option, broker_option, logging_options("warning"),
+    ]):
+        fn = decorate(fn)
+    return fn
+
+
 def with_client(broker: str, timeout: float, use: Callable[[Any], Any]) -> Any:
     """Run ``use(client)`` with a short-lived client; an RpcError exits with its code."""
     from .client import RpcClient
@@ -176,12 +187,7 @@ def worker(service: str, app: str | None, concurrency: int, prefetch: int | None
 
 
 @main.command()
-@click.argument("service")
-@click.argument("action")
-@click.argument("payload", required=False, default="{}", type=JsonObject())
-@timeout_option
-@broker_option
-@logging_options("warning")
+@request_arguments
 def call(service: str, action: str, payload: dict, timeout: float, broker: str, log_format: str,
          log_level: str) -> None:
     """Call ACTION on SERVICE with PAYLOAD (a JSON object) and print the data as JSON.
@@ -194,12 +200,7 @@ def call(service: str, action: str, payload: dict, timeout: float, broker: str, 
 
 
 @main.command()
-@click.argument("service")
-@click.argument("action")
-@click.argument("payload", required=False, default="{}", type=JsonObject())
-@timeout_option
-@broker_option
-@logging_options("warning")
+@request_arguments
 def cast(service: str, action: str, payload: dict, timeout: float, broker: str, log_format: str,
          log_level: str) -> None:
     """Send ACTION to SERVICE without waiting for a reply (persistent, broker-confirmed)."""

@@ -11,27 +11,26 @@ wait_port() {  # port seconds name
   echo "error: $3 did not start listening on 127.0.0.1:$1 within $2 s" >&2; return 1
 }
 
-ensure_rabbitmq() {
-  if port_open 5672; then return 0; fi
-  if ! command -v rabbitmq-server >/dev/null; then
-    echo "error: RabbitMQ is not running on 127.0.0.1:5672 and is not installed (apt-get install rabbitmq-server)" >&2
+ensure() {  # name port seconds-to-wait command [args...]: start it if installed and not listening
+  local name=$1 port=$2 wait=$3 command=$4
+  shift 3
+  if port_open "$port"; then return 0; fi
+  if ! command -v "$command" >/dev/null; then
+    echo "error: $name is not running on 127.0.0.1:$port and is not installed (apt-get install $command)" >&2
     return 1
   fi
-  echo "starting RabbitMQ (rabbitmq-server -detached)..." >&2
-  rabbitmq-server -detached >/dev/null 2>&1 || true
-  wait_port 5672 90 RabbitMQ || return 1
+  echo "starting $name ($*)..." >&2
+  "$@" >/dev/null 2>&1 || true
+  wait_port "$port" "$wait" "$name"
+}
+
+ensure_rabbitmq() {
+  ensure RabbitMQ 5672 90 rabbitmq-server -detached || return 1
   rabbitmqctl await_startup >/dev/null 2>&1 || true
 }
 
 ensure_redis() {
-  if port_open 6379; then return 0; fi
-  if ! command -v redis-server >/dev/null; then
-    echo "error: Redis is not running on 127.0.0.1:6379 and is not installed (apt-get install redis-server)" >&2
-    return 1
-  fi
-  echo "starting Redis..." >&2
-  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null || return 1
-  wait_port 6379 20 Redis || return 1
+  ensure Redis 6379 20 redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
 }
 
 status=0
