@@ -15,22 +15,31 @@ from __future__ import annotations
 import collections
 import os
 import select
+import struct
 import threading
 import time
 from typing import Any, Callable
 
 import amqp
 from amqp import spec
+from amqp.exceptions import FrameSyntaxError
 from kombu import Connection
 
 from . import logs
 from .backoff import full_jitter
 from .config import redact, ssl_options
+from . import framehandler
 from .framereader import FrameReader
 
 log = logs.get_logger("amqprpc.ioloop")
 
 _READ = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
+
+
+# What py-amqp raises for a message it cannot encode (a routing key or short string over 255
+# bytes, a header value it has no type for, a decimal it cannot write back): always before
+# any byte of the message is written, so the connection is fine and a retry fails the same.
+UNENCODABLE = (struct.error, UnicodeError, ValueError, TypeError, OverflowError, FrameSyntaxError)
 
 
 def publish(channel: amqp.Channel, message: amqp.Message, exchange: str, routing_key: str,
@@ -43,6 +52,19 @@ def publish(channel: amqp.Channel, message: amqp.Message, exchange: str, routing
     publish only needs to write the frames.
     """
     channel.send_method(spec.Basic.Publish, "Bssbb", (0, exchange, routing_key, mandatory, False), message)
+
+
+def open_channel(connection: Connection) -> amqp.Channel:
+    """A new channel whose deliveries keep their bodies as bytes.
+
+    py-amqp decodes a body with the codec its ``content_encoding`` property names, on
+    the loop thread, when ``auto_decode`` is on (its default): a peer could pick any
+    text codec, including slow ones (punycode is quadratic). Bodies are JSON, which
+    ``json.loads`` reads from bytes itself.
+    """
+    channel = connection.channel()
+    channel.auto_decode = False
+    return channel
 
 
 class AmqpLoop:
@@ -156,6 +178,7 @@ class AmqpLoop:
         while not self._stopping:
             try:
                 self.connection = self._connect()
+                framehandler.install(self.connection.connection)
                 self._lock_frames(self.connection.connection)
                 self.generation += 1
                 self.on_connected(self.connection)
