@@ -20,7 +20,8 @@ from .breaker import CircuitBreaker
 from .config import broker_url as default_broker_url
 from .config import redact
 from .errors import CallTimeout, ConnectionLost, RemoteError, ServiceUnavailable
-from .ioloop import AmqpLoop, publish
+from .framehandler import UndecodableMessage
+from .ioloop import UNENCODABLE, AmqpLoop, open_channel, publish
 from .retry import PUBLISH_RETRY, Retry, call_with_retry
 from .service import snake_case
 from .topology import DEFAULT_TOPOLOGY, Topology
@@ -238,12 +239,12 @@ class RpcClient(AmqpLoop):
 
     # --- loop thread -------------------------------------------------------------------
     def on_connected(self, connection) -> None:
-        channel = connection.channel()
+        channel = open_channel(connection)
         self.topology.request_exchange()(channel).declare()
         self.reply_queue(channel).declare()
         channel.basic_consume(queue=self.reply_queue.name, no_ack=True, callback=self._on_reply)
         channel.events["basic_return"].add(self._on_call_returned)
-        confirm = connection.channel()
+        confirm = open_channel(connection)
         self.topology.events_exchange()(confirm).declare()
         confirm.confirm_select()
         confirm.events["basic_ack"].add(self._on_ack)
@@ -309,7 +310,7 @@ class RpcClient(AmqpLoop):
                 publish(channel, message, self.topology.service_exchange, routing_key, mandatory=True)
             except Exception as exc:  # noqa: BLE001 - a broken connection; the loop reconnects
                 pending.pop(message_id, None)
-                _settle(future, exception=ConnectionLost(f"{service}.{action}: publish failed: {exc!r}"))
+                _settle(future, exception=_publish_error(f"{service}.{action}", exc))
                 return
         if earliest:
             # Only the loop thread sets next_tick; it must wake to shorten its poll.
@@ -338,8 +339,11 @@ class RpcClient(AmqpLoop):
         entry = self._pending.pop(message.properties.get("correlation_id"), None)
         try:
             doc = envelope.loads(body)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):
             doc = None
+        if isinstance(message, UndecodableMessage):
+            self._undecodable_reply(message, entry, doc)
+            return
         if entry is None and isinstance(doc, dict):
             # A foreign server may answer with the request's message_id only.
             entry = self._pending.pop(doc.get("message_id"), None)
@@ -359,6 +363,18 @@ class RpcClient(AmqpLoop):
         else:
             _settle(future, exception=RemoteError(str(doc.get("error")), str(doc.get("error_type") or "RemoteError"),
                                                   doc.get("message_id")))
+
+    def _undecodable_reply(self, message: UndecodableMessage, entry: tuple | None, doc: Any) -> None:
+        """A reply whose properties did not decode (a hostile or broken peer): the call it
+        names by its body's message_id fails with BadReply; otherwise it is dropped (the
+        reply queue is no_ack). Either way the connection stays up."""
+        if entry is None and isinstance(doc, dict) and isinstance(doc.get("message_id"), str):
+            entry = self._pending.pop(doc["message_id"], None)
+        log.warning("undecodable reply", problem=message.problem, matched=entry is not None)
+        if entry is not None:
+            future, service, action, _ = entry
+            _settle(future, exception=RemoteError(f"{service}.{action}: the reply could not be decoded: "
+                                                  f"{message.problem}", "BadReply"))
 
     def _on_call_returned(self, exc, exchange: str, routing_key: str, message: amqp.Message) -> None:
         entry = self._pending.pop(message.properties.get("correlation_id"), None)
@@ -382,7 +398,9 @@ class RpcClient(AmqpLoop):
                 publish(channel, message, exchange, routing_key, mandatory=mandatory)
             except Exception as exc:  # noqa: BLE001 - a broken connection; the loop reconnects
                 self._confirms.pop(self._publish_seq, None)
-                _settle(future, exception=ConnectionLost(f"{what}: publish failed: {exc!r}"))
+                if isinstance(exc, UNENCODABLE):
+                    self._publish_seq -= 1  # nothing was sent: the broker's confirm numbers stay ours
+                _settle(future, exception=_publish_error(what, exc))
 
     def _on_confirm_returned(self, exc, exchange: str, routing_key: str, message: amqp.Message) -> None:
         # basic.return precedes the basic.ack of the same message.
@@ -428,6 +446,15 @@ class ServiceProxy:
 
         remote_method.__name__ = action
         return remote_method
+
+
+def _publish_error(what: str, exc: Exception) -> Exception:
+    """A request py-amqp cannot encode (a routing key over 255 bytes: a service or event
+    name that long) is the caller's error, raised as ValueError; anything else means the
+    connection broke (:class:`ConnectionLost`, which casts and events retry)."""
+    if isinstance(exc, UNENCODABLE):
+        return ValueError(f"{what}: cannot be sent: {exc}")
+    return ConnectionLost(f"{what}: publish failed: {exc!r}")
 
 
 def _settle(future: Future, *, result: Any = None, exception: BaseException | None = None) -> None:

@@ -22,6 +22,7 @@ import os
 import queue
 import socket
 import threading
+from dataclasses import replace
 from typing import Any
 
 import amqp
@@ -30,7 +31,9 @@ from . import envelope, logs
 from .backoff import full_jitter
 from .config import broker_url as default_broker_url
 from .config import redact
-from .ioloop import AmqpLoop
+from .framehandler import UndecodableMessage
+from .ioloop import AmqpLoop, open_channel
+from .redelivery import Forward, Forwarder, Redelivery
 from .responses import DEFAULT_TTL, ResponseStore
 from .topology import DEFAULT_TOPOLOGY, Topology
 
@@ -63,6 +66,10 @@ class Collector(AmqpLoop):
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._storer: threading.Thread | None = None
         self._abandon = threading.Event()
+        # What cannot be stored (no correlation id, properties that do not decode) goes to
+        # ``{collector_queue}.dead`` (``amqprpc.responses.dead``), as a worker's to ``service.X.dead``.
+        self.redelivery = Redelivery(self.queue_name, replace(topology, dead_queue_format="{service}.dead"))
+        self.forwarder = Forwarder()
         self.stats = {"received": 0, "stored": 0, "dropped": 0, "store_errors": 0}
 
     # --- lifecycle (any thread) --------------------------------------------------------
@@ -95,15 +102,17 @@ class Collector(AmqpLoop):
 
     # --- loop thread -------------------------------------------------------------------
     def on_connected(self, connection) -> None:
-        channel = connection.channel()
+        channel = open_channel(connection)
         self.topology.responses_queue()(channel).declare()
         channel.basic_qos(0, self.prefetch, False)
+        self.forwarder.connect(connection)
         channel.basic_consume(queue=self.queue_name, consumer_tag=self.consumer_tag, callback=self._on_message)
         self.channel = channel
 
     def on_disconnected(self, exc) -> None:
         # The broker redelivers what the dead channel held; storing twice is harmless (SET).
         self.channel = None
+        self.forwarder.disconnected()
 
     def _on_message(self, message: amqp.Message) -> None:
         self.stats["received"] += 1
@@ -116,19 +125,20 @@ class Collector(AmqpLoop):
         finally:
             done.set()
 
-    def _settle(self, settled: list[tuple[int, int, bool]]) -> None:
-        """Ack (or reject, for undeliverable replies) what the store thread finished.
-        Tags of an earlier connection are dropped: the broker already requeued those."""
+    def _settle(self, settled: list[tuple[int, amqp.Message, Forward | None]]) -> None:
+        """Ack what the store thread stored; dead-letter what it could not store. Tags of
+        an earlier connection are dropped: the broker already requeued those."""
         channel = self.channel
         if channel is None:
             return
-        for generation, delivery_tag, ack in settled:
+        for generation, message, forward in settled:
             if generation != self.generation:
                 continue
-            if ack:
-                channel.basic_ack(delivery_tag)
+            if forward is None:
+                channel.basic_ack(message.delivery_tag)
             else:
-                channel.basic_reject(delivery_tag, requeue=False)
+                self.forwarder.forward(channel, message.delivery_tag, forward, lambda reason: self.redelivery.dead_letter(
+                    message, self.queue_name, reason, "UnencodableCopy", keep_headers=False))
 
     # --- store thread ------------------------------------------------------------------
     def _store_loop(self) -> None:
@@ -153,16 +163,23 @@ class Collector(AmqpLoop):
         """Write one batch to Redis, retrying until it succeeds; then hand back the acks.
         Returns False when abandoned at shutdown (nothing acked: the broker requeues)."""
         replies: list[tuple[str, bytes]] = []
-        settled: list[tuple[int, int, bool]] = []
+        settled: list[tuple[int, amqp.Message, Forward | None]] = []
         for generation, message in batch:
+            if isinstance(message, UndecodableMessage):
+                self.stats["dropped"] += 1
+                log.warning("undecodable reply dead-lettered", problem=message.problem)
+                settled.append((generation, message, self.redelivery.undecodable(message, self.queue_name)))
+                continue
             entry = _reply_entry(message)
             if entry is None:
                 self.stats["dropped"] += 1
-                log.warning("reply without a correlation id, rejected", message_id=message.properties.get("message_id"))
-                settled.append((generation, message.delivery_tag, False))
+                log.warning("reply without a correlation id, dead-lettered",
+                            message_id=message.properties.get("message_id"))
+                settled.append((generation, message, self.redelivery.dead_letter(
+                    message, self.queue_name, "Reply names no call (no correlation_id or message_id)", "BadReply")))
                 continue
             replies.append(entry)
-            settled.append((generation, message.delivery_tag, True))
+            settled.append((generation, message, None))
         attempt = 0
         while replies:
             try:
@@ -186,7 +203,8 @@ class Collector(AmqpLoop):
 
 
 def _reply_entry(message: amqp.Message) -> tuple[str, bytes] | None:
-    """(correlation id, body to store) of one reply, or None when it names no call.
+    """(correlation id, body to store) of one reply, or None when it names no call
+    (none, or one longer than any call's).
 
     A body that is not a JSON object is stored as a ``BadReply`` error envelope, so that
     the poller gets an answer it can read rather than waiting until it gives up."""
@@ -194,7 +212,7 @@ def _reply_entry(message: amqp.Message) -> tuple[str, bytes] | None:
     correlation_id = message.properties.get("correlation_id")
     try:
         doc: Any = envelope.loads(body)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         doc = None
     if not correlation_id and isinstance(doc, dict):
         # A foreign server may answer with the request's message_id only.
@@ -202,6 +220,8 @@ def _reply_entry(message: amqp.Message) -> tuple[str, bytes] | None:
     if not correlation_id:
         return None
     correlation_id = str(correlation_id)
+    if len(correlation_id) > envelope.SHORTSTR_MAX:  # no call of ours has such an id; nor should a Redis key
+        return None
     if not isinstance(doc, dict):
         return correlation_id, envelope.error_reply("reply is not a JSON object", "BadReply", correlation_id)
     return correlation_id, body if isinstance(body, bytes) else body.encode()

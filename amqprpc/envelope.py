@@ -7,6 +7,7 @@ that into an error reply or a dead letter. Nothing here evaluates or unpickles i
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from typing import Any, Mapping
@@ -17,7 +18,11 @@ CONTENT_TYPE = "application/json"
 # Peers sometimes send these for JSON; anything else (pickle, yaml, msgpack) is refused.
 _JSON_TYPES = frozenset({"application/json", "text/json", "application/json; charset=utf-8"})
 
+# AMQP short strings (reply_to and correlation_id travel back as properties and routing key).
+SHORTSTR_MAX = 255
+
 _encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+_encode_ascii = json.JSONEncoder(ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode
 _decode = json.loads
 _getrandbits = random.getrandbits
 
@@ -34,7 +39,13 @@ def new_id() -> str:
 
 def dumps(obj: Any) -> bytes:
     """Serialize to compact UTF-8 JSON. Raises TypeError/ValueError for what JSON cannot carry."""
-    return _encode(obj).encode()
+    text = _encode(obj)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        # A lone surrogate (a peer's "\ud800" decodes to one) has no UTF-8 form; JSON's
+        # own \u escape carries it, and the reader gets back the very same string.
+        return _encode_ascii(obj).encode()
 
 
 def loads(body: bytes | str) -> Any:
@@ -84,18 +95,40 @@ class Request:
 
     @property
     def deadline(self) -> float | None:
-        """Epoch seconds after which nobody waits for the answer, or None."""
+        """Epoch seconds after which nobody waits for the answer, or None (also for
+        anything that is not a finite number: ``1e999`` parses as inf, ``10**400`` has
+        no float)."""
         value = self.headers.get("deadline")
-        return float(value) if isinstance(value, (int, float)) else None
+        if isinstance(value, float):
+            return value if math.isfinite(value) else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            try:
+                return float(value)
+            except OverflowError:
+                return None
+        return None
 
     @property
     def trace_id(self) -> str | None:
-        return self.headers.get("trace_id")
+        value = self.headers.get("trace_id")
+        return value if isinstance(value, str) else None
+
+
+def shortstr_problem(name: str, value: str) -> str | None:
+    """Why ``value`` cannot travel as an AMQP short string (at most 255 bytes), or None."""
+    if value.isascii() and len(value) <= SHORTSTR_MAX:  # the usual case; isascii() is O(1)
+        return None
+    size = len(value.encode("utf-8", "surrogatepass"))  # as py-amqp encodes it
+    if size > SHORTSTR_MAX:
+        return f"{name} is {size} bytes long; an AMQP short string holds at most {SHORTSTR_MAX}"
+    return None
 
 
 def reply_address(properties: Mapping[str, Any], body: bytes | str) -> tuple[str | None, str | None]:
     """(reply_to, correlation_id) of a message that may not even be JSON, so that a bad
-    request can still be answered. Properties first; the body only if it parses."""
+    request can still be answered. Properties first; the body only if it parses.
+    ``reply_to`` is None too when it cannot be a routing key (:func:`shortstr_problem`);
+    ``correlation_id`` is returned as found: the caller checks it before it becomes a property."""
     reply_to = properties.get("reply_to")
     correlation_id = properties.get("correlation_id")
     if reply_to and correlation_id:
@@ -107,6 +140,8 @@ def reply_address(properties: Mapping[str, Any], body: bytes | str) -> tuple[str
     if isinstance(doc, dict):
         reply_to = reply_to or _str_or_none(doc.get("reply_to"))
         correlation_id = correlation_id or _str_or_none(doc.get("correlation_id")) or _str_or_none(doc.get("message_id"))
+    if reply_to is not None and shortstr_problem("reply_to", reply_to):
+        reply_to = None
     return reply_to, correlation_id
 
 
@@ -137,10 +172,18 @@ def decode_request(body: bytes | str, properties: Mapping[str, Any], max_bytes: 
     if not isinstance(headers, dict):
         raise BadMessage("Envelope headers must be a JSON object")
     message_id = _str_or_none(doc.get("message_id")) or properties.get("message_id") or new_id()
+    correlation_id = properties.get("correlation_id") or _str_or_none(doc.get("correlation_id")) or message_id
+    reply_to = properties.get("reply_to") or _str_or_none(doc.get("reply_to"))
+    if reply_to is not None:
+        # Both travel back as short strings (routing key, property): refuse them here, as
+        # bad input with a reason, rather than fail to publish the reply after the handler ran.
+        problem = shortstr_problem("reply_to", reply_to) or shortstr_problem("correlation_id", correlation_id)
+        if problem:
+            raise BadMessage(problem)
     return Request(
         message_id,
-        properties.get("correlation_id") or _str_or_none(doc.get("correlation_id")) or message_id,
-        properties.get("reply_to") or _str_or_none(doc.get("reply_to")),
+        correlation_id,
+        reply_to,
         doc.get("source_service"),
         doc.get("target_service"),
         action,

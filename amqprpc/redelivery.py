@@ -26,14 +26,15 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import amqp
 from kombu import Queue
 
 from . import logs
 from . import retry as h
-from .ioloop import publish
+from .framehandler import UndecodableMessage
+from .ioloop import UNENCODABLE, open_channel, publish
 from .retry import Retry
 from .topology import Topology
 
@@ -47,6 +48,8 @@ DEADLINE_MARGIN_S = 0.25
 # Re-declare a delay queue at least this often: publishing does not count as "use" for
 # x-expires, a declare does. Topology.delay_queue_idle_ms must stay well above this.
 DELAY_REDECLARE_S = 60.0
+
+UNDECODABLE = "UndecodableMessage"  # x-error-type of what the frame handler could not decode
 
 
 @dataclass
@@ -118,13 +121,31 @@ class Redelivery:
                   h.ERROR: _text(exc), h.ERROR_TYPE: type(exc).__name__, **_origin(message, queue)}
         return Forward(delay_queue.name, _copy(message, update), delay_queue, "retry")
 
-    def dead_letter(self, message: amqp.Message, queue: str, error: str, error_type: str) -> Forward:
-        """The message, to ``service.{svc}.dead``, with why and where from in its headers."""
+    def dead_letter(self, message: amqp.Message, queue: str, error: str, error_type: str,
+                    keep_headers: bool = True) -> Forward:
+        """The message, to ``service.{svc}.dead``, with why and where from in its headers.
+        Without ``keep_headers`` the original's headers travel only as text
+        (``x-original-headers``): for the headers py-amqp decodes but cannot encode again."""
         headers = h.headers_of(message)
         now = time.time()
         update = {h.ATTEMPTS: h.attempts_made(headers) + 1, h.FIRST_FAILURE: headers.get(h.FIRST_FAILURE) or now,
                   h.LAST_FAILURE: now, h.ERROR: error[:4000], h.ERROR_TYPE: error_type, **_origin(message, queue)}
-        return Forward(self.dead_queue.name, _copy(message, update), self.dead_queue, "dead_letter")
+        if not keep_headers:
+            update = {h.ATTEMPTS: 1, h.FIRST_FAILURE: now, h.LAST_FAILURE: now, h.ERROR: error[:4000],
+                      h.ERROR_TYPE: error_type, "x-original-headers": repr(headers)[:4000],
+                      **{k: str(v) for k, v in _origin(message, queue).items()}}
+        copy = _copy(message, update, keep_headers)
+        return Forward(self.dead_queue.name, copy, self.dead_queue, "dead_letter")
+
+    def undecodable(self, message: UndecodableMessage, queue: str) -> Forward:
+        """A delivery whose properties or routing key did not decode
+        (:mod:`amqprpc.framehandler`): dead-lettered unrun, with its body, the properties
+        that did decode, the property bytes as received (``x-raw-properties``) and what
+        did not decode (``x-error``)."""
+        forward = self.dead_letter(message, queue, f"Undecodable message: {message.problem}", UNDECODABLE)
+        if message.raw_properties:
+            forward.message.properties["application_headers"][h.RAW_PROPERTIES] = message.raw_properties
+        return forward
 
 
 class Forwarder:
@@ -141,7 +162,7 @@ class Forwarder:
         self.stats = {"retry": 0, "dead_letter": 0, "recount": 0, "nacked": 0}
 
     def connect(self, connection: Any) -> None:
-        channel = connection.channel()
+        channel = open_channel(connection)
         channel.confirm_select()
         channel.events["basic_ack"].add(self._on_ack)
         channel.events["basic_nack"].add(self._on_nack)
@@ -154,6 +175,8 @@ class Forwarder:
         self.idle.set()
 
     def send(self, consume_channel: amqp.Channel, delivery_tag: int, forward: Forward) -> None:
+        """Publish the copy; the original is acked when the broker confirms it. Raises
+        what py-amqp raises when the copy cannot be encoded (nothing is written then)."""
         channel = self.channel
         if channel is None:
             return  # the original is redelivered after the reconnect
@@ -162,10 +185,30 @@ class Forwarder:
             if now - self._declared.get(forward.declare.name, -DELAY_REDECLARE_S) >= DELAY_REDECLARE_S:
                 forward.declare(channel).declare()
                 self._declared[forward.declare.name] = now
+        _fit_frame(forward.message, channel.connection.frame_max)
+        publish(channel, forward.message, "", forward.routing_key)
+        # Counted only once published: a copy that failed to encode was never sent, and the
+        # broker numbers its confirms by what it received.
         self._seq += 1
         self._pending[self._seq] = (consume_channel, delivery_tag, forward.what)
         self.idle.clear()
-        publish(channel, forward.message, "", forward.routing_key)
+
+    def forward(self, consume_channel: amqp.Channel, delivery_tag: int, forward: Forward,
+                bare: Callable[[str], Forward]) -> None:
+        """:meth:`send`, never failing the loop over one message: when the copy cannot be
+        encoded, ``bare(reason)`` is sent instead (a dead letter without the original's
+        headers); when even that cannot, the original is rejected without requeue."""
+        try:
+            self.send(consume_channel, delivery_tag, forward)
+            return
+        except UNENCODABLE as exc:
+            reason = f"its {forward.what} copy could not be encoded: {exc!r}"
+        log.error("forwarded copy cannot be encoded; dead-lettered without its headers", error=reason[:500])
+        try:
+            self.send(consume_channel, delivery_tag, bare(reason))
+        except UNENCODABLE as exc:
+            log.error("dead letter cannot be encoded either; message rejected", error=repr(exc)[:500])
+            consume_channel.basic_reject(delivery_tag, requeue=False)
 
     def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
         for consume_channel, original, what in self._take(delivery_tag, multiple):
@@ -200,17 +243,50 @@ def _origin(message: amqp.Message, queue: str) -> dict:
             h.ORIGINAL_QUEUE: headers.get(h.ORIGINAL_QUEUE, queue)}
 
 
-def _copy(message: amqp.Message, update: dict) -> amqp.Message:
+def _copy(message: amqp.Message, update: dict, keep_headers: bool = True) -> amqp.Message:
     """The same body and properties (ids kept), persistent, with ``update`` merged into
     the headers. ``expiration`` is dropped: the copy waits in a delay or dead queue and
-    must not vanish there (the deadline in the envelope still guards calls)."""
-    properties = {k: v for k, v in message.properties.items() if k not in ("expiration", "application_headers")}
-    headers = {k: v for k, v in (h.headers_of(message)).items()
-               if not k.startswith(("x-death", "x-first-death", "x-last-death", "x-delivery-count"))}
+    must not vanish there (the deadline in the envelope still guards calls). ``user_id``
+    moves into a header: RabbitMQ refuses (closing our channel) a publish whose user_id
+    is not the publishing connection's user. ``CC``/``BCC`` are dropped: the broker would
+    route every copy to those keys again."""
+    properties = {k: v for k, v in message.properties.items()
+                  if k not in ("expiration", "application_headers", "user_id")}
+    headers = {k: v for k, v in (h.headers_of(message) if keep_headers else {}).items()
+               if not k.startswith(("x-death", "x-first-death", "x-last-death", "x-delivery-count"))
+               and k not in ("CC", "BCC")}
+    if message.properties.get("user_id"):
+        headers["x-original-user-id"] = message.properties["user_id"]
     headers.update(update)
     properties["application_headers"] = headers
     properties["delivery_mode"] = 2
     return amqp.Message(message.body, **properties)
+
+
+# A content header frame: 7-byte frame header, class id, weight and body size (12 bytes),
+# the properties, the frame-end octet.
+_HEADER_FRAME_OVERHEAD = 20
+
+
+def _fit_frame(message: amqp.Message, frame_max: int) -> None:
+    """Make the copy's properties fit one frame: the broker closes the connection on a
+    larger content header (FRAME_ERROR), which would redeliver the original, forever.
+    The original's own headers go first, then the tail of the raw property bytes."""
+    limit = frame_max - _HEADER_FRAME_OVERHEAD
+    over = len(message._serialize_properties()) - limit
+    if over <= 0:
+        return
+    headers = message.properties["application_headers"]
+    kept = {k: v for k, v in headers.items() if k in h.BOOKKEEPING}
+    kept["x-headers-dropped"] = len(headers) - len(kept)
+    message.properties["application_headers"] = kept
+    over = len(message._serialize_properties()) - limit
+    if over > 0 and h.RAW_PROPERTIES in kept:
+        raw = kept[h.RAW_PROPERTIES]
+        kept[h.RAW_PROPERTIES] = raw[:max(0, len(raw) - over - 64)]
+        kept["x-raw-properties-size"] = len(raw)
+    log.warning("forwarded copy's headers cut to fit a frame", frame_max=frame_max,
+                dropped=kept["x-headers-dropped"])
 
 
 def _text(exc: BaseException) -> str:

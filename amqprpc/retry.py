@@ -12,6 +12,7 @@ for idempotent actions: a call that timed out may have run.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Tuple, Type
@@ -31,8 +32,9 @@ DELIVERIES = "x-deliveries"            # redeliveries counted on classic queues 
 ORIGINAL_EXCHANGE = "x-original-exchange"
 ORIGINAL_ROUTING_KEY = "x-original-routing-key"
 ORIGINAL_QUEUE = "x-original-queue"    # where --replay sends it back
+RAW_PROPERTIES = "x-raw-properties"    # an undecodable message's property bytes, as received
 BOOKKEEPING = (ATTEMPTS, FIRST_FAILURE, LAST_FAILURE, ERROR, ERROR_TYPE, DELIVERIES,
-               ORIGINAL_EXCHANGE, ORIGINAL_ROUTING_KEY, ORIGINAL_QUEUE, "x-death",
+               ORIGINAL_EXCHANGE, ORIGINAL_ROUTING_KEY, ORIGINAL_QUEUE, RAW_PROPERTIES, "x-death",
                "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason", "x-delivery-count")
 
 
@@ -87,6 +89,8 @@ def attempts_made(headers: Mapping[str, Any] | None) -> int:
 def int_header(headers: Mapping[str, Any] | None, name: str) -> int:
     value = (headers or {}).get(name)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0
+    if isinstance(value, float) and not math.isfinite(value):  # a double header can be inf or nan
         return 0
     return max(0, int(value))
 

@@ -28,7 +28,8 @@ import amqp
 from . import context, envelope, events, logs, shared_client
 from .config import broker_url as default_broker_url
 from .errors import BadMessage
-from .ioloop import AmqpLoop, publish
+from .framehandler import UndecodableMessage
+from .ioloop import UNENCODABLE, AmqpLoop, open_channel, publish
 from .redelivery import Forward, Forwarder, Redelivery
 from .retry import ERROR, ERROR_TYPE, attempts_made
 from .registry import DEFAULT_INTERVAL, Presence, Registry, describe_worker, new_instance_id, ping_handler
@@ -40,11 +41,18 @@ log = logs.get_logger("amqprpc.worker")
 _STOP = object()
 
 
+class ReplyTooLarge(Exception):
+    """A handler's result too large to send back (``Worker.max_reply_bytes``)."""
+
+
 class Worker(AmqpLoop):
     """Serve ``service`` from its request queue.
 
     Parameters: ``concurrency`` handler threads; ``prefetch`` unacked messages held at most
     (default twice the concurrency); ``max_message_bytes`` larger bodies are refused;
+    ``max_reply_bytes`` larger results are answered with a ``ReplyTooLarge`` error (the
+    broker closes the channel on a message above its ``max_message_size``, 16 MiB by
+    default in RabbitMQ 4, and the request would come back);
     ``heartbeat`` seconds; ``queue_type`` "classic" or "quorum"; ``max_redeliveries`` a
     message redelivered more often (its handler kills the worker?) is dead-lettered unrun;
     ``registry`` a :class:`~amqprpc.registry.Registry` to announce this instance in every
@@ -55,13 +63,14 @@ class Worker(AmqpLoop):
                  prefetch: int | None = None, topology: Topology = DEFAULT_TOPOLOGY,
                  heartbeat: float = 30.0, max_message_bytes: int = 1 << 20, queue_type: str = "classic",
                  max_redeliveries: int = 5, registry: Registry | None = None,
-                 registry_interval: float = DEFAULT_INTERVAL):
+                 registry_interval: float = DEFAULT_INTERVAL, max_reply_bytes: int = 16 << 20):
         super().__init__(default_broker_url(broker_url), name=f"amqprpc-io-{service.name}", heartbeat=heartbeat)
         self.service = service
         self.concurrency = concurrency
         self.prefetch = prefetch or concurrency * 2
         self.topology = topology
         self.max_message_bytes = max_message_bytes
+        self.max_reply_bytes = max_reply_bytes
         self.queue_name = topology.request_queue_format.format(service=service.name)
         self.queue_type = queue_type
         self.redelivery = Redelivery(service.name, topology, queue_type, max_redeliveries)
@@ -127,7 +136,7 @@ class Worker(AmqpLoop):
 
     # --- loop thread -------------------------------------------------------------------
     def on_connected(self, connection) -> None:
-        channel = connection.channel()
+        channel = open_channel(connection)
         try:
             self.topology.request_queue(self.service.name, self.queue_type,
                                         self.redelivery.max_redeliveries + 2)(channel).declare()
@@ -196,7 +205,7 @@ class Worker(AmqpLoop):
         finally:
             done.set()
 
-    def _finish(self, generation: int, delivery_tag: int, reply_to: str | None,
+    def _finish(self, generation: int, message: amqp.Message, reply_to: str | None,
                 correlation_id: str | None, body: bytes | None, requeue: bool | Forward | None) -> None:
         """Publish the reply (if any), then ack. ``requeue`` None = ack, False = reject,
         a Forward = publish its copy (retry, dead letter) and ack once that is confirmed."""
@@ -206,16 +215,26 @@ class Worker(AmqpLoop):
         if body is not None and reply_to:
             # Persistent: a reply waiting in the durable collector queue (submit) must survive a
             # broker restart; in a caller's transient reply queue the flag costs nothing.
-            publish(channel, amqp.Message(body, content_type=envelope.CONTENT_TYPE, correlation_id=correlation_id,
-                                          delivery_mode=2), "", reply_to)
+            try:
+                publish(channel, amqp.Message(body, content_type=envelope.CONTENT_TYPE,
+                                              correlation_id=correlation_id, delivery_mode=2), "", reply_to)
+            except UNENCODABLE as exc:
+                # Never sendable, however often the request came back: dead-letter it (on
+                # the loop thread, the forwarder's) instead of leaving it unacked.
+                log.error("reply cannot be encoded; request dead-lettered", error=repr(exc)[:500])
+                self.call_soon(self._finish, generation, message, None, None, None, self.redelivery.dead_letter(
+                    message, self._queue_of(message), f"Reply could not be sent: {exc!r}", "UnsendableReply"))
+                return
         if generation != self.generation:
             return
         if isinstance(requeue, Forward):
-            self.forwarder.send(channel, delivery_tag, requeue)
+            queue_name = self._queue_of(message)
+            self.forwarder.forward(channel, message.delivery_tag, requeue, lambda reason: self.redelivery.dead_letter(
+                message, queue_name, reason, "UnencodableCopy", keep_headers=False))
         elif requeue is None:
-            channel.basic_ack(delivery_tag)
+            channel.basic_ack(message.delivery_tag)
         else:
-            channel.basic_reject(delivery_tag, requeue=requeue)
+            channel.basic_reject(message.delivery_tag, requeue=requeue)
 
     # --- handler threads ---------------------------------------------------------------
     def _work(self) -> None:
@@ -228,12 +247,21 @@ class Worker(AmqpLoop):
             try:
                 outcome = self._handle(message)
             except Exception as exc:  # noqa: BLE001 - a bug here must not kill the handler thread
-                log.exception("worker failed to process a message")
-                outcome = (None, None, None,
-                           self.redelivery.dead_letter(message, self._queue_of(message), repr(exc), "WorkerError"))
-            self._finish_here(generation, message.delivery_tag, *outcome)
+                outcome = self._crashed(message, exc)
+            self._finish_here(generation, message, *outcome)
 
-    def _finish_here(self, generation: int, delivery_tag: int, *outcome: Any) -> None:
+    def _crashed(self, message: amqp.Message, exc: Exception) -> tuple[None, None, None, Forward | bool]:
+        """A message the worker itself failed on: dead-lettered; rejected without requeue
+        when even that fails (say, on headers from the wire that nothing can read)."""
+        log.exception("worker failed to process a message")
+        try:
+            return None, None, None, self.redelivery.dead_letter(message, self._queue_of(message), repr(exc),
+                                                                 "WorkerError", keep_headers=False)
+        except Exception:  # noqa: BLE001 - never let one message end the handler thread
+            log.exception("message cannot be dead-lettered either; rejected")
+            return None, None, None, False
+
+    def _finish_here(self, generation: int, message: amqp.Message, *outcome: Any) -> None:
         """Reply and ack from this handler thread, without a hop to the loop thread and
         back (frames are serialized by ``write_lock``, see AmqpLoop._lock_frames). While
         reconnecting there is no channel, and a Forward (retry, dead letter) is the
@@ -245,17 +273,19 @@ class Worker(AmqpLoop):
             try:
                 if self.channel is not None:
                     try:
-                        self._finish(generation, delivery_tag, *outcome)
+                        self._finish(generation, message, *outcome)
                     except Exception as exc:  # noqa: BLE001 - dead connection: the loop reconnects, broker redelivers
                         log.warning("reply or ack not sent", error=repr(exc))
                     return
             finally:
                 self.write_lock.release()
-        self.call_soon(self._finish, generation, delivery_tag, *outcome)
+        self.call_soon(self._finish, generation, message, *outcome)
 
     def _handle(self, message: amqp.Message) -> tuple[Any, Any, bytes | None, bool | None]:
         """Run one request; returns (reply_to, correlation_id, reply body, requeue)."""
         queue_name = self._queue_of(message)
+        if isinstance(message, UndecodableMessage):
+            return self._undecodable(message, queue_name)
         poisoned = self.redelivery.poisoned(message, queue_name)
         if poisoned is not None:
             if poisoned.what == "dead_letter":
@@ -311,8 +341,12 @@ class Worker(AmqpLoop):
                 except (TypeError, ValueError) as exc:
                     body = self._failed(TypeError(f"Result is not JSON serializable: {exc}"), request, started)
                 else:
-                    self.stats["succeeded"] += 1
-                    log.debug("request handled", duration=round(time.perf_counter() - started, 6))
+                    if len(body) > self.max_reply_bytes:
+                        body = self._failed(ReplyTooLarge(f"Result is {len(body)} bytes of JSON; replies are limited "
+                                                          f"to {self.max_reply_bytes}"), request, started)
+                    else:
+                        self.stats["succeeded"] += 1
+                        log.debug("request handled", duration=round(time.perf_counter() - started, 6))
         return request.reply_to, request.correlation_id, body, None
 
     @contextlib.contextmanager
@@ -404,7 +438,25 @@ class Worker(AmqpLoop):
             reply_to, correlation_id = envelope.reply_address(message.properties, body)
         else:
             reply_to, correlation_id = message.properties.get("reply_to"), message.properties.get("correlation_id")
-        log.warning("bad message", reason=reason, correlation_id=correlation_id, answered=bool(reply_to))
+        log.warning("bad message", reason=reason, correlation_id=str(correlation_id)[:255], answered=bool(reply_to))
         if reply_to:
-            return reply_to, correlation_id, envelope.error_reply(reason, "BadMessage", correlation_id), None
+            # A correlation id too long for the property still goes back in the body, where
+            # a client that matches replies by message_id finds it.
+            sendable = None if correlation_id and envelope.shortstr_problem("", correlation_id) else correlation_id
+            return reply_to, sendable, envelope.error_reply(reason, "BadMessage", correlation_id), None
         return None, None, None, self.redelivery.dead_letter(message, self.queue_name, reason, "BadMessage")
+
+    def _undecodable(self, message: UndecodableMessage, queue_name: str) -> tuple[Any, Any, bytes | None, Forward]:
+        """A delivery whose properties (or routing key) did not decode: dead-lettered unrun
+        with its raw bytes. If the reply address did decode the caller also gets an error
+        reply, rather than wait for its timeout."""
+        self.stats["rejected"] += 1
+        properties = message.properties
+        reply_to, correlation_id = properties.get("reply_to"), properties.get("correlation_id")
+        log.warning("undecodable message dead-lettered", problem=message.problem, queue=queue_name,
+                    correlation_id=correlation_id, answered=bool(reply_to))
+        forward = self.redelivery.undecodable(message, queue_name)
+        if not reply_to or queue_name != self.queue_name:  # events get no replies
+            return None, None, None, forward
+        reason = f"Undecodable message: {message.problem}"
+        return reply_to, correlation_id, envelope.error_reply(reason, "BadMessage", correlation_id), forward
