@@ -89,7 +89,7 @@ class AsyncRpcClient:
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout + _GRACE)
         except asyncio.TimeoutError:
-            raise CallTimeout(f"{service}.{action}: no answer within {timeout}s (client loop stalled)") from None
+            raise CallTimeout(f"{service}.{action}: no answer within {timeout}s (its deadline timer was late)") from None
 
     async def cast(self, service: str, action: str, payload: Mapping[str, Any] | None = None, *,
                    timeout: float | None = None) -> None:

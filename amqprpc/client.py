@@ -3,7 +3,9 @@
 Any number of threads may call at once. The caller's thread builds and serializes the
 request; the loop thread (:class:`~amqprpc.ioloop.AmqpLoop`) publishes it, receives the
 reply on the client's one long-lived reply queue and resolves the caller's Future.
-Deadlines are timers of the loop thread, so no caller ever waits without a bound.
+Deadlines fire on a timer thread of the client's own (:mod:`amqprpc.deadlines`) and
+writes never block (:mod:`amqprpc.framewriter`), so no caller waits without a bound,
+whatever the network or the loop thread does.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import heapq
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before Python 3.11
 from typing import Any, Callable, Mapping
 
 import amqp
@@ -21,7 +24,9 @@ from .config import broker_url as default_broker_url
 from .config import redact
 from .errors import CallTimeout, ConnectionLost, RemoteError, ServiceUnavailable
 from .framehandler import UndecodableMessage
+from .deadlines import Timer
 from .ioloop import UNENCODABLE, AmqpLoop, open_channel, publish
+from .link import describe
 from .retry import PUBLISH_RETRY, Retry, call_with_retry
 from .service import snake_case
 from .topology import DEFAULT_TOPOLOGY, Topology
@@ -29,8 +34,8 @@ from .topology import DEFAULT_TOPOLOGY, Topology
 log = logs.get_logger("amqprpc.client")
 
 # How much longer than the call's own timeout a caller waits on its Future before it
-# gives up on the loop thread itself (which resolves every call at its deadline).
-_GRACE = 2.0
+# gives up on the timer thread (which fails every call at its deadline) and raises itself.
+_GRACE = 0.25
 
 
 class RpcClient(AmqpLoop):
@@ -56,6 +61,8 @@ class RpcClient(AmqpLoop):
         self._confirm_channel: amqp.Channel | None = None
         self._pending: dict[str, tuple[Future, str, str, float]] = {}  # correlation id -> call
         self._deadlines: list[tuple[float, str]] = []  # heap of (monotonic deadline, correlation id)
+        self._calls_lock = threading.Lock()  # the two above, between callers, loop and timer
+        self._timer = Timer(self._expire, name=f"amqprpc-deadlines-{source}")
         self._confirms: dict[int, tuple[Future, str, str]] = {}  # delivery tag -> publish
         self._unroutable: set[str] = set()
         self._publish_seq = 0
@@ -89,8 +96,8 @@ class RpcClient(AmqpLoop):
         future = self._call_async(service, action, payload, timeout)
         try:
             return future.result(timeout + _GRACE)
-        except TimeoutError:
-            raise CallTimeout(f"{service}.{action}: no answer within {timeout}s (client loop stalled)") from None
+        except FutureTimeout:
+            raise CallTimeout(f"{service}.{action}: no answer within {timeout}s (its deadline timer was late)") from None
 
     def call_async(self, service: str, action: str, payload: Mapping[str, Any] | None = None, *,
                    timeout: float | None = None, callback: Callable[[Future], Any] | None = None) -> Future:
@@ -122,7 +129,8 @@ class RpcClient(AmqpLoop):
         if timeout <= 0:
             future.set_exception(CallTimeout(f"{service}.{action}: the deadline had already passed"))
             return future
-        self._send_call(message_id, message, service, action, timeout, future)
+        self._register(message_id, future, service, action, timeout)
+        self._send_call(message_id, message, service, action, future)
         return future
 
     def cast(self, service: str, action: str, payload: Mapping[str, Any] | None = None, *,
@@ -163,14 +171,17 @@ class RpcClient(AmqpLoop):
         collector = self.topology.responses_queue()
         body = envelope.request_body(message_id=message_id, source=self.source, target=service, action=action,
                                      payload=payload or {}, reply_to=collector.name, headers=headers)
+        deadline = time.monotonic() + timeout
         if self._declared.get(collector.name) != self.generation:
             # _confirmed publishes from this thread: let the loop thread declare first.
             declared = threading.Event()
             self.call_soon(self._declare_once, collector)
             self.call_soon(declared.set)
-            declared.wait(timeout)
+            if not declared.wait(timeout):
+                raise CallTimeout(f"submit to {service}.{action}: the collector queue was not declared within "
+                                  f"{timeout}s; nothing was sent")
         self._confirmed(self.topology.service_exchange, self.topology.request_key(service), body, message_id,
-                        f"submit to {service}.{action}", mandatory=True, timeout=timeout,
+                        f"submit to {service}.{action}", mandatory=True, timeout=deadline - time.monotonic(),
                         correlation_id=message_id, reply_to=collector.name)
         return message_id
 
@@ -184,6 +195,7 @@ class RpcClient(AmqpLoop):
             return
         self._closed = True
         self.stop()
+        self._timer.close()
         if self._callbacks is not None:
             self._callbacks.shutdown(wait=False)
 
@@ -224,7 +236,7 @@ class RpcClient(AmqpLoop):
             self._send_confirmed(exchange, routing_key, message, message_id, what, mandatory, future)
             try:
                 future.result(left)
-            except TimeoutError:
+            except FutureTimeout:
                 raise CallTimeout(f"{what}: the broker did not confirm within {timeout}s") from None
 
         # Through a connection loss: wait for the reconnect and send again, bounded
@@ -254,11 +266,13 @@ class RpcClient(AmqpLoop):
         self._call_channel, self._confirm_channel = channel, confirm
 
     def on_disconnected(self, exc) -> None:
-        with self.write_lock:  # no caller may register on the dead channel after this
+        with self.write_lock:  # no caller may publish on the dead channels after this
             self._call_channel = self._confirm_channel = None
-            pending, self._pending = self._pending, {}
             confirms, self._confirms = self._confirms, {}
-        reason = "client closed" if exc is None else f"connection to the broker lost: {redact(str(exc))}"
+        with self._calls_lock:  # a call registered from now on finds no channel, or the next one
+            pending, self._pending = self._pending, {}
+            self._deadlines.clear()
+        reason = "client closed" if exc is None else f"connection to the broker lost: {redact(describe(exc))}"
         for future, service, action, _ in pending.values():
             _settle(future, exception=ConnectionLost(f"{service}.{action}: {reason}"))
         for future, _, what in confirms.values():
@@ -272,31 +286,11 @@ class RpcClient(AmqpLoop):
             queue(self._confirm_channel).declare()
             self._declared[queue.name] = self.generation
 
-    def _send_call(self, message_id: str, message: amqp.Message, service: str, action: str, timeout: float,
-                   future: Future) -> None:
-        """Publish from the caller's thread (any thread): no hop to the loop thread and
-        back. But never wait for the lock: when another thread is writing, the loop thread
-        publishes this call (in one go with whatever else piled up) rather than callers
-        queueing on the lock, each sleep and wake-up a context switch."""
-        if self.write_lock.acquire(blocking=False):
-            try:
-                self._publish_call(message_id, message, service, action, timeout, future)
-            finally:
-                self.write_lock.release()
-        else:
-            self.call_soon(self._publish_call, message_id, message, service, action, timeout, future)
-
-    def _publish_call(self, message_id: str, message: amqp.Message, service: str, action: str, timeout: float,
-                      future: Future) -> None:
-        """Under ``write_lock`` the channel cannot be swapped by a reconnect between the
-        check and the publish, and ``on_disconnected`` sees every registered call."""
-        routing_key = self.topology.request_key(service)
-        with self.write_lock:
-            channel = self._call_channel
-            if channel is None:
-                _settle(future, exception=ConnectionLost(f"{service}.{action}: not connected to the broker"))
-                return
-            due = time.monotonic() + timeout
+    def _register(self, message_id: str, future: Future, service: str, action: str, timeout: float) -> None:
+        """Pending from now on, with its deadline on the timer thread (:mod:`amqprpc.deadlines`):
+        it holds even if the loop thread publishes the call late, or never (a reconnect)."""
+        due = time.monotonic() + timeout
+        with self._calls_lock:
             pending, deadlines = self._pending, self._deadlines
             pending[message_id] = (future, service, action, timeout)
             if len(deadlines) > 2 * len(pending) + 1024:
@@ -306,23 +300,46 @@ class RpcClient(AmqpLoop):
                 heapq.heapify(deadlines)
             heapq.heappush(deadlines, (due, message_id))
             earliest = deadlines[0][1] == message_id
+        if earliest:
+            self._timer.arm(due)
+
+    def _send_call(self, message_id: str, message: amqp.Message, service: str, action: str,
+                   future: Future) -> None:
+        """Publish from the caller's thread (any thread): no hop to the loop thread and
+        back. But never wait for the lock: when another thread is writing, the loop thread
+        publishes this call (in one go with whatever else piled up) rather than callers
+        queueing on the lock, each sleep and wake-up a context switch."""
+        if self.write_lock.acquire(blocking=False):
+            try:
+                self._publish_call(message_id, message, service, action, future)
+            finally:
+                self.write_lock.release()
+        else:
+            self.call_soon(self._publish_call, message_id, message, service, action, future)
+
+    def _publish_call(self, message_id: str, message: amqp.Message, service: str, action: str,
+                      future: Future) -> None:
+        """Under ``write_lock`` the channel cannot be swapped by a reconnect between the
+        check and the publish."""
+        if future.done():  # timed out, or failed with its connection, before its turn came
+            return
+        routing_key = self.topology.request_key(service)
+        with self.write_lock:
+            channel = self._call_channel
+            if channel is None:
+                self._pending.pop(message_id, None)
+                _settle(future, exception=ConnectionLost(f"{service}.{action}: not connected to the broker"))
+                return
             try:
                 publish(channel, message, self.topology.service_exchange, routing_key, mandatory=True)
             except Exception as exc:  # noqa: BLE001 - a broken connection; the loop reconnects
-                pending.pop(message_id, None)
+                self._pending.pop(message_id, None)
                 _settle(future, exception=_publish_error(f"{service}.{action}", exc))
-                return
-        if earliest:
-            # Only the loop thread sets next_tick; it must wake to shorten its poll.
-            self.call_soon(self._arm, due)
 
-    def _arm(self, due: float) -> None:
-        if self.next_tick is None or due < self.next_tick:
-            self.next_tick = due
-
-    def on_tick(self, now: float) -> float | None:
+    def _expire(self, now: float) -> float | None:
+        """Fail every call whose deadline passed (on the timer thread); the next deadline."""
         expired = []
-        with self.write_lock:  # callers push onto the heap from their own threads
+        with self._calls_lock:  # callers push onto the heap from their own threads
             deadlines, pending = self._deadlines, self._pending
             while deadlines and deadlines[0][0] <= now:
                 _, message_id = heapq.heappop(deadlines)

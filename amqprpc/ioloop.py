@@ -9,6 +9,12 @@ pipe, so nothing on the request/reply path sleeps or polls on a timer.
 The one exception, for speed: a publish or an ack may be written by another thread
 while it holds :attr:`AmqpLoop.write_lock`, which every frame written on the connection
 takes (see ``_lock_frames``); a thread that finds it taken hands the write to the loop.
+
+No wait on the loop thread is unbounded (:class:`~amqprpc.link.Link`): writes never
+block (what the socket does not take waits in a backlog the loop sends when it can),
+reads outside the loop's own ``poll()`` give up when the broker is silent too long, a
+link silent for two heartbeat intervals is dead, and a dead link is dropped without a
+close handshake.
 """
 from __future__ import annotations
 
@@ -29,11 +35,11 @@ from . import logs
 from .backoff import full_jitter
 from .config import redact, ssl_options
 from . import framehandler
-from .framereader import FrameReader
+from .link import Link, describe
 
 log = logs.get_logger("amqprpc.ioloop")
 
-_READ = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
+_READ = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP  # socket events that mean "read"
 
 
 # What py-amqp raises for a message it cannot encode (a routing key or short string over 255
@@ -72,8 +78,8 @@ class AmqpLoop:
 
     Subclasses (the worker's consumer, the client's requester) override the hooks:
     ``on_connected(connection)`` declares topology and starts consuming,
-    ``on_disconnected(exc)`` fails or forgets what the dead connection carried,
-    ``on_tick(now)`` runs timers and returns the next monotonic time it wants a tick.
+    ``on_disconnected(exc)`` fails or forgets what the dead connection carried (it runs
+    as soon as the link is found dead, before the socket is dropped).
 
     Parameters: ``heartbeat`` and ``connect_timeout`` in seconds; ``reconnect_base`` and
     ``reconnect_cap`` bound the backoff between reconnect attempts, in seconds.
@@ -103,7 +109,7 @@ class AmqpLoop:
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
         self._start_error: BaseException | None = None
-        self.next_tick: float | None = None
+        self.link: Link | None = None
 
     # --- hooks -------------------------------------------------------------------------
     def on_connected(self, connection: Connection) -> None:  # pragma: no cover - hook
@@ -112,9 +118,6 @@ class AmqpLoop:
     def on_disconnected(self, exc: BaseException | None) -> None:  # pragma: no cover - hook
         pass
 
-    def on_tick(self, now: float) -> float | None:  # pragma: no cover - hook
-        return None
-
     # --- any thread --------------------------------------------------------------------
     def call_soon(self, fn: Callable, *args: Any) -> None:
         """Run ``fn(*args)`` on the loop thread, in order. Safe from any thread."""
@@ -122,11 +125,15 @@ class AmqpLoop:
         # One byte per wake-up, not per call: the flag is cleared by the loop *before* it
         # empties the deque, so an append that sees it set is always drained after.
         if not self._signaled:
-            self._signaled = True
-            try:
-                os.write(self._wake_w, b"x")
-            except BlockingIOError:
-                pass
+            self._wake()
+
+    def _wake(self) -> None:
+        """Wake the loop's ``poll()`` (any thread)."""
+        self._signaled = True
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass
 
     def start(self) -> None:
         """Start the thread and wait for the first connection; raise what prevented it."""
@@ -177,21 +184,17 @@ class AmqpLoop:
         attempt = 0
         while not self._stopping:
             try:
-                self.connection = self._connect()
-                framehandler.install(self.connection.connection)
-                self._lock_frames(self.connection.connection)
-                self.generation += 1
-                self.on_connected(self.connection)
+                self._open()
             except Exception as exc:  # noqa: BLE001 - any failure to connect is retried or reported
-                self._close_quietly()
+                self._drop(graceful=False)
                 if not self._started.is_set():
                     self._start_error = exc
                     self._started.set()
                     return
                 delay = full_jitter(attempt, self.reconnect_base, self.reconnect_cap)
                 attempt += 1
-                log.warning("broker connect failed", url=redact(self.url), error=redact(str(exc)),
-                            attempt=attempt, retry_in=round(delay, 3))
+                log.warning("broker connect failed", url=redact(self.url), error=redact(describe(exc)),
+                            error_type=type(exc).__name__, attempt=attempt, retry_in=round(delay, 3))
                 self._idle(delay)
                 continue
             if self._started.is_set():
@@ -203,48 +206,63 @@ class AmqpLoop:
                 self._serve()
             except Exception as exc:  # noqa: BLE001 - connection or channel failure: reconnect
                 self.connected.clear()
-                log.warning("broker connection lost", url=redact(self.url), error=redact(repr(exc)))
-                self._close_quietly()
+                log.warning("broker connection lost", url=redact(self.url), error=redact(describe(exc)),
+                            error_type=type(exc).__name__)
+                # What the dead connection carried fails now; the socket is dropped after,
+                # without a close handshake a dead broker would never answer.
                 self.on_disconnected(exc)
+                self._drop(graceful=False)
                 continue
         self._run_ops()
         self.connected.clear()
-        self._close_quietly()
+        self._drop(graceful=True)
         self.on_disconnected(None)
         self._run_ops()
 
-    def _serve(self) -> None:
+    def _open(self) -> None:
+        self.connection = self._connect()
         amqp_conn = self.connection.connection
-        sock = amqp_conn.transport.sock
+        framehandler.install(amqp_conn)
+        self._lock_frames(amqp_conn)
+        # From here on no read or write on this connection waits without a bound, the
+        # channel set-up below included.
+        self.link = Link(amqp_conn, self.write_lock, self._wake)
+        self.generation += 1
+        self.on_connected(self.connection)
+
+    def _serve(self) -> None:
+        link = self.link
+        drain = self.connection.connection.drain_events
+        reader = link.reader
+        sock_fd = link.sock.fileno()
         poller = select.poll()
-        poller.register(sock.fileno(), _READ)
         poller.register(self._wake_r, select.POLLIN)
-        sock_fd = sock.fileno()
-        hb_interval = self.heartbeat / 4.0 if self.heartbeat else None
-        hb_due = time.monotonic() + hb_interval if hb_interval else None
-        drain = amqp_conn.drain_events
-        reader = FrameReader.install(amqp_conn)
+        mask = link.poll_mask()
+        poller.register(sock_fd, mask)
         while not self._stopping:
-            now = time.monotonic()
-            due = hb_due
-            if self.next_tick is not None and (due is None or self.next_tick < due):
-                due = self.next_tick
-            timeout_ms = None if due is None else max(0, int((due - now) * 1000) + 1)
+            if link.poll_mask() != mask:  # a write left a backlog (POLLOUT), or it is gone
+                mask = link.poll_mask()
+                poller.modify(sock_fd, mask)
+            due = link.due()
+            timeout_ms = None if due is None else max(0, int((due - time.monotonic()) * 1000) + 1)
             if reader.buffered:
                 timeout_ms = 0  # a channel method's wait on this thread left frames in the buffer
             events = poller.poll(timeout_ms)
             if self._ops or self._signaled:
                 self._run_ops()
-            if reader.buffered or any(fd == sock_fd for fd, _ in events):
-                # Dispatch every frame already here without waiting; the socket stays
-                # blocking for writers on other threads.
-                reader.drain(drain)
+            readable = reader.buffered
+            for fd, event in events:
+                if fd == sock_fd:
+                    if event & select.POLLOUT:
+                        link.flush()
+                    if event & _READ:
+                        readable = True
             now = time.monotonic()
-            if hb_due is not None and now >= hb_due:
-                self.connection.heartbeat_check(rate=2)
-                hb_due = now + hb_interval
-            if self.next_tick is not None and now >= self.next_tick:
-                self.next_tick = self.on_tick(now)
+            if readable:
+                link.last_received = now
+                # Dispatch every frame already here without waiting.
+                reader.drain(drain)
+            link.check(now)
 
     def _run_ops(self) -> None:
         try:
@@ -269,13 +287,15 @@ class AmqpLoop:
                 return
             poller.poll(int(left * 1000) + 1)
             self._run_ops()
-            if self.next_tick is not None and time.monotonic() >= self.next_tick:
-                self.next_tick = self.on_tick(time.monotonic())
 
-    def _close_quietly(self) -> None:
-        conn, self.connection = self.connection, None
-        if conn is not None:
+    def _drop(self, graceful: bool) -> None:
+        """Close the connection; ``graceful`` (stopping) waits briefly for the broker's
+        Close-Ok, otherwise the socket just goes (see :meth:`Link.close`)."""
+        conn, link, self.connection, self.link = self.connection, self.link, None, None
+        if link is not None:
+            link.close(graceful)
+        elif conn is not None:  # failed while connecting: nothing to say to the broker
             try:
-                conn.close()
+                conn.collect()
             except Exception:  # noqa: BLE001 - already broken; nothing to save
                 pass
