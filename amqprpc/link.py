@@ -155,7 +155,7 @@ def describe(exc: BaseException) -> str:
     broker (with its reply code and text), dead by silence..."""
     if isinstance(exc, (LinkDead, LinkClosed)):
         return str(exc)
-    if isinstance(exc, AMQPError) and getattr(exc, "reply_code", None):
+    if isinstance(exc, AMQPError) and exc.method_sig is not None:  # from a Connection/Channel.Close
         return f"closed by the broker: {exc.reply_code} {exc.reply_text}"
     code = getattr(exc, "errno", None)
     if isinstance(exc, ConnectionRefusedError):

@@ -244,19 +244,23 @@ def test_a_blackholed_link_holds_every_timeout_and_is_found_dead_within_two_hear
     reconnects = (client.generation - generations[0], aio.client.client.generation - generations[1],
                   len(worker.events("broker reconnected")) - worker_losses)
     flooder.close()
-    print(f"\nblackhole: dead link found after {', '.join(f'{who} {t:.2f}s' for who, t in detected.items())} "
-          f"(limit {DETECT_WITHIN}s); slowest call_async return {slowest_return * 1000:.1f} ms, flooding "
-          f"{flood.returned * 1000:.1f} ms; a call while down failed in {fail_fast * 1000:.1f} ms; reconnects "
-          f"(client, async client, worker) {reconnects}; good calls answered after {answered_after}/5\n"
-          f"  load: {tally.summary()}\n  flood ({flood.ended}): {flood.summary()}\n  while down: {while_down.summary()}")
+    report = (f"blackhole: dead link found after {', '.join(f'{who} {t:.2f}s' for who, t in detected.items())} "
+              f"(limit {DETECT_WITHIN}s); slowest call_async return {slowest_return * 1000:.1f} ms, flooding "
+              f"{flood.returned * 1000:.1f} ms; a call while down failed in {fail_fast * 1000:.1f} ms; reconnects "
+              f"(client, async client, worker) {reconnects}; good calls answered after {answered_after}/5\n"
+              f"  load: {tally.summary()}\n  flood ({flood.ended}): {flood.summary()}\n"
+              f"  while down: {while_down.summary()}")
+    print("\n" + report)
     for each in (flood, tally, while_down):
-        assert each.worst() <= LATE_LIMIT, each.summary()
-    assert tally.outcomes[("call_async", "answered")] == 0  # nothing got through the blackhole
-    assert slowest_return < 0.25 and flood.returned < 0.25
-    assert max(detected.values()) <= DETECT_WITHIN
-    assert fail_fast < 0.5
+        assert each.worst() <= LATE_LIMIT, report
+    assert tally.outcomes[("call_async", "answered")] == 0, report  # nothing got through the blackhole
+    # A write blocked on the full socket would hold its caller until py-amqp's TCP_USER_TIMEOUT
+    # (1 s) ended the connection; what is left is the GIL shared with the flooding thread.
+    assert slowest_return < 0.5 and flood.returned < 0.5, report
+    assert max(detected.values()) <= DETECT_WITHIN, report
+    assert fail_fast < 0.5, report
     assert "the link is dead" in worker.events("broker connection lost")[worker_losses]["error"]
-    assert answered_after == 5 and reconnects == (1, 1, 1)
+    assert answered_after == 5 and reconnects == (1, 1, 1), report
 
 
 def test_a_reset_link_fails_every_pending_call_at_once_and_reconnects(proxy, worker, clients, svc):

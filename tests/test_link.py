@@ -1,0 +1,128 @@
+"""The pieces under a stalled link, without a broker: frames in and out, errors in words,
+the deadline timer, frames for channels the connection does not have."""
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+import threading
+import time
+
+import pytest
+from amqp import spec
+from amqp.exceptions import ConnectionForced
+
+from amqprpc.deadlines import Timer
+from amqprpc.framehandler import frame_handler
+from amqprpc.framereader import FrameReader, LinkClosed
+from amqprpc.framewriter import FrameWriter
+from amqprpc.link import LinkDead, describe
+
+
+class Transport:
+    """What FrameReader and FrameWriter take from py-amqp's TCPTransport."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self._read_buffer = b""
+
+
+def test_errors_say_what_happened():
+    assert describe(TimeoutError(errno.ETIMEDOUT, "Connection timed out")) == \
+        "timed out: the network stopped delivering (ETIMEDOUT)"
+    assert describe(ConnectionResetError(errno.ECONNRESET, "reset")) == "connection reset by the peer (ECONNRESET)"
+    assert describe(ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")).startswith("connection refused")
+    assert describe(ConnectionForced("CONNECTION_FORCED - shutdown", (0, 0), reply_code=320)) == \
+        "closed by the broker: 320 CONNECTION_FORCED - shutdown"
+    assert describe(LinkClosed("the broker closed the TCP connection")) == "the broker closed the TCP connection"
+    assert describe(LinkDead("nothing from the broker for 4.0s")) == "nothing from the broker for 4.0s"
+
+
+def test_a_timed_out_or_reset_read_is_an_error_never_nothing_to_read():
+    class Failing:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def recv(self, size, flags=0):
+            raise self.exc
+
+    for exc in (TimeoutError(errno.ETIMEDOUT, "Connection timed out"), ConnectionResetError(errno.ECONNRESET, "x")):
+        reader = FrameReader(Transport(Failing(exc)), wait=lambda: None, max_frame=131072)
+        with pytest.raises(type(exc)):
+            reader.drain(lambda: reader.read(7, initial=True))
+
+
+def test_frames_arrive_whole_through_waits_and_the_end_of_the_stream_is_link_closed():
+    ours, theirs = socket.socketpair()
+    waits = []
+
+    def wait():  # as Link.wait_readable: until readable
+        waits.append(1)
+        theirs.sendall(b"world")
+
+    reader = FrameReader(Transport(ours), wait=wait, max_frame=131072)
+    theirs.sendall(b"hello ")
+    assert reader.read(11) == b"hello world" and waits == [1]
+    theirs.close()
+    with pytest.raises(LinkClosed):
+        reader.read(1)
+    with pytest.raises(LinkClosed, match="not AMQP"):
+        reader.read(1 << 30)
+
+
+def test_writes_never_block_and_keep_their_order():
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    woken = []
+    writer = FrameWriter(Transport(ours), wake=lambda: woken.append(1))
+    chunks = [bytes([n]) * 65536 for n in range(64)]  # 4 MB nobody reads yet
+    started = time.monotonic()
+    for chunk in chunks:
+        writer.write(memoryview(chunk))
+    assert time.monotonic() - started < 1.0 and writer.backlog and woken
+    received = bytearray()
+    theirs.setblocking(False)
+    while writer.backlog or len(received) < len(chunks) * 65536:
+        writer.flush()
+        try:
+            received += theirs.recv(1 << 20)
+        except BlockingIOError:
+            pass
+    assert bytes(received) == b"".join(chunks)
+
+
+def test_the_timer_fires_at_the_earliest_time_asked_from_any_thread():
+    fired = []
+    timer = Timer(lambda now: fired.append(now) or None, name="test-timer")
+    start = time.monotonic()
+    timer.arm(start + 0.3)
+    threading.Thread(target=timer.arm, args=(start + 0.1,)).start()
+    deadline = time.monotonic() + 5
+    while not fired and time.monotonic() < deadline:
+        time.sleep(0.01)
+    timer.close()
+    assert fired and 0.1 <= fired[0] - start < 0.3
+
+
+def test_frames_for_a_channel_the_connection_does_not_have_are_dropped():
+    calls = []
+
+    class Connection:
+        bytes_recv = 0
+        channels = {0: "the connection", 1: "channel 1"}
+
+        def on_inbound_method(self, channel, method_sig, args, content):
+            self.channels[channel]  # noqa: B018 - as py-amqp's: KeyError for a channel it does not have
+            calls.append(channel)
+
+    connection = Connection()
+    cancel_ok = struct.pack(">HH", *spec.Basic.CancelOk) + b"\x04ctag"
+    on_frame = frame_handler(connection, connection.on_inbound_method)
+    assert on_frame((1, 9, cancel_ok)) is True and calls == []  # dropped with a warning
+    assert on_frame((1, 1, cancel_ok)) is True and calls == [1]
+
+    def broken(channel, method_sig, args, content):
+        raise KeyError("a bug elsewhere")
+
+    with pytest.raises(KeyError):  # a known channel's KeyError is not swallowed
+        frame_handler(connection, broken)((1, 1, cancel_ok))
