@@ -75,9 +75,12 @@ def install(connection: Any) -> None:
     connection.on_inbound_frame = frame_handler(connection, connection.on_inbound_method)
 
 
-def frame_handler(connection: Any, callback: Callable[..., Any]) -> Callable[[tuple], bool]:
+def frame_handler(connection: Any, callback: Callable[..., Any], unpack_from: Callable = unpack_from,
+                  Message: type = amqp.Message, content_methods: frozenset = _CONTENT_METHODS
+                  ) -> Callable[[tuple], bool]:
     """py-amqp's frame handler contract: ``on_frame((type, channel, payload))`` returns
-    True when it dispatched a method (``drain_events`` reads until one was)."""
+    True when it dispatched a method (``drain_events`` reads until one was). (Keyword
+    defaults: locals are faster than globals on this, the hottest path.)"""
     expected: dict[int, int] = {}  # channel -> frame type due next, while a content is incomplete
     partial: dict[int, amqp.Message] = {}
 
@@ -86,52 +89,56 @@ def frame_handler(connection: Any, callback: Callable[..., Any]) -> Callable[[tu
         connection.bytes_recv += 1
         if frame_type == 1 and channel not in expected:
             method_sig = unpack_from(">HH", buf, 0)
-            if method_sig in _CONTENT_METHODS:
-                partial[channel] = amqp.Message(frame_method=method_sig, frame_args=buf)
+            if method_sig in content_methods:
+                partial[channel] = Message(frame_method=method_sig, frame_args=buf)
                 expected[channel] = 2
                 return False
-            return _dispatch(channel, method_sig, buf, None)
-        if frame_type == 8:
+            content = None
+        elif frame_type == 8:
             return False
-        due = expected.get(channel, 1)
-        if frame_type != due:
-            raise UnexpectedFrame(f"Received frame {frame_type} while expecting type: {due}")
-        message = partial[channel]
-        if frame_type == 2:
-            try:
-                message.inbound_header(buf)
-            except Exception as exc:  # noqa: BLE001 - anything in the header: this delivery's problem only
-                message = partial[channel] = _undecodable_header(message, buf, exc)
-            if not message.ready:
-                expected[channel] = 3
-                return False
         else:
-            message.inbound_body(buf)
-            if not message.ready:
-                return False
-        del expected[channel], partial[channel]
-        return _dispatch(channel, message.frame_method, message.frame_args, message)
-
-    def _dispatch(channel: int, method_sig: tuple, args: bytes, content: amqp.Message | None) -> bool:
+            due = expected.get(channel, 1)
+            if frame_type != due:
+                raise UnexpectedFrame(f"Received frame {frame_type} while expecting type: {due}")
+            content = partial[channel]
+            if frame_type == 2:
+                try:
+                    content.inbound_header(buf)
+                except Exception as exc:  # noqa: BLE001 - anything in the header: this delivery's problem only
+                    content = partial[channel] = _undecodable_header(content, buf, exc)
+                if not content.ready:
+                    expected[channel] = 3
+                    return False
+            else:
+                content.inbound_body(buf)
+                if not content.ready:
+                    return False
+            del expected[channel], partial[channel]
+            method_sig, buf = content.frame_method, content.frame_args
         try:
-            callback(channel, method_sig, args, content)
+            callback(channel, method_sig, buf, content)
         except Exception as exc:  # noqa: BLE001 - sorted out below; re-raised unless it is one of ours
-            if isinstance(exc, KeyError) and channels_lack(channel):  # Connection.channels[channel]
-                log.warning("frame for an unknown channel dropped", channel=channel, method=method_sig)
-                return True
-            fields = _CONTENT_ARGS.get(method_sig)
-            if fields is None or _args_decode(method_sig, args):
-                raise
-            values, problems = _lenient_args(fields, args)
-            marked = _mark(content, "; ".join(problems) or f"{type(exc).__name__}: {exc}")
-            callback(channel, method_sig, args[:4] + dumps("".join(kind for _, kind in fields), values), marked)
+            _redispatch(connection, callback, channel, method_sig, buf, content, exc)
         return True
 
-    def channels_lack(channel: int) -> bool:
-        channels = connection.channels
-        return channels is not None and channel not in channels
-
     return on_frame
+
+
+def _redispatch(connection: Any, callback: Callable[..., Any], channel: int, method_sig: tuple, args: bytes,
+                content: amqp.Message | None, exc: Exception) -> None:
+    """After the dispatch of a method raised: drop it if it was for a channel the
+    connection does not have; deliver it marked if its arguments did not decode; else
+    re-raise."""
+    channels = connection.channels
+    if isinstance(exc, KeyError) and channels is not None and channel not in channels:
+        log.warning("frame for an unknown channel dropped", channel=channel, method=method_sig)
+        return
+    fields = _CONTENT_ARGS.get(method_sig)
+    if fields is None or _args_decode(method_sig, args):
+        raise exc
+    values, problems = _lenient_args(fields, args)
+    marked = _mark(content, "; ".join(problems) or f"{type(exc).__name__}: {exc}")
+    callback(channel, method_sig, args[:4] + dumps("".join(kind for _, kind in fields), values), marked)
 
 
 def lenient_properties(buf: bytes, offset: int = 0) -> tuple[dict, list[str]]:

@@ -256,7 +256,7 @@ class Worker(AmqpLoop):
         log.exception("worker failed to process a message")
         try:
             return None, None, None, self.redelivery.dead_letter(message, self._queue_of(message), repr(exc),
-                                                                 "WorkerError", keep_headers=False)
+                                                                 "WorkerError")
         except Exception:  # noqa: BLE001 - never let one message end the handler thread
             log.exception("message cannot be dead-lettered either; rejected")
             return None, None, None, False
@@ -438,7 +438,8 @@ class Worker(AmqpLoop):
             reply_to, correlation_id = envelope.reply_address(message.properties, body)
         else:
             reply_to, correlation_id = message.properties.get("reply_to"), message.properties.get("correlation_id")
-        log.warning("bad message", reason=reason, correlation_id=str(correlation_id)[:255], answered=bool(reply_to))
+        log.warning("bad message", reason=reason, correlation_id=correlation_id[:255] if correlation_id else None,
+                    answered=bool(reply_to))
         if reply_to:
             # A correlation id too long for the property still goes back in the body, where
             # a client that matches replies by message_id finds it.
@@ -448,15 +449,15 @@ class Worker(AmqpLoop):
 
     def _undecodable(self, message: UndecodableMessage, queue_name: str) -> tuple[Any, Any, bytes | None, Forward]:
         """A delivery whose properties (or routing key) did not decode: dead-lettered unrun
-        with its raw bytes. If the reply address did decode the caller also gets an error
-        reply, rather than wait for its timeout."""
+        with its raw bytes. If its reply address (reply_to and correlation_id) did decode,
+        the caller also gets an error reply, rather than wait for its timeout."""
         self.stats["rejected"] += 1
         properties = message.properties
         reply_to, correlation_id = properties.get("reply_to"), properties.get("correlation_id")
         log.warning("undecodable message dead-lettered", problem=message.problem, queue=queue_name,
                     correlation_id=correlation_id, answered=bool(reply_to))
         forward = self.redelivery.undecodable(message, queue_name)
-        if not reply_to or queue_name != self.queue_name:  # events get no replies
+        if not (reply_to and correlation_id) or queue_name != self.queue_name:  # events get no replies
             return None, None, None, forward
         reason = f"Undecodable message: {message.problem}"
         return reply_to, correlation_id, envelope.error_reply(reason, "BadMessage", correlation_id), forward

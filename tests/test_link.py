@@ -126,3 +126,25 @@ def test_frames_for_a_channel_the_connection_does_not_have_are_dropped():
 
     with pytest.raises(KeyError):  # a known channel's KeyError is not swallowed
         frame_handler(connection, broken)((1, 1, cancel_ok))
+
+
+def test_a_wait_for_the_broker_ends_when_the_link_stays_silent_and_keeps_heartbeats_going():
+    from types import SimpleNamespace
+
+    from amqp.transport import TCPTransport
+
+    from amqprpc.link import Link
+
+    ours, theirs = socket.socketpair()
+    transport = TCPTransport("127.0.0.1:1")  # not connected: it only lends its socket
+    transport.sock, transport._read_buffer = ours, b""
+    heartbeats = []
+    connection = SimpleNamespace(heartbeat=0.5, bytes_sent=0, frame_max=131072, transport=transport,
+                                 send_heartbeat=lambda: heartbeats.append(time.monotonic()))
+    link = Link(connection, threading.RLock(), wake=lambda: None)
+    started = time.monotonic()
+    with pytest.raises(LinkDead, match="heartbeat 0.5s"):
+        link.reader.read(7)  # e.g. a channel method waiting for its reply
+    assert 0.9 <= time.monotonic() - started < 2.0  # two heartbeat intervals of silence
+    assert len(heartbeats) >= 2  # ours kept going meanwhile
+    theirs.close()
