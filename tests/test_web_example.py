@@ -307,3 +307,80 @@ def test_many_sockets_wait_at_once_and_all_get_their_own_result(shop):
             hold(name).set()
         answers = [future.result(60) for future in futures]
     assert [answer["result"]["order_id"] for answer in answers] == [f"order-user_{n}-1" for n in range(30)]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from browser import Browser, ensure_chromium
+
+    started = time.perf_counter()
+    binary = ensure_chromium()  # installs Debian's chromium when it is missing
+    chromium = Browser(binary)
+    print(f"chromium ready after {time.perf_counter() - started:.1f} s")
+    yield chromium
+    chromium.close()
+
+
+def page_state(page) -> dict:
+    """What the page shows (empty while it is still loading)."""
+    return page.eval("document.getElementById('order') === null ? {} : "
+                     "({state: document.getElementById('state').dataset.state,"
+                     " transport: document.getElementById('state').dataset.transport,"
+                     " order: document.getElementById('order').textContent,"
+                     " cid: document.getElementById('correlation').textContent.replace('correlation id: ', '')})"
+                     ) or {}
+
+
+def test_the_page_shows_the_created_order_through_the_websocket_without_polling(shop, browser):
+    mark = len(shop.server.lines)
+    page = browser.open(f"{shop.base}/?autosubmit=1")
+    shown = wait_for(lambda: (state := page_state(page)).get("state") in ("done", "failed", "gave-up") and state,
+                     timeout=30)
+    assert shown["state"] == "done" and shown["transport"] == "websocket", shown
+    assert shown["order"] == "Order order-user_001-1 created"
+    assert len(shop.requests("/api/orders", mark)) == 1
+    assert shop.requests("/api/status", mark) == []  # not one poll
+    print(f"page: 1 POST, 0 polls, {_sockets_opened(shop, shown['cid'], mark)} socket(s) for order {shown['cid']}")
+
+
+def test_the_page_completes_once_a_stopped_collector_is_back(shop, browser):
+    """The collector is down when the order is placed: the reply waits in its queue, the
+    page's socket answers pending after --ws-wait and the page opens another, until a new
+    collector stores the reply; the page shows it, still without one poll."""
+    assert shop.collector.stop() == 0, shop.collector.output
+    mark = len(shop.server.lines)
+    try:
+        page = browser.open(f"{shop.base}/?autosubmit=1")
+        wait_for(lambda: page_state(page).get("cid"), timeout=30)
+        cid = page_state(page)["cid"]
+        # Waiting through at least one "pending, open another socket" round.
+        wait_for(lambda: _sockets_opened(shop, cid, mark) >= 2, timeout=WS_WAIT * 10)
+        assert page_state(page)["state"] == "pending"
+    finally:
+        shop.collector = collector(shop.queue, shop.prefix)
+    shown = wait_for(lambda: (state := page_state(page)).get("state") != "pending" and state, timeout=30)
+    assert shown["state"] == "done" and shown["transport"] == "websocket", shown
+    assert shop.requests("/api/status", mark) == []
+    print(f"collector down then back: 0 polls, {_sockets_opened(shop, cid, mark)} sockets opened")
+
+
+def test_the_page_falls_back_to_polling_when_the_socket_fails(shop, browser):
+    """A refused upgrade (an unknown order: 404) sends the page to polling, which says so;
+    with sockets off (?poll=1) it polls to the end."""
+    mark = len(shop.server.lines)
+    page = browser.open(f"{shop.base}/?cid=unknown-cid")
+    shown = wait_for(lambda: (state := page_state(page)).get("state") not in (None, "idle", "pending") and state,
+                     timeout=30)
+    assert shown["state"] == "unknown" and shown["transport"] == "poll", shown
+    assert [line["status"] for line in shop.requests("/api/status", mark)] == [404]
+
+    mark = len(shop.server.lines)
+    page = browser.open(f"{shop.base}/?autosubmit=1&poll=1")
+    shown = wait_for(lambda: (state := page_state(page)).get("state") in ("done", "failed", "gave-up") and state,
+                     timeout=30)
+    assert shown["state"] == "done" and shown["transport"] == "poll", shown
+    assert shop.requests("/api/status", mark) and _sockets_opened(shop, shown["cid"], mark) == 0
+
+
+def _sockets_opened(shop: Shop, cid: str, start: int = 0) -> int:
+    return sum(1 for line in shop.server.lines[start:] if '"websocket open"' in line and f'"{cid}"' in line)
