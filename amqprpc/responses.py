@@ -191,6 +191,19 @@ class AsyncResponseStore(_Names):
 
     async def wait(self, correlation_id: str, timeout: float) -> Any:
         """As :meth:`ResponseStore.wait`, without blocking the event loop."""
+        # redis.asyncio (8.1 here) swallows a cancellation that lands while it opens a
+        # connection, and the wait would then run to its timeout holding its subscription.
+        # So the wait runs as a task of its own, cancelled again until it has ended.
+        waiting = asyncio.ensure_future(self._wait(correlation_id, timeout))
+        try:
+            return await asyncio.shield(waiting)
+        except asyncio.CancelledError:
+            while not waiting.done():
+                waiting.cancel()
+                await asyncio.wait({waiting}, timeout=0.05)
+            raise
+
+    async def _wait(self, correlation_id: str, timeout: float) -> Any:
         deadline = time.monotonic() + timeout
         pubsub = self.redis.pubsub()
         try:

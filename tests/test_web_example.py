@@ -384,3 +384,67 @@ def test_the_page_falls_back_to_polling_when_the_socket_fails(shop, browser):
 
 def _sockets_opened(shop: Shop, cid: str, start: int = 0) -> int:
     return sum(1 for line in shop.server.lines[start:] if '"websocket open"' in line and f'"{cid}"' in line)
+
+
+def test_broker_or_redis_down_and_a_service_nobody_serves_are_503_with_a_reason(own_broker, redis_server, tmp_path):
+    """Its own broker node and Redis, which this test stops (the shared ones never are)."""
+    own_broker.ensure_running()
+    redis_url, redis_process = redis_server()
+    orders = make_order_service(unique_name("web-orders"))
+    server, base = start_server("--service", orders.name, "--broker", own_broker.url, "--redis", redis_url,
+                                "--queue", unique_name("responses"), "--call-timeout", "2")
+    ws = "ws" + base[len("http"):]
+    try:
+        with running_worker(orders, broker_url=own_broker.url):
+            cid = http("POST", f"{base}/api/orders", ORDER)[1]["correlation_id"]
+            redis_process.terminate()
+            redis_process.wait(10)
+            status, doc = http("POST", f"{base}/api/orders", ORDER)
+            assert status == 503 and doc["error"].startswith("Redis: ") and "\n" not in doc["error"], doc
+            assert http("GET", f"{base}/api/status?cid={cid}")[0] == 503
+            status, doc = refused(f"{ws}/ws?cid={cid}")
+            assert status == 503 and doc["error"].startswith("Redis: "), doc
+        status, doc = http("POST", f"{base}/api/orders", ORDER)  # the worker is gone, its queue deleted
+        assert status == 503 and orders.name in doc["error"], doc
+        assert http("GET", f"{base}/api/orders/o-1")[0] == 503
+        own_broker.stop_app()
+        try:
+            started = time.perf_counter()
+            status, doc = http("POST", f"{base}/api/orders", ORDER)
+            assert status == 503 and "\n" not in doc["error"], doc
+            assert time.perf_counter() - started < 10
+            assert http("GET", f"{base}/api/orders/o-1")[0] == 503
+        finally:
+            own_broker.start_app()
+        print(f"broker down: POST answered 503 in {time.perf_counter() - started:.2f} s: {doc['error']}")
+        assert server.stop() == 0, server.output
+    finally:
+        if server.process.poll() is None:
+            server.stop(signal.SIGKILL)
+
+
+def test_one_command_with_services_runs_collector_and_worker_in_process(broker_url, redis_available):
+    queue, prefix, name = unique_name("responses"), unique_name("test-response") + ":", unique_name("web-orders")
+    server, base = start_server("--with-services", "--service", name, "--app", "test_web_example:order_service",
+                                "--queue", queue, "--key-prefix", prefix,
+                                env={"PYTHONPATH": str(TESTS), "WEB_TEST_ORDER_SERVICE": name})
+    try:
+        cid = http("POST", f"{base}/api/orders", ORDER)[1]["correlation_id"]
+        with connect(f"{'ws' + base[len('http'):]}/ws?cid={cid}", open_timeout=20) as socket:
+            assert json.loads(socket.recv(20))["result"]["order_id"] == "order-user_001-1"
+        assert server.stop() == 0, server.output
+    finally:
+        if server.process.poll() is None:
+            server.stop(signal.SIGKILL)
+        delete_queues(queue, f"service.{name}.request", broker_url=broker_url)
+        store = redis.Redis()
+        for key in store.scan_iter(prefix + "*"):
+            store.delete(key)
+
+
+def test_a_broker_that_does_not_answer_at_start_is_one_line_and_exit_4():
+    from procs import free_port
+
+    server = Proc([sys.executable, str(SERVER), "--port", "0", "--broker", f"amqp://guest:guest@127.0.0.1:{free_port()}//"])
+    assert server.process.wait(60) == 4, server.output
+    assert "cannot start" in server.output.splitlines()[-1]

@@ -11,6 +11,7 @@ line and exit 4, a port already taken exit 2.
 from __future__ import annotations
 
 import asyncio
+import logging
 import pathlib
 import socket
 import sys
@@ -87,14 +88,23 @@ def main(host: str, port: int, service: str, action: str, call_timeout: float, w
         fail(EXIT_UNAVAILABLE, f"cannot start: {exc}")
     # Logging stays ours (structlog lines, see logs.configure); the app logs each request itself.
     # wsproto: uvicorn's default (websockets-sansio) logs every refused upgrade (our 404/503) as an error.
-    server = _Server(uvicorn.Config(create_app(settings), ws="wsproto", log_config=None, access_log=False,
-                                    lifespan="on", timeout_graceful_shutdown=5))
+    asgi = create_app(settings)
+    server = _Server(uvicorn.Config(asgi, ws="wsproto", log_config=None, access_log=False, lifespan="on",
+                                    timeout_graceful_shutdown=5))
+    logging.getLogger("uvicorn.error").addFilter(_no_startup_traceback)
     try:
         asyncio.run(server.serve(sockets=[listener]))
+    except SystemExit:  # uvicorn's own exit when the lifespan failed: ours says why
+        pass
     finally:
         stop_services()
     if not server.started:
-        fail(EXIT_UNAVAILABLE, f"cannot start: the app did not start (is the broker at {broker} up?)")
+        fail(EXIT_UNAVAILABLE, f"cannot start: {getattr(asgi.state, 'startup_error', 'the app did not start')}")
+
+
+def _no_startup_traceback(record: logging.LogRecord) -> bool:
+    """Drop the traceback uvicorn logs when the lifespan fails (the exit line says why)."""
+    return not record.getMessage().startswith("Traceback")
 
 
 def _start_services(service: str, app: str | None, settings: Settings):

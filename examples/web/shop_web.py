@@ -82,7 +82,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         topology = Topology(collector_queue=settings.collector_queue) if settings.collector_queue else None
         client = AsyncRpcClient("shop-web", broker_url=settings.broker_url,
                                 **({"topology": topology} if topology else {}))
-        await client.connect()  # ServiceUnavailable here: the app does not start
+        try:
+            await client.connect()
+        except ServiceUnavailable as exc:  # the app does not start; server.py says why in one line
+            app.state.startup_error = _one_line(exc)
+            raise
         store = AsyncResponseStore(settings.redis_url, prefix=settings.key_prefix)
         app.state.shop = Shop(client, store, settings)
         try:
@@ -103,8 +107,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return _unavailable(request.url.path, "Redis", exc)
 
     @app.exception_handler(ServiceUnavailable)
-    async def broker_down(request: Request, exc: ServiceUnavailable) -> JSONResponse:
-        return _unavailable(request.url.path, "broker", exc)
+    async def service_unavailable(request: Request, exc: ServiceUnavailable) -> JSONResponse:
+        return _unavailable(request.url.path, None, exc)  # nobody serves it, or no broker: the text says which
 
     @app.exception_handler(CallTimeout)
     async def timed_out(_request: Request, exc: CallTimeout) -> JSONResponse:
@@ -153,6 +157,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if found.state == UNKNOWN:
                 raise HttpError(404, "unknown or expired correlation id")
         except HttpError as exc:
+            log.info("websocket refused", correlation_id=cid, status=exc.status, error=exc.error)
             return await websocket.send_denial_response(_error(exc.status, exc.error, exc.status_word))
         except redis.RedisError as exc:
             return await websocket.send_denial_response(_unavailable("/ws", "Redis", exc))
@@ -242,8 +247,8 @@ def _error(status: int, error: str, status_word: str = "error") -> JSONResponse:
     return JSONResponse({"status": status_word, "error": error}, status_code=status)
 
 
-def _unavailable(path: str, what: str, exc: BaseException) -> JSONResponse:
-    reason = f"{what}: {_one_line(exc)}"
+def _unavailable(path: str, what: str | None, exc: BaseException) -> JSONResponse:
+    reason = f"{what}: {_one_line(exc)}" if what else _one_line(exc)
     log.warning("dependency unavailable", path=path, error=reason)
     return _error(503, reason, "unavailable")
 
