@@ -6,6 +6,7 @@ traffic (updates, sync, metrics), and is killed at the end whatever happened.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import pathlib
@@ -38,7 +39,9 @@ class Browser:
         self.proc = Proc([binary, *FLAGS, f"--user-data-dir={self.profile}", "--remote-debugging-port=0",
                           "about:blank"])
         line = self.proc.wait_for_line("DevTools listening on", timeout=60)
-        self.socket = connect(line.split("DevTools listening on ")[1].strip(), max_size=None, open_timeout=30)
+        self._closing = contextlib.ExitStack()
+        self.socket = self._closing.enter_context(
+            connect(line.split("DevTools listening on ")[1].strip(), max_size=None, open_timeout=30))
         self._ids = itertools.count(1)
 
     def send(self, method: str, session: str | None = None, timeout: float = 30.0, **params: Any) -> dict:
@@ -60,7 +63,7 @@ class Browser:
 
     def close(self) -> None:
         try:
-            self.socket.close()
+            self._closing.close()
         finally:
             self.proc.stop(signal.SIGKILL)
             shutil.rmtree(self.profile, ignore_errors=True)
