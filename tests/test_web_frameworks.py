@@ -78,7 +78,7 @@ def test_fastapi_module_calls_submits_and_pushes_the_result(shop):
     server = Proc([sys.executable, "-m", "uvicorn", "--app-dir", str(FRAMEWORKS), "fastapi_app:app",
                    "--port", str(port)], env=env)
     try:
-        server.wait_for_line("Application startup complete", timeout=60)
+        server.wait_for_line("Uvicorn running on", timeout=60)  # bound (startup completes before it binds)
         base = f"http://127.0.0.1:{port}"
         assert get(f"{base}/users/user_001") == (200, {"id": "user_001", "name": "Alice Zhang",
                                                        "email": "alice@example.com", "status": "active"})
