@@ -10,8 +10,8 @@ from .topology import Topology
 from .worker import Worker
 
 __all__ = [
-    "Service", "RpcClient", "Retry", "CircuitBreaker", "ServiceProxy", "AsyncRpcClient", "ResponseStore", "AsyncResponseStore", "Worker",
-    "Topology",
+    "Service", "RpcClient", "Retry", "CircuitBreaker", "ServiceProxy", "AsyncRpcClient", "ResponseStore",
+    "AsyncResponseStore", "Worker", "Topology",
     "RpcError", "RemoteError", "CallTimeout", "ServiceUnavailable", "CircuitOpen",
 ]
 __version__ = "0.1.0"
