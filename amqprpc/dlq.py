@@ -127,7 +127,8 @@ def _fresh_copy(message: amqp.Message) -> amqp.Message:
     headers = {k: v for k, v in (h.headers_of(message)).items() if k not in h.BOOKKEEPING}
     headers["x-replayed"] = h.int_header(h.headers_of(message), "x-replayed") + 1
     properties = {**message.properties, "application_headers": headers, "delivery_mode": 2}
-    return amqp.Message(message.body, **properties)
+    body = message.body
+    return amqp.Message(body.encode() if isinstance(body, str) else body, **properties)  # "" when empty
 
 
 def _plain(value: Any) -> Any:
@@ -137,4 +138,7 @@ def _plain(value: Any) -> Any:
 def _when(value: Any) -> str | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return datetime.datetime.fromtimestamp(value, datetime.timezone.utc).isoformat(timespec="milliseconds")
+    try:  # headers come from the wire: 1e300 is a float too
+        return datetime.datetime.fromtimestamp(value, datetime.timezone.utc).isoformat(timespec="milliseconds")
+    except (OverflowError, ValueError, OSError):
+        return None

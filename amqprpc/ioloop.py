@@ -43,9 +43,10 @@ _READ = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP  # sock
 
 
 # What py-amqp raises for a message it cannot encode (a routing key or short string over 255
-# bytes, a header value it has no type for, a decimal it cannot write back): always before
-# any byte of the message is written, so the connection is fine and a retry fails the same.
-UNENCODABLE = (struct.error, UnicodeError, ValueError, TypeError, OverflowError, FrameSyntaxError)
+# bytes, a header value it has no type for, a str body with a content_encoding that is no
+# codec): always before any byte of the message is written, so the connection is fine and
+# a retry fails the same.
+UNENCODABLE = (struct.error, UnicodeError, LookupError, ValueError, TypeError, OverflowError, FrameSyntaxError)
 
 
 def publish(channel: amqp.Channel, message: amqp.Message, exchange: str, routing_key: str,

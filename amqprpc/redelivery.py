@@ -253,15 +253,21 @@ def _copy(message: amqp.Message, update: dict, keep_headers: bool = True) -> amq
     properties = {k: v for k, v in message.properties.items()
                   if k not in ("expiration", "application_headers", "user_id")}
     headers = {k: v for k, v in (h.headers_of(message) if keep_headers else {}).items()
-               if not k.startswith(("x-death", "x-first-death", "x-last-death", "x-delivery-count"))
-               and k not in ("CC", "BCC")}
+               if not (isinstance(k, str) and k.startswith(_BROKER_HEADERS))  # a key py-amqp could
+               and k not in ("CC", "BCC")}                                    # not decode is bytes
     if message.properties.get("user_id"):
         headers["x-original-user-id"] = message.properties["user_id"]
     headers.update(update)
     properties["application_headers"] = headers
     properties["delivery_mode"] = 2
-    return amqp.Message(message.body, **properties)
+    body = message.body
+    if isinstance(body, str):  # py-amqp leaves an empty body as "": bytes, or it would encode
+        body = body.encode()   # it with the content_encoding, whatever codec a peer named there
+    return amqp.Message(body, **properties)
 
+
+# Headers the broker adds (dead-lettering, quorum delivery counts): not copied.
+_BROKER_HEADERS = ("x-death", "x-first-death", "x-last-death", "x-delivery-count")
 
 # A content header frame: 7-byte frame header, class id, weight and body size (12 bytes),
 # the properties, the frame-end octet.

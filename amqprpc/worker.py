@@ -251,15 +251,16 @@ class Worker(AmqpLoop):
             self._finish_here(generation, message, *outcome)
 
     def _crashed(self, message: amqp.Message, exc: Exception) -> tuple[None, None, None, Forward | bool]:
-        """A message the worker itself failed on: dead-lettered; rejected without requeue
-        when even that fails (say, on headers from the wire that nothing can read)."""
+        """A message the worker itself failed on: dead-lettered (without its headers if
+        they are what fails); rejected without requeue when even that fails."""
         log.exception("worker failed to process a message")
-        try:
-            return None, None, None, self.redelivery.dead_letter(message, self._queue_of(message), repr(exc),
-                                                                 "WorkerError")
-        except Exception:  # noqa: BLE001 - never let one message end the handler thread
-            log.exception("message cannot be dead-lettered either; rejected")
-            return None, None, None, False
+        for keep_headers in (True, False):  # the headers from the wire may be what failed
+            try:
+                return None, None, None, self.redelivery.dead_letter(message, self._queue_of(message), repr(exc),
+                                                                     "WorkerError", keep_headers=keep_headers)
+            except Exception:  # noqa: BLE001 - never let one message end the handler thread
+                log.exception("message cannot be dead-lettered", with_headers=keep_headers)
+        return None, None, None, False
 
     def _finish_here(self, generation: int, message: amqp.Message, *outcome: Any) -> None:
         """Reply and ack from this handler thread, without a hop to the loop thread and

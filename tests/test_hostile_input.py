@@ -105,6 +105,10 @@ def request_kinds(reply_queue: str, cc_queue: str) -> dict:
     # frame (the broker would close the connection): the original headers are dropped.
     kinds["headers filling a frame, bad body"] = (
         {"application_headers": {"blob": "x" * 130900}}, b"not json", 0, 1, "Malformed JSON")
+    kinds["empty body, content_encoding no codec"] = ({"content_encoding": "no-such-codec"}, b"", 0, 1,
+                                                      "Malformed JSON")  # py-amqp's "" would be encoded with it
+    kinds["header key not UTF-8, bad body"] = (  # py-amqp decodes the key as bytes
+        {"application_headers": table(entry(b"\xa9", "S", struct.pack(">I", 0)))}, b"", 0, 1, "Malformed JSON")
     kinds["CC header, bad body"] = (
         {"application_headers": {"CC": [cc_queue]}}, b"not json", 0, 1, "Malformed JSON")
     kinds["x-attempts a table, x-deliveries 2**63-1"] = (  # (RabbitMQ itself refuses inf and nan doubles)
@@ -295,7 +299,11 @@ def test_arbitrary_properties_and_bodies_into_a_live_worker_are_each_answered_or
     before = count(raw, dead_queue) + count(raw, reply_queue)
     publish(raw, channel, DEFAULT_TOPOLOGY.service_exchange, DEFAULT_TOPOLOGY.request_key(service_name),
             encode_properties(properties), body)
-    wait_for(lambda: count(raw, dead_queue) + count(raw, reply_queue) > before, timeout=20)
+    try:
+        wait_for(lambda: count(raw, dead_queue) + count(raw, reply_queue) > before, timeout=20)
+    except AssertionError:
+        raise AssertionError(f"neither answered nor dead-lettered: {properties!r} {body[:100]!r}\n"
+                             f"{worker.text()}") from None
     channel.close()
     assert reconnects(worker) == 0, worker.text()
 
@@ -368,3 +376,9 @@ def test_a_name_too_long_to_send_is_the_callers_error_and_later_confirms_still_m
             client.cast(service.name, "touch", {}, timeout=5)
         with pytest.raises(ServiceUnavailable, match="no queue is bound"):
             client.cast(f"{service.name}-nobody", "touch", {}, timeout=5)
+
+
+def test_dlq_listing_survives_failure_times_that_are_no_time():
+    from amqprpc.dlq import _when
+
+    assert _when(1e300) is None and _when(-1e300) is None and _when(1.0).startswith("1970-01-01")
