@@ -24,8 +24,10 @@ a channel the connection does not have are dropped with a warning.
 
 Checked against py-amqp 5.1.1, 5.2.0, 5.3.1 and 5.4.2 (what ``kombu>=5.3`` allows): their
 ``frame_handler``, ``GenericContent.inbound_header``/``inbound_body``,
-``Connection.blocking_read``/``on_inbound_method``, ``serialization.loads`` and
-``Channel._on_basic_deliver`` are the same in all four.
+``Connection.blocking_read``/``on_inbound_method`` and ``Channel._on_basic_deliver`` are
+the same in all four. Their table decoding differs (5.4 keeps a header key that is not
+UTF-8 as bytes where older versions raise; ``s`` and ``l`` changed meaning), which changes
+which deliveries end up here, not how they are caught.
 """
 from __future__ import annotations
 

@@ -160,11 +160,12 @@ def test_poison_requests_of_every_kind_are_dead_lettered_or_answered_and_the_wor
         found = [text for text in (errors if n_dead else replies) if reason in text]
         assert found, (kind, reason, errors, replies)
     undecodable = [letter for letter in letters if h.headers_of(letter)[h.ERROR_TYPE] == "UndecodableMessage"]
-    assert len(undecodable) == len(SHORTSTRS) + 3
+    # py-amqp < 5.4 cannot decode a header key that is not UTF-8 either (5.4 keeps it as bytes).
+    assert len(undecodable) in (len(SHORTSTRS) + 3, len(SHORTSTRS) + 4)
     for letter in undecodable:
         headers = h.headers_of(letter)
         assert headers[h.RAW_PROPERTIES] and headers[h.ORIGINAL_QUEUE].endswith(".request")
-        assert json.loads(letter.body)["action"] == "echo"  # the body as it came
+        assert (letter.body or b"") in {kind[1] for kind in kinds.values()}  # as it came (py-amqp: "" if empty)
     assert count(raw, cc_queue) == 1  # the original's CC copy; the dead letter was not routed there again
     assert sum(1 for letter in letters if h.headers_of(letter).get("x-headers-dropped") == 1) == 1
     assert reconnects(worker) == 0, worker.text()
