@@ -167,7 +167,8 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, (socket.timeout, TimeoutError)):  # one class since 3.10; ETIMEDOUT is a TimeoutError
         if code == errno.ETIMEDOUT:
             return "timed out: the network stopped delivering (ETIMEDOUT)"
-        return f"timed out ({exc or 'no answer in time'})"
+        detail = str(exc)
+        return "timed out: no answer in time" if detail in ("", "timed out") else f"timed out ({detail})"
     if isinstance(exc, OSError) and code:
         return f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
     return f"{type(exc).__name__}: {exc}"

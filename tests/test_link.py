@@ -30,6 +30,7 @@ class Transport:
 def test_errors_say_what_happened():
     assert describe(TimeoutError(errno.ETIMEDOUT, "Connection timed out")) == \
         "timed out: the network stopped delivering (ETIMEDOUT)"
+    assert describe(socket.timeout("timed out")) == "timed out: no answer in time"
     assert describe(ConnectionResetError(errno.ECONNRESET, "reset")) == "connection reset by the peer (ECONNRESET)"
     assert describe(ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")).startswith("connection refused")
     assert describe(ConnectionForced("CONNECTION_FORCED - shutdown", (0, 0), reply_code=320)) == \
