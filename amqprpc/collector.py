@@ -90,7 +90,7 @@ class Collector(AmqpLoop):
         if not clean:
             self._abandon.set()
         self.stop()
-        log.info("collector stopped", clean=clean, **self.stats)
+        (log.info if clean else log.warning)("collector stopped", clean=clean, **self.stats)
         return clean
 
     # --- loop thread -------------------------------------------------------------------

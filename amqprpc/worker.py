@@ -46,7 +46,7 @@ class Worker(AmqpLoop):
     Parameters: ``concurrency`` handler threads; ``prefetch`` unacked messages held at most
     (default twice the concurrency); ``max_message_bytes`` larger bodies are refused;
     ``heartbeat`` seconds; ``queue_type`` "classic" or "quorum"; ``max_redeliveries`` a
-    message redelivered more often (its handler kills the worker?) is dead-lettered unrun;
+    message redelivered more often (its handler keeps killing the worker) is dead-lettered unrun;
     ``registry`` a :class:`~amqprpc.registry.Registry` to announce this instance in every
     ``registry_interval`` seconds (from a thread of its own).
     """
@@ -122,7 +122,9 @@ class Worker(AmqpLoop):
             self.forwarder.idle.wait(max(1.0, deadline - time.monotonic()))
         shared_client.detach(self.service.name, self.url, self.topology)
         self.stop()
-        log.info("worker stopped", clean=finished, **self.stats, **self.forwarder.stats)
+        # Not clean = handlers were cut off at the timeout and their messages requeued: an operator should see it.
+        (log.info if finished else log.warning)("worker stopped", clean=finished, **self.stats,
+                                                **self.forwarder.stats)
         return finished
 
     # --- loop thread -------------------------------------------------------------------
@@ -290,11 +292,14 @@ class Worker(AmqpLoop):
         handler = self.service.find(request.action) or self._builtins.get(request.action)
         if handler is None:
             self.stats["failed"] += 1
-            log.warning("unknown action", action=request.action, correlation_id=request.correlation_id,
-                        trace_id=trace_id)
-            if not request.reply_to:
+            if not request.reply_to:  # a cast: nobody hears the error, so say where the message went
+                log.warning("unknown action, dead-lettered", action=request.action,
+                            correlation_id=request.correlation_id, trace_id=trace_id,
+                            dead_letter_queue=self.topology.dead_queue_name(self.service.name))
                 return None, None, None, self.redelivery.dead_letter(
                     message, self.queue_name, f"Unknown action: {request.action}", "UnknownAction")
+            log.warning("unknown action", action=request.action, correlation_id=request.correlation_id,
+                        trace_id=trace_id)
             return request.reply_to, request.correlation_id, envelope.error_reply(
                 f"Unknown action: {request.action}", "UnknownAction", request.message_id), None
         with self._bound(request.action, request.correlation_id, trace_id, deadline):
