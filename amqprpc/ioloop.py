@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import os
 import select
+import ssl
 import threading
 import time
 from typing import Any, Callable
@@ -45,6 +46,23 @@ def publish(channel: amqp.Channel, message: amqp.Message, exchange: str, routing
     channel.send_method(spec.Basic.Publish, "Bssbb", (0, exchange, routing_key, mandatory, False), message)
 
 
+class StartCancelled(Exception):
+    """:meth:`AmqpLoop.start` gave up waiting for the broker: stop or cancel_start was called."""
+
+    def __init__(self) -> None:
+        super().__init__("stopped while waiting for the broker")
+
+
+def _broker_not_there_yet(exc: BaseException) -> bool:
+    """Whether a failed first connection may succeed later: refused, reset, timed out, name
+    not resolvable yet, the broker closing connections while it boots. Not bad credentials,
+    a missing vhost, a TLS certificate refused or queues declared with other arguments: those
+    need a person, and a daemon exits for them at once."""
+    if isinstance(exc, ssl.SSLError):
+        return False
+    return isinstance(exc, (OSError, amqp.exceptions.RecoverableConnectionError))
+
+
 class AmqpLoop:
     """Owns one kombu connection in one thread; reconnects with jittered backoff.
 
@@ -55,6 +73,12 @@ class AmqpLoop:
 
     Parameters: ``heartbeat`` and ``connect_timeout`` in seconds; ``reconnect_base`` and
     ``reconnect_cap`` bound the backoff between reconnect attempts, in seconds.
+
+    At start (daemons): :meth:`start` fails with the first connection error unless
+    ``startup_wait`` (seconds, ``math.inf`` for ever) is set: then an unreachable broker
+    is retried with the same backoff, each attempt logged and passed to
+    ``on_connect_retry(attempt, retry_in, exc)``, until it answers, the wait is over, or
+    :meth:`cancel_start` gives up (``start`` then raises :class:`StartCancelled`).
     """
 
     def __init__(self, url: str, *, name: str, heartbeat: float = 30.0, connect_timeout: float = 5.0,
@@ -82,6 +106,9 @@ class AmqpLoop:
         self._started = threading.Event()
         self._start_error: BaseException | None = None
         self.next_tick: float | None = None
+        self.startup_wait = 0.0
+        self.on_connect_retry: Callable[[int, float, BaseException], None] | None = None
+        self._start_cancelled = False
 
     # --- hooks -------------------------------------------------------------------------
     def on_connected(self, connection: Connection) -> None:  # pragma: no cover - hook
@@ -114,6 +141,12 @@ class AmqpLoop:
         if self._start_error is not None:
             self._thread.join()
             raise self._start_error
+
+    def cancel_start(self) -> None:
+        """Stop waiting for the first connection: :meth:`start` raises StartCancelled.
+        No effect once connected (stop that with :meth:`stop`). Safe from a signal handler."""
+        self._start_cancelled = True
+        self.call_soon(lambda: None)
 
     def stop(self, timeout: float | None = 10.0) -> None:
         """Run what is queued, close the connection and end the thread."""
@@ -153,6 +186,7 @@ class AmqpLoop:
 
     def _run(self) -> None:
         attempt = 0
+        give_up_at = time.monotonic() + self.startup_wait
         while not self._stopping:
             try:
                 self.connection = self._connect()
@@ -161,14 +195,18 @@ class AmqpLoop:
                 self.on_connected(self.connection)
             except Exception as exc:  # noqa: BLE001 - any failure to connect is retried or reported
                 self._close_quietly()
-                if not self._started.is_set():
-                    self._start_error = exc
+                delay = full_jitter(attempt, self.reconnect_base, self.reconnect_cap)
+                starting = not self._started.is_set()
+                if starting and (self._start_cancelled or not _broker_not_there_yet(exc)
+                                 or time.monotonic() + delay > give_up_at):
+                    self._start_error = StartCancelled() if self._start_cancelled else exc
                     self._started.set()
                     return
-                delay = full_jitter(attempt, self.reconnect_base, self.reconnect_cap)
                 attempt += 1
                 log.warning("broker connect failed", url=redact(self.url), error=redact(str(exc)),
                             attempt=attempt, retry_in=round(delay, 3))
+                if starting and self.on_connect_retry is not None:
+                    self.on_connect_retry(attempt, delay, exc)
                 self._idle(delay)
                 continue
             if self._started.is_set():
@@ -189,6 +227,9 @@ class AmqpLoop:
         self._close_quietly()
         self.on_disconnected(None)
         self._run_ops()
+        if not self._started.is_set():  # stopped while still waiting for the first connection
+            self._start_error = StartCancelled()
+            self._started.set()
 
     def _serve(self) -> None:
         amqp_conn = self.connection.connection
@@ -240,7 +281,7 @@ class AmqpLoop:
         deadline = time.monotonic() + seconds
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
-        while not self._stopping:
+        while not self._stopping and not (self._start_cancelled and not self._started.is_set()):
             left = deadline - time.monotonic()
             if left <= 0:
                 return

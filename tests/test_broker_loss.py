@@ -164,3 +164,43 @@ def test_heartbeats_flow_while_every_handler_is_busy(own_broker, svc, client, r,
         assert [int(c) for c in redis_client.hgetall(done).values()] == [1, 1, 1]
     finally:
         stop(worker)
+
+
+def test_a_worker_and_a_collector_started_before_their_broker_serve_once_it_is_up(own_broker, svc, tmp_path):
+    """Daemons that boot before RabbitMQ wait for it (each attempt logged), then serve:
+    a call reaches the worker, and its reply to a submit reaches Redis through the collector."""
+    from amqprpc import ResponseStore, Topology
+
+    from procs import AMQPRPC, Proc
+
+    queue, prefix = unique_name("responses"), unique_name("amqprpc-test-response") + ":"
+    own_broker.stop_app()
+    worker = collector = None
+    try:
+        worker = WorkerProcess(svc, str(tmp_path / "w.log"), "--reconnect-cap", "1", broker_url=own_broker.url)
+        collector = Proc(AMQPRPC + ["collector", "--queue", queue, "--key-prefix", prefix, "--log-format", "json",
+                                    "--reconnect-cap", "1"], env={"AMQPRPC_BROKER_URL": own_broker.url})
+        worker.wait_event("broker connect failed", count=2)
+        collector.wait_for_line('"attempt": 2')
+        assert worker.process.poll() is None and collector.process.poll() is None
+    finally:
+        own_broker.start_app()
+    try:
+        worker.wait_event("worker ready", timeout=60)
+        collector.wait_for_line("collector ready", timeout=60)
+        with RpcClient("late-test", broker_url=own_broker.url, topology=Topology(collector_queue=queue)) as rpc:
+            assert rpc.call(svc, "ping", timeout=10)["pid"] == worker.pid
+            cid = rpc.submit(svc, "ping", {})
+        store = ResponseStore(prefix=prefix)
+        assert wait_for(lambda: store.get(cid), timeout=20)["data"]["pid"] == worker.pid
+        stop(worker)
+        assert collector.stop() == 0, collector.output
+    finally:
+        if worker is not None:
+            worker.kill()
+        if collector is not None and collector.process.poll() is None:
+            collector.stop(signal.SIGKILL)
+        delete_queues(queue, broker_url=own_broker.url)
+        store = redis.Redis.from_url(redis_url())
+        for key in store.scan_iter(prefix + "*"):
+            store.delete(key)

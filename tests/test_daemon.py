@@ -229,3 +229,32 @@ def test_metrics_endpoint_counts_requests(svc, client, r, tmp_path):
     finally:
         worker.process.send_signal(signal.SIGTERM)
         assert worker.wait(15) == 0
+
+
+NO_BROKER = "amqp://guest:guest@127.0.0.1:1//"  # nothing listens on port 1: connection refused
+
+
+def test_a_worker_waits_for_its_broker_logging_each_attempt_and_a_sigterm_ends_the_wait_with_0(svc, tmp_path):
+    worker = WorkerProcess(svc, str(tmp_path / "w.log"), "--reconnect-cap", "0.5", broker_url=NO_BROKER)
+    try:
+        attempt = worker.wait_event("broker connect failed", count=3)
+        assert attempt["attempt"] == 3 and 0 <= attempt["retry_in"] <= 0.5 and "refused" in attempt["error"]
+        assert worker.process.poll() is None
+        worker.process.send_signal(signal.SIGTERM)
+        assert worker.wait(15) == 0, worker.text()
+        assert worker.events("worker exiting")[-1]["reason"] == "stopped while waiting for the broker"
+    finally:
+        worker.kill()
+
+
+@pytest.mark.parametrize("wait, attempts", [("0", 0), ("1.5", 2)])
+def test_broker_wait_bounds_the_wait_then_exit_4_in_one_line(svc, tmp_path, wait, attempts):
+    began = time.monotonic()
+    worker = WorkerProcess(svc, str(tmp_path / "w.log"), "--broker-wait", wait, "--reconnect-cap", "0.3",
+                           broker_url=NO_BROKER)
+    assert worker.wait(30) == 4, worker.text()
+    took = time.monotonic() - began
+    assert len(worker.events("broker connect failed")) >= attempts
+    assert took >= float(wait)
+    errors = [line["event"] for line in worker.lines() if line["event"].startswith("Error:")]
+    assert errors == ["Error: cannot connect to broker amqp://guest:***@127.0.0.1:1//: [Errno 111] Connection refused"]

@@ -28,7 +28,7 @@ from urllib.parse import parse_qs, urlsplit
 import click
 
 from amqprpc import ResponseStore, RpcClient, Topology, logs
-from amqprpc.cli import EXIT_UNAVAILABLE, broker_option, fail, logging_options, redis_option
+from amqprpc.cli import EXIT_UNAVAILABLE, EXIT_USAGE, broker_option, fail, logging_options, redis_option
 from amqprpc.config import DEFAULT_COLLECTOR_QUEUE
 from amqprpc.errors import CallTimeout, ServiceUnavailable
 from amqprpc.loading import ServiceNotFound, load_service
@@ -165,7 +165,12 @@ def main(host: str, port: int, service: str, action: str, queue_name: str, key_p
         raise click.UsageError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - no broker at start: one line, exit 4 as the CLI does
         fail(EXIT_UNAVAILABLE, f"cannot start: {exc}")
-    server = WebServer((host, port), ShopApp(client, store, service, action))
+    try:
+        server = WebServer((host, port), ShopApp(client, store, service, action))
+    except OSError as exc:  # port taken, address not ours: a usage error, one line
+        client.close()
+        stop_services()
+        fail(EXIT_USAGE, f"cannot listen on {host}:{port}: {exc.strerror or exc}")
 
     def on_signal(signum, _frame):
         # shutdown() waits for serve_forever to return: call it from another thread.
