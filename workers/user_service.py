@@ -1,5 +1,7 @@
-"""The article's user-service: look users up and validate tokens."""
+"""The article's user-service: look users up, validate tokens, note who was seen when."""
 from __future__ import annotations
+
+import time
 
 from amqprpc import Service
 
@@ -34,3 +36,13 @@ def validate_token(payload: dict) -> dict:
     if len(token) < 10:
         raise ValueError("Invalid token")
     return {"valid": True, "user_id": payload.get("user_id", "user_001")}
+
+
+@service.handler("touch")
+def touch(payload: dict) -> None:
+    """Note that a user was seen (what callers send as a cast: nobody waits for the answer).
+    The time is kept in this process only and shows in ``get_user`` as ``last_seen``."""
+    user = USERS.get(payload.get("user_id"))
+    if user is None:
+        raise UserNotFound(f"User not found: {payload.get('user_id')}")
+    user["last_seen"] = int(time.time())
