@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench services clean web
+.PHONY: demo test test-pythons bench services clean web
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,14 @@ web: $(STAMP) services
 test: $(STAMP) services
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
+# Python 3.9-3.13: the unit tests and a worker/call/event smoke on every version but $(PYTHON)'s,
+# each in its own .venv-3.X installed from a wheel of this checkout (PYTHONS="3.9 3.13" for some).
+PYTHONS ?= 3.9 3.10 3.12 3.13
+test-pythons: $(STAMP) services
+	BUILD_PYTHON=$(VENV)/bin/python ./scripts/test-pythons.sh $(PYTHONS)
+
 bench: $(STAMP) services
 	$(VENV)/bin/python -m bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-3.* build *.egg-info .pytest_cache

@@ -51,8 +51,14 @@ def own_broker():
     """A RabbitMQ node this test session alone uses, for tests that stop and start the
     broker or need a service name (user-service) no other run is consuming. Started once,
     on first use (a few seconds), stopped at the end of the session."""
+    import os
+
     from rabbit_node import RabbitNode
 
+    shared = os.environ.get("AMQPRPC_TEST_RABBIT_NODE")  # a node make test-pythons started for every Python
+    if shared:
+        yield RabbitNode.attach(shared)
+        return
     node = RabbitNode()
     node.start()
     yield node

@@ -3,10 +3,17 @@ broker (the shared one on 5672 serves other test runs at the same time).
 
 It runs as the invoking user with HOME in its own directory, so it has its own Erlang
 cookie and touches nothing of the system node's.
+
+``python rabbit_node.py start STATE`` starts one and writes what finds it again to the file
+STATE; a test session with ``AMQPRPC_TEST_RABBIT_NODE=STATE`` uses that node as its
+``own_broker`` (and leaves it running); ``python rabbit_node.py stop STATE`` stops it.
+``make test-pythons`` shares one node between the Pythons it tests that way.
 """
 from __future__ import annotations
 
+import json
 import os
+import sys
 import shutil
 import socket
 import subprocess
@@ -47,6 +54,21 @@ class RabbitNode:
             "RABBITMQ_LOG_BASE": os.path.join(self.base, "log"),
             "RABBITMQ_ENABLED_PLUGINS_FILE": os.path.join(self.base, "enabled_plugins"),
         }
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as state:
+            json.dump({"base": self.base, "port": self.port, "name": self.name, "url": self.url,
+                       "env": {k: v for k, v in self.env.items() if k == "HOME" or k.startswith("RABBITMQ_")}}, state)
+
+    @classmethod
+    def attach(cls, path: str) -> "RabbitNode":
+        """The node a ``start STATE`` left running (its files are not ours to delete)."""
+        with open(path) as state:
+            saved = json.load(state)
+        node = cls.__new__(cls)
+        node.base, node.port, node.name, node.url = saved["base"], saved["port"], saved["name"], saved["url"]
+        node.env = {**os.environ, **saved["env"]}
+        return node
 
     def ctl(self, *args: str, timeout: float = 60) -> str:
         result = subprocess.run([f"{RABBIT_BIN}/rabbitmqctl", "-n", self.name, *args], env=self.env,
@@ -98,3 +120,14 @@ class RabbitNode:
             self.ctl("stop", timeout=60)
         finally:
             shutil.rmtree(self.base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    command, state_path = sys.argv[1:3]
+    if command == "start":
+        started = RabbitNode()
+        started.start()
+        started.save(state_path)
+    else:
+        RabbitNode.attach(state_path).stop()
+        os.unlink(state_path)
