@@ -9,9 +9,10 @@ Each record carries its structured fields as attributes, so a JSON formatter or
 structlog's ``ProcessorFormatter`` (with ``structlog.stdlib.ExtraAdder()``) can use them:
 
 - ``record.event``: the line's text without fields (``"handler failed"``);
-- the request being handled (bound in the handler thread's contextvars with
+- the request being handled (bound in the handler thread's context with
   :func:`bind_request`): ``service``, ``action``, ``correlation_id``, ``trace_id``,
-  ``parent_id``; the process's fields (:func:`bind_process`); the line's own fields;
+  ``parent_id``; anything the application bound with structlog's contextvars; the
+  process's fields (:func:`bind_process`); the line's own fields;
 - ``record.getMessage()`` is the text followed by every field as ``key=value``, for plain
   ``%(message)s`` formatters (``record.msg`` stays a constant template, for grouping).
 
@@ -24,14 +25,18 @@ logging for it (structlog JSON or console lines on stderr, redacted, for its own
 kombu's, and those of handler code using stdlib logging or structlog). Library code never
 calls it.
 
-A disabled level costs one ``Logger.isEnabledFor`` (cached by the logging module): the
-per-request debug lines are nearly free unless someone asked for them.
+Cost on the request path: a disabled level costs one ``Logger.isEnabledFor`` (cached by the
+logging module), and binding a request's fields sets one ContextVar (a dict), not one per
+field as structlog's contextvars would. Structlog users add :func:`add_request_fields` to
+their processors to get those fields on their own lines (the ``amqprpc`` command does).
 """
 from __future__ import annotations
 
+import contextvars
 import logging
 import sys
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Mapping
 
 import structlog
 
@@ -43,15 +48,28 @@ logging.getLogger("amqprpc").addHandler(logging.NullHandler())
 
 _process_fields: dict[str, Any] = {}
 _RESERVED = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "event"}
-_get_context = structlog.contextvars.get_contextvars
-_REQUEST_FIELDS = {name: n for n, name in enumerate(("service", "action", "correlation_id", "trace_id", "parent_id"))}
+_app_context = structlog.contextvars.get_contextvars
+_NOTHING: Mapping[str, Any] = MappingProxyType({})
+# The fields of the request this thread (or task) handles. Never mutated: bind sets a new dict.
+_request: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar("amqprpc_request_fields",
+                                                                             default=_NOTHING)
 
 
-def _request_order(item: tuple[str, Any]) -> int:
-    return _REQUEST_FIELDS.get(item[0], len(_REQUEST_FIELDS))
+def bind_request(**fields: Any) -> None:
+    """Add ``fields`` to every line logged in this thread (or asyncio task) until
+    :func:`clear_request`: the worker binds the request's service, action and ids."""
+    _request.set({**_request.get(), **fields})
 
-bind_request = structlog.contextvars.bind_contextvars
-clear_request = structlog.contextvars.clear_contextvars
+
+def clear_request() -> None:
+    _request.set(_NOTHING)
+
+
+def add_request_fields(_, __, event_dict: dict) -> dict:
+    """A structlog processor: the request's fields on the application's own structlog lines."""
+    for key, value in _request.get().items():
+        event_dict.setdefault(key, value)
+    return event_dict
 
 
 def bind_process(**fields: Any) -> None:
@@ -113,12 +131,11 @@ class Logger:
             self._emit(logging.CRITICAL, event, fields)
 
     def _emit(self, level: int, event: str, fields: dict[str, Any], exc_info: bool = False) -> None:
-        # The line's own fields first, then the request's (in a fixed order), then the process's.
+        # The line's own fields first, then the request's, the application's, the process's.
         merged = dict(fields)
-        for key, value in sorted(_get_context().items(), key=_request_order):
-            merged.setdefault(key, value)
-        for key, value in _process_fields.items():
-            merged.setdefault(key, value)
+        for context in (_request.get(), _app_context(), _process_fields):
+            for key, value in context.items():
+                merged.setdefault(key, value)
         for key, value in merged.items():
             if isinstance(value, str) and "@" in value:
                 merged[key] = redact(value)
@@ -176,6 +193,7 @@ def configure(fmt: str = "console", level: str = "info", stream=None) -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            add_request_fields,
             _add_process_fields,
             structlog.processors.add_log_level,
             timestamper,
