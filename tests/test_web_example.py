@@ -157,3 +157,16 @@ def test_one_command_with_services_runs_collector_and_worker_in_process(broker_u
         store = redis.Redis()
         for key in store.scan_iter(prefix + "*"):
             store.delete(key)
+
+
+def test_a_taken_port_is_one_line_and_exit_2(broker_url, redis_available):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, str(SERVER), "--port", str(port)], capture_output=True, text=True,
+                                timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == f"Error: cannot listen on 127.0.0.1:{port}: Address already in use"
