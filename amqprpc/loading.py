@@ -31,7 +31,7 @@ def load_service(name: str, app: str | None = None) -> Service:
         if service.name != name:
             raise ServiceNotFound(
                 f"--app {app} is the service {service.name!r}, not {name!r}: pass {service.name!r} as SERVICE "
-                f"(it consumes service.{service.name}.request), or point --app at {name!r}'s Service")
+                f"(it consumes service.{service.name}.request), or point --app at the Service named {name!r}")
         return service
     for entry in _service_entry_points():
         if entry.name == name:
