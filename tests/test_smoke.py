@@ -61,7 +61,7 @@ def test_worker_call_cast_and_event_from_the_installed_command(own_broker, tmp_p
         events = tmp_path / "events.log"
         wait_for(lambda: events.exists() and events.read_text())
         with RpcClient("smoke", broker_url=own_broker.url) as client:
-            wait_for(lambda: "last_seen" in client.call("user-service", "get_user", {"user_id": "user_001"}))
+            wait_for(lambda: client.call("user-service", "last_seen", {"user_id": "user_001"})["last_seen"])
             assert client.call("audit-service", "echo", {"n": 1}) == {"n": 1}
             client.publish_event("user.left", {"user_id": "user_002"})
         wait_for(lambda: len(events.read_text().splitlines()) == 2)

@@ -38,11 +38,20 @@ def validate_token(payload: dict) -> dict:
     return {"valid": True, "user_id": payload.get("user_id", "user_001")}
 
 
+# When each user was last seen (touch), in this process only: a real service would store it.
+LAST_SEEN: dict = {}
+
+
 @service.handler("touch")
 def touch(payload: dict) -> None:
-    """Note that a user was seen (what callers send as a cast: nobody waits for the answer).
-    The time is kept in this process only and shows in ``get_user`` as ``last_seen``."""
-    user = USERS.get(payload.get("user_id"))
-    if user is None:
-        raise UserNotFound(f"User not found: {payload.get('user_id')}")
-    user["last_seen"] = int(time.time())
+    """Note that a user was seen (what callers send as a cast: nobody waits for the answer)."""
+    user_id = payload.get("user_id")
+    if user_id not in USERS:
+        raise UserNotFound(f"User not found: {user_id}")
+    LAST_SEEN[user_id] = int(time.time())
+
+
+@service.handler("last_seen")
+def last_seen(payload: dict) -> dict:
+    """When ``touch`` last noted the user (epoch seconds), or None."""
+    return {"user_id": payload.get("user_id"), "last_seen": LAST_SEEN.get(payload.get("user_id"))}
