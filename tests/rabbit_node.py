@@ -175,6 +175,11 @@ class RabbitNode:
         except (OSError, ValueError):
             return None
 
+    @property
+    def running(self) -> bool:
+        pid = self.os_pid
+        return bool(pid) and _alive(pid)
+
     def kill(self) -> None:
         """kill -9 the node's Erlang VM (a node failure, not a stop)."""
         pid = self.os_pid
@@ -195,7 +200,7 @@ class RabbitNode:
 
     def stop(self) -> None:
         try:
-            if self.os_pid and _alive(self.os_pid):
+            if self.running:
                 try:
                     self.ctl("stop", timeout=60)
                 except Exception:  # noqa: BLE001 - it must go either way
