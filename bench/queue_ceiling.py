@@ -8,7 +8,9 @@ what was consumed (acked) during ``--seconds``: that is the queue's throughput w
 many clients on this machine, the figure the "Running at scale" guide divides by.
 
 The clients are Python: with few cores they, not the queue, may be the limit; raise the
-process counts until the figure stops growing (and say how loaded the machine was).
+process counts until the figure stops growing (and say how loaded the machine was). With
+``--broker-pid`` (the node's beam.smp) it also reports the broker's CPU time per message, a
+figure that carries over to other machines better than a rate measured on shared cores.
 """
 from __future__ import annotations
 
@@ -87,8 +89,17 @@ def _consume(url: str, queue: str, prefetch: int, stop, consumed) -> None:
     conn.close()
 
 
+def _cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds the process ``pid`` used so far (0 without a pid)."""
+    if not pid:
+        return 0.0
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(url: str, queue_type: str, publishers: int, consumers: int, seconds: float, size: int,
-            window: int, prefetch: int, warmup: float = 2.0) -> dict:
+            window: int, prefetch: int, warmup: float = 2.0, broker_pid: int | None = None) -> dict:
     queue = unique_name(f"bench.ceiling.{queue_type}")
     _declare(url, queue, queue_type)
     stop = multiprocessing.Event()
@@ -101,9 +112,9 @@ def measure(url: str, queue_type: str, publishers: int, consumers: int, seconds:
         for process in processes:
             process.start()
         time.sleep(warmup)
-        p0, c0, t0 = published.value, consumed.value, time.monotonic()
+        p0, c0, t0, cpu0 = published.value, consumed.value, time.monotonic(), _cpu_seconds(broker_pid)
         time.sleep(seconds)
-        p1, c1, t1 = published.value, consumed.value, time.monotonic()
+        p1, c1, t1, cpu1 = published.value, consumed.value, time.monotonic(), _cpu_seconds(broker_pid)
     finally:
         stop.set()
         for process in processes:
@@ -111,9 +122,15 @@ def measure(url: str, queue_type: str, publishers: int, consumers: int, seconds:
             if process.is_alive():
                 process.kill()
         delete_queues(queue, broker_url=url)
-    return {"queue_type": queue_type, "publishers": publishers, "consumers": consumers, "size": size,
-            "confirmed_per_s": round((p1 - p0) / (t1 - t0)), "consumed_per_s": round((c1 - c0) / (t1 - t0)),
-            "load_before": os.getloadavg()[0]}
+    result = {"queue_type": queue_type, "publishers": publishers, "consumers": consumers, "size": size,
+              "confirmed_per_s": round((p1 - p0) / (t1 - t0)), "consumed_per_s": round((c1 - c0) / (t1 - t0)),
+              "load_before": os.getloadavg()[0]}
+    if broker_pid and c1 > c0:
+        # The broker's work per message: published and confirmed, delivered and acked (counted
+        # as half a message each, since publishes may run ahead of consumers).
+        messages = ((p1 - p0) + (c1 - c0)) / 2
+        result["broker_cpu_us_per_message"] = round((cpu1 - cpu0) / messages * 1e6, 1)
+    return result
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -126,12 +143,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--size", type=int, default=300, help="message bytes (a request envelope is ~300)")
     parser.add_argument("--window", type=int, default=256, help="unconfirmed publishes per publisher")
     parser.add_argument("--prefetch", type=int, default=64)
+    parser.add_argument("--broker-pid", type=int, default=None, help="the node's beam.smp, to measure its CPU time")
     args = parser.parse_args(argv)
     url = default_broker_url(args.broker)
     results = []
     for queue_type in args.types.split(","):
         result = measure(url, queue_type, args.publishers, args.consumers, args.seconds, args.size, args.window,
-                         args.prefetch)
+                         args.prefetch, broker_pid=args.broker_pid)
         results.append(result)
         print(json.dumps(result), file=sys.stderr)
     return results
