@@ -20,7 +20,7 @@ from .breaker import CircuitBreaker
 from .config import broker_url as default_broker_url
 from .config import redact
 from .errors import CallTimeout, ConnectionLost, PublishRefused, RemoteError, ServiceUnavailable
-from .ioloop import AmqpLoop, channel_refused, close_quietly, publish
+from .ioloop import AmqpLoop, channel_refused, close_quietly, open_confirm_channel, publish
 from .retry import PUBLISH_RETRY, Retry, call_with_retry
 from .service import snake_case
 from .topology import DEFAULT_TOPOLOGY, Topology
@@ -258,11 +258,7 @@ class RpcClient(AmqpLoop):
         """Requests go out confirmed: a request the broker refuses (nack) fails its call at
         once instead of at its timeout, and tells that the channel needs replacing. The
         broker's acks cost the loop thread one small frame per call, no caller waits on them."""
-        channel = self.connection.channel()
-        channel.confirm_select()
-        channel.events["basic_return"].add(self._on_call_returned)
-        channel.events["basic_ack"].add(self._on_call_ack)
-        channel.events["basic_nack"].add(self._on_call_nack)
+        channel = open_confirm_channel(self.connection, self._on_call_ack, self._on_call_nack, self._on_call_returned)
         with self.write_lock:
             old, self._call_channel = self._call_channel, channel
             self._call_tags, self._call_seq, self._call_opened = {}, 0, time.monotonic()
@@ -271,11 +267,7 @@ class RpcClient(AmqpLoop):
     def _open_confirm_channel(self) -> None:
         """Casts, events and submits; confirms the old channel still owed fail as a lost
         connection would, so the bounded publish retry sends them again."""
-        channel = self.connection.channel()
-        channel.confirm_select()
-        channel.events["basic_ack"].add(self._on_ack)
-        channel.events["basic_nack"].add(self._on_nack)
-        channel.events["basic_return"].add(self._on_confirm_returned)
+        channel = open_confirm_channel(self.connection, self._on_ack, self._on_nack, self._on_confirm_returned)
         with self.write_lock:
             old, self._confirm_channel = self._confirm_channel, channel
             confirms, self._confirms = self._confirms, {}

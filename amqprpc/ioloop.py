@@ -57,6 +57,19 @@ def channel_refused(opened: float) -> bool:
     return time.monotonic() - opened >= REFUSED_CHANNEL_MIN_AGE_S
 
 
+def open_confirm_channel(connection: Any, on_ack: Callable, on_nack: Callable,
+                         on_return: Callable | None = None) -> amqp.Channel:
+    """A new channel of ``connection`` in publisher-confirm mode, with its handlers of the
+    broker's acks, nacks and (for mandatory publishes) returns."""
+    channel = connection.channel()
+    channel.confirm_select()
+    channel.events["basic_ack"].add(on_ack)
+    channel.events["basic_nack"].add(on_nack)
+    if on_return is not None:
+        channel.events["basic_return"].add(on_return)
+    return channel
+
+
 def close_quietly(channel: amqp.Channel | None) -> None:
     """Close a channel being replaced; if that fails the connection's fate decides."""
     if channel is None:

@@ -33,7 +33,7 @@ from kombu import Queue
 
 from . import logs
 from . import retry as h
-from .ioloop import channel_refused, close_quietly, publish
+from .ioloop import channel_refused, close_quietly, open_confirm_channel, publish
 from .retry import Retry
 from .topology import Topology, declare_queue
 
@@ -153,10 +153,7 @@ class Forwarder:
         self._open()
 
     def _open(self) -> None:
-        channel = self._connection.channel()
-        channel.confirm_select()
-        channel.events["basic_ack"].add(self._on_ack)
-        channel.events["basic_nack"].add(self._on_nack)
+        channel = open_confirm_channel(self._connection, self._on_ack, self._on_nack)
         self.channel, self._pending, self._seq, self._opened = channel, {}, 0, time.monotonic()
         self._refused = False
         self.idle.set()

@@ -44,6 +44,20 @@ def redis_available() -> None:
 
 
 @pytest.fixture
+def done_counts(redis_available):
+    """(Redis client, a hash key of this test's own) that worker processes running
+    ``daemon_app`` count what they ran in; deleted after the test."""
+    import redis
+
+    from amqprpc.config import redis_url
+
+    client = redis.Redis.from_url(redis_url(), decode_responses=True)
+    key = unique_name("amqprpc-test-done")
+    yield client, key
+    client.delete(key)
+
+
+@pytest.fixture
 def service_name() -> str:
     """A service name (and so request queue and routing key) of this test alone."""
     return unique_name("svc")

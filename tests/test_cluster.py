@@ -16,10 +16,8 @@ import threading
 import time
 
 import pytest
-import redis
 
 from amqprpc import RpcClient
-from amqprpc.config import redis_url
 from amqprpc.testing import delete_queues, unique_name, wait_for
 from rabbit_node import RabbitCluster
 from workerproc import WorkerProcess
@@ -45,12 +43,6 @@ def cluster():
     nodes.stop()
 
 
-@pytest.fixture
-def r(redis_available):
-    client = redis.Redis.from_url(redis_url(), decode_responses=True)
-    key = unique_name("amqprpc-test-cluster")
-    yield client, key
-    client.delete(key)
 
 
 class Load:
@@ -112,8 +104,8 @@ class Load:
 
 
 @pytest.mark.parametrize("failure", ["kill -9", "stop"])
-def test_the_node_under_the_worker_and_the_client_fails_under_load(cluster, r, tmp_path, failure):
-    redis_client, done = r
+def test_the_node_under_the_worker_and_the_client_fails_under_load(cluster, done_counts, tmp_path, failure):
+    redis_client, done = done_counts
     victim = cluster.nodes[0] if failure == "kill -9" else cluster.nodes[1]
     # Worker and client connect to the victim first; the failover list names the others.
     url = ";".join(node.url for node in [victim] + [n for n in cluster.nodes if n is not victim])
