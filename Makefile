@@ -18,7 +18,7 @@ services:
 demo: $(STAMP) services
 	$(VENV)/bin/amqprpc demo
 
-# The accept-then-poll web example with its collector and order-service in one process (WEB_ARGS=--port 8080).
+# The web example (FastAPI + WebSocket push) with its collector and the shop in one process (WEB_ARGS=--port 8080).
 web: $(STAMP) services
 	$(VENV)/bin/python examples/web/server.py --with-services $(WEB_ARGS)
 

@@ -3,7 +3,8 @@
 ``client.submit`` names the shared durable collector queue (``topology.collector_queue``)
 as ``reply_to``; workers reply there as to any caller. The collector consumes that queue
 and stores each reply under ``response:{correlation_id}`` with a TTL, where a web tier
-polls for it (:class:`~amqprpc.responses.ResponseStore`).
+polls for it, and announces it on the pub/sub channel of that name, where a web tier waits
+for it (both in one round trip: :meth:`~amqprpc.responses.ResponseStore.put_many`).
 
 Threads, and why (the same split as the worker's):
 - the loop thread (:class:`~amqprpc.ioloop.AmqpLoop`) owns the connection: it receives

@@ -1,137 +1,50 @@
-"""The shop's web tier, accept-then-poll: it never waits on a consumer.
-
-``POST /api/orders`` submits the order to order-service ``create_order`` (``client.submit``:
-broker-confirmed, reply routed to the collector queue) and answers ``202 Accepted`` with
-the correlation id at once. ``GET /api/status?cid=...`` answers ``pending`` until
-``amqprpc collector`` has stored the reply in Redis, then the result. ``GET /`` is a page
-whose script does both.
-
-Standard library only (``http.server.ThreadingHTTPServer``): the example is about the
-pattern, not a framework. Run it (with the collector and the service, see README.md)::
+"""Serve the shop's web tier (``shop_web.py``, FastAPI) under uvicorn.
 
     python examples/web/server.py --port 8000
-    python examples/web/server.py --port 8000 --with-services   # collector + worker in-process
+    python examples/web/server.py --port 8000 --with-services   # collector + the shop in-process
+
+Needs the ``web`` extra (``pip install 'amqprpc[web]'``: FastAPI, uvicorn, websockets).
+Prints ``listening on http://HOST:PORT/`` once the app is ready (its lifespan connected to
+the broker); stops on SIGTERM/SIGINT (exit 0). A broker that does not answer at start is one
+line and exit 4, a port already taken exit 2.
 """
 from __future__ import annotations
 
-import json
+import asyncio
+import logging
 import pathlib
-import re
-import signal
+import socket
 import sys
-import threading
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import click
+import uvicorn
 
-from amqprpc import ResponseStore, RpcClient, Topology, logs
-from amqprpc.cli import EXIT_UNAVAILABLE, broker_option, fail, logging_options, redis_option
-from amqprpc.config import DEFAULT_COLLECTOR_QUEUE
-from amqprpc.errors import CallTimeout, ServiceUnavailable
-from amqprpc.loading import ServiceNotFound, load_service
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # shop_web.py beside this file
+
+from shop_web import Settings, create_app  # noqa: E402
+
+from amqprpc import ResponseStore, Topology, logs  # noqa: E402
+from amqprpc.cli import EXIT_UNAVAILABLE, EXIT_USAGE, broker_option, fail, logging_options, redis_option  # noqa: E402
+from amqprpc.config import DEFAULT_COLLECTOR_QUEUE  # noqa: E402
+from amqprpc.loading import ServiceNotFound, load_service  # noqa: E402
 
 log = logs.get_logger("amqprpc.examples.web")
 
-STATIC = pathlib.Path(__file__).resolve().parent / "static"
-MAX_BODY = 64 * 1024  # bytes; an order is a few hundred
-_CID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
+class _Server(uvicorn.Server):
+    """Says where it listens once the app's lifespan has connected (tests wait for it), and
+    exits 0 after a SIGTERM/SIGINT stop, as the CLI's daemons do."""
 
-class ShopApp:
-    """What the handlers share: one thread-safe client, one store, the target action."""
+    def handle_exit(self, sig: int, frame) -> None:
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()  # uvicorn would re-raise it at the end: death by signal, not exit 0
 
-    def __init__(self, client: RpcClient, store: ResponseStore, service: str, action: str):
-        self.client = client
-        self.store = store
-        self.service = service
-        self.action = action
-
-    def create_order(self, order: dict) -> tuple[int, dict]:
-        try:
-            cid = self.client.submit(self.service, self.action, order, timeout=5.0)
-        except ServiceUnavailable as exc:
-            return HTTPStatus.SERVICE_UNAVAILABLE, {"status": "unavailable", "error": str(exc)}
-        except CallTimeout as exc:
-            return HTTPStatus.GATEWAY_TIMEOUT, {"status": "unavailable", "error": str(exc)}
-        log.info("order accepted", correlation_id=cid, service=self.service, action=self.action)
-        return HTTPStatus.ACCEPTED, {"status": "accepted", "correlation_id": cid}
-
-    def status(self, cid: str) -> tuple[int, dict]:
-        reply = self.store.get(cid)
-        if reply is None:
-            return HTTPStatus.OK, {"status": "pending", "correlation_id": cid}
-        if reply.get("success"):
-            return HTTPStatus.OK, {"status": "done", "correlation_id": cid, "result": reply.get("data")}
-        return HTTPStatus.OK, {"status": "failed", "correlation_id": cid, "error": reply.get("error"),
-                               "error_type": reply.get("error_type")}
-
-
-class Handler(BaseHTTPRequestHandler):
-    server: "WebServer"
-    server_version = "amqprpc-shop/1"
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        url = urlsplit(self.path)
-        if url.path in ("/", "/index.html"):
-            self._send(HTTPStatus.OK, (STATIC / "index.html").read_bytes(), "text/html; charset=utf-8")
-        elif url.path == "/api/status":
-            cid = (parse_qs(url.query).get("cid") or [""])[0]
-            if not _CID.match(cid):
-                self._json(HTTPStatus.BAD_REQUEST, {"status": "error", "error": "cid is missing or malformed"})
-                return
-            self._guarded(self.server.app.status, cid)
-        else:
-            self._json(HTTPStatus.NOT_FOUND, {"status": "error", "error": "not found"})
-
-    def do_POST(self) -> None:  # noqa: N802
-        if urlsplit(self.path).path != "/api/orders":
-            self._json(HTTPStatus.NOT_FOUND, {"status": "error", "error": "not found"})
-            return
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"status": "error", "error": "order too large"})
-            return
-        try:
-            order = json.loads(self.rfile.read(length) or b"{}")
-        except ValueError:
-            order = None
-        if not isinstance(order, dict):
-            self._json(HTTPStatus.BAD_REQUEST, {"status": "error", "error": "the body must be a JSON object"})
-            return
-        self._guarded(self.server.app.create_order, order)
-
-    def _guarded(self, fn, arg: Any) -> None:
-        try:
-            status, doc = fn(arg)
-        except Exception as exc:  # noqa: BLE001 - Redis or broker trouble: 503, never a traceback
-            log.warning("request failed", path=self.path, error=str(exc))
-            status, doc = HTTPStatus.SERVICE_UNAVAILABLE, {"status": "unavailable", "error": type(exc).__name__}
-        self._json(status, doc)
-
-    def _json(self, status: int, doc: dict) -> None:
-        self._send(status, json.dumps(doc).encode(), "application/json")
-
-    def _send(self, status: int, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, fmt: str, *args: Any) -> None:
-        log.debug("http", line=fmt % args)
-
-
-class WebServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], app: ShopApp):
-        super().__init__(address, Handler)
-        self.app = app
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            host, port = sockets[0].getsockname()[:2]
+            click.echo(f"listening on http://{host}:{port}/")
+            sys.stdout.flush()
 
 
 @click.command()
@@ -139,8 +52,12 @@ class WebServer(ThreadingHTTPServer):
 @click.option("--port", envvar="SHOP_WEB_PORT", default=8000, show_default=True, show_envvar=True, type=int,
               help="0 picks a free port (printed on start).")
 @click.option("--service", envvar="SHOP_ORDER_SERVICE", default="order-service", show_default=True,
-              show_envvar=True, help="The service that creates orders.")
+              show_envvar=True, help="The service that creates (create_order) and reads (get_order) orders.")
 @click.option("--action", envvar="SHOP_ORDER_ACTION", default="create_order", show_default=True, show_envvar=True)
+@click.option("--call-timeout", envvar="SHOP_CALL_TIMEOUT", default=5.0, show_default=True, show_envvar=True,
+              type=float, help="Seconds for GET /api/orders/{id}'s call (then 504) and for submit's broker confirm.")
+@click.option("--ws-wait", envvar="SHOP_WS_WAIT", default=30.0, show_default=True, show_envvar=True, type=float,
+              help="Longest a WebSocket or long poll waits for a reply before answering pending.")
 @click.option("--queue", "queue_name", envvar="AMQPRPC_COLLECTOR_QUEUE", default=DEFAULT_COLLECTOR_QUEUE,
               show_default=True, show_envvar=True, help="The collector queue (as for 'amqprpc collector').")
 @click.option("--key-prefix", envvar="AMQPRPC_RESPONSE_PREFIX", default="response:", show_default=True,
@@ -152,39 +69,45 @@ class WebServer(ThreadingHTTPServer):
 @redis_option
 @broker_option
 @logging_options("info")
-def main(host: str, port: int, service: str, action: str, queue_name: str, key_prefix: str, with_services: bool,
-         app: str | None, redis_url: str, broker: str, log_format: str, log_level: str) -> None:
+def main(host: str, port: int, service: str, action: str, call_timeout: float, ws_wait: float, queue_name: str,
+         key_prefix: str, with_services: bool, app: str | None, redis_url: str, broker: str, log_format: str,
+         log_level: str) -> None:
     """Serve the shop's web tier (and its page) until SIGTERM/SIGINT."""
     logs.configure(log_format, log_level)
-    topology = Topology(collector_queue=queue_name)
-    store = ResponseStore(redis_url, prefix=key_prefix)
+    settings = Settings(service=service, action=action, broker_url=broker, redis_url=redis_url,
+                        collector_queue=queue_name, key_prefix=key_prefix, call_timeout=call_timeout, ws_wait=ws_wait)
     try:
-        stop_services = _start_services(service, app, store, topology, broker) if with_services else (lambda: None)
-        client = RpcClient("shop-web", broker_url=broker, topology=topology)
+        listener = socket.create_server((host, port))
+    except OSError as exc:
+        fail(EXIT_USAGE, f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    try:
+        stop_services = _start_services(service, app, settings) if with_services else (lambda: None)
     except ServiceNotFound as exc:
         raise click.UsageError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - no broker at start: one line, exit 4 as the CLI does
         fail(EXIT_UNAVAILABLE, f"cannot start: {exc}")
-    server = WebServer((host, port), ShopApp(client, store, service, action))
-
-    def on_signal(signum, _frame):
-        # shutdown() waits for serve_forever to return: call it from another thread.
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    bound_host, bound_port = server.server_address[:2]
-    click.echo(f"listening on http://{bound_host}:{bound_port}/", nl=True)
-    sys.stdout.flush()
+    # Logging stays ours (structlog lines, see logs.configure); the app logs each request itself.
+    # wsproto: uvicorn's default (websockets-sansio) logs every refused upgrade (our 404/503) as an error.
+    asgi = create_app(settings)
+    server = _Server(uvicorn.Config(asgi, ws="wsproto", log_config=None, access_log=False, lifespan="on",
+                                    timeout_graceful_shutdown=5))
+    logging.getLogger("uvicorn.error").addFilter(_no_startup_traceback)
     try:
-        server.serve_forever(poll_interval=0.5)
+        asyncio.run(server.serve(sockets=[listener]))
+    except SystemExit:  # uvicorn's own exit when the lifespan failed: ours says why
+        pass
     finally:
-        server.server_close()
-        client.close()
         stop_services()
+    if not server.started:
+        fail(EXIT_UNAVAILABLE, f"cannot start: {getattr(asgi.state, 'startup_error', 'the app did not start')}")
 
 
-def _start_services(service: str, app: str | None, store: ResponseStore, topology: Topology, broker: str):
+def _no_startup_traceback(record: logging.LogRecord) -> bool:
+    """Drop the traceback uvicorn logs when the lifespan fails (the exit line says why)."""
+    return not record.getMessage().startswith("Traceback")
+
+
+def _start_services(service: str, app: str | None, settings: Settings):
     from amqprpc.collector import Collector
     from amqprpc.worker import Worker
 
@@ -197,8 +120,10 @@ def _start_services(service: str, app: str | None, store: ResponseStore, topolog
         # payment- and notification-service: run the whole shop with it.
         from workers.shop import build_all
         services += [other for other in build_all() if other.name != service]
-    workers = [Worker(each, broker_url=broker, topology=topology, concurrency=4) for each in services]
-    collector = Collector(store, broker_url=broker, topology=topology)
+    topology = Topology(collector_queue=settings.collector_queue)
+    workers = [Worker(each, broker_url=settings.broker_url, topology=topology, concurrency=4) for each in services]
+    collector = Collector(ResponseStore(settings.redis_url, prefix=settings.key_prefix),
+                          broker_url=settings.broker_url, topology=topology)
     for worker in workers:
         worker.start()
     collector.start()
