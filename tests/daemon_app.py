@@ -17,11 +17,17 @@ _redis = redis.Redis.from_url(redis_url())
 
 @service.handler
 def work(payload: dict) -> dict:
-    """Mark request ``n`` started, sleep ``sleep`` seconds, mark it done."""
+    """Mark request ``n`` started, sleep ``sleep`` seconds (or, given ``hold``, until that
+    Redis key exists, at most 60 s), mark it done."""
     n = str(payload["n"])
     if payload.get("started"):
         _redis.hincrby(payload["started"], n, 1)
-    time.sleep(float(payload.get("sleep", 0.1)))
+    if payload.get("hold"):
+        deadline = time.monotonic() + 60
+        while not _redis.exists(payload["hold"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    else:
+        time.sleep(float(payload.get("sleep", 0.1)))
     _redis.hincrby(payload["done"], n, 1)
     return {"n": n}
 

@@ -54,7 +54,12 @@ def test_idle_worker_and_client_resume_after_broker_restart(own_broker, svc, cli
     worker = start(svc, tmp_path, own_broker.url)
     try:
         assert answers(client, svc)
-        in_flight = client.call_async(svc, "work", {"n": 0, "done": done, "sleep": 3}, timeout=60)
+        # Held until the broker is back: its reply cannot race the broker's stop (stop_app
+        # takes seconds on a loaded machine).
+        started, hold = f"{done}:started", f"{done}:hold"
+        in_flight = client.call_async(svc, "work", {"n": 0, "done": done, "started": started, "hold": hold},
+                                      timeout=60)
+        wait_for(lambda: redis_client.hlen(started) == 1, timeout=10)
         own_broker.stop_app()
         worker.wait_event("broker connection lost")
         # The call in flight fails when the connection drops, not after its 60 s timeout.
@@ -67,6 +72,7 @@ def test_idle_worker_and_client_resume_after_broker_restart(own_broker, svc, cli
         # At worst it waits for the reconnect attempt under way (connect_timeout 5 s).
         assert time.monotonic() - began < 20
         own_broker.start_app()
+        redis_client.set(hold, 1, ex=120)
         worker.wait_event("broker reconnected", timeout=30)
         wait_for(client.connected.is_set, timeout=30)
         assert answers(client, svc)
@@ -78,6 +84,7 @@ def test_idle_worker_and_client_resume_after_broker_restart(own_broker, svc, cli
         # The request that was running when the broker went is run again (at least once).
         wait_for(lambda: redis_client.hlen(done) == 1, timeout=30)
     finally:
+        redis_client.delete(f"{done}:started", f"{done}:hold")
         stop(worker)
 
 
@@ -106,6 +113,7 @@ def test_no_accepted_cast_is_lost_when_the_broker_restarts_under_load(own_broker
         own_broker.stop_app()
         before_restart = len(accepted)
         own_broker.start_app()
+        redis_client.set(hold, 1, ex=120)
         worker.wait_event("broker reconnected", timeout=30)
         wait_for(lambda: len(accepted) >= before_restart + 100, timeout=30)
     finally:
