@@ -16,8 +16,6 @@ from workerproc import WorkerProcess
 pytestmark = pytest.mark.integration
 
 
-
-
 @pytest.fixture
 def svc(own_broker):
     name = unique_name("loss")
@@ -113,7 +111,6 @@ def test_no_accepted_cast_is_lost_when_the_broker_restarts_under_load(own_broker
         own_broker.stop_app()
         before_restart = len(accepted)
         own_broker.start_app()
-        redis_client.set(hold, 1, ex=120)
         worker.wait_event("broker reconnected", timeout=30)
         wait_for(lambda: len(accepted) >= before_restart + 100, timeout=30)
     finally:
