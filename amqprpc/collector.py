@@ -64,6 +64,7 @@ class Collector(AmqpLoop):
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._storer: threading.Thread | None = None
         self._abandon = threading.Event()
+        self._consuming = True  # until a warm stop cancels the consumer
         self.stats = {"received": 0, "stored": 0, "dropped": 0, "store_errors": 0}
 
     # --- lifecycle (any thread) --------------------------------------------------------
@@ -97,10 +98,12 @@ class Collector(AmqpLoop):
     # --- loop thread -------------------------------------------------------------------
     def on_connected(self, connection) -> None:
         channel = connection.channel()
-        self.topology.responses_queue()(channel).declare()
         channel.basic_qos(0, self.prefetch, False)
-        channel.basic_consume(queue=self.queue_name, consumer_tag=self.consumer_tag, callback=self._on_message)
+        self.consume(channel, self.topology.responses_queue(), self._on_message, consumer_tag=self.consumer_tag)
         self.channel = channel
+
+    def keep_consuming(self, consumer_tag: str) -> bool:
+        return self._consuming
 
     def on_disconnected(self, exc) -> None:
         # The broker redelivers what the dead channel held; storing twice is harmless (SET).
@@ -111,6 +114,7 @@ class Collector(AmqpLoop):
         self._inbox.put((self.generation, message))
 
     def _stop_consuming(self, done: threading.Event) -> None:
+        self._consuming = False
         try:
             if self.channel is not None:
                 self.channel.basic_cancel(self.consumer_tag)

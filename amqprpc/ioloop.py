@@ -61,15 +61,49 @@ def _broker_not_there_yet(exc: BaseException) -> bool:
     if isinstance(exc, ssl.SSLError):
         return False
     return isinstance(exc, (OSError, amqp.exceptions.RecoverableConnectionError))
+# A channel whose publishes the broker refuses (nack) is replaced once it is this old: one
+# opened while a quorum queue's leader was being elected stays refused for its whole life,
+# while a fresh one works. Younger ones are kept, so a channel opened during an election
+# is not churned a hundred times a second.
+REFUSED_CHANNEL_MIN_AGE_S = 1.0
+
+
+def channel_refused(opened: float) -> bool:
+    """After a nack: whether the channel opened at monotonic ``opened`` is to be replaced."""
+    return time.monotonic() - opened >= REFUSED_CHANNEL_MIN_AGE_S
+
+
+def open_confirm_channel(connection: Any, on_ack: Callable, on_nack: Callable,
+                         on_return: Callable | None = None) -> amqp.Channel:
+    """A new channel of ``connection`` in publisher-confirm mode, with its handlers of the
+    broker's acks, nacks and (for mandatory publishes) returns."""
+    channel = connection.channel()
+    channel.confirm_select()
+    channel.events["basic_ack"].add(on_ack)
+    channel.events["basic_nack"].add(on_nack)
+    if on_return is not None:
+        channel.events["basic_return"].add(on_return)
+    return channel
+
+
+def close_quietly(channel: amqp.Channel | None) -> None:
+    """Close a channel being replaced; if that fails the connection's fate decides."""
+    if channel is None:
+        return
+    try:
+        channel.close()
+    except Exception:  # noqa: BLE001 - a broken channel or connection: nothing to save
+        pass
 
 
 class AmqpLoop:
     """Owns one kombu connection in one thread; reconnects with jittered backoff.
 
     Subclasses (the worker's consumer, the client's requester) override the hooks:
-    ``on_connected(connection)`` declares topology and starts consuming,
-    ``on_disconnected(exc)`` fails or forgets what the dead connection carried,
-    ``on_tick(now)`` runs timers and returns the next monotonic time it wants a tick.
+    ``on_connected(connection)`` declares topology and starts consuming (with
+    :meth:`consume`), ``on_disconnected(exc)`` fails or forgets what the dead connection
+    carried, ``on_tick(now)`` runs timers and returns the next monotonic time it wants a
+    tick, ``keep_consuming(tag)`` says whether a consumer the broker cancelled is still wanted.
 
     Parameters: ``heartbeat`` and ``connect_timeout`` in seconds; ``reconnect_base`` and
     ``reconnect_cap`` bound the backoff between reconnect attempts, in seconds.
@@ -119,6 +153,38 @@ class AmqpLoop:
 
     def on_tick(self, now: float) -> float | None:  # pragma: no cover - hook
         return None
+
+    def keep_consuming(self, consumer_tag: str) -> bool:
+        """Whether to consume again after the broker cancelled ``consumer_tag`` (False
+        once the subclass is stopping)."""
+        return not self._stopping
+
+    # --- loop thread: consuming ----------------------------------------------------------
+    def consume(self, channel: amqp.Channel, queue: Any, callback: Callable, *, consumer_tag: str = "",
+                no_ack: bool = False) -> str:
+        """Declare ``queue`` (a kombu Queue) and consume it on ``channel``.
+
+        The broker may cancel a consumer on its own (basic.cancel: the queue was deleted,
+        the node of a classic queue went down, a quorum queue's consumer timed out). Then
+        the queue is declared and consumed again, on this thread, on the same channel (so
+        unacked deliveries can still be acked); if that fails the connection is started
+        afresh (the loop's reconnect, with backoff), never left without a consumer.
+        """
+        queue(channel).declare()
+        generation = self.generation
+
+        def on_cancel(tag: str) -> None:
+            log.warning("broker cancelled a consumer; consuming again", queue=queue.name, consumer_tag=tag)
+            # Not from inside this frame's dispatch: declaring waits for replies.
+            self.call_soon(again, tag)
+
+        def again(tag: str) -> None:
+            if generation == self.generation and channel.is_open and self.keep_consuming(tag):
+                self.consume(channel, queue, callback, consumer_tag=tag, no_ack=no_ack)
+                log.info("consuming again", queue=queue.name, consumer_tag=tag)
+
+        return channel.basic_consume(queue=queue.name, consumer_tag=consumer_tag, no_ack=no_ack, callback=callback,
+                                     on_cancel=on_cancel)
 
     # --- any thread --------------------------------------------------------------------
     def call_soon(self, fn: Callable, *args: Any) -> None:

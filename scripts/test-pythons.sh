@@ -33,8 +33,18 @@ wheel=$(ls build/wheel/amqprpc-*.whl)
 
 # One RabbitMQ node of this run's own for every version's smoke (each would boot one otherwise).
 export AMQPRPC_TEST_RABBIT_NODE=$PWD/build/rabbit-node.json
-(cd tests && "$builder" rabbit_node.py start "$AMQPRPC_TEST_RABBIT_NODE")
-trap '(cd tests && "$builder" rabbit_node.py stop "$AMQPRPC_TEST_RABBIT_NODE")' EXIT
+node() {  # start | stop: the shared node, found again through the state file
+  (cd tests && "$builder" -c "import sys
+from rabbit_node import RabbitNode
+if sys.argv[1] == 'start':
+    node = RabbitNode(label='pythons')
+    node.start()
+    node.save(sys.argv[2])
+else:
+    RabbitNode.attach(sys.argv[2]).stop()" "$1" "$AMQPRPC_TEST_RABBIT_NODE")
+}
+node start
+trap 'node stop' EXIT
 
 status=0
 for version in $versions; do

@@ -7,23 +7,13 @@ import threading
 import time
 
 import pytest
-import redis
 
 from amqprpc import RpcClient, ServiceUnavailable
-from amqprpc.config import redis_url
 from amqprpc.testing import delete_queues, unique_name, wait_for
 from rabbit_node import free_port
 from workerproc import WorkerProcess
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def r(redis_available):
-    client = redis.Redis.from_url(redis_url(), decode_responses=True)
-    key = unique_name("amqprpc-test-done")
-    yield client, key
-    client.delete(key)
 
 
 @pytest.fixture
@@ -57,8 +47,8 @@ def answers(client, svc) -> bool:
     return bool(client.call(svc, "ping", timeout=5))
 
 
-def test_idle_worker_and_client_resume_after_broker_restart(own_broker, svc, client, r, tmp_path):
-    redis_client, done = r
+def test_idle_worker_and_client_resume_after_broker_restart(own_broker, svc, client, done_counts, tmp_path):
+    redis_client, done = done_counts
     worker = start(svc, tmp_path, own_broker.url)
     try:
         assert answers(client, svc)
@@ -96,8 +86,8 @@ def test_idle_worker_and_client_resume_after_broker_restart(own_broker, svc, cli
         stop(worker)
 
 
-def test_no_accepted_cast_is_lost_when_the_broker_restarts_under_load(own_broker, svc, client, r, tmp_path):
-    redis_client, done = r
+def test_no_accepted_cast_is_lost_when_the_broker_restarts_under_load(own_broker, svc, client, done_counts, tmp_path):
+    redis_client, done = done_counts
     worker = start(svc, tmp_path, own_broker.url, "--concurrency", "4")
     accepted: list[int] = []
     refused = [0]
@@ -155,8 +145,8 @@ def test_failover_to_the_next_broker_url(own_broker, svc, client, tmp_path):
         stop(worker)
 
 
-def test_heartbeats_flow_while_every_handler_is_busy(own_broker, svc, client, r, tmp_path):
-    redis_client, done = r
+def test_heartbeats_flow_while_every_handler_is_busy(own_broker, svc, client, done_counts, tmp_path):
+    redis_client, done = done_counts
     worker = start(svc, tmp_path, own_broker.url, "--heartbeat", "2", "--concurrency", "3", "--prefetch", "3")
     try:
         connections = own_broker.connections()

@@ -95,11 +95,13 @@ def test_demo_with_redis_down_exits_4_saying_how_to_start_it():
 
 
 @pytest.mark.integration
-def test_unknown_service_exits_4_in_under_2_seconds(broker_url):
+def test_unknown_service_exits_4_at_once_not_at_its_timeout(broker_url):
     started = time.monotonic()
-    result = run("call", "no-such-service", "get_user")
+    result = run("call", "no-such-service", "get_user", "--timeout", "30", timeout=40)
     assert result.returncode == 4
-    assert time.monotonic() - started < 2.0
+    # Far below the call's 30 s timeout; not a tight figure, which a loaded machine's Python
+    # start-up alone (1.5-3.5 s measured) would break.
+    assert time.monotonic() - started < 10.0
 
 
 @pytest.mark.integration

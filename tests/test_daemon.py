@@ -13,6 +13,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from amqprpc import RemoteError, RpcClient
+from amqprpc.config import broker_url as configured_broker_url
 from amqprpc.config import redis_url
 from amqprpc.testing import delete_queues, unique_name, wait_for
 from rabbit_node import free_port
@@ -106,7 +107,7 @@ def test_kill_9_mid_load_loses_nothing(svc, client, r, tmp_path):
 def _ready_in_queue(svc: str) -> int:
     from kombu import Connection
 
-    with Connection() as conn:
+    with Connection(configured_broker_url()) as conn:
         return conn.default_channel.queue_declare(f"service.{svc}.request", passive=True).message_count
 
 
