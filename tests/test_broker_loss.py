@@ -198,6 +198,6 @@ def test_a_worker_and_a_collector_started_before_their_broker_serve_once_it_is_u
         if collector is not None and collector.process.poll() is None:
             collector.stop(signal.SIGKILL)
         delete_queues(queue, broker_url=own_broker.url)
-        store = redis.Redis.from_url(redis_url())
-        for key in store.scan_iter(prefix + "*"):
-            store.delete(key)
+        replies = ResponseStore(prefix=prefix).redis
+        for key in replies.scan_iter(prefix + "*"):
+            replies.delete(key)
