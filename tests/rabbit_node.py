@@ -113,7 +113,7 @@ class RabbitNode:
 
     @classmethod
     def attach(cls, path: str) -> "RabbitNode":
-        """The node another process started and :meth:`save`\ d to ``path``."""
+        """The node another process started and wrote to ``path`` with :meth:`save`."""
         node = cls.__new__(cls)
         with open(path) as state:
             vars(node).update(json.load(state))

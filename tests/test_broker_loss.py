@@ -82,8 +82,11 @@ def test_idle_worker_and_client_resume_after_broker_restart(own_broker, svc, cli
         # The request that was running when the broker went is run again (at least once).
         wait_for(lambda: redis_client.hlen(done) == 1, timeout=30)
     finally:
-        redis_client.delete(f"{done}:started", f"{done}:hold")
-        stop(worker)
+        # Stop first: the redelivered request may still be running, and waits for the hold key.
+        try:
+            stop(worker)
+        finally:
+            redis_client.delete(f"{done}:started", f"{done}:hold")
 
 
 def test_no_accepted_cast_is_lost_when_the_broker_restarts_under_load(own_broker, svc, client, done_counts, tmp_path):
