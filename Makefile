@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench services clean web
+.PHONY: demo test test-pythons test-rabbitmq4 bench services clean web
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,21 @@ web: $(STAMP) services
 test: $(STAMP) services
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
+# Python 3.9-3.13: the unit tests and a worker/call/event smoke on every version but $(PYTHON)'s,
+# each in its own .venv-3.X installed from a wheel of this checkout (PYTHONS="3.9 3.13" for some).
+PYTHONS ?= 3.9 3.10 3.12 3.13
+test-pythons: $(STAMP) services
+	BUILD_PYTHON=$(VENV)/bin/python ./scripts/test-pythons.sh $(PYTHONS)
+
+# The same suite against a RabbitMQ 4.x node of its own (scripts/rabbitmq4.sh installs 4.x once
+# per machine into a cached folder, a few minutes; tests/rabbit_node.py runs the node beside the
+# system's, on free ports). own_broker and the cluster tests then run 4.x nodes too.
+test-rabbitmq4: $(STAMP) services
+	root=$$(./scripts/rabbitmq4.sh) && $(VENV)/bin/python tests/rabbit_node.py --root "$$root" -- \
+		$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
 bench: $(STAMP) services
 	$(VENV)/bin/python -m bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-3.* build *.egg-info .pytest_cache

@@ -2,7 +2,7 @@
 from .breaker import CircuitBreaker
 from .client import RpcClient, ServiceProxy
 from .aio import AsyncRpcClient
-from .errors import CallTimeout, CircuitOpen, RemoteError, RpcError, ServiceUnavailable
+from .errors import CallTimeout, CircuitOpen, PublishRefused, RemoteError, RpcError, ServiceUnavailable
 from .retry import Retry
 from .responses import AsyncResponseStore, ResponseStore
 from .service import Service
@@ -12,6 +12,6 @@ from .worker import Worker
 __all__ = [
     "Service", "RpcClient", "Retry", "CircuitBreaker", "ServiceProxy", "AsyncRpcClient", "ResponseStore",
     "AsyncResponseStore", "Worker", "Topology",
-    "RpcError", "RemoteError", "CallTimeout", "ServiceUnavailable", "CircuitOpen",
+    "RpcError", "RemoteError", "CallTimeout", "ServiceUnavailable", "CircuitOpen", "PublishRefused",
 ]
 __version__ = "0.1.0"

@@ -32,7 +32,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from . import logs, metrics
+from . import logs
+
+try:
+    from . import metrics
+except ImportError:  # prometheus_client is the [metrics] extra; without it breakers count nothing
+    metrics = None  # type: ignore[assignment]
 from .config import redact, redis_client
 from .errors import CallTimeout, CircuitOpen, RemoteError, ServiceUnavailable
 
@@ -128,7 +133,7 @@ class CircuitBreaker:
         self.sync_interval = sync_interval
         # Every breaker reports to the Prometheus metrics (a worker's --metrics-port shows
         # the breakers of its handlers' service.client); more listeners may be added.
-        self._listeners = [metrics.breaker_changed, *listeners]
+        self._listeners = [*([metrics.breaker_changed] if metrics else []), *listeners]
         self._views: dict[str, _View] = {}
         self._windows: dict[str, _RateWindow] = {}
         self._lock = threading.Lock()
@@ -247,7 +252,8 @@ class CircuitBreaker:
     # --- internals -----------------------------------------------------------------------
     def _reject(self, name: str, left: float) -> None:
         self.stats["rejected"] += 1
-        metrics.breaker_rejected(name)
+        if metrics:
+            metrics.breaker_rejected(name)
         raise CircuitOpen(f"{name}: circuit open, retry in {max(left, 0.0):.1f}s; nothing was sent")
 
     def _transition(self, name: str, outcome: str) -> None:

@@ -6,6 +6,7 @@ Exit codes (``call``, ``cast``, ``publish``): 0 success, 1 remote error, 2 usage
 from __future__ import annotations
 
 import json
+import math
 import sys
 from typing import Any, Callable
 
@@ -53,12 +54,19 @@ def daemon_options(fn: Callable) -> Callable:
                       help="Longest wait in seconds between broker reconnect attempts (full-jitter backoff).")(fn)
     fn = click.option("--pidfile", envvar="AMQPRPC_PIDFILE", default=None, show_envvar=True,
                       type=click.Path(dir_okay=False), help="Write the pid here; refuse to start if it names a live process.")(fn)
+    fn = click.option("--broker-wait", envvar="AMQPRPC_BROKER_WAIT", default=math.inf, show_default="forever",
+                      show_envvar=True, type=click.FloatRange(min=0), metavar="SECONDS",
+                      help="How long an unreachable broker is retried at start (backoff up to --reconnect-cap, "
+                           "each attempt logged) before exit 4. 0: exit 4 at once (scripts).")(fn)
     return fn
 
 
-def timeout_option(fn: Callable) -> Callable:
+def timeout_option(what: str = "Seconds to wait for the answer.") -> Callable:
     return click.option("--timeout", envvar="AMQPRPC_TIMEOUT", default=5.0, show_default=True, show_envvar=True,
-                        type=click.FloatRange(min=0.001), help="Seconds to wait for the answer.")(fn)
+                        type=click.FloatRange(min=0.001), help=what)
+
+
+CONFIRM_TIMEOUT_HELP = "Seconds to wait for the broker to confirm it stored the message."
 
 
 class JsonObject(click.ParamType):
@@ -81,15 +89,17 @@ def fail(code: int, message: str) -> None:
     sys.exit(code)
 
 
-def request_arguments(fn: Callable) -> Callable:
+def request_arguments(timeout_help: str) -> Callable:
     """SERVICE ACTION [PAYLOAD] with the timeout, broker and logging options (call, cast)."""
-    for decorate in reversed([
-        click.argument("service"), click.argument("action"),
-        click.argument("payload", required=False, default="{}", type=JsonObject()),
-        timeout_option, broker_option, logging_options("warning"),
-    ]):
-        fn = decorate(fn)
-    return fn
+    def decorate_all(fn: Callable) -> Callable:
+        for decorate in reversed([
+            click.argument("service"), click.argument("action"),
+            click.argument("payload", required=False, default="{}", type=JsonObject()),
+            timeout_option(timeout_help), broker_option, logging_options("warning"),
+        ]):
+            fn = decorate(fn)
+        return fn
+    return decorate_all
 
 
 def with_client(broker: str, timeout: float, use: Callable[[Any], Any]) -> Any:
@@ -121,7 +131,8 @@ def main() -> None:
 @main.command()
 @click.argument("service")
 @click.option("--app", envvar="AMQPRPC_APP", show_envvar=True, metavar="MODULE:ATTR",
-              help="Load the Service from here instead of the entry points / workers package.")
+              help="Load the Service from here (imported from the current folder first) instead of the entry "
+                   "points / workers package; it must be the service named SERVICE.")
 @click.option("--concurrency", "-c", envvar="AMQPRPC_CONCURRENCY", default=8, show_default=True, show_envvar=True,
               type=click.IntRange(min=1), help="Handler threads.")
 @click.option("--prefetch", envvar="AMQPRPC_PREFETCH", default=None, show_envvar=True, type=click.IntRange(min=1),
@@ -139,13 +150,14 @@ def main() -> None:
               type=click.Choice(["classic", "quorum"]), help="quorum for clustered brokers (with a delivery limit).")
 @click.option("--max-redeliveries", envvar="AMQPRPC_MAX_REDELIVERIES", default=5, show_default=True,
               show_envvar=True, type=click.IntRange(min=0),
-              help="A message redelivered more often (it kills the worker?) is dead-lettered unrun.")
+              help="A message redelivered more often than this (its handler keeps killing the worker) is "
+                   "dead-lettered unrun.")
 @broker_option
 @logging_options("info")
 def worker(service: str, app: str | None, concurrency: int, prefetch: int | None, shutdown_timeout: float,
            heartbeat: float, registry_interval: float, redis_url: str, max_message_bytes: int, queue_type: str,
-           max_redeliveries: int, pidfile: str | None, metrics_port: int | None, reconnect_cap: float, broker: str,
-           log_format: str, log_level: str) -> None:
+           max_redeliveries: int, pidfile: str | None, metrics_port: int | None, reconnect_cap: float,
+           broker_wait: float, broker: str, log_format: str, log_level: str) -> None:
     """Run SERVICE's handlers in the foreground until a stop signal.
 
     \b
@@ -155,9 +167,11 @@ def worker(service: str, app: str | None, concurrency: int, prefetch: int | None
     SIGHUP               ignored (restart = SIGTERM, the supervisor starts a new one)
 
     SERVICE resolves through the 'amqprpc.services' entry points, then the module
-    workers.<service with - as _>; --app overrides both. Exit 0 after a clean warm
-    stop, 1 after a cold stop, 2 for usage errors, 4 when the broker is unreachable.
-    A lost broker connection is retried forever with capped, jittered backoff.
+    workers.<service with - as _>; --app (imported from the current folder first, like
+    celery -A) overrides both and must load the service named SERVICE. A broker that is
+    down at start is waited for (--broker-wait); a lost connection is retried forever with
+    capped, jittered backoff. Exit 0 after a clean warm stop, 1 after a cold stop, 2 for
+    usage errors, 4 when the broker stayed unreachable for --broker-wait.
     """
     from .daemon import StartupError, run_worker
     from .loading import ServiceNotFound, load_service
@@ -168,7 +182,7 @@ def worker(service: str, app: str | None, concurrency: int, prefetch: int | None
     try:
         svc = load_service(service, app)
     except ServiceNotFound as exc:
-        raise click.UsageError(str(exc)) from None
+        fail(EXIT_USAGE, str(exc))
     logs.bind_process(service=svc.name)
     from .registry import Registry
 
@@ -178,7 +192,8 @@ def worker(service: str, app: str | None, concurrency: int, prefetch: int | None
                       max_message_bytes=max_message_bytes, queue_type=queue_type, max_redeliveries=max_redeliveries)
     instance.reconnect_cap = reconnect_cap
     try:
-        code = run_worker(instance, shutdown_timeout, pidfile=pidfile, metrics_port=metrics_port)
+        code = run_worker(instance, shutdown_timeout, pidfile=pidfile, metrics_port=metrics_port,
+                          broker_wait=broker_wait)
     except (StartupError, TopologyMismatch) as exc:
         fail(EXIT_USAGE, str(exc))
     except Exception as exc:  # noqa: BLE001 - connection failures at start: one line, no traceback
@@ -187,7 +202,7 @@ def worker(service: str, app: str | None, concurrency: int, prefetch: int | None
 
 
 @main.command()
-@request_arguments
+@request_arguments("Seconds to wait for the answer.")
 def call(service: str, action: str, payload: dict, timeout: float, broker: str, log_format: str,
          log_level: str) -> None:
     """Call ACTION on SERVICE with PAYLOAD (a JSON object) and print the data as JSON.
@@ -200,7 +215,7 @@ def call(service: str, action: str, payload: dict, timeout: float, broker: str, 
 
 
 @main.command()
-@request_arguments
+@request_arguments(CONFIRM_TIMEOUT_HELP)
 def cast(service: str, action: str, payload: dict, timeout: float, broker: str, log_format: str,
          log_level: str) -> None:
     """Send ACTION to SERVICE without waiting for a reply (persistent, broker-confirmed)."""
@@ -212,7 +227,7 @@ def cast(service: str, action: str, payload: dict, timeout: float, broker: str, 
 @main.command()
 @click.argument("event")
 @click.argument("payload", required=False, default="{}", type=JsonObject())
-@timeout_option
+@timeout_option(CONFIRM_TIMEOUT_HELP)
 @broker_option
 @logging_options("warning")
 def publish(event: str, payload: dict, timeout: float, broker: str, log_format: str, log_level: str) -> None:
@@ -285,7 +300,7 @@ def services(as_json: bool, stale_after: float, redis_url: str) -> None:
 @main.command()
 @click.argument("service")
 @click.option("--count", "-n", default=1, show_default=True, type=click.IntRange(min=1), help="Round trips to make.")
-@timeout_option
+@timeout_option("Seconds to wait for each pong.")
 @broker_option
 @logging_options("warning")
 def ping(service: str, count: int, timeout: float, broker: str, log_format: str, log_level: str) -> None:
@@ -321,13 +336,14 @@ def ping(service: str, count: int, timeout: float, broker: str, log_format: str,
 @broker_option
 @logging_options("info")
 def collector(redis_url: str, ttl: float, queue_name: str, key_prefix: str, prefetch: int, shutdown_timeout: float,
-              heartbeat: float, reconnect_cap: float, pidfile: str | None, broker: str, log_format: str,
-              log_level: str) -> None:
+              heartbeat: float, reconnect_cap: float, pidfile: str | None, broker_wait: float, broker: str,
+              log_format: str, log_level: str) -> None:
     """Store the replies of submitted requests in Redis (for ResponseStore().get) until
     SIGTERM/SIGINT (warm stop) or SIGQUIT (cold stop).
 
     A reply is acked only once Redis stored it; while Redis is down the collector retries
-    with backoff and the replies wait in the queue. Exit codes as for 'worker'.
+    with backoff and the replies wait in the queue. A broker that is down at start is
+    waited for (--broker-wait). Exit codes as for 'worker'.
     """
     from .collector import Collector
     from .daemon import StartupError, run_worker
@@ -340,7 +356,8 @@ def collector(redis_url: str, ttl: float, queue_name: str, key_prefix: str, pref
                          topology=Topology(collector_queue=queue_name), prefetch=prefetch, heartbeat=heartbeat)
     instance.reconnect_cap = reconnect_cap
     try:
-        code = run_worker(instance, shutdown_timeout, pidfile=pidfile, title="amqprpc collector")
+        code = run_worker(instance, shutdown_timeout, pidfile=pidfile, title="amqprpc collector",
+                          broker_wait=broker_wait, kind="collector")
     except StartupError as exc:
         fail(EXIT_USAGE, str(exc))
     except Exception as exc:  # noqa: BLE001 - connection failures at start: one line, no traceback
@@ -353,11 +370,13 @@ def collector(redis_url: str, ttl: float, queue_name: str, key_prefix: str, pref
 @logging_options("error")
 def demo(broker: str, log_format: str, log_level: str) -> None:
     """Run the shop's scenario end to end against the broker (starts the workers in-process)."""
-    from .demo import run_demo
+    from .demo import DemoUnavailable, run_demo
 
     logs.configure(log_format, log_level)
     try:
         run_demo(broker)
+    except DemoUnavailable as exc:
+        fail(EXIT_UNAVAILABLE, str(exc))
     except ServiceUnavailable as exc:
         fail(EXIT_UNAVAILABLE, f"{exc}\n  No broker answers. Start one with 'rabbitmq-server -detached' "
              f"(or set AMQPRPC_BROKER_URL), then run 'amqprpc demo' again.")

@@ -22,10 +22,10 @@ from . import context, envelope, logs
 from .breaker import CircuitBreaker
 from .config import broker_url as default_broker_url
 from .config import redact
-from .errors import CallTimeout, ConnectionLost, RemoteError, ServiceUnavailable
-from .framehandler import UndecodableMessage
 from .deadlines import Timer
-from .ioloop import UNENCODABLE, AmqpLoop, open_channel, publish
+from .errors import CallTimeout, ConnectionLost, PublishRefused, RemoteError, ServiceUnavailable
+from .framehandler import UndecodableMessage
+from .ioloop import UNENCODABLE, AmqpLoop, channel_refused, close_quietly, open_confirm_channel, publish
 from .link import describe
 from .retry import PUBLISH_RETRY, Retry, call_with_retry
 from .service import snake_case
@@ -57,8 +57,16 @@ class RpcClient(AmqpLoop):
         self.breaker = breaker
         self.topology = topology
         self.reply_queue = topology.reply_queue(source)
+        # Publishes go on two confirm channels of their own (calls; casts, events and
+        # submits), replies arrive on a third: a channel the broker keeps refusing is
+        # replaced without touching the reply consumer (the reply queue is auto-delete).
         self._call_channel: amqp.Channel | None = None
+        self._call_tags: dict[int, str] = {}  # delivery tag on the call channel -> correlation id
+        self._call_seq = 0
+        self._call_opened = 0.0
         self._confirm_channel: amqp.Channel | None = None
+        self._confirm_opened = 0.0
+        self.channels_replaced = {"call": 0, "confirm": 0}  # after the broker kept refusing them
         self._pending: dict[str, tuple[Future, str, str, float]] = {}  # correlation id -> call
         self._deadlines: list[tuple[float, str]] = []  # heap of (monotonic deadline, correlation id)
         self._calls_lock = threading.Lock()  # the two above, between callers, loop and timer
@@ -239,9 +247,10 @@ class RpcClient(AmqpLoop):
             except FutureTimeout:
                 raise CallTimeout(f"{what}: the broker did not confirm within {timeout}s") from None
 
-        # Through a connection loss: wait for the reconnect and send again, bounded
-        # (never kombu's retry-forever default). The same message id goes each time.
-        call_with_retry(attempt, PUBLISH_RETRY, timeout, retryable=(ConnectionLost,), share=False)
+        # Through a connection loss or a refusal: wait for the reconnect (or the replaced
+        # channel) and send again, bounded (never kombu's retry-forever default). The same
+        # message id goes each time.
+        call_with_retry(attempt, PUBLISH_RETRY, timeout, retryable=(ConnectionLost, PublishRefused), share=False)
 
     def _run_callback(self, callback: Callable[[Future], Any]) -> Callable[[Future], None]:
         if self._callbacks is None:
@@ -251,23 +260,50 @@ class RpcClient(AmqpLoop):
 
     # --- loop thread -------------------------------------------------------------------
     def on_connected(self, connection) -> None:
-        channel = open_channel(connection)
-        self.topology.request_exchange()(channel).declare()
-        self.reply_queue(channel).declare()
-        channel.basic_consume(queue=self.reply_queue.name, no_ack=True, callback=self._on_reply)
-        channel.events["basic_return"].add(self._on_call_returned)
-        confirm = open_channel(connection)
-        self.topology.events_exchange()(confirm).declare()
-        confirm.confirm_select()
-        confirm.events["basic_ack"].add(self._on_ack)
-        confirm.events["basic_nack"].add(self._on_nack)
-        confirm.events["basic_return"].add(self._on_confirm_returned)
-        self._publish_seq = 0
-        self._call_channel, self._confirm_channel = channel, confirm
+        replies = connection.channel()
+        self.topology.request_exchange()(replies).declare()
+        self.topology.events_exchange()(replies).declare()
+        self.consume(replies, self.reply_queue, self._on_reply, no_ack=True)
+        self._open_call_channel()
+        self._open_confirm_channel()
+
+    def _open_call_channel(self) -> None:
+        """Requests go out confirmed: a request the broker refuses (nack) fails its call at
+        once instead of at its timeout, and tells that the channel needs replacing. The
+        broker's acks cost the loop thread one small frame per call, no caller waits on them."""
+        channel = open_confirm_channel(self.connection, self._on_call_ack, self._on_call_nack, self._on_call_returned)
+        with self.write_lock:
+            old, self._call_channel = self._call_channel, channel
+            self._call_tags, self._call_seq, self._call_opened = {}, 0, time.monotonic()
+        close_quietly(old)
+
+    def _open_confirm_channel(self) -> None:
+        """Casts, events and submits; confirms the old channel still owed fail as a lost
+        connection would, so the bounded publish retry sends them again."""
+        channel = open_confirm_channel(self.connection, self._on_ack, self._on_nack, self._on_confirm_returned)
+        with self.write_lock:
+            old, self._confirm_channel = self._confirm_channel, channel
+            confirms, self._confirms = self._confirms, {}
+            self._publish_seq, self._confirm_opened = 0, time.monotonic()
+        close_quietly(old)
+        for future, _, what in confirms.values():
+            _settle(future, exception=ConnectionLost(f"{what}: channel replaced before the broker confirmed"))
+
+    def _replace_channel(self, which: str) -> None:
+        """After nacks (on the loop thread, never inside the nack's own dispatch)."""
+        if self.connection is None or not self.connected.is_set():
+            return
+        opened = self._call_opened if which == "call" else self._confirm_opened
+        if not channel_refused(opened):
+            return  # already replaced since this was asked for
+        log.warning("publishing channel replaced: the broker kept refusing its publishes", channel=which)
+        self.channels_replaced[which] += 1
+        (self._open_call_channel if which == "call" else self._open_confirm_channel)()
 
     def on_disconnected(self, exc) -> None:
         with self.write_lock:  # no caller may publish on the dead channels after this
             self._call_channel = self._confirm_channel = None
+            self._call_tags = {}
             confirms, self._confirms = self._confirms, {}
         with self._calls_lock:  # a call registered from now on finds no channel, or the next one
             pending, self._pending = self._pending, {}
@@ -330,10 +366,15 @@ class RpcClient(AmqpLoop):
                 self._pending.pop(message_id, None)
                 _settle(future, exception=ConnectionLost(f"{service}.{action}: not connected to the broker"))
                 return
+            self._call_seq += 1
+            self._call_tags[self._call_seq] = message_id
             try:
                 publish(channel, message, self.topology.service_exchange, routing_key, mandatory=True)
             except Exception as exc:  # noqa: BLE001 - a broken connection; the loop reconnects
                 self._pending.pop(message_id, None)
+                self._call_tags.pop(self._call_seq, None)
+                if isinstance(exc, UNENCODABLE):
+                    self._call_seq -= 1  # nothing was sent: the broker's confirm numbers stay ours
                 _settle(future, exception=_publish_error(f"{service}.{action}", exc))
 
     def _expire(self, now: float) -> float | None:
@@ -397,6 +438,22 @@ class RpcClient(AmqpLoop):
             _settle(future, exception=RemoteError(f"{service}.{action}: the reply could not be decoded: "
                                                   f"{message.problem}", "BadReply"))
 
+    def _on_call_ack(self, delivery_tag: int, multiple: bool) -> None:
+        if multiple:
+            _take_tags(self._call_tags, delivery_tag)
+        else:
+            self._call_tags.pop(delivery_tag, None)
+
+    def _on_call_nack(self, delivery_tag: int, multiple: bool) -> None:
+        ids = _take_tags(self._call_tags, delivery_tag) if multiple else [self._call_tags.pop(delivery_tag, None)]
+        for message_id in ids:
+            entry = self._pending.pop(message_id, None)
+            if entry is not None:
+                future, service, action, _ = entry
+                _settle(future, exception=PublishRefused(f"{service}.{action}: the broker refused the request (nack)"))
+        if channel_refused(self._call_opened):
+            self.call_soon(self._replace_channel, "call")
+
     def _on_call_returned(self, exc, exchange: str, routing_key: str, message: amqp.Message) -> None:
         entry = self._pending.pop(message.properties.get("correlation_id"), None)
         if entry is not None:
@@ -437,7 +494,9 @@ class RpcClient(AmqpLoop):
 
     def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
         for future, _, what in self._take_confirms(delivery_tag, multiple):
-            _settle(future, exception=ServiceUnavailable(f"{what}: the broker refused the message (nack)"))
+            _settle(future, exception=PublishRefused(f"{what}: the broker refused the message (nack)"))
+        if channel_refused(self._confirm_opened):
+            self.call_soon(self._replace_channel, "confirm")
 
     def _take_confirms(self, delivery_tag: int, multiple: bool) -> list:
         if not multiple:
@@ -476,6 +535,20 @@ def _publish_error(what: str, exc: Exception) -> Exception:
     if isinstance(exc, UNENCODABLE):
         return ValueError(f"{what}: cannot be sent: {exc}")
     return ConnectionLost(f"{what}: publish failed: {exc!r}")
+
+
+def _take_tags(tags: dict[int, str], up_to: int) -> list[str]:
+    """Pop every entry of ``tags`` up to delivery tag ``up_to`` (a confirm with ``multiple``).
+    Tags are inserted in increasing order, so the scan stops at the first later one; no lock:
+    each dict operation is atomic, and callers only ever add larger tags."""
+    taken = []
+    for tag in list(tags):
+        if tag > up_to:
+            break
+        message_id = tags.pop(tag, None)
+        if message_id is not None:
+            taken.append(message_id)
+    return taken
 
 
 def _settle(future: Future, *, result: Any = None, exception: BaseException | None = None) -> None:

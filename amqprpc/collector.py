@@ -33,7 +33,7 @@ from .backoff import full_jitter
 from .config import broker_url as default_broker_url
 from .config import redact
 from .framehandler import UndecodableMessage
-from .ioloop import AmqpLoop, open_channel
+from .ioloop import AmqpLoop
 from .redelivery import Forward, Forwarder, Redelivery
 from .responses import DEFAULT_TTL, ResponseStore
 from .topology import DEFAULT_TOPOLOGY, Topology
@@ -71,6 +71,7 @@ class Collector(AmqpLoop):
         # ``{collector_queue}.dead`` (``amqprpc.responses.dead``), as a worker's to ``service.X.dead``.
         self.redelivery = Redelivery(self.queue_name, replace(topology, dead_queue_format="{service}.dead"))
         self.forwarder = Forwarder()
+        self._consuming = True  # until a warm stop cancels the consumer
         self.stats = {"received": 0, "stored": 0, "dropped": 0, "store_errors": 0}
 
     # --- lifecycle (any thread) --------------------------------------------------------
@@ -98,17 +99,19 @@ class Collector(AmqpLoop):
         if not clean:
             self._abandon.set()
         self.stop()
-        log.info("collector stopped", clean=clean, **self.stats)
+        (log.info if clean else log.warning)("collector stopped", clean=clean, **self.stats)
         return clean
 
     # --- loop thread -------------------------------------------------------------------
     def on_connected(self, connection) -> None:
-        channel = open_channel(connection)
-        self.topology.responses_queue()(channel).declare()
+        channel = connection.channel()
         channel.basic_qos(0, self.prefetch, False)
         self.forwarder.connect(connection)
-        channel.basic_consume(queue=self.queue_name, consumer_tag=self.consumer_tag, callback=self._on_message)
+        self.consume(channel, self.topology.responses_queue(), self._on_message, consumer_tag=self.consumer_tag)
         self.channel = channel
+
+    def keep_consuming(self, consumer_tag: str) -> bool:
+        return self._consuming
 
     def on_disconnected(self, exc) -> None:
         # The broker redelivers what the dead channel held; storing twice is harmless (SET).
@@ -120,6 +123,7 @@ class Collector(AmqpLoop):
         self._inbox.put((self.generation, message))
 
     def _stop_consuming(self, done: threading.Event) -> None:
+        self._consuming = False
         try:
             if self.channel is not None:
                 self.channel.basic_cancel(self.consumer_tag)

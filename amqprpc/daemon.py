@@ -13,9 +13,17 @@ Signals:
 - SIGHUP: ignored (logged). A graceful restart is the supervisor's job (SIGTERM, then it
   starts a new process); treating HUP as "stop" would leave a ``Restart=on-failure`` unit
   down after an exit 0, and a terminal hang-up must not kill a worker either.
+
+A broker that is not up yet when the daemon starts is waited for (``broker_wait``
+seconds, for ever by default, as Celery retries on startup): workers may boot before
+their broker. Every attempt is logged (``broker connect failed`` with ``attempt`` and
+``retry_in``) and shown to systemd (``STATUS=``, with ``EXTEND_TIMEOUT_USEC=`` so that
+``TimeoutStartSec`` measures a start that makes no progress, not a broker that is late);
+``READY=1`` is sent once it consumes. A stop signal while waiting exits 0.
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -23,6 +31,7 @@ import time
 
 from . import logs, sdnotify
 from .config import redact
+from .ioloop import StartCancelled
 from .pidfile import PidFile, PidFileError
 from .worker import Worker
 
@@ -38,7 +47,8 @@ class StartupError(Exception):
 
 
 def run_worker(worker: Worker, shutdown_timeout: float = 30.0, *, pidfile: str | None = None,
-               metrics_port: int | None = None, title: str | None = None) -> int:
+               metrics_port: int | None = None, title: str | None = None, broker_wait: float = math.inf,
+               kind: str = "worker") -> int:
     """Serve until a signal; return the process exit code.
 
     ``worker`` is a :class:`Worker` or anything with its lifecycle (``start``,
@@ -48,7 +58,9 @@ def run_worker(worker: Worker, shutdown_timeout: float = 30.0, *, pidfile: str |
     ``pidfile`` path to write this pid to (refused while another live process holds it:
     :class:`StartupError`, as for a metrics port already taken); ``metrics_port`` TCP port for Prometheus'
     ``/metrics`` (None: no endpoint; a Worker only); ``title`` the process title
-    (default ``amqprpc worker <service>``).
+    (default ``amqprpc worker <service>``); ``broker_wait`` seconds an unreachable broker
+    is retried at start before its error is raised (0: at once); ``kind`` what the log
+    lines call the process (``worker``, ``collector``).
     """
     stop_requested = threading.Event()
     cold = threading.Event()
@@ -58,9 +70,10 @@ def run_worker(worker: Worker, shutdown_timeout: float = 30.0, *, pidfile: str |
         if stop_requested.is_set() or signum == signal.SIGQUIT:
             cold.set()
             log.warning("cold stop requested", signal=signal.Signals(signum).name)
-            _cold_stop(worker, lock)
+            _cold_stop(worker, lock, kind)
         log.info("warm stop requested", signal=signal.Signals(signum).name, shutdown_timeout=shutdown_timeout)
         stop_requested.set()
+        worker.cancel_start()  # still waiting for the broker: give up waiting (no effect once serving)
 
     def on_hangup(_signum, _frame):
         log.info("SIGHUP ignored: stop with SIGTERM and let the supervisor start a new worker")
@@ -77,7 +90,11 @@ def run_worker(worker: Worker, shutdown_timeout: float = 30.0, *, pidfile: str |
             raise StartupError(str(exc)) from None
     try:
         if metrics_port is not None:
-            from . import metrics  # prometheus_client only when asked for
+            try:
+                from . import metrics  # prometheus_client only when asked for
+            except ImportError as exc:
+                raise StartupError(f"--metrics-port needs prometheus_client ({exc}): "
+                                   f"pip install 'amqprpc[metrics]'") from None
 
             metrics.instrument(worker)
             try:
@@ -85,16 +102,23 @@ def run_worker(worker: Worker, shutdown_timeout: float = 30.0, *, pidfile: str |
             except OSError as exc:
                 raise StartupError(f"cannot serve metrics on port {metrics_port}: {exc}") from None
         sizes = {key: getattr(worker, key) for key in ("concurrency", "prefetch") if hasattr(worker, key)}
-        log.info("worker starting", title=title, pid=os.getpid(), broker=redact(worker.url), **sizes,
-                 metrics_port=metrics_port)
-        worker.start()
-        sdnotify.notify("READY=1", f"STATUS={title}: serving", f"MAINPID={os.getpid()}")
+        log.info(f"{kind} starting", title=title, pid=os.getpid(), broker=redact(worker.url), **sizes,
+                 metrics_port=metrics_port, broker_wait="forever" if math.isinf(broker_wait) else broker_wait)
         watchdog = sdnotify.watchdog_interval()
+        sdnotify.notify(f"STATUS={title}: connecting to {redact(worker.url)}")
+        worker.startup_wait = broker_wait
+        worker.on_connect_retry = _tell_systemd_we_wait(title, worker, watchdog)
+        try:
+            worker.start()
+        except StartCancelled:
+            log.info(f"{kind} exiting", exit_code=EXIT_OK, reason="stopped while waiting for the broker")
+            return EXIT_OK
+        sdnotify.notify("READY=1", f"STATUS={title}: serving", f"MAINPID={os.getpid()}")
         tick = min(1.0, watchdog) if watchdog else 1.0
         next_ping = time.monotonic()
         while not stop_requested.wait(tick):
             if not worker.alive:
-                log.error("worker loop died")
+                log.error(f"{kind} loop died")
                 return EXIT_COLD_STOP
             if watchdog and time.monotonic() >= next_ping:
                 # Only while the I/O thread lives: a dead loop gets the unit restarted.
@@ -103,19 +127,35 @@ def run_worker(worker: Worker, shutdown_timeout: float = 30.0, *, pidfile: str |
         sdnotify.notify("STOPPING=1", f"STATUS={title}: stopping")
         clean = worker.shutdown(shutdown_timeout)
         code = EXIT_OK if clean and not cold.is_set() else EXIT_COLD_STOP
-        log.info("worker exiting", exit_code=code)
+        (log.info if code == EXIT_OK else log.warning)(f"{kind} exiting", exit_code=code)
         return code
     finally:
         if lock is not None:
             lock.release()
 
 
-def _cold_stop(worker: Worker, lock: PidFile | None) -> None:
+def _tell_systemd_we_wait(title: str, worker: Worker, watchdog: float | None):
+    """``on_connect_retry`` for a daemon's start: systemd's status line says it waits for
+    the broker, and its start timeout is extended past the next attempt (the process is
+    making progress; a start that hangs still times out)."""
+
+    def waiting(attempt: int, retry_in: float, exc: BaseException) -> None:
+        budget = retry_in + 2 * worker.connect_timeout + 30.0
+        states = [f"STATUS={title}: waiting for the broker {redact(worker.url)} (attempt {attempt}, "
+                  f"next in {retry_in:.1f} s): {redact(str(exc))}", f"EXTEND_TIMEOUT_USEC={int(budget * 1e6)}"]
+        if watchdog:
+            states.append("WATCHDOG=1")
+        sdnotify.notify(*states)
+
+    return waiting
+
+
+def _cold_stop(worker: Worker, lock: PidFile | None, kind: str) -> None:
     # Closing the socket makes the broker requeue every unacked message at once; the
     # handler threads are daemons and die with the process.
     sdnotify.notify("STOPPING=1")
     worker.stop(timeout=2.0)
-    log.info("worker stopped (cold)", **worker.stats)
+    log.warning(f"{kind} stopped (cold)", **worker.stats)
     if lock is not None:
         lock.release()
     os._exit(EXIT_COLD_STOP)
@@ -126,6 +166,7 @@ def _set_process_title(title: str) -> None:
     # worker of one service at a glance.
     try:
         import setproctitle
-    except ImportError:  # pragma: no cover - a declared dependency; degrade, do not fail
+    except ImportError:  # the [daemon] extra is not installed: the title is a nicety, go on without it
+        log.info("process title not set: setproctitle is not installed (pip install 'amqprpc[daemon]')")
         return
     setproctitle.setproctitle(title)

@@ -19,7 +19,7 @@ import click
 from .client import RpcClient
 from .config import redact
 from .context import current
-from .errors import RemoteError, ServiceUnavailable
+from .errors import RemoteError
 from .events import service_queue_names, topic_matches
 from .service import Service
 from .testing import delete_exchanges, delete_queues
@@ -27,6 +27,10 @@ from .topology import DEFAULT_TOPOLOGY
 from .worker import Worker
 
 _WAIT = 10.0  # seconds the events get to fan out before the demo says what is missing
+
+
+class DemoUnavailable(Exception):
+    """The broker or Redis does not answer: the demo cannot run (exit 4), and says how to fix it."""
 
 
 def _show(label: str, value) -> None:
@@ -54,7 +58,10 @@ def run_demo(broker_url: str) -> None:
             try:
                 worker.start()
             except Exception as exc:  # noqa: BLE001 - whatever stops a connection: say so, no traceback
-                raise ServiceUnavailable(f"cannot connect to broker {redact(broker_url)}: {redact(str(exc))}") from None
+                raise DemoUnavailable(
+                    f"cannot connect to broker {redact(broker_url)}: {redact(str(exc))}\n  No broker answers. Start "
+                    f"one with 'rabbitmq-server -detached' (or set AMQPRPC_BROKER_URL), then run 'amqprpc demo' "
+                    f"again.") from None
             workers.append(worker)
         with RpcClient("demo", broker_url=broker_url, timeout=5.0, topology=topology) as client:
             _calls(client)
@@ -155,5 +162,5 @@ def _check_redis(shop) -> None:
     try:
         shop.redis.ping()
     except redis.RedisError as exc:
-        raise click.ClickException(f"Redis does not answer at {redact(shop.redis_url)}: {redact(str(exc))}\n  Start it with "
-                                   f"'redis-server --daemonize yes' (or set AMQPRPC_REDIS_URL).") from None
+        raise DemoUnavailable(f"Redis does not answer at {redact(shop.redis_url)}: {redact(str(exc))}\n  Start it with "
+                              f"'redis-server --daemonize yes' (or set AMQPRPC_REDIS_URL).") from None

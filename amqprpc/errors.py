@@ -40,6 +40,13 @@ class ConnectionLost(ServiceUnavailable):
     retry it under a bounded policy (``amqprpc.retry.PUBLISH_RETRY``)."""
 
 
+class PublishRefused(ServiceUnavailable):
+    """The broker refused (nacked) the message: it was not stored. A quorum queue without
+    a leader, or a channel opened while one was being elected, does that; the channel is
+    replaced, and casts and events re-send under the same bounded policy as after a
+    connection loss. A call learns it at once rather than at its timeout."""
+
+
 class CircuitOpen(ServiceUnavailable):
     """The caller's circuit breaker for this service is open; nothing was sent."""
 

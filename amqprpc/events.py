@@ -9,17 +9,15 @@ Delivery (DESIGN.md, Events), chosen per handler with ``@service.event(pattern, 
   running instance handles every event (cache invalidation, config reload). Events
   published while an instance is down are not kept for it.
 
-All of them are consumed on the worker's one channel, next to its request queue; the worker
-tells an event from a request by the delivery's consumer tag (see ``Worker._handle``).
+All of them are consumed on the worker's one channel, next to its request queue (declared
+and consumed, and consumed again if the broker cancels them, by ``AmqpLoop.consume``); the
+worker tells an event from a request by the delivery's consumer tag (see ``Worker._handle``).
 """
 from __future__ import annotations
 
 import os
 import socket
 from dataclasses import dataclass
-from typing import Callable, Iterable
-
-import amqp
 from kombu import Queue
 
 from .service import EventSubscription, Service
@@ -33,11 +31,14 @@ class EventConsumer:
     tag: str
 
 
-def event_consumers(service: Service, topology: Topology, tag_prefix: str) -> dict[str, EventConsumer]:
+def event_consumers(service: Service, topology: Topology, tag_prefix: str, queue_type: str = "classic",
+                    delivery_limit: int = 10) -> dict[str, EventConsumer]:
     """The event consumers a worker of ``service`` runs, keyed by consumer tag.
 
     ``tag_prefix`` is the worker's own (unique) consumer tag; broadcast queues are named
     after this host, process and a random suffix so that instances never share one.
+    Service-pool queues are of ``queue_type`` like the request queue (broadcast ones are
+    always exclusive classic queues: they live and die with one connection).
     """
     instance = f"{socket.gethostname()}.{os.getpid()}.{os.urandom(3).hex()}"
     consumers = {}
@@ -45,7 +46,7 @@ def event_consumers(service: Service, topology: Topology, tag_prefix: str) -> di
         if subscription.broadcast:
             queue = topology.broadcast_queue(service.name, name, subscription.pattern, instance)
         else:
-            queue = topology.event_queue(service.name, name, subscription.pattern)
+            queue = topology.event_queue(service.name, name, subscription.pattern, queue_type, delivery_limit)
         tag = f"{tag_prefix}.event.{name}"
         consumers[tag] = EventConsumer(subscription, queue, tag)
     return consumers
@@ -58,14 +59,6 @@ def service_queue_names(service: Service, topology: Topology) -> list[str]:
     names += [topology.event_queue_format.format(service=service.name, handler=name)
               for name, subscription in service.events.items() if not subscription.broadcast]
     return names
-
-
-def start_consuming(channel: amqp.Channel, consumers: Iterable[EventConsumer],
-                    callback: Callable[[amqp.Message], None]) -> None:
-    """Declare each consumer's queue (with its exchange and binding) and consume it."""
-    for consumer in consumers:
-        consumer.queue(channel).declare()
-        channel.basic_consume(queue=consumer.queue.name, consumer_tag=consumer.tag, callback=callback)
 
 
 def topic_matches(pattern: str, routing_key: str) -> bool:

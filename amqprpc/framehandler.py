@@ -20,7 +20,8 @@ The same for the arguments of a content method: RabbitMQ routes a routing key th
 UTF-8 through a topic exchange (``order.\\xff`` matches ``order.*``), which py-amqp fails
 to decode in ``Channel.dispatch_method``. The delivery tag still reads, so the message is
 delivered marked, with the strings that did not decode backslash-escaped. And frames for
-a channel the connection does not have are dropped with a warning.
+a channel the connection does not have are dropped with a warning. And the connection's
+channels never decode a body with a codec a peer chose (see :func:`install`).
 
 Checked against py-amqp 5.1.1, 5.2.0, 5.3.1 and 5.4.2 (what ``kombu>=5.3`` allows): their
 ``frame_handler``, ``GenericContent.inbound_header``/``inbound_body``,
@@ -31,6 +32,7 @@ which deliveries end up here, not how they are caught.
 """
 from __future__ import annotations
 
+import functools
 import struct
 from struct import unpack_from
 from typing import Any, Callable
@@ -73,8 +75,16 @@ class UndecodableMessage(amqp.Message):
 
 
 def install(connection: Any) -> None:
-    """Use :func:`frame_handler` for this (connected, idle) py-amqp connection."""
+    """Use :func:`frame_handler` for this (connected, idle) py-amqp connection, and open
+    its channels with ``auto_decode`` off.
+
+    With ``auto_decode`` on (py-amqp's default) a channel decodes each body with the codec
+    its ``content_encoding`` property names, on the loop thread: a peer could pick any text
+    codec, slow ones included (punycode is quadratic). Bodies are JSON, which ``json.loads``
+    reads from bytes itself.
+    """
     connection.on_inbound_frame = frame_handler(connection, connection.on_inbound_method)
+    connection.Channel = functools.partial(connection.Channel, auto_decode=False)
 
 
 def frame_handler(connection: Any, callback: Callable[..., Any], unpack_from: Callable = unpack_from,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import os
 import select
+import ssl
 import struct
 import threading
 import time
@@ -31,16 +32,14 @@ from amqp import spec
 from amqp.exceptions import FrameSyntaxError
 from kombu import Connection
 
-from . import logs
+from . import framehandler, logs
 from .backoff import full_jitter
 from .config import redact, ssl_options
-from . import framehandler
 from .link import Link, describe
 
 log = logs.get_logger("amqprpc.ioloop")
 
 _READ = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP  # socket events that mean "read"
-
 
 # What py-amqp raises for a message it cannot encode (a routing key or short string over 255
 # bytes, a header value it has no type for, a str body with a content_encoding that is no
@@ -61,29 +60,73 @@ def publish(channel: amqp.Channel, message: amqp.Message, exchange: str, routing
     channel.send_method(spec.Basic.Publish, "Bssbb", (0, exchange, routing_key, mandatory, False), message)
 
 
-def open_channel(connection: Connection) -> amqp.Channel:
-    """A new channel whose deliveries keep their bodies as bytes.
+class StartCancelled(Exception):
+    """:meth:`AmqpLoop.start` gave up waiting for the broker: stop or cancel_start was called."""
 
-    py-amqp decodes a body with the codec its ``content_encoding`` property names, on
-    the loop thread, when ``auto_decode`` is on (its default): a peer could pick any
-    text codec, including slow ones (punycode is quadratic). Bodies are JSON, which
-    ``json.loads`` reads from bytes itself.
-    """
+    def __init__(self) -> None:
+        super().__init__("stopped while waiting for the broker")
+
+
+def _broker_not_there_yet(exc: BaseException) -> bool:
+    """Whether a failed first connection may succeed later: refused, reset, timed out, name
+    not resolvable yet, the broker closing connections while it boots. Not bad credentials,
+    a missing vhost, a TLS certificate refused or queues declared with other arguments: those
+    need a person, and a daemon exits for them at once."""
+    if isinstance(exc, ssl.SSLError):
+        return False
+    return isinstance(exc, (OSError, amqp.exceptions.RecoverableConnectionError))
+# A channel whose publishes the broker refuses (nack) is replaced once it is this old: one
+# opened while a quorum queue's leader was being elected stays refused for its whole life,
+# while a fresh one works. Younger ones are kept, so a channel opened during an election
+# is not churned a hundred times a second.
+REFUSED_CHANNEL_MIN_AGE_S = 1.0
+
+
+def channel_refused(opened: float) -> bool:
+    """After a nack: whether the channel opened at monotonic ``opened`` is to be replaced."""
+    return time.monotonic() - opened >= REFUSED_CHANNEL_MIN_AGE_S
+
+
+def open_confirm_channel(connection: Any, on_ack: Callable, on_nack: Callable,
+                         on_return: Callable | None = None) -> amqp.Channel:
+    """A new channel of ``connection`` in publisher-confirm mode, with its handlers of the
+    broker's acks, nacks and (for mandatory publishes) returns."""
     channel = connection.channel()
-    channel.auto_decode = False
+    channel.confirm_select()
+    channel.events["basic_ack"].add(on_ack)
+    channel.events["basic_nack"].add(on_nack)
+    if on_return is not None:
+        channel.events["basic_return"].add(on_return)
     return channel
+
+
+def close_quietly(channel: amqp.Channel | None) -> None:
+    """Close a channel being replaced; if that fails the connection's fate decides."""
+    if channel is None:
+        return
+    try:
+        channel.close()
+    except Exception:  # noqa: BLE001 - a broken channel or connection: nothing to save
+        pass
 
 
 class AmqpLoop:
     """Owns one kombu connection in one thread; reconnects with jittered backoff.
 
     Subclasses (the worker's consumer, the client's requester) override the hooks:
-    ``on_connected(connection)`` declares topology and starts consuming,
-    ``on_disconnected(exc)`` fails or forgets what the dead connection carried (it runs
-    as soon as the link is found dead, before the socket is dropped).
+    ``on_connected(connection)`` declares topology and starts consuming (with
+    :meth:`consume`), ``on_disconnected(exc)`` fails or forgets what the dead connection
+    carried (it runs as soon as the link is found dead, before the socket is dropped),
+    ``keep_consuming(tag)`` says whether a consumer the broker cancelled is still wanted.
 
     Parameters: ``heartbeat`` and ``connect_timeout`` in seconds; ``reconnect_base`` and
     ``reconnect_cap`` bound the backoff between reconnect attempts, in seconds.
+
+    At start (daemons): :meth:`start` fails with the first connection error unless
+    ``startup_wait`` (seconds, ``math.inf`` for ever) is set: then an unreachable broker
+    is retried with the same backoff, each attempt logged and passed to
+    ``on_connect_retry(attempt, retry_in, exc)``, until it answers, the wait is over, or
+    :meth:`cancel_start` gives up (``start`` then raises :class:`StartCancelled`).
     """
 
     def __init__(self, url: str, *, name: str, heartbeat: float = 30.0, connect_timeout: float = 5.0,
@@ -111,6 +154,9 @@ class AmqpLoop:
         self._started = threading.Event()
         self._start_error: BaseException | None = None
         self.link: Link | None = None
+        self.startup_wait = 0.0
+        self.on_connect_retry: Callable[[int, float, BaseException], None] | None = None
+        self._start_cancelled = False
 
     # --- hooks -------------------------------------------------------------------------
     def on_connected(self, connection: Connection) -> None:  # pragma: no cover - hook
@@ -118,6 +164,38 @@ class AmqpLoop:
 
     def on_disconnected(self, exc: BaseException | None) -> None:  # pragma: no cover - hook
         pass
+
+    def keep_consuming(self, consumer_tag: str) -> bool:
+        """Whether to consume again after the broker cancelled ``consumer_tag`` (False
+        once the subclass is stopping)."""
+        return not self._stopping
+
+    # --- loop thread: consuming ----------------------------------------------------------
+    def consume(self, channel: amqp.Channel, queue: Any, callback: Callable, *, consumer_tag: str = "",
+                no_ack: bool = False) -> str:
+        """Declare ``queue`` (a kombu Queue) and consume it on ``channel``.
+
+        The broker may cancel a consumer on its own (basic.cancel: the queue was deleted,
+        the node of a classic queue went down, a quorum queue's consumer timed out). Then
+        the queue is declared and consumed again, on this thread, on the same channel (so
+        unacked deliveries can still be acked); if that fails the connection is started
+        afresh (the loop's reconnect, with backoff), never left without a consumer.
+        """
+        queue(channel).declare()
+        generation = self.generation
+
+        def on_cancel(tag: str) -> None:
+            log.warning("broker cancelled a consumer; consuming again", queue=queue.name, consumer_tag=tag)
+            # Not from inside this frame's dispatch: declaring waits for replies.
+            self.call_soon(again, tag)
+
+        def again(tag: str) -> None:
+            if generation == self.generation and channel.is_open and self.keep_consuming(tag):
+                self.consume(channel, queue, callback, consumer_tag=tag, no_ack=no_ack)
+                log.info("consuming again", queue=queue.name, consumer_tag=tag)
+
+        return channel.basic_consume(queue=queue.name, consumer_tag=consumer_tag, no_ack=no_ack, callback=callback,
+                                     on_cancel=on_cancel)
 
     # --- any thread --------------------------------------------------------------------
     def call_soon(self, fn: Callable, *args: Any) -> None:
@@ -144,6 +222,12 @@ class AmqpLoop:
         if self._start_error is not None:
             self._thread.join()
             raise self._start_error
+
+    def cancel_start(self) -> None:
+        """Stop waiting for the first connection: :meth:`start` raises StartCancelled.
+        No effect once connected (stop that with :meth:`stop`). Safe from a signal handler."""
+        self._start_cancelled = True
+        self.call_soon(lambda: None)
 
     def stop(self, timeout: float | None = 10.0) -> None:
         """Run what is queued, close the connection and end the thread."""
@@ -183,19 +267,24 @@ class AmqpLoop:
 
     def _run(self) -> None:
         attempt = 0
+        give_up_at = time.monotonic() + self.startup_wait
         while not self._stopping:
             try:
                 self._open()
             except Exception as exc:  # noqa: BLE001 - any failure to connect is retried or reported
                 self._drop(graceful=False)
-                if not self._started.is_set():
-                    self._start_error = exc
+                delay = full_jitter(attempt, self.reconnect_base, self.reconnect_cap)
+                starting = not self._started.is_set()
+                if starting and (self._start_cancelled or not _broker_not_there_yet(exc)
+                                 or time.monotonic() + delay > give_up_at):
+                    self._start_error = StartCancelled() if self._start_cancelled else exc
                     self._started.set()
                     return
-                delay = full_jitter(attempt, self.reconnect_base, self.reconnect_cap)
                 attempt += 1
                 log.warning("broker connect failed", url=redact(self.url), error=redact(describe(exc)),
                             error_type=type(exc).__name__, attempt=attempt, retry_in=round(delay, 3))
+                if starting and self.on_connect_retry is not None:
+                    self.on_connect_retry(attempt, delay, exc)
                 self._idle(delay)
                 continue
             if self._started.is_set():
@@ -219,6 +308,9 @@ class AmqpLoop:
         self._drop(graceful=True)
         self.on_disconnected(None)
         self._run_ops()
+        if not self._started.is_set():  # stopped while still waiting for the first connection
+            self._start_error = StartCancelled()
+            self._started.set()
 
     def _open(self) -> None:
         self.connection = self._connect()
@@ -282,7 +374,7 @@ class AmqpLoop:
         deadline = time.monotonic() + seconds
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
-        while not self._stopping:
+        while not self._stopping and not (self._start_cancelled and not self._started.is_set()):
             left = deadline - time.monotonic()
             if left <= 0:
                 return

@@ -34,9 +34,9 @@ from kombu import Queue
 from . import logs
 from . import retry as h
 from .framehandler import UndecodableMessage
-from .ioloop import UNENCODABLE, open_channel, publish
+from .ioloop import UNENCODABLE, channel_refused, close_quietly, open_confirm_channel, publish
 from .retry import Retry
-from .topology import Topology
+from .topology import Topology, declare_queue
 
 log = logs.get_logger("amqprpc.redelivery")
 
@@ -150,23 +150,45 @@ class Redelivery:
 
 class Forwarder:
     """Carries out :class:`Forward` decisions on the loop thread, over its own confirm
-    channel; acks (or, on a nack, requeues) the original when the broker answered."""
+    channel; acks (or, on a nack, requeues) the original when the broker answered.
+
+    A channel the broker keeps nacking (one opened while a quorum queue's leader was being
+    elected stays refused for its whole life) is replaced: its unconfirmed originals are
+    requeued and a fresh channel carries on.
+    """
 
     def __init__(self) -> None:
         self.channel: amqp.Channel | None = None
+        self._connection: Any = None
         self._pending: dict[int, tuple[amqp.Channel, int, str]] = {}
         self._seq = 0
+        self._opened = 0.0
+        self._refused = False
         self._declared: dict[str, float] = {}
         self.idle = threading.Event()  # set while no copy awaits its confirm (for a warm stop)
         self.idle.set()
-        self.stats = {"retry": 0, "dead_letter": 0, "recount": 0, "nacked": 0}
+        self.stats = {"retry": 0, "dead_letter": 0, "recount": 0, "nacked": 0, "channels_replaced": 0}
 
     def connect(self, connection: Any) -> None:
-        channel = open_channel(connection)
-        channel.confirm_select()
-        channel.events["basic_ack"].add(self._on_ack)
-        channel.events["basic_nack"].add(self._on_nack)
-        self.channel, self._pending, self._seq, self._declared = channel, {}, 0, {}
+        self._connection, self._declared = connection, {}
+        self._open()
+
+    def _open(self) -> None:
+        channel = open_confirm_channel(self._connection, self._on_ack, self._on_nack)
+        self.channel, self._pending, self._seq, self._opened = channel, {}, 0, time.monotonic()
+        self._refused = False
+        self.idle.set()
+
+    def _replace(self) -> None:
+        """A new confirm channel; what the old one has not confirmed goes back to its queue."""
+        old, pending = self.channel, self._pending
+        for consume_channel, original, _ in pending.values():
+            if consume_channel.is_open:
+                consume_channel.basic_reject(original, requeue=True)
+        close_quietly(old)
+        self.stats["channels_replaced"] += 1
+        log.warning("forwarding channel replaced: the broker kept refusing its publishes", requeued=len(pending))
+        self._open()
 
     def disconnected(self) -> None:
         # Unconfirmed copies may or may not be stored; their originals were not acked
@@ -177,13 +199,21 @@ class Forwarder:
     def send(self, consume_channel: amqp.Channel, delivery_tag: int, forward: Forward) -> None:
         """Publish the copy; the original is acked when the broker confirms it. Raises
         what py-amqp raises when the copy cannot be encoded (nothing is written then)."""
-        channel = self.channel
-        if channel is None:
+        if self.channel is None:
             return  # the original is redelivered after the reconnect
+        if self._refused:
+            self._replace()
+        channel = self.channel
         if forward.declare is not None:
             now = time.monotonic()
             if now - self._declared.get(forward.declare.name, -DELAY_REDECLARE_S) >= DELAY_REDECLARE_S:
-                forward.declare(channel).declare()
+                # On a channel of its own: a refused declare closes its channel, and this
+                # one carries confirms still to come.
+                declaring = self._connection.channel()
+                try:
+                    declaring, _ = declare_queue(self._connection, declaring, forward.declare)
+                finally:
+                    close_quietly(declaring)
                 self._declared[forward.declare.name] = now
         _fit_frame(forward.message, channel.connection.frame_max)
         publish(channel, forward.message, "", forward.routing_key)
@@ -222,6 +252,8 @@ class Forwarder:
             log.warning("broker refused a forwarded copy; original requeued", what=what)
             if consume_channel.is_open:
                 consume_channel.basic_reject(original, requeue=True)
+        # Replaced before the next send (not from inside this frame's dispatch).
+        self._refused = self._refused or channel_refused(self._opened)
 
     def _take(self, delivery_tag: int, multiple: bool) -> list:
         if not multiple:

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from kombu import Connection
 
+from . import logs
 from .config import broker_url as default_broker_url
 from .config import ssl_options
 from .events import service_queue_names
@@ -73,3 +75,25 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: f
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def capture_logs(logger: str = "amqprpc", level: int = logging.DEBUG) -> Iterator[list[dict[str, Any]]]:
+    """Collect what ``logger`` (and the loggers below it) logs at ``level`` or above while
+    inside, as dicts of ``event``, ``log_level`` and the line's fields (the shape of
+    ``structlog.testing.capture_logs``), whatever the process's logging configuration."""
+    captured: list[dict[str, Any]] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            captured.append({**logs.record_fields(record), "log_level": record.levelname.lower()})
+
+    target = logging.getLogger(logger)
+    handler, saved_level = Collect(level), target.level
+    target.addHandler(handler)
+    target.setLevel(level)
+    try:
+        yield captured
+    finally:
+        target.removeHandler(handler)
+        target.setLevel(saved_level)

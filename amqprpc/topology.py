@@ -5,12 +5,24 @@ languages (php-amqplib services name the same exchange, queues and routing keys)
 """
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, replace
+from typing import Any
 
+import amqp
 from kombu import Exchange, Queue
 
+from . import logs
 from .config import DEFAULT_COLLECTOR_QUEUE
+
+log = logs.get_logger("amqprpc.topology")
+
+# Quorum queues dead-letter at least once (RabbitMQ >= 3.10): a message expiring from a delay
+# queue, or over the delivery limit, is kept until its dead-letter target confirmed it (and
+# not dropped while, say, that queue's leader is being elected). The strategy needs
+# reject-publish overflow; with no length limit set, that never rejects anything.
+AT_LEAST_ONCE = {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
 
 
 class TopologyMismatch(RuntimeError):
@@ -74,7 +86,8 @@ class Topology:
         if queue_type != "quorum":
             raise ValueError(f"queue type must be classic or quorum, not {queue_type!r}")
         return {"x-queue-type": "quorum", "x-delivery-limit": delivery_limit,
-                "x-dead-letter-exchange": "", "x-dead-letter-routing-key": self.dead_queue_name(service)}
+                "x-dead-letter-exchange": "", "x-dead-letter-routing-key": self.dead_queue_name(service),
+                **AT_LEAST_ONCE}
 
     def dead_queue_name(self, service: str) -> str:
         return self.dead_queue_format.format(service=service)
@@ -101,7 +114,7 @@ class Topology:
         arguments = {"x-message-ttl": ms, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": queue,
                      "x-expires": ms + self.delay_queue_idle_ms}
         if queue_type == "quorum":
-            arguments["x-queue-type"] = "quorum"
+            arguments.update({"x-queue-type": "quorum", **AT_LEAST_ONCE})
         return Queue(self.delay_queue_format.format(queue=queue, ms=ms), durable=True, queue_arguments=arguments)
 
     def retry_queue_names(self, service: str, queues: list[str]) -> list[str]:
@@ -119,15 +132,18 @@ class Topology:
         name = self.reply_queue_format.format(source=source, uid=os.urandom(6).hex())
         return Queue(name, exclusive=True, auto_delete=True, durable=False, no_ack=True)
 
-    def event_queue(self, service: str, handler: str, pattern: str) -> Queue:
+    def event_queue(self, service: str, handler: str, pattern: str, queue_type: str = "classic",
+                    delivery_limit: int = 10) -> Queue:
         """A (service, handler)'s durable queue on the event exchange, bound by ``pattern``:
         every subscribing service gets its own copy of an event, the service's instances
-        compete for it, and events published while the service is down wait for it."""
+        compete for it, and events published while the service is down wait for it.
+        Quorum ones (clusters) get the request queue's delivery limit and dead-letter route."""
         return Queue(
             self.event_queue_format.format(service=service, handler=handler),
             exchange=self.events_exchange(),
             routing_key=pattern,
             durable=True,
+            queue_arguments=self.queue_arguments(service, queue_type, delivery_limit),
         )
 
     def broadcast_queue(self, service: str, handler: str, pattern: str, instance: str) -> Queue:
@@ -161,3 +177,27 @@ class Topology:
 
 
 DEFAULT_TOPOLOGY = Topology()
+
+
+def declare_queue(connection: Any, channel: amqp.Channel, queue: Queue) -> tuple[amqp.Channel, Queue]:
+    """Declare ``queue``; returns the channel to go on with and the queue as declared.
+
+    A quorum queue declared by an amqprpc from before at-least-once dead-lettering has all
+    our arguments but those two, and RabbitMQ refuses to redeclare it with them
+    (PRECONDITION_FAILED, which also closes ``channel``): it is then used as it is, on a
+    new channel of ``connection``, with a warning. Any other difference is raised.
+    """
+    try:
+        queue(channel).declare()
+        return channel, queue
+    except amqp.exceptions.PreconditionFailed:
+        arguments = queue.queue_arguments or {}
+        if "x-dead-letter-strategy" not in arguments:
+            raise
+        earlier = copy.copy(queue)
+        earlier.queue_arguments = {k: v for k, v in arguments.items() if k not in AT_LEAST_ONCE}
+        channel = connection.channel()
+        earlier(channel).declare()
+        log.warning("queue exists with at-most-once dead-lettering (declared by an earlier amqprpc); used as it is",
+                    queue=queue.name)
+        return channel, earlier

@@ -29,12 +29,12 @@ from . import context, envelope, events, logs, shared_client
 from .config import broker_url as default_broker_url
 from .errors import BadMessage
 from .framehandler import UndecodableMessage
-from .ioloop import UNENCODABLE, AmqpLoop, open_channel, publish
+from .ioloop import UNENCODABLE, AmqpLoop, publish
 from .redelivery import Forward, Forwarder, Redelivery
 from .retry import ERROR, ERROR_TYPE, attempts_made
 from .registry import DEFAULT_INTERVAL, Presence, Registry, describe_worker, new_instance_id, ping_handler
 from .service import EventSubscription, Service
-from .topology import DEFAULT_TOPOLOGY, Topology, TopologyMismatch
+from .topology import DEFAULT_TOPOLOGY, Topology, TopologyMismatch, declare_queue
 
 log = logs.get_logger("amqprpc.worker")
 
@@ -54,7 +54,7 @@ class Worker(AmqpLoop):
     broker closes the channel on a message above its ``max_message_size``, 16 MiB by
     default in RabbitMQ 4, and the request would come back);
     ``heartbeat`` seconds; ``queue_type`` "classic" or "quorum"; ``max_redeliveries`` a
-    message redelivered more often (its handler kills the worker?) is dead-lettered unrun;
+    message redelivered more often (its handler keeps killing the worker) is dead-lettered unrun;
     ``registry`` a :class:`~amqprpc.registry.Registry` to announce this instance in every
     ``registry_interval`` seconds (from a thread of its own).
     """
@@ -77,7 +77,13 @@ class Worker(AmqpLoop):
         self.forwarder = Forwarder()
         self.channel: amqp.Channel | None = None
         self.consumer_tag = f"amqprpc.{service.name}.{socket.gethostname()}.{os.getpid()}.{os.urandom(3).hex()}"
-        self.event_consumers = events.event_consumers(service, topology, self.consumer_tag)
+        # The broker's own delivery limit sits above ours: the worker sees a poison message's
+        # last delivery itself and dead-letters it with the reason (the broker's dead-letter
+        # route on quorum queues is only the backstop). Set explicitly, so RabbitMQ 4's
+        # default of 20 never undercuts a larger --max-redeliveries.
+        self.delivery_limit = max_redeliveries + 2
+        self.event_consumers = events.event_consumers(service, topology, self.consumer_tag, queue_type,
+                                                      self.delivery_limit)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._consuming = False
@@ -131,19 +137,26 @@ class Worker(AmqpLoop):
             self.forwarder.idle.wait(max(1.0, deadline - time.monotonic()))
         shared_client.detach(self.service.name, self.url, self.topology)
         self.stop()
-        log.info("worker stopped", clean=finished, **self.stats, **self.forwarder.stats)
+        # Not clean = handlers were cut off at the timeout and their messages requeued: an operator should see it.
+        (log.info if finished else log.warning)("worker stopped", clean=finished, **self.stats,
+                                                **self.forwarder.stats)
         return finished
 
     # --- loop thread -------------------------------------------------------------------
     def on_connected(self, connection) -> None:
-        channel = open_channel(connection)
+        channel = connection.channel()
+        queues = {}
         try:
-            self.topology.request_queue(self.service.name, self.queue_type,
-                                        self.redelivery.max_redeliveries + 2)(channel).declare()
+            channel, queues[self.consumer_tag] = declare_queue(
+                connection, channel, self.topology.request_queue(self.service.name, self.queue_type,
+                                                                 self.delivery_limit))
+            for tag, consumer in self.event_consumers.items():
+                channel, queues[tag] = declare_queue(connection, channel, consumer.queue)
         except amqp.exceptions.PreconditionFailed as exc:
             raise TopologyMismatch(
-                f"queue {self.queue_name} exists with other arguments than --queue-type {self.queue_type} "
-                f"declares ({exc.reply_text}); run with its current type, or drain and delete it first") from None
+                f"a queue of {self.service.name} exists with other arguments than --queue-type {self.queue_type} "
+                f"--max-redeliveries {self.redelivery.max_redeliveries} declare ({exc.reply_text}); run with its "
+                "current settings, or drain and delete it first") from None
         # The dead-letter and delay queues are declared on first use (Forward.declare): a
         # service that never fails leaves nothing behind on the broker.
         self.forwarder.connect(connection)
@@ -151,9 +164,12 @@ class Worker(AmqpLoop):
         self.channel = channel
         if self._shutting_down:
             return
-        channel.basic_consume(queue=self.queue_name, consumer_tag=self.consumer_tag, callback=self._on_message)
-        events.start_consuming(channel, self.event_consumers.values(), self._on_message)
+        for tag, declared in queues.items():
+            self.consume(channel, declared, self._on_message, consumer_tag=tag)
         self._consuming = True
+
+    def keep_consuming(self, consumer_tag: str) -> bool:
+        return self._consuming and not self._shutting_down
 
     def on_disconnected(self, exc) -> None:
         # Unacked deliveries of the dead channel are redelivered by the broker; replies of
@@ -321,11 +337,14 @@ class Worker(AmqpLoop):
         handler = self.service.find(request.action) or self._builtins.get(request.action)
         if handler is None:
             self.stats["failed"] += 1
-            log.warning("unknown action", action=request.action, correlation_id=request.correlation_id,
-                        trace_id=trace_id)
-            if not request.reply_to:
+            if not request.reply_to:  # a cast: nobody hears the error, so say where the message went
+                log.warning("unknown action, dead-lettered", action=request.action,
+                            correlation_id=request.correlation_id, trace_id=trace_id,
+                            dead_letter_queue=self.topology.dead_queue_name(self.service.name))
                 return None, None, None, self.redelivery.dead_letter(
                     message, self.queue_name, f"Unknown action: {request.action}", "UnknownAction")
+            log.warning("unknown action", action=request.action, correlation_id=request.correlation_id,
+                        trace_id=trace_id)
             return request.reply_to, request.correlation_id, envelope.error_reply(
                 f"Unknown action: {request.action}", "UnknownAction", request.message_id), None
         with self._bound(request.action, request.correlation_id, trace_id, deadline):

@@ -1,7 +1,10 @@
-"""Integration tests talk to the real RabbitMQ (and Redis) on 127.0.0.1.
+"""Integration tests talk to the real RabbitMQ named by AMQPRPC_BROKER_URL (default: the one
+on 127.0.0.1:5672) and the real Redis on 127.0.0.1:6379.
 
-`make test` starts them when installed but not running (scripts/services.sh); a test
-needing one that still does not answer fails with a clear message, never skips silently.
+`make test` starts them when installed but not running (scripts/services.sh); `make
+test-rabbitmq4` runs the same suite against a RabbitMQ 4.x node of its own
+(tests/rabbit_node.py). A test needing a broker that does not answer fails with a clear
+message, never skips silently.
 """
 from __future__ import annotations
 
@@ -14,9 +17,9 @@ from amqprpc.config import broker_url as configured_broker_url
 from amqprpc.testing import unique_name
 
 
-def _port_open(port: int) -> bool:
+def _port_open(port: int, host: str = "127.0.0.1") -> bool:
     try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        socket.create_connection((host, port), timeout=1).close()
         return True
     except OSError:
         return False
@@ -24,15 +27,34 @@ def _port_open(port: int) -> bool:
 
 @pytest.fixture(scope="session")
 def broker_url() -> str:
-    if not _port_open(5672):
-        pytest.fail("RabbitMQ does not answer on 127.0.0.1:5672: run ./scripts/services.sh (or make test)")
-    return configured_broker_url()
+    from rabbit_node import broker_address
+
+    url = configured_broker_url()
+    host, port = broker_address(url)
+    if not _port_open(port, host):
+        pytest.fail(f"RabbitMQ does not answer on {host}:{port} (AMQPRPC_BROKER_URL): run ./scripts/services.sh "
+                    "(or make test)")
+    return url
 
 
 @pytest.fixture(scope="session")
 def redis_available() -> None:
     if not _port_open(6379):
         pytest.fail("Redis does not answer on 127.0.0.1:6379: run ./scripts/services.sh (or make test)")
+
+
+@pytest.fixture
+def done_counts(redis_available):
+    """(Redis client, a hash key of this test's own) that worker processes running
+    ``daemon_app`` count what they ran in; deleted after the test."""
+    import redis
+
+    from amqprpc.config import redis_url
+
+    client = redis.Redis.from_url(redis_url(), decode_responses=True)
+    key = unique_name("amqprpc-test-done")
+    yield client, key
+    client.delete(key)
 
 
 @pytest.fixture
@@ -50,9 +72,16 @@ def service(service_name: str) -> Service:
 def own_broker():
     """A RabbitMQ node this test session alone uses, for tests that stop and start the
     broker or need a service name (user-service) no other run is consuming. Started once,
-    on first use (a few seconds), stopped at the end of the session."""
+    on first use (a few seconds), stopped at the end of the session. Same RabbitMQ version
+    as the suite's broker (AMQPRPC_TEST_RABBITMQ_ROOT, see rabbit_node.py)."""
+    import os
+
     from rabbit_node import RabbitNode
 
+    shared = os.environ.get("AMQPRPC_TEST_RABBIT_NODE")  # a node make test-pythons started for every Python
+    if shared:
+        yield RabbitNode.attach(shared)
+        return
     node = RabbitNode()
     node.start()
     yield node

@@ -34,8 +34,9 @@ def work(payload: dict) -> dict:
 
 @service.event(f"{service.name}.happened")
 def happened(payload: dict) -> None:
-    """An event of this test's own: counted like a request, under ``event``."""
-    _redis.hincrby(payload["done"], "event", 1)
+    """An event of this test's own: counted like a request, under ``event`` (``event.{n}``
+    when the payload numbers it)."""
+    _redis.hincrby(payload["done"], f"event.{payload['n']}" if "n" in payload else "event", 1)
 
 
 @service.handler

@@ -17,13 +17,13 @@ AMQPRPC = [sys.executable, "-m", "amqprpc"]
 
 
 class Proc:
-    def __init__(self, args: list[str], env: dict | None = None):
+    def __init__(self, args: list[str], env: dict | None = None, cwd: str | None = None):
         self.args = args
         self.lines: list[str] = []
         self._eof = False
         self._changed = threading.Condition()
         self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        env={**os.environ, **(env or {})})
+                                        env={**os.environ, **(env or {})}, cwd=cwd)
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:

@@ -25,6 +25,7 @@ from amqprpc.collector import _reply_entry
 from amqprpc.testing import delete_queues, running_worker, unique_name, wait_for
 
 from procs import collector, free_port
+from rabbit_node import broker_address, suite_ctl
 
 pytestmark = pytest.mark.integration
 
@@ -240,8 +241,7 @@ def _ready_messages(broker_url: str, queue: str) -> int:
         return conn.default_channel.queue_declare(queue, passive=True).message_count
 
 
-@pytest.mark.skipif(shutil.which("rabbitmqctl") is None or shutil.which("ss") is None,
-                    reason="needs rabbitmqctl (to close one connection) and ss (to find it)")
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (to find the collector's connection)")
 def test_the_collector_reconnects_when_the_broker_drops_its_connection(broker_url, service):
     """Only the collector's own connection is closed (the shared broker keeps running):
     it reconnects by itself and replies sent meanwhile are stored."""
@@ -258,9 +258,8 @@ def test_the_collector_reconnects_when_the_broker_drops_its_connection(broker_ur
                                                 topology=Topology(collector_queue=queue)) as client:
             first = client.submit(service.name, "ping", {"n": 0})
             assert wait_for(lambda: store.get(first))["data"] == 0
-            for connection in _amqp_connections_of(proc.process.pid):
-                subprocess.run(["rabbitmqctl", "-q", "close_connection", connection, "test: dropped on purpose"],
-                               check=True, capture_output=True, timeout=60)
+            for connection in _amqp_connections_of(proc.process.pid, broker_url):
+                suite_ctl("-q", "close_connection", connection, "test: dropped on purpose")
             cids = {n: client.submit(service.name, "ping", {"n": n}) for n in range(1, 11)}
             proc.wait_for_line("broker reconnected")
             wait_for(lambda: all(store.get(cid) is not None for cid in cids.values()), timeout=30, interval=0.1)
@@ -272,13 +271,15 @@ def test_the_collector_reconnects_when_the_broker_drops_its_connection(broker_ur
         delete_queues(queue, broker_url=broker_url)
 
 
-def _amqp_connections_of(pid: int) -> list[str]:
-    """The broker's pids of the AMQP connections process ``pid`` holds (found by local port)."""
-    sockets = subprocess.run(["ss", "-tnpH", "state", "established", "( dport = :5672 )"], capture_output=True,
+def _amqp_connections_of(pid: int, broker_url: str) -> list[str]:
+    """The broker's pids of the AMQP connections process ``pid`` holds (found by its local
+    ports: the broker lists them as each connection's peer port)."""
+    _, port = broker_address(broker_url)
+    sockets = subprocess.run(["ss", "-tnpH", "state", "established", f"( dport = :{port} )"], capture_output=True,
                              text=True, check=True).stdout
-    names = {f"{line.split()[2]} -> 127.0.0.1:5672" for line in sockets.splitlines() if f"pid={pid}," in line}
-    listed = subprocess.run(["rabbitmqctl", "-q", "list_connections", "pid", "name"], capture_output=True,
-                            text=True, check=True, timeout=60).stdout
-    found = [line.split("\t")[0] for line in listed.splitlines() if "\t" in line and line.split("\t")[1] in names]
-    assert found, f"no AMQP connection of pid {pid} ({names}) in:\n{listed}"
+    local_ports = {line.split()[2].rsplit(":", 1)[1] for line in sockets.splitlines() if f"pid={pid}," in line}
+    listed = suite_ctl("-q", "list_connections", "pid", "port", "peer_port")
+    found = [fields[0] for fields in (line.split("\t") for line in listed.splitlines())
+             if len(fields) == 3 and fields[1] == str(port) and fields[2] in local_ports]
+    assert found, f"no AMQP connection of pid {pid} (local ports {local_ports}) in:\n{listed}"
     return found

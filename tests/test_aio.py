@@ -85,7 +85,7 @@ def test_cast_publish_event_and_submit(broker_url, redis_available, service):
     with Connection(broker_url) as conn:  # a subscriber, so the event is seen arriving
         channel = conn.default_channel
         Topology().events_exchange()(channel).declare()
-        channel.queue_declare(event_queue, auto_delete=False)
+        channel.queue_declare(event_queue, durable=True, auto_delete=False)  # RabbitMQ 4.3 refuses transient ones
         channel.queue_bind(event_queue, Topology().event_exchange, event)
 
     async def scenario():

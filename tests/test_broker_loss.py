@@ -7,23 +7,13 @@ import threading
 import time
 
 import pytest
-import redis
 
 from amqprpc import RpcClient, ServiceUnavailable
-from amqprpc.config import redis_url
 from amqprpc.testing import delete_queues, unique_name, wait_for
 from rabbit_node import free_port
 from workerproc import WorkerProcess
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def r(redis_available):
-    client = redis.Redis.from_url(redis_url(), decode_responses=True)
-    key = unique_name("amqprpc-test-done")
-    yield client, key
-    client.delete(key)
 
 
 @pytest.fixture
@@ -57,8 +47,8 @@ def answers(client, svc) -> bool:
     return bool(client.call(svc, "ping", timeout=5))
 
 
-def test_idle_worker_and_client_resume_after_broker_restart(own_broker, svc, client, r, tmp_path):
-    redis_client, done = r
+def test_idle_worker_and_client_resume_after_broker_restart(own_broker, svc, client, done_counts, tmp_path):
+    redis_client, done = done_counts
     worker = start(svc, tmp_path, own_broker.url)
     try:
         assert answers(client, svc)
@@ -92,14 +82,15 @@ def test_idle_worker_and_client_resume_after_broker_restart(own_broker, svc, cli
         # The request that was running when the broker went is run again (at least once).
         wait_for(lambda: redis_client.hlen(done) == 1, timeout=30)
     finally:
-        # Stop first: the recounted copy of the held request may still be running, and it
-        # waits for the hold key (deleting it first left that handler waiting past the stop).
-        stop(worker)
-        redis_client.delete(f"{done}:started", f"{done}:hold")
+        # Stop first: the redelivered request may still be running, and waits for the hold key.
+        try:
+            stop(worker)
+        finally:
+            redis_client.delete(f"{done}:started", f"{done}:hold")
 
 
-def test_no_accepted_cast_is_lost_when_the_broker_restarts_under_load(own_broker, svc, client, r, tmp_path):
-    redis_client, done = r
+def test_no_accepted_cast_is_lost_when_the_broker_restarts_under_load(own_broker, svc, client, done_counts, tmp_path):
+    redis_client, done = done_counts
     worker = start(svc, tmp_path, own_broker.url, "--concurrency", "4")
     accepted: list[int] = []
     refused = [0]
@@ -157,8 +148,8 @@ def test_failover_to_the_next_broker_url(own_broker, svc, client, tmp_path):
         stop(worker)
 
 
-def test_heartbeats_flow_while_every_handler_is_busy(own_broker, svc, client, r, tmp_path):
-    redis_client, done = r
+def test_heartbeats_flow_while_every_handler_is_busy(own_broker, svc, client, done_counts, tmp_path):
+    redis_client, done = done_counts
     worker = start(svc, tmp_path, own_broker.url, "--heartbeat", "2", "--concurrency", "3", "--prefetch", "3")
     try:
         connections = own_broker.connections()
@@ -173,3 +164,43 @@ def test_heartbeats_flow_while_every_handler_is_busy(own_broker, svc, client, r,
         assert [int(c) for c in redis_client.hgetall(done).values()] == [1, 1, 1]
     finally:
         stop(worker)
+
+
+def test_a_worker_and_a_collector_started_before_their_broker_serve_once_it_is_up(own_broker, svc, tmp_path):
+    """Daemons that boot before RabbitMQ wait for it (each attempt logged), then serve:
+    a call reaches the worker, and its reply to a submit reaches Redis through the collector."""
+    from amqprpc import ResponseStore, Topology
+
+    from procs import AMQPRPC, Proc
+
+    queue, prefix = unique_name("responses"), unique_name("amqprpc-test-response") + ":"
+    own_broker.stop_app()
+    worker = collector = None
+    try:
+        worker = WorkerProcess(svc, str(tmp_path / "w.log"), "--reconnect-cap", "1", broker_url=own_broker.url)
+        collector = Proc(AMQPRPC + ["collector", "--queue", queue, "--key-prefix", prefix, "--log-format", "json",
+                                    "--reconnect-cap", "1"], env={"AMQPRPC_BROKER_URL": own_broker.url})
+        worker.wait_event("broker connect failed", count=2)
+        collector.wait_for_line('"attempt": 2')
+        assert worker.process.poll() is None and collector.process.poll() is None
+    finally:
+        own_broker.start_app()
+    try:
+        worker.wait_event("worker ready", timeout=60)
+        collector.wait_for_line("collector ready", timeout=60)
+        with RpcClient("late-test", broker_url=own_broker.url, topology=Topology(collector_queue=queue)) as rpc:
+            assert rpc.call(svc, "ping", timeout=10)["pid"] == worker.pid
+            cid = rpc.submit(svc, "ping", {})
+        store = ResponseStore(prefix=prefix)
+        assert wait_for(lambda: store.get(cid), timeout=20)["data"]["pid"] == worker.pid
+        stop(worker)
+        assert collector.stop() == 0, collector.output
+    finally:
+        if worker is not None:
+            worker.kill()
+        if collector is not None and collector.process.poll() is None:
+            collector.stop(signal.SIGKILL)
+        delete_queues(queue, broker_url=own_broker.url)
+        replies = ResponseStore(prefix=prefix).redis
+        for key in replies.scan_iter(prefix + "*"):
+            replies.delete(key)

@@ -28,6 +28,19 @@ def test_help_never_shows_the_default_password():
     assert "guest:guest" not in CliRunner().invoke(main, ["worker", "--help"]).output
 
 
+@pytest.mark.parametrize("command", ["cast", "publish"])
+def test_cast_and_publish_timeout_is_the_brokers_confirm(command):
+    output = " ".join(CliRunner().invoke(main, [command, "--help"]).output.split())
+    assert "Seconds to wait for the broker to confirm it stored the message." in output
+    assert "for the answer" not in output
+
+
+def test_worker_help_says_what_each_option_does_without_guessing():
+    output = " ".join(CliRunner().invoke(main, ["worker", "--help"]).output.split())
+    assert "?" not in output
+    assert "--broker-wait SECONDS" in output and "AMQPRPC_BROKER_WAIT" in output
+
+
 def run(*args, timeout=20, env=None):
     return subprocess.run(AMQPRPC + list(args), capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
@@ -74,12 +87,21 @@ def test_unknown_action_exits_1_naming_it(user_service_worker):
     assert result.returncode == 1 and "no_such_action" in result.stderr
 
 
+def test_demo_with_redis_down_exits_4_saying_how_to_start_it():
+    result = run("demo", env={"AMQPRPC_REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert result.returncode == 4 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("Error: Redis does not answer at redis://127.0.0.1:1/0")
+    assert "redis-server --daemonize yes" in result.stderr
+
+
 @pytest.mark.integration
-def test_unknown_service_exits_4_in_under_2_seconds(broker_url):
+def test_unknown_service_exits_4_at_once_not_at_its_timeout(broker_url):
     started = time.monotonic()
-    result = run("call", "no-such-service", "get_user")
+    result = run("call", "no-such-service", "get_user", "--timeout", "30", timeout=40)
     assert result.returncode == 4
-    assert time.monotonic() - started < 2.0
+    # Far below the call's 30 s timeout; not a tight figure, which a loaded machine's Python
+    # start-up alone (1.5-3.5 s measured) would break.
+    assert time.monotonic() - started < 10.0
 
 
 @pytest.mark.integration

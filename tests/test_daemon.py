@@ -13,6 +13,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from amqprpc import RemoteError, RpcClient
+from amqprpc.config import broker_url as configured_broker_url
 from amqprpc.config import redis_url
 from amqprpc.testing import delete_queues, unique_name, wait_for
 from rabbit_node import free_port
@@ -106,7 +107,7 @@ def test_kill_9_mid_load_loses_nothing(svc, client, r, tmp_path):
 def _ready_in_queue(svc: str) -> int:
     from kombu import Connection
 
-    with Connection() as conn:
+    with Connection(configured_broker_url()) as conn:
         return conn.default_channel.queue_declare(f"service.{svc}.request", passive=True).message_count
 
 
@@ -116,12 +117,13 @@ def test_second_sigterm_stops_at_once_and_requeues_what_was_running(svc, client,
     cast_all(client, svc, done, count=4, started=started, sleep=60)
     wait_for(lambda: r.hlen(started) == 2, timeout=20)
     worker.process.send_signal(signal.SIGTERM)
-    worker.wait_event("warm stop requested")
+    # The warm stop gives back what no handler took (logged once the broker cancelled the
+    # consumer); only then is the second signal the "second signal during a warm stop".
+    assert worker.wait_event("requeued prefetched messages")["count"] == 2
     began = time.monotonic()
     worker.process.send_signal(signal.SIGTERM)
     assert worker.wait(10) == 1
     assert time.monotonic() - began < 10  # not the 60 s the handlers would take
-    assert worker.events("requeued prefetched messages")[0]["count"] == 2
     # The 2 requeued at the first signal, and the 2 that were running, are all back.
     wait_for(lambda: _ready_in_queue(svc) == 4, timeout=10)
     assert r.hlen(done) == 0
@@ -229,3 +231,32 @@ def test_metrics_endpoint_counts_requests(svc, client, r, tmp_path):
     finally:
         worker.process.send_signal(signal.SIGTERM)
         assert worker.wait(15) == 0
+
+
+NO_BROKER = "amqp://guest:guest@127.0.0.1:1//"  # nothing listens on port 1: connection refused
+
+
+def test_a_worker_waits_for_its_broker_logging_each_attempt_and_a_sigterm_ends_the_wait_with_0(svc, tmp_path):
+    worker = WorkerProcess(svc, str(tmp_path / "w.log"), "--reconnect-cap", "0.5", broker_url=NO_BROKER)
+    try:
+        attempt = worker.wait_event("broker connect failed", count=3)
+        assert attempt["attempt"] == 3 and 0 <= attempt["retry_in"] <= 0.5 and "refused" in attempt["error"]
+        assert worker.process.poll() is None
+        worker.process.send_signal(signal.SIGTERM)
+        assert worker.wait(15) == 0, worker.text()
+        assert worker.events("worker exiting")[-1]["reason"] == "stopped while waiting for the broker"
+    finally:
+        worker.kill()
+
+
+@pytest.mark.parametrize("wait, attempts", [("0", 0), ("1.5", 2)])
+def test_broker_wait_bounds_the_wait_then_exit_4_in_one_line(svc, tmp_path, wait, attempts):
+    began = time.monotonic()
+    worker = WorkerProcess(svc, str(tmp_path / "w.log"), "--broker-wait", wait, "--reconnect-cap", "0.3",
+                           broker_url=NO_BROKER)
+    assert worker.wait(30) == 4, worker.text()
+    took = time.monotonic() - began
+    assert len(worker.events("broker connect failed")) >= attempts
+    assert took >= float(wait)
+    errors = [line["event"] for line in worker.lines() if line["event"].startswith("Error:")]
+    assert errors == ["Error: cannot connect to broker amqp://guest:***@127.0.0.1:1//: [Errno 111] Connection refused"]

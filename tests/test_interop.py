@@ -7,6 +7,7 @@ import uuid
 
 import amqp
 import pytest
+from kombu import Connection
 
 from amqprpc import RemoteError, RpcClient
 from amqprpc.testing import delete_queues, running_worker
@@ -14,16 +15,19 @@ from amqprpc.testing import delete_queues, running_worker
 pytestmark = pytest.mark.integration
 
 
-def raw_connection():
-    conn = amqp.Connection("127.0.0.1:5672", userid="guest", password="guest")
+def raw_connection(broker_url: str) -> amqp.Connection:
+    """A plain py-amqp connection to the suite's broker, as a PHP peer would open one."""
+    info = Connection(broker_url).info()  # kombu only parses the URL here
+    conn = amqp.Connection(f"{info['hostname']}:{info['port']}", userid=info["userid"], password=info["password"],
+                           virtual_host=info["virtual_host"])
     conn.connect()
     return conn
 
 
-def test_foreign_client_gets_a_reply_on_the_queue_named_in_the_body(service):
+def test_foreign_client_gets_a_reply_on_the_queue_named_in_the_body(service, broker_url):
     service.handler("get_user")(lambda payload: {"id": payload["user_id"], "name": "Alice"})
     with running_worker(service):
-        conn = raw_connection()
+        conn = raw_connection(broker_url)
         try:
             channel = conn.channel()
             reply_queue, _, _ = channel.queue_declare("", exclusive=True)
@@ -54,11 +58,11 @@ def test_foreign_client_gets_a_reply_on_the_queue_named_in_the_body(service):
 
 
 @pytest.fixture
-def foreign_server(service_name):
+def foreign_server(service_name, broker_url):
     """A user-service written against the article, not amqprpc: it takes reply_to from the
     body and answers {success, data|error, message_id}, without a correlation_id property."""
     queue = f"service.{service_name}.request"
-    conn = raw_connection()
+    conn = raw_connection(broker_url)
     channel = conn.channel()
     channel.exchange_declare("service.exchange", "direct", durable=True, auto_delete=False)
     channel.queue_declare(queue, durable=True, auto_delete=False)

@@ -8,12 +8,11 @@ import sys
 
 import pytest
 import redis
-import structlog
 from conftest import log_lines, wait_ready
 
 from amqprpc import RpcClient, Service, Worker
 from amqprpc.registry import Registry
-from amqprpc.testing import delete_queues, unique_name, wait_for
+from amqprpc.testing import capture_logs, delete_queues, unique_name, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -126,7 +125,7 @@ def test_a_worker_without_redis_serves_warns_once_and_registers_when_redis_comes
     port = free_port()
     registry = Registry(f"redis://127.0.0.1:{port}/0", prefix=unique_name("t6:registry"), timeout=2.0)
     worker = Worker(service, broker_url=broker_url, registry=registry, registry_interval=0.1)
-    with structlog.testing.capture_logs() as logged:
+    with capture_logs() as logged:
         worker.start()
         try:
             with RpcClient("tests", broker_url=broker_url) as client:

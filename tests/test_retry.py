@@ -212,7 +212,10 @@ def test_cast_through_a_connection_loss_is_retried_and_delivered(service, client
         for n in range(5):
             generation = client.generation
             # Cut our own socket (the shared broker stays up), then publish while the loop reconnects.
-            client.call_soon(lambda: client.connection.connection.transport.sock.shutdown(socket.SHUT_RDWR))
+            # Waited for: a cast confirmed before the loop got to the cut would prove nothing.
+            cut = threading.Event()
+            client.call_soon(lambda: (client.connection.connection.transport.sock.shutdown(socket.SHUT_RDWR), cut.set()))
+            assert cut.wait(5)
             client.cast(service.name, "touch", {"n": n}, timeout=10)
             assert client.generation > generation
         wait_for(lambda: sorted(set(seen)) == list(range(5)))

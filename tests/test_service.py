@@ -42,7 +42,9 @@ def test_user_service_resolves_through_its_entry_point_with_no_flags():
 
 
 def test_app_flag_overrides_lookup():
-    assert load_service("anything", app="workers.user_service:service").name == "user-service"
+    from workers import user_service
+
+    assert load_service("user-service", app="workers.user_service:service") is user_service.service
 
 
 def test_unknown_service_names_what_was_tried():

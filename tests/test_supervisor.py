@@ -1,6 +1,8 @@
 """Every program file shipped in supervisor/ runs under a real supervisord (from PyPI),
 paths templated for this machine, against this session's own RabbitMQ node (so the
-shipped service names cannot collide with other test runs on the shared broker)."""
+shipped service names cannot collide with other test runs on the shared broker): all
+answer, kill -9 restarts, stop is warm; and workers started before their broker (stopped
+here) serve once it is up, never going FATAL."""
 from __future__ import annotations
 
 import configparser
@@ -33,9 +35,9 @@ def programs(path: Path) -> dict[str, configparser.SectionProxy]:
     return {name.split(":", 1)[1]: parser[name] for name in parser.sections() if name.startswith("program:")}
 
 
-def shutdown_timeout(command: str) -> float:
-    words = shlex.split(command)
-    return float(words[words.index("--shutdown-timeout") + 1]) if "--shutdown-timeout" in words else 30.0
+def environment(program: configparser.SectionProxy) -> dict[str, str]:
+    """Supervisor's ``environment=KEY="value",...``."""
+    return dict(re.findall(r'(\w+)="([^"]*)"', program["environment"]))
 
 
 @pytest.mark.parametrize("path", PROGRAM_FILES, ids=lambda p: p.name)
@@ -44,13 +46,15 @@ def test_program_file_follows_the_rules(path):
     assert found, f"{path.name} has no [program:...] section"
     for name, program in found.items():
         command = shlex.split(program["command"])
-        assert Path(command[0]).name == "amqprpc" and command[1:3] == ["worker", name]
+        # No option flags: each would override its AMQPRPC_* variable without a word.
+        assert Path(command[0]).name == "amqprpc" and command[1:] == ["worker", name]
         assert program["process_name"] == "%(program_name)s-%(process_num)02d" and int(program["numprocs"]) >= 1
         assert program["stopsignal"] == "TERM"
-        assert float(program["stopwaitsecs"]) > shutdown_timeout(program["command"])
+        env = environment(program)
+        assert float(program["stopwaitsecs"]) > float(env["AMQPRPC_SHUTDOWN_TIMEOUT"])
         assert program["stopasgroup"] == "false" and program["killasgroup"] == "true"
         assert program["autorestart"] == "true" and int(program["startsecs"]) >= 1
-        assert "AMQPRPC_BROKER_URL=" in program["environment"]
+        assert "AMQPRPC_BROKER_URL" in env and "AMQPRPC_BROKER_WAIT" not in env  # daemons wait for their broker
 
 
 def template(path: Path, tmp: Path, broker_url: str, shop_prefix: str) -> Path:
@@ -76,12 +80,43 @@ def template(path: Path, tmp: Path, broker_url: str, shop_prefix: str) -> Path:
 
 
 @pytest.fixture
-def supervisord(own_broker, tmp_path):
+def start_supervisord(own_broker, tmp_path):
+    """``start(program files)``: a supervisord running them (templated), as ``ctl(*args)``
+    (supervisorctl); shut down, queues and Redis keys deleted, after the test."""
+    started = []
+    prefix = unique_name("amqprpc-test-shop") + ":"  # the shop's and the registry's Redis keys
+
+    def start(paths: list[Path]):
+        ctl, process = _supervisord(tmp_path, paths, own_broker.url, prefix)
+        started.append((ctl, process, paths))
+        return ctl
+
+    yield start
+    for ctl, process, paths in started:
+        ctl("shutdown")
+        try:
+            process.wait(60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+        own_broker.ensure_running()
+        for path in paths:
+            delete_queues(*(f"service.{name}.request" for name in programs(path)), broker_url=own_broker.url)
+    shared_redis = redis.Redis.from_url(redis_url())
+    for key in shared_redis.scan_iter(f"{prefix}*"):
+        shared_redis.delete(key)
+
+
+@pytest.fixture
+def supervisord(start_supervisord):
+    return start_supervisord(PROGRAM_FILES)
+
+
+def _supervisord(tmp_path: Path, paths: list[Path], broker_url: str, prefix: str):
     (tmp_path / "conf.d").mkdir()
     (tmp_path / "logs").mkdir()
-    prefix = unique_name("amqprpc-test-shop") + ":"  # the shop's and the registry's Redis keys
-    for path in PROGRAM_FILES:
-        template(path, tmp_path, own_broker.url, prefix)
+    for path in paths:
+        template(path, tmp_path, broker_url, prefix)
     conf = tmp_path / "supervisord.conf"
     conf.write_text(f"""\
 [unix_http_server]
@@ -110,18 +145,7 @@ files = {tmp_path}/conf.d/*.conf
 
     ctl.log = tmp_path / "supervisord.log"
     ctl.logs = tmp_path / "logs"
-    yield ctl
-    ctl("shutdown")
-    try:
-        process.wait(60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        for path in PROGRAM_FILES:
-            delete_queues(*(f"service.{name}.request" for name in programs(path)), broker_url=own_broker.url)
-        shared_redis = redis.Redis.from_url(redis_url())
-        for key in shared_redis.scan_iter(f"{prefix}*"):
-            shared_redis.delete(key)
+    return ctl, process
 
 
 def statuses(ctl) -> dict[str, tuple[str, str]]:
@@ -178,3 +202,42 @@ def test_supervisord_runs_restarts_and_stops_every_shipped_worker(own_broker, su
                  if line.startswith("{")]
         assert [line["exit_code"] for line in lines if line["event"] == "worker exiting"][-1] == 0
         assert [line["clean"] for line in lines if line["event"] == "worker stopped"][-1] is True
+
+
+def json_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")] if path.exists() else []
+
+
+def test_workers_started_before_their_broker_serve_once_it_is_up(own_broker, start_supervisord):
+    """The broker boots after its workers (as after a power cut): the shipped program file's
+    workers stay RUNNING, logging each attempt, and serve once RabbitMQ is up, with no
+    operator action. (Before: exit 4 at once, FATAL after startretries, the shop dead.)"""
+    path = ROOT / "supervisor" / "user-service.conf"
+    own_broker.stop_app()
+    try:
+        supervisord = start_supervisord([path])
+        logs = [supervisord.logs / f"user-service-0{n}.log" for n in range(int(programs(path)["user-service"]["numprocs"]))]
+
+        def waiting_past_startsecs() -> bool:
+            attempts = [[line for line in json_lines(log) if line["event"] == "broker connect failed"] for log in logs]
+            return bool(all_running(supervisord)) and all(len(tried) >= 3 for tried in attempts)
+
+        wait_for(waiting_past_startsecs, timeout=60)  # RUNNING: up for startsecs already, and still trying
+        assert "exited:" not in supervisord.log.read_text()
+    finally:
+        own_broker.start_app()
+    pids = {int(supervisord("pid", f"user-service:user-service-0{n}")) for n in range(len(logs))}
+    served: set = set()
+    with RpcClient("supervisor-late-test", broker_url=own_broker.url) as client:
+        def every_worker_served() -> bool:
+            try:
+                served.add(client.call("user-service", "ping", timeout=10)["pid"])
+            except ServiceUnavailable:  # no queue yet: not reconnected
+                pass
+            return served == pids
+
+        wait_for(every_worker_served, timeout=60, interval=0.1)
+    assert "exited:" not in supervisord.log.read_text()  # the same processes, never restarted
+    supervisord("stop", "all")
+    log = supervisord.log.read_text()
+    assert all(f"stopped: user-service-0{n} (exit status 0)" in log for n in range(len(logs))), log

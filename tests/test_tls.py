@@ -1,7 +1,7 @@
 """amqps:// works, and verifies the broker's certificate by default.
 
 RabbitMQ here listens without TLS, so the test puts a real TLS terminator in front of
-it: a TLS server socket with a fresh self-signed certificate, piping bytes to 5672.
+it: a TLS server socket with a fresh self-signed certificate, piping bytes to the broker.
 """
 import select
 import socket
@@ -13,6 +13,8 @@ import pytest
 
 from amqprpc import RpcClient, ServiceUnavailable
 from amqprpc.testing import running_worker
+
+from rabbit_node import broker_address
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +43,7 @@ def tls_port(certificate, broker_url):
         except (ssl.SSLError, OSError):
             client_sock.close()
             return
-        upstream = socket.create_connection(("127.0.0.1", 5672))
+        upstream = socket.create_connection(broker_address(broker_url))
         try:
             while not stop.is_set():
                 readable, _, _ = select.select([tls, upstream], [], [], 0.2)

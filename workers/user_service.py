@@ -1,5 +1,7 @@
-"""The article's user-service: look users up and validate tokens."""
+"""The article's user-service: look users up, validate tokens, note who was seen when."""
 from __future__ import annotations
+
+import time
 
 from amqprpc import Service
 
@@ -34,3 +36,22 @@ def validate_token(payload: dict) -> dict:
     if len(token) < 10:
         raise ValueError("Invalid token")
     return {"valid": True, "user_id": payload.get("user_id", "user_001")}
+
+
+# When each user was last seen (touch), in this process only: a real service would store it.
+LAST_SEEN: dict = {}
+
+
+@service.handler("touch")
+def touch(payload: dict) -> None:
+    """Note that a user was seen (what callers send as a cast: nobody waits for the answer)."""
+    user_id = payload.get("user_id")
+    if user_id not in USERS:
+        raise UserNotFound(f"User not found: {user_id}")
+    LAST_SEEN[user_id] = int(time.time())
+
+
+@service.handler("last_seen")
+def last_seen(payload: dict) -> dict:
+    """When ``touch`` last noted the user (epoch seconds), or None."""
+    return {"user_id": payload.get("user_id"), "last_seen": LAST_SEEN.get(payload.get("user_id"))}
