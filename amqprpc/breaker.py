@@ -33,13 +33,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from . import logs
-
-try:
-    from . import metrics
-except ImportError:  # prometheus_client is the [metrics] extra; without it breakers count nothing
-    metrics = None  # type: ignore[assignment]
 from .config import redact, redis_client
 from .errors import CallTimeout, CircuitOpen, RemoteError, ServiceUnavailable
+from .ids import text
 
 log = logs.get_logger("amqprpc.breaker")
 
@@ -49,6 +45,14 @@ DEFAULT_PREFIX = "amqprpc:breaker"
 # What counts as "the service is not there" by default. OSError covers socket and
 # connection errors (ConnectionError is one); CircuitOpen is our own refusal, never a failure.
 DEFAULT_FAILURES: tuple[type[BaseException], ...] = (CallTimeout, ServiceUnavailable, OSError)
+
+
+# Told about every breaker of this process: state changes (a StateChange) and rejections (the
+# breaker's name). amqprpc.metrics adds its counters when it is imported (a worker's
+# --metrics-port then shows the breakers of its handlers' service.client); nothing here
+# imports it, so a process without metrics loads no prometheus_client.
+change_listeners: list[Callable[["StateChange"], Any]] = []
+rejection_listeners: list[Callable[[str], Any]] = []
 
 
 @dataclass(frozen=True)
@@ -131,9 +135,8 @@ class CircuitBreaker:
         self._is_failure = is_failure
         self.fallback = fallback
         self.sync_interval = sync_interval
-        # Every breaker reports to the Prometheus metrics (a worker's --metrics-port shows
-        # the breakers of its handlers' service.client); more listeners may be added.
-        self._listeners = [*([metrics.breaker_changed] if metrics else []), *listeners]
+        # Besides these, every breaker tells the process-wide change_listeners (metrics).
+        self._listeners = list(listeners)
         self._views: dict[str, _View] = {}
         self._windows: dict[str, _RateWindow] = {}
         self._lock = threading.Lock()
@@ -197,7 +200,7 @@ class CircuitBreaker:
         """The outcome of a call made with ``ticket``: ``exc`` None for success."""
         failed = exc is not None and self.is_failure(exc)
         name = ticket.name
-        if self.failure_rate is not None and self._window(name).add(failed):
+        if self.failure_rate is not None and self._window(name, self.failure_rate).add(failed):
             self._transition(name, "trip")
             return
         if not failed:
@@ -252,18 +255,18 @@ class CircuitBreaker:
     # --- internals -----------------------------------------------------------------------
     def _reject(self, name: str, left: float) -> None:
         self.stats["rejected"] += 1
-        if metrics:
-            metrics.breaker_rejected(name)
+        for listener in rejection_listeners:
+            listener(name)
         raise CircuitOpen(f"{name}: circuit open, retry in {max(left, 0.0):.1f}s; nothing was sent")
 
     def _transition(self, name: str, outcome: str) -> None:
         state, failures, left = self._store.record(name, outcome)
         self._update(name, state, failures, left, "local")
 
-    def _window(self, name: str) -> "_RateWindow":
+    def _window(self, name: str, rate: float) -> "_RateWindow":
         window = self._windows.get(name)
         if window is None:
-            window = self._windows.setdefault(name, _RateWindow(self.window, self.failure_rate, self.min_calls))
+            window = self._windows.setdefault(name, _RateWindow(self.window, rate, self.min_calls))
         return window
 
     def _update(self, name: str, state: str, failures: int, left: float, origin: str) -> None:
@@ -287,7 +290,7 @@ class CircuitBreaker:
             self.stats["closed"] += 1
             log.info("circuit closed", breaker=name, origin=origin)
         change = StateChange(name, old_state, state, failures, origin)
-        for listener in list(self._listeners):
+        for listener in [*change_listeners, *self._listeners]:
             try:
                 listener(change)
             except Exception:  # noqa: BLE001 - a broken listener must not break calls
@@ -493,7 +496,7 @@ class _RedisStore:
         if isinstance(result, tuple):
             return result
         allowed, state, failures, left = result
-        return bool(allowed), _text(state), int(failures), int(left) / 1000.0
+        return bool(allowed), text(state), int(failures), int(left) / 1000.0
 
     def record(self, name: str, outcome: str) -> tuple[str, int, float]:
         local = (lambda: self.b._local.read(name)) if outcome == "read" else (lambda: self.b._local.record(name, outcome))
@@ -501,8 +504,4 @@ class _RedisStore:
         if isinstance(result, tuple):
             return result
         state, failures, left = result
-        return _text(state), int(failures), int(left) / 1000.0
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+        return text(state), int(failures), int(left) / 1000.0

@@ -14,7 +14,7 @@ import click
 
 from . import logs
 from .config import DEFAULT_BROKER_URL, DEFAULT_COLLECTOR_QUEUE, DEFAULT_REDIS_URL, redact
-from .errors import CallTimeout, RemoteError, RpcError, ServiceUnavailable
+from .errors import CallTimeout, ContractError, RemoteError, RpcError, ServiceUnavailable
 
 EXIT_OK, EXIT_REMOTE_ERROR, EXIT_USAGE, EXIT_TIMEOUT, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4
 
@@ -92,11 +92,12 @@ def fail(code: int, message: str) -> None:
 def request_arguments(timeout_help: str) -> Callable:
     """SERVICE ACTION [PAYLOAD] with the timeout, broker and logging options (call, cast)."""
     def decorate_all(fn: Callable) -> Callable:
-        for decorate in reversed([
+        decorators: list[Callable[[Callable], Callable]] = [
             click.argument("service"), click.argument("action"),
             click.argument("payload", required=False, default="{}", type=JsonObject()),
             timeout_option(timeout_help), broker_option, logging_options("warning"),
-        ]):
+        ]
+        for decorate in reversed(decorators):
             fn = decorate(fn)
         return fn
     return decorate_all
@@ -173,9 +174,9 @@ def worker(service: str, app: str | None, concurrency: int, prefetch: int | None
     capped, jittered backoff. Exit 0 after a clean warm stop, 1 after a cold stop, 2 for
     usage errors, 4 when the broker stayed unreachable for --broker-wait.
     """
-    from .daemon import StartupError, run_worker
-    from .loading import ServiceNotFound, load_service
-    from .topology import TopologyMismatch
+    from .daemon import run_worker
+    from .errors import ServiceNotFound, StartupError, TopologyMismatch
+    from .loading import load_service
     from .worker import Worker
 
     logs.configure(log_format, log_level)
@@ -186,11 +187,15 @@ def worker(service: str, app: str | None, concurrency: int, prefetch: int | None
     logs.bind_process(service=svc.name)
     from .registry import Registry
 
+    try:
+        svc.check()  # a handler annotation that cannot be validated: exit 2 now, not on the first call
+    except ContractError as exc:
+        fail(EXIT_USAGE, str(exc))
     registry = Registry(redis_url) if registry_interval > 0 else None
     instance = Worker(svc, broker_url=broker, concurrency=concurrency, prefetch=prefetch, heartbeat=heartbeat,
                       registry=registry, registry_interval=registry_interval or 5.0,
-                      max_message_bytes=max_message_bytes, queue_type=queue_type, max_redeliveries=max_redeliveries)
-    instance.reconnect_cap = reconnect_cap
+                      max_message_bytes=max_message_bytes, queue_type=queue_type, max_redeliveries=max_redeliveries,
+                      reconnect_cap=reconnect_cap)
     try:
         code = run_worker(instance, shutdown_timeout, pidfile=pidfile, metrics_port=metrics_port,
                           broker_wait=broker_wait)
@@ -346,15 +351,16 @@ def collector(redis_url: str, ttl: float, queue_name: str, key_prefix: str, pref
     waited for (--broker-wait). Exit codes as for 'worker'.
     """
     from .collector import Collector
-    from .daemon import StartupError, run_worker
+    from .daemon import run_worker
+    from .errors import StartupError
     from .responses import ResponseStore
     from .topology import Topology
 
     logs.configure(log_format, log_level)
     logs.bind_process(service="amqprpc-collector")
     instance = Collector(ResponseStore(redis_url, prefix=key_prefix), broker_url=broker, ttl=ttl,
-                         topology=Topology(collector_queue=queue_name), prefetch=prefetch, heartbeat=heartbeat)
-    instance.reconnect_cap = reconnect_cap
+                         topology=Topology(collector_queue=queue_name), prefetch=prefetch, heartbeat=heartbeat,
+                         reconnect_cap=reconnect_cap)
     try:
         code = run_worker(instance, shutdown_timeout, pidfile=pidfile, title="amqprpc collector",
                           broker_wait=broker_wait, kind="collector")
@@ -363,6 +369,65 @@ def collector(redis_url: str, ttl: float, queue_name: str, key_prefix: str, pref
     except Exception as exc:  # noqa: BLE001 - connection failures at start: one line, no traceback
         fail(EXIT_UNAVAILABLE, f"cannot connect to broker {broker}: {exc}")
     sys.exit(code)
+
+
+@main.command()
+@click.argument("service", required=False)
+@click.option("--app", envvar="AMQPRPC_APP", show_envvar=True, metavar="MODULE:ATTR",
+              help="Load the Service from here instead of the entry points / workers package (as for 'worker').")
+@click.option("--format", "fmt", default="json", show_default=True, type=click.Choice(["json", "yaml"]),
+              help="yaml needs PyYAML (pip install 'amqprpc[yaml]').")
+@click.option("--out", "-o", default=None, type=click.Path(), metavar="PATH",
+              help="Write the document here instead of printing it; with --all, a folder for SERVICE.json each.")
+@click.option("--all", "all_services", is_flag=True,
+              help="Document every service of the 'amqprpc.services' entry points (needs --out FOLDER).")
+@broker_option
+def asyncapi(service: str | None, app: str | None, fmt: str, out: str | None, all_services: bool,
+             broker: str) -> None:
+    """Print SERVICE's contract as an AsyncAPI 3.0 document: the broker, the request channel
+    and its queue, one operation per action with its payload schema and its reply (success
+    and error envelopes), the events it subscribes to, and the wire envelope.
+
+    Payload schemas come from the handlers' annotations (pydantic models, dataclasses,
+    TypedDicts; {"type": "object"} for dict handlers). The server is the --broker URL
+    without its credentials. Exit 0, or 2 for usage errors (unknown service, a bad
+    annotation, --format yaml without PyYAML).
+    """
+    import os
+
+    from . import asyncapi as spec
+    from .errors import ContractError
+    from .loading import ServiceNotFound, known_services, load_service
+
+    if all_services and (service or app):
+        raise click.UsageError("--all documents every service of the entry points: give no SERVICE or --app")
+    if all_services and not out:
+        raise click.UsageError("--all writes one document per service: give --out FOLDER")
+    if not all_services and not service:
+        raise click.UsageError("give SERVICE, or --all --out FOLDER")
+    if fmt == "yaml":
+        try:
+            import yaml  # noqa: F401
+        except ImportError:
+            fail(EXIT_USAGE, "--format yaml needs PyYAML: pip install 'amqprpc[yaml]' (or use the default, json)")
+    names: list[str] = known_services() if all_services else [service or ""]
+    texts: dict[str, str] = {}
+    try:
+        for name in names:
+            texts[name] = spec.dumps(spec.document(load_service(name, app), broker_url=broker), fmt)
+    except (ServiceNotFound, ContractError) as exc:
+        fail(EXIT_USAGE, str(exc))
+    if all_services and out:
+        os.makedirs(out, exist_ok=True)
+        for name, text in texts.items():
+            with open(os.path.join(out, f"{name}.{fmt}"), "w", encoding="utf-8") as file:
+                file.write(text)
+        click.echo(f"wrote {len(texts)} document(s) to {out}: {', '.join(sorted(texts))}", err=True)
+    elif out:
+        with open(out, "w", encoding="utf-8") as file:
+            file.write(texts[names[0]])
+    else:
+        click.echo(texts[names[0]], nl=False)
 
 
 @main.command()

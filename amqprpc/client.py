@@ -14,7 +14,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before Python 3.11
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Sequence
 
 import amqp
 
@@ -23,10 +23,13 @@ from .breaker import CircuitBreaker
 from .config import broker_url as default_broker_url
 from .config import redact
 from .deadlines import Timer
-from .errors import CallTimeout, ConnectionLost, PublishRefused, RemoteError, ServiceUnavailable
+from .errors import CallTimeout, CircuitOpen, ConnectionLost, PublishRefused, RemoteError, ServiceUnavailable
 from .framehandler import UndecodableMessage
 from .ioloop import UNENCODABLE, AmqpLoop, channel_refused, close_quietly, open_confirm_channel, publish
 from .link import describe
+from .middleware import Hooks, Middleware, Outgoing
+from .observability import automatic
+from .outcome import CIRCUIT_OPEN, ERROR, OK, REFUSED, TIMEOUT, UNAVAILABLE, CallOutcome
 from .retry import PUBLISH_RETRY, Retry, call_with_retry
 from .service import snake_case
 from .topology import DEFAULT_TOPOLOGY, Topology
@@ -38,20 +41,30 @@ log = logs.get_logger("amqprpc.client")
 _GRACE = 0.25
 
 
-class RpcClient(AmqpLoop):
+class RpcClient:
     """Calls services over RabbitMQ.
 
     Parameters: ``source`` names this caller in envelopes and in its reply queue;
     ``broker_url`` defaults to ``AMQPRPC_BROKER_URL``; ``timeout`` is the default call
-    timeout in seconds; ``heartbeat`` and ``connect_timeout`` in seconds.
-    Connects at construction and raises :class:`ServiceUnavailable` if it cannot.
+    timeout in seconds; ``heartbeat``, ``connect_timeout`` and ``reconnect_cap`` (the
+    longest wait between reconnect attempts) in seconds; ``middleware`` hooks around what it
+    sends (:mod:`amqprpc.middleware`), after the process's defaults.
+    One lifecycle: connects at construction (raises :class:`ServiceUnavailable` if it
+    cannot), :meth:`close` (or the ``with`` block) ends it. Its connection is an
+    :class:`~amqprpc.ioloop.AmqpLoop` it holds, not one it is.
     """
 
     def __init__(self, source: str = "amqprpc-client", *, broker_url: str | None = None, timeout: float = 5.0,
                  topology: Topology = DEFAULT_TOPOLOGY, heartbeat: float = 30.0, connect_timeout: float = 5.0,
-                 breaker: CircuitBreaker | None = None):
-        super().__init__(default_broker_url(broker_url), name=f"amqprpc-client-{source}", heartbeat=heartbeat,
-                         connect_timeout=connect_timeout)
+                 breaker: CircuitBreaker | None = None, middleware: Sequence[Middleware] | None = None,
+                 reconnect_cap: float = 10.0):
+        self.hooks = Hooks(middleware, builtin=automatic(middleware or ()))
+        self._loop = AmqpLoop(default_broker_url(broker_url), name=f"amqprpc-client-{source}", heartbeat=heartbeat,
+                              connect_timeout=connect_timeout, reconnect_cap=reconnect_cap,
+                              on_connected=self._on_connected, on_disconnected=self._on_disconnected)
+        self.url = self._loop.url
+        # Callers publish under the loop's write lock themselves (see _send_call).
+        self._write_lock = self._loop.write_lock
         self.source = source
         self.timeout = timeout
         self.breaker = breaker
@@ -78,16 +91,20 @@ class RpcClient(AmqpLoop):
         self._callbacks: ThreadPoolExecutor | None = None
         self._closed = False
         try:
-            self.start()
+            self._loop.start()
         except Exception as exc:  # noqa: BLE001 - any connect failure is "unavailable" to a caller
             raise ServiceUnavailable(f"cannot connect to broker {redact(self.url)}: {redact(str(exc))}") from None
 
     # --- public API --------------------------------------------------------------------
-    def call(self, service: str, action: str, payload: Mapping[str, Any] | None = None, *,
-             timeout: float | None = None, retry: Retry | None = None) -> Any:
+    def call(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
+             retry: Retry | None = None, returns: Any = None) -> Any:
         """Call ``action`` on ``service`` and return its ``data``.
 
-        Raises RemoteError (the handler failed), CallTimeout (no reply within ``timeout``
+        ``payload``: a dict, or a pydantic model or dataclass (sent as its JSON dump).
+        ``returns``: a type (a pydantic model, a dataclass, ``list[User]``...) to parse the
+        data into; data that does not fit raises :class:`~amqprpc.errors.ValidationError`.
+        Raises RemoteError (the handler failed; a payload the handler's types refused is
+        ``error_type`` "ValidationError"), CallTimeout (no reply within ``timeout``
         seconds), ServiceUnavailable (no queue for the service, or no broker) or
         CircuitOpen (the breaker refused; nothing was sent).
         ``retry``: for idempotent actions only, re-send after CallTimeout/ServiceUnavailable
@@ -95,24 +112,27 @@ class RpcClient(AmqpLoop):
         """
         timeout = self.timeout if timeout is None else timeout
         if retry is not None:
-            return call_with_retry(lambda left: self.call(service, action, payload, timeout=left), retry, timeout)
-        if self.breaker is not None:
-            return self.breaker.call(service, action, payload, lambda: self._call(service, action, payload, timeout))
-        return self._call(service, action, payload, timeout)
+            data = call_with_retry(lambda left: self.call(service, action, payload, timeout=left), retry, timeout)
+        elif self.breaker is not None:
+            data = self.breaker.call(service, action, payload, lambda: self._call(service, action, payload, timeout))
+        else:
+            data = self._call(service, action, payload, timeout)
+        return data if returns is None else _parse(returns, data, service, action)
 
-    def _call(self, service: str, action: str, payload: Mapping[str, Any] | None, timeout: float) -> Any:
+    def _call(self, service: str, action: str, payload: Any, timeout: float) -> Any:
         future = self._call_async(service, action, payload, timeout)
         try:
             return future.result(timeout + _GRACE)
         except FutureTimeout:
             raise CallTimeout(f"{service}.{action}: no answer within {timeout}s (its deadline timer was late)") from None
 
-    def call_async(self, service: str, action: str, payload: Mapping[str, Any] | None = None, *,
-                   timeout: float | None = None, callback: Callable[[Future], Any] | None = None) -> Future:
+    def call_async(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
+                   callback: Callable[[Future], Any] | None = None, returns: Any = None) -> Future:
         """Send a call and return a Future of its ``data`` at once.
 
         ``callback(future)`` runs when it resolves, on a separate callback thread (so a
-        callback may itself make calls).
+        callback may itself make calls). ``payload`` and ``returns`` as for :meth:`call`
+        (the data is parsed on the callback thread, never on the I/O loop's).
         """
         if self.breaker is not None:
             future = self.breaker.call_async(service, action, payload,
@@ -120,20 +140,55 @@ class RpcClient(AmqpLoop):
                                              self._run_callback)
         else:
             future = self._call_async(service, action, payload, timeout)
+        if returns is not None:
+            future = self._parsed(future, returns, service, action)
         if callback is not None:
             future.add_done_callback(self._run_callback(callback))
         return future
 
-    def _call_async(self, service: str, action: str, payload: Mapping[str, Any] | None,
+    def _parsed(self, future: Future, returns: Any, service: str, action: str) -> Future:
+        """A Future of ``future``'s data parsed into ``returns``."""
+        parsed: Future = Future()
+
+        def parse(done: Future) -> None:
+            error = done.exception()
+            if error is not None:
+                _settle(parsed, exception=error)
+                return
+            try:
+                _settle(parsed, result=_parse(returns, done.result(), service, action))
+            except Exception as exc:  # noqa: BLE001 - ValidationError, or a type pydantic cannot build
+                _settle(parsed, exception=exc)
+
+        future.add_done_callback(self._run_callback(parse))
+        return parsed
+
+    def _call_async(self, service: str, action: str, payload: Any,
                     timeout: float | None) -> Future:
         timeout, headers = self._deadline(timeout)
         message_id = envelope.new_id()
-        body = envelope.request_body(message_id=message_id, source=self.source, target=service, action=action,
-                                     payload=payload or {}, reply_to=self.reply_queue.name, headers=headers)
+        hooks = self.hooks
+        outgoing = None
+        if hooks.before_publish or hooks.after_settle:  # before the body is built: a hook may set its trace_id
+            outgoing = self._outgoing("call", service, action, self.topology.service_exchange,
+                                      self.topology.request_key(service), message_id, message_id, headers)
+        if type(payload) is not dict:  # models, dataclasses, None: converted (a dict, the usual case, is not)
+            payload = _payload(payload)
+        try:
+            body = envelope.request_body(message_id=message_id, source=self.source, target=service, action=action,
+                                         payload=payload, reply_to=self.reply_queue.name, headers=headers)
+        except Exception as exc:  # a payload JSON cannot carry: what the hooks began for it ends too
+            self._unsent(outgoing, exc)
+            raise
         message = amqp.Message(body, content_type=envelope.CONTENT_TYPE, message_id=message_id,
                                correlation_id=message_id, reply_to=self.reply_queue.name, delivery_mode=2,
                                expiration=str(max(1, int(timeout * 1000))))
         future: Future = Future()
+        if outgoing is not None:
+            if outgoing.headers:
+                message.properties["application_headers"] = outgoing.headers
+            if hooks.after_settle:
+                future.add_done_callback(lambda done: self._settled(outgoing, _failure_of(done)))
         if timeout <= 0:
             future.set_exception(CallTimeout(f"{service}.{action}: the deadline had already passed"))
             return future
@@ -141,28 +196,42 @@ class RpcClient(AmqpLoop):
         self._send_call(message_id, message, service, action, future)
         return future
 
-    def cast(self, service: str, action: str, payload: Mapping[str, Any] | None = None, *,
+    def cast(self, service: str, action: str, payload: Any = None, *,
              timeout: float | None = None) -> None:
         """Send a request that gets no reply. Returns once the broker confirmed it stored
         the message; raises ServiceUnavailable if no queue takes it."""
         timeout, headers = self._deadline(timeout, with_deadline=False)
         message_id = envelope.new_id()
-        body = envelope.request_body(message_id=message_id, source=self.source, target=service, action=action,
-                                     payload=payload or {}, reply_to=None, headers=headers)
-        self._confirmed(self.topology.service_exchange, self.topology.request_key(service), body, message_id,
-                        f"cast to {service}.{action}", mandatory=True, timeout=timeout)
+        exchange, routing_key = self.topology.service_exchange, self.topology.request_key(service)
+        outgoing = self._outgoing("cast", service, action, exchange, routing_key, message_id, None,
+                                  headers) if self._observed else None
+        try:
+            body = envelope.request_body(message_id=message_id, source=self.source, target=service, action=action,
+                                         payload=_payload(payload), reply_to=None, headers=headers)
+        except Exception as exc:  # a payload JSON cannot carry: what the hooks began for it ends too
+            self._unsent(outgoing, exc)
+            raise
+        self._confirmed(exchange, routing_key, body, message_id, f"cast to {service}.{action}", mandatory=True,
+                        timeout=timeout, outgoing=outgoing)
 
-    def publish_event(self, name: str, payload: Mapping[str, Any] | None = None, *,
+    def publish_event(self, name: str, payload: Any = None, *,
                       timeout: float | None = None) -> None:
         """Publish event ``name`` (e.g. ``order.created``); returns once the broker confirmed it."""
         timeout, headers = self._deadline(timeout, with_deadline=False)
         message_id = envelope.new_id()
-        body = envelope.request_body(message_id=message_id, source=self.source, target=None, action=name,
-                                     payload=payload or {}, reply_to=None, headers=headers)
-        self._confirmed(self.topology.event_exchange, name, body, message_id, f"event {name}",
-                        mandatory=False, timeout=timeout)
+        exchange = self.topology.event_exchange
+        outgoing = (self._outgoing("event", None, name, exchange, name, message_id, None, headers)
+                    if self._observed else None)
+        try:
+            body = envelope.request_body(message_id=message_id, source=self.source, target=None, action=name,
+                                         payload=_payload(payload), reply_to=None, headers=headers)
+        except Exception as exc:  # a payload JSON cannot carry: what the hooks began for it ends too
+            self._unsent(outgoing, exc)
+            raise
+        self._confirmed(exchange, name, body, message_id, f"event {name}", mandatory=False, timeout=timeout,
+                        outgoing=outgoing)
 
-    def submit(self, service: str, action: str, payload: Mapping[str, Any] | None = None, *,
+    def submit(self, service: str, action: str, payload: Any = None, *,
                timeout: float | None = None) -> str:
         """Accept-then-poll: send a request whose reply goes to the shared collector queue
         (``topology.collector_queue``) and return its correlation id.
@@ -177,20 +246,27 @@ class RpcClient(AmqpLoop):
         timeout, headers = self._deadline(timeout, with_deadline=False)
         message_id = envelope.new_id()
         collector = self.topology.responses_queue()
-        body = envelope.request_body(message_id=message_id, source=self.source, target=service, action=action,
-                                     payload=payload or {}, reply_to=collector.name, headers=headers)
         deadline = time.monotonic() + timeout
-        if self._declared.get(collector.name) != self.generation:
+        if self._declared.get(collector.name) != self._loop.generation:
             # _confirmed publishes from this thread: let the loop thread declare first.
             declared = threading.Event()
-            self.call_soon(self._declare_once, collector)
-            self.call_soon(declared.set)
+            self._loop.call_soon(self._declare_once, collector)
+            self._loop.call_soon(declared.set)
             if not declared.wait(timeout):
                 raise CallTimeout(f"submit to {service}.{action}: the collector queue was not declared within "
                                   f"{timeout}s; nothing was sent")
-        self._confirmed(self.topology.service_exchange, self.topology.request_key(service), body, message_id,
-                        f"submit to {service}.{action}", mandatory=True, timeout=deadline - time.monotonic(),
-                        correlation_id=message_id, reply_to=collector.name)
+        exchange, routing_key = self.topology.service_exchange, self.topology.request_key(service)
+        outgoing = self._outgoing("submit", service, action, exchange, routing_key, message_id, message_id,
+                                  headers) if self._observed else None
+        try:
+            body = envelope.request_body(message_id=message_id, source=self.source, target=service, action=action,
+                                         payload=_payload(payload), reply_to=collector.name, headers=headers)
+        except Exception as exc:  # a payload JSON cannot carry: what the hooks began for it ends too
+            self._unsent(outgoing, exc)
+            raise
+        self._confirmed(exchange, routing_key, body, message_id, f"submit to {service}.{action}", mandatory=True,
+                        timeout=deadline - time.monotonic(), outgoing=outgoing, correlation_id=message_id,
+                        reply_to=collector.name)
         return message_id
 
     def proxy(self, service: str, *, timeout: float | None = None) -> "ServiceProxy":
@@ -202,7 +278,7 @@ class RpcClient(AmqpLoop):
         if self._closed:
             return
         self._closed = True
-        self.stop()
+        self._loop.stop()
         self._timer.close()
         if self._callbacks is not None:
             self._callbacks.shutdown(wait=False)
@@ -234,10 +310,38 @@ class RpcClient(AmqpLoop):
             headers["deadline"] = round(deadline, 6)
         return timeout, headers
 
+    @property
+    def _observed(self) -> bool:
+        """Whether any middleware hooks what this client sends."""
+        return bool(self.hooks.before_publish or self.hooks.after_settle)
+
+    def _outgoing(self, kind: str, service: str | None, action: str, exchange: str, routing_key: str,
+                  message_id: str, correlation_id: str | None, body_headers: dict[str, Any]) -> Outgoing:
+        """What the middleware sees of a message about to be sent, before its body is built
+        (``before_publish`` may set the envelope's trace_id); the headers the hooks set
+        become its application_headers."""
+        outgoing = Outgoing(kind, service, action, exchange, routing_key, message_id, correlation_id, body_headers)
+        hooks = self.hooks
+        if hooks.before_publish:
+            hooks.run(hooks.before_publish, outgoing)
+        return outgoing
+
+    def _unsent(self, outgoing: Outgoing | None, exc: BaseException) -> None:
+        """A message whose envelope could not be built: settled as an error for the hooks
+        that saw it (before the caller gets the exception)."""
+        if outgoing is not None and self.hooks.after_settle:
+            self._settled(outgoing, exc)
+
+    def _settled(self, outgoing: Outgoing, exc: BaseException | None) -> None:
+        hooks = self.hooks
+        hooks.run(hooks.after_settle, outgoing, _call_outcome(exc, time.monotonic() - outgoing.started))
+
     def _confirmed(self, exchange: str, routing_key: str, body: bytes, message_id: str, what: str, *,
-                   mandatory: bool, timeout: float, **properties: Any) -> None:
+                   mandatory: bool, timeout: float, outgoing: Outgoing | None, **properties: Any) -> None:
         message = amqp.Message(body, content_type=envelope.CONTENT_TYPE, message_id=message_id, delivery_mode=2,
                                **properties)
+        if outgoing is not None and outgoing.headers:
+            message.properties["application_headers"] = outgoing.headers
 
         def attempt(left: float) -> None:
             future: Future = Future()
@@ -250,20 +354,31 @@ class RpcClient(AmqpLoop):
         # Through a connection loss or a refusal: wait for the reconnect (or the replaced
         # channel) and send again, bounded (never kombu's retry-forever default). The same
         # message id goes each time.
-        call_with_retry(attempt, PUBLISH_RETRY, timeout, retryable=(ConnectionLost, PublishRefused), share=False)
+        try:
+            call_with_retry(attempt, PUBLISH_RETRY, timeout, retryable=(ConnectionLost, PublishRefused), share=False)
+        except Exception as exc:
+            if outgoing is not None and self.hooks.after_settle:
+                self._settled(outgoing, exc)
+            raise
+        if outgoing is not None and self.hooks.after_settle:
+            self._settled(outgoing, None)
 
     def _run_callback(self, callback: Callable[[Future], Any]) -> Callable[[Future], None]:
         if self._callbacks is None:
             self._callbacks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="amqprpc-callback")
         executor = self._callbacks
-        return lambda future: executor.submit(callback, future)
+
+        def run(future: Future) -> None:
+            executor.submit(callback, future)
+
+        return run
 
     # --- loop thread -------------------------------------------------------------------
-    def on_connected(self, connection) -> None:
+    def _on_connected(self, connection) -> None:
         replies = connection.channel()
         self.topology.request_exchange()(replies).declare()
         self.topology.events_exchange()(replies).declare()
-        self.consume(replies, self.reply_queue, self._on_reply, no_ack=True)
+        self._loop.consume(replies, self.reply_queue, self._on_reply, no_ack=True)
         self._open_call_channel()
         self._open_confirm_channel()
 
@@ -271,8 +386,8 @@ class RpcClient(AmqpLoop):
         """Requests go out confirmed: a request the broker refuses (nack) fails its call at
         once instead of at its timeout, and tells that the channel needs replacing. The
         broker's acks cost the loop thread one small frame per call, no caller waits on them."""
-        channel = open_confirm_channel(self.connection, self._on_call_ack, self._on_call_nack, self._on_call_returned)
-        with self.write_lock:
+        channel = open_confirm_channel(self._loop.connection, self._on_call_ack, self._on_call_nack, self._on_call_returned)
+        with self._write_lock:
             old, self._call_channel = self._call_channel, channel
             self._call_tags, self._call_seq, self._call_opened = {}, 0, time.monotonic()
         close_quietly(old)
@@ -280,8 +395,8 @@ class RpcClient(AmqpLoop):
     def _open_confirm_channel(self) -> None:
         """Casts, events and submits; confirms the old channel still owed fail as a lost
         connection would, so the bounded publish retry sends them again."""
-        channel = open_confirm_channel(self.connection, self._on_ack, self._on_nack, self._on_confirm_returned)
-        with self.write_lock:
+        channel = open_confirm_channel(self._loop.connection, self._on_ack, self._on_nack, self._on_confirm_returned)
+        with self._write_lock:
             old, self._confirm_channel = self._confirm_channel, channel
             confirms, self._confirms = self._confirms, {}
             self._publish_seq, self._confirm_opened = 0, time.monotonic()
@@ -291,7 +406,7 @@ class RpcClient(AmqpLoop):
 
     def _replace_channel(self, which: str) -> None:
         """After nacks (on the loop thread, never inside the nack's own dispatch)."""
-        if self.connection is None or not self.connected.is_set():
+        if self._loop.connection is None or not self._loop.connected.is_set():
             return
         opened = self._call_opened if which == "call" else self._confirm_opened
         if not channel_refused(opened):
@@ -300,8 +415,8 @@ class RpcClient(AmqpLoop):
         self.channels_replaced[which] += 1
         (self._open_call_channel if which == "call" else self._open_confirm_channel)()
 
-    def on_disconnected(self, exc) -> None:
-        with self.write_lock:  # no caller may publish on the dead channels after this
+    def _on_disconnected(self, exc) -> None:
+        with self._write_lock:  # no caller may publish on the dead channels after this
             self._call_channel = self._confirm_channel = None
             self._call_tags = {}
             confirms, self._confirms = self._confirms, {}
@@ -318,9 +433,9 @@ class RpcClient(AmqpLoop):
     def _declare_once(self, queue) -> None:
         # Declared by the sender too, so that replies wait in the queue even before the
         # first collector ever ran (a reply to a missing queue is dropped by the broker).
-        if self._confirm_channel is not None and self._declared.get(queue.name) != self.generation:
+        if self._confirm_channel is not None and self._declared.get(queue.name) != self._loop.generation:
             queue(self._confirm_channel).declare()
-            self._declared[queue.name] = self.generation
+            self._declared[queue.name] = self._loop.generation
 
     def _register(self, message_id: str, future: Future, service: str, action: str, timeout: float) -> None:
         """Pending from now on, with its deadline on the timer thread (:mod:`amqprpc.deadlines`):
@@ -345,13 +460,13 @@ class RpcClient(AmqpLoop):
         back. But never wait for the lock: when another thread is writing, the loop thread
         publishes this call (in one go with whatever else piled up) rather than callers
         queueing on the lock, each sleep and wake-up a context switch."""
-        if self.write_lock.acquire(blocking=False):
+        if self._write_lock.acquire(blocking=False):
             try:
                 self._publish_call(message_id, message, service, action, future)
             finally:
-                self.write_lock.release()
+                self._write_lock.release()
         else:
-            self.call_soon(self._publish_call, message_id, message, service, action, future)
+            self._loop.call_soon(self._publish_call, message_id, message, service, action, future)
 
     def _publish_call(self, message_id: str, message: amqp.Message, service: str, action: str,
                       future: Future) -> None:
@@ -360,7 +475,7 @@ class RpcClient(AmqpLoop):
         if future.done():  # timed out, or failed with its connection, before its turn came
             return
         routing_key = self.topology.request_key(service)
-        with self.write_lock:
+        with self._write_lock:
             channel = self._call_channel
             if channel is None:
                 self._pending.pop(message_id, None)
@@ -397,18 +512,17 @@ class RpcClient(AmqpLoop):
         return next_due
 
     def _on_reply(self, message: amqp.Message) -> None:
-        body = message.body
-        entry = self._pending.pop(message.properties.get("correlation_id"), None)
-        try:
-            doc = envelope.loads(body)
-        except (ValueError, TypeError, RecursionError):
-            doc = None
+        doc = envelope.decode_reply(message.body)
+        pending = self._pending
+        entry = pending.pop(message.properties.get("correlation_id"), None)  # the common case, at once
+        if entry is None:
+            for call_id in envelope.reply_ids(message.properties, doc):
+                entry = pending.pop(call_id, None)
+                if entry is not None:
+                    break
         if isinstance(message, UndecodableMessage):
-            self._undecodable_reply(message, entry, doc)
+            self._undecodable_reply(message, entry)
             return
-        if entry is None and isinstance(doc, dict):
-            # A foreign server may answer with the request's message_id only.
-            entry = self._pending.pop(doc.get("message_id"), None)
         if entry is None:
             log.debug("reply for no pending call (late or duplicate)",
                       correlation_id=message.properties.get("correlation_id"))
@@ -426,12 +540,10 @@ class RpcClient(AmqpLoop):
             _settle(future, exception=RemoteError(str(doc.get("error")), str(doc.get("error_type") or "RemoteError"),
                                                   doc.get("message_id")))
 
-    def _undecodable_reply(self, message: UndecodableMessage, entry: tuple | None, doc: Any) -> None:
+    def _undecodable_reply(self, message: UndecodableMessage, entry: tuple | None) -> None:
         """A reply whose properties did not decode (a hostile or broken peer): the call it
-        names by its body's message_id fails with BadReply; otherwise it is dropped (the
-        reply queue is no_ack). Either way the connection stays up."""
-        if entry is None and isinstance(doc, dict) and isinstance(doc.get("message_id"), str):
-            entry = self._pending.pop(doc["message_id"], None)
+        names (by what did decode, or its body's message_id) fails with BadReply; otherwise
+        it is dropped (the reply queue is no_ack). Either way the connection stays up."""
         log.warning("undecodable reply", problem=message.problem, matched=entry is not None)
         if entry is not None:
             future, service, action, _ = entry
@@ -445,14 +557,18 @@ class RpcClient(AmqpLoop):
             self._call_tags.pop(delivery_tag, None)
 
     def _on_call_nack(self, delivery_tag: int, multiple: bool) -> None:
-        ids = _take_tags(self._call_tags, delivery_tag) if multiple else [self._call_tags.pop(delivery_tag, None)]
+        if multiple:
+            ids = _take_tags(self._call_tags, delivery_tag)
+        else:
+            one = self._call_tags.pop(delivery_tag, None)
+            ids = [] if one is None else [one]
         for message_id in ids:
             entry = self._pending.pop(message_id, None)
             if entry is not None:
                 future, service, action, _ = entry
                 _settle(future, exception=PublishRefused(f"{service}.{action}: the broker refused the request (nack)"))
         if channel_refused(self._call_opened):
-            self.call_soon(self._replace_channel, "call")
+            self._loop.call_soon(self._replace_channel, "call")
 
     def _on_call_returned(self, exc, exchange: str, routing_key: str, message: amqp.Message) -> None:
         entry = self._pending.pop(message.properties.get("correlation_id"), None)
@@ -465,7 +581,7 @@ class RpcClient(AmqpLoop):
                         mandatory: bool, future: Future) -> None:
         """From the caller's thread, like _send_call: the confirm's delivery tag is the
         channel's publish count, so numbering and publishing happen under write_lock."""
-        with self.write_lock:
+        with self._write_lock:
             channel = self._confirm_channel
             if channel is None:
                 _settle(future, exception=ConnectionLost(f"{what}: not connected to the broker"))
@@ -496,20 +612,22 @@ class RpcClient(AmqpLoop):
         for future, _, what in self._take_confirms(delivery_tag, multiple):
             _settle(future, exception=PublishRefused(f"{what}: the broker refused the message (nack)"))
         if channel_refused(self._confirm_opened):
-            self.call_soon(self._replace_channel, "confirm")
+            self._loop.call_soon(self._replace_channel, "confirm")
 
     def _take_confirms(self, delivery_tag: int, multiple: bool) -> list:
         if not multiple:
             entry = self._confirms.pop(delivery_tag, None)
             return [entry] if entry else []
-        with self.write_lock:  # callers add entries from their threads
+        with self._write_lock:  # callers add entries from their threads
             tags = [tag for tag in self._confirms if tag <= delivery_tag]
             return [self._confirms.pop(tag) for tag in tags]
 
 
 class ServiceProxy:
     """``client.proxy("user-service").get_user(user_id="u1")``; camelCase attribute
-    names are sent as snake_case actions (``getUser`` -> ``get_user``)."""
+    names are sent as snake_case actions (``getUser`` -> ``get_user``). A method takes a
+    payload (dict or model) and/or fields as keywords, and ``returns=`` as for ``call``
+    (so ``returns`` is no payload field name here)."""
 
     def __init__(self, client: RpcClient, service: str, timeout: float | None = None):
         self._client = client
@@ -521,11 +639,31 @@ class ServiceProxy:
             raise AttributeError(name)
         action = snake_case(name)
 
-        def remote_method(payload: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
-            return self._client.call(self._service, action, {**(payload or {}), **kwargs}, timeout=self._timeout)
+        def remote_method(payload: Any = None, *, returns: Any = None, **kwargs: Any) -> Any:
+            if kwargs:
+                payload = {**_payload(payload), **kwargs}
+            return self._client.call(self._service, action, payload, timeout=self._timeout, returns=returns)
 
         remote_method.__name__ = action
         return remote_method
+
+
+def _payload(payload: Any) -> Any:
+    """What the envelope carries: a dict as it is; a pydantic model or dataclass dumped to
+    JSON types (:func:`amqprpc.contracts.to_payload`, imported only then)."""
+    if payload is None:
+        return {}
+    if type(payload) is dict:
+        return payload
+    from .contracts import to_payload
+
+    return to_payload(payload)
+
+
+def _parse(returns: Any, data: Any, service: str, action: str) -> Any:
+    from .contracts import parse
+
+    return parse(returns, data, f"{service}.{action}")
 
 
 def _publish_error(what: str, exc: Exception) -> Exception:
@@ -549,6 +687,29 @@ def _take_tags(tags: dict[int, str], up_to: int) -> list[str]:
         if message_id is not None:
             taken.append(message_id)
     return taken
+
+
+def _failure_of(future: Future) -> BaseException | None:
+    return CallTimeout("cancelled") if future.cancelled() else future.exception()
+
+
+def _call_outcome(exc: BaseException | None, duration: float) -> CallOutcome:
+    """How a call (or a confirmed publish) settled, from what its caller got."""
+    if exc is None:
+        return CallOutcome(OK, None, duration)
+    if isinstance(exc, RemoteError):
+        return CallOutcome(ERROR, exc.error_type, duration)
+    if isinstance(exc, CallTimeout):
+        kind = TIMEOUT
+    elif isinstance(exc, CircuitOpen):
+        kind = CIRCUIT_OPEN
+    elif isinstance(exc, PublishRefused):
+        kind = REFUSED
+    elif isinstance(exc, ServiceUnavailable):
+        kind = UNAVAILABLE
+    else:
+        kind = ERROR
+    return CallOutcome(kind, type(exc).__name__, duration)
 
 
 def _settle(future: Future, *, result: Any = None, exception: BaseException | None = None) -> None:

@@ -19,12 +19,10 @@ It has the worker's lifecycle (``start``, ``shutdown``, ``stop``, ``alive``, ``s
 """
 from __future__ import annotations
 
-import os
 import queue
-import socket
 import threading
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 import amqp
 
@@ -32,29 +30,32 @@ from . import envelope, logs
 from .backoff import full_jitter
 from .config import broker_url as default_broker_url
 from .config import redact
+from .consumer import STOP, Consumer
 from .framehandler import UndecodableMessage
-from .ioloop import AmqpLoop
-from .redelivery import Forward, Forwarder, Redelivery
+from .ids import new_instance_id
+from .redelivery import Forward, Redelivery
 from .responses import DEFAULT_TTL, ResponseStore
 from .topology import DEFAULT_TOPOLOGY, Topology
 
 log = logs.get_logger("amqprpc.collector")
 
-_STOP = object()
 
 
-class Collector(AmqpLoop):
+class Collector:
     """Store every reply arriving on ``topology.collector_queue`` in ``store``.
 
     Parameters: ``ttl`` seconds a stored reply lives; ``prefetch`` unacked replies held at
-    most (also the largest Redis batch); ``heartbeat`` seconds; ``retry_base`` and
-    ``retry_cap`` bound the backoff between Redis attempts, in seconds.
+    most (also the largest Redis batch); ``heartbeat`` and ``reconnect_cap`` (the longest
+    wait between reconnect attempts) seconds; ``retry_base`` and ``retry_cap`` bound the
+    backoff between Redis attempts, in seconds.
+
+    The worker's lifecycle: :meth:`start`, :meth:`shutdown` (warm) or :meth:`stop` (cold).
     """
 
     def __init__(self, store: ResponseStore, *, broker_url: str | None = None, ttl: float = DEFAULT_TTL,
                  topology: Topology = DEFAULT_TOPOLOGY, prefetch: int = 200, heartbeat: float = 30.0,
-                 retry_base: float = 0.1, retry_cap: float = 5.0):
-        super().__init__(default_broker_url(broker_url), name="amqprpc-io-collector", heartbeat=heartbeat)
+                 retry_base: float = 0.1, retry_cap: float = 5.0, reconnect_cap: float = 10.0):
+        self.name = "collector"
         self.store = store
         self.ttl = ttl
         self.topology = topology
@@ -62,26 +63,51 @@ class Collector(AmqpLoop):
         self.prefetch = prefetch
         self.retry_base = retry_base
         self.retry_cap = retry_cap
-        self.channel: amqp.Channel | None = None
-        self.consumer_tag = f"amqprpc.collector.{socket.gethostname()}.{os.getpid()}.{os.urandom(3).hex()}"
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.consumer_tag = f"amqprpc.collector.{new_instance_id()}"
         self._storer: threading.Thread | None = None
         self._abandon = threading.Event()
         # What cannot be stored (no correlation id, properties that do not decode) goes to
         # ``{collector_queue}.dead`` (``amqprpc.responses.dead``), as a worker's to ``service.X.dead``.
         self.redelivery = Redelivery(self.queue_name, replace(topology, dead_queue_format="{service}.dead"))
-        self.forwarder = Forwarder()
-        self._consuming = True  # until a warm stop cancels the consumer
-        self.stats = {"received": 0, "stored": 0, "dropped": 0, "store_errors": 0}
+        self._consumer = Consumer(default_broker_url(broker_url), name="amqprpc-io-collector", prefetch=prefetch,
+                                  redelivery=self.redelivery, declare=self._declare, heartbeat=heartbeat,
+                                  reconnect_cap=reconnect_cap)
+        self._loop = self._consumer.loop
+        self.url = self._loop.url
+        self._inbox = self._consumer.inbox
+        self._counts = {"stored": 0, "dropped": 0, "store_errors": 0}  # written by the store thread alone
 
     # --- lifecycle (any thread) --------------------------------------------------------
-    def start(self) -> None:
-        """Connect, start consuming and start the store thread."""
+    @property
+    def alive(self) -> bool:
+        return self._loop.alive
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {"received": self._consumer.received, **self._counts}
+
+    def start(self, *, broker_wait: float = 0.0,
+              on_connect_retry: Callable[[int, float, BaseException], None] | None = None) -> None:
+        """Connect, start consuming and start the store thread (``broker_wait`` and
+        ``on_connect_retry`` as for :meth:`Worker.start <amqprpc.worker.Worker.start>`).
+        When it raises, no thread of this collector is left running."""
         self._storer = threading.Thread(target=self._store_loop, name="amqprpc-collector-store", daemon=True)
         self._storer.start()
-        super().start()
+        try:
+            self._consumer.start(broker_wait, on_connect_retry)
+        except BaseException:
+            self._inbox.put(STOP)
+            self._storer.join(5.0)
+            raise
         log.info("collector ready", queue=self.queue_name, ttl=self.ttl, prefix=self.store.prefix,
                  prefetch=self.prefetch)
+
+    def cancel_start(self) -> None:
+        self._loop.cancel_start()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Cold stop: close the connection now; what is unacked goes back to the queue."""
+        self._loop.stop(timeout)
 
     def shutdown(self, timeout: float = 30.0) -> bool:
         """Warm stop: stop consuming, store and ack what was already received, then close.
@@ -90,60 +116,30 @@ class Collector(AmqpLoop):
         False when Redis did not take it within ``timeout`` seconds: those replies stay
         unacked and go back to the queue when the connection closes."""
         cancelled = threading.Event()
-        self.call_soon(self._stop_consuming, cancelled)
+        self._loop.call_soon(self._consumer.stop_consuming, cancelled, False)
         cancelled.wait(5.0)
-        self._inbox.put(_STOP)
+        self._inbox.put(STOP)
         if self._storer is not None:
             self._storer.join(timeout)
         clean = self._storer is None or not self._storer.is_alive()
         if not clean:
             self._abandon.set()
-        self.stop()
+        self._loop.stop()
         (log.info if clean else log.warning)("collector stopped", clean=clean, **self.stats)
         return clean
 
     # --- loop thread -------------------------------------------------------------------
-    def on_connected(self, connection) -> None:
-        channel = connection.channel()
-        channel.basic_qos(0, self.prefetch, False)
-        self.forwarder.connect(connection)
-        self.consume(channel, self.topology.responses_queue(), self._on_message, consumer_tag=self.consumer_tag)
-        self.channel = channel
-
-    def keep_consuming(self, consumer_tag: str) -> bool:
-        return self._consuming
-
-    def on_disconnected(self, exc) -> None:
-        # The broker redelivers what the dead channel held; storing twice is harmless (SET).
-        self.channel = None
-        self.forwarder.disconnected()
-
-    def _on_message(self, message: amqp.Message) -> None:
-        self.stats["received"] += 1
-        self._inbox.put((self.generation, message))
-
-    def _stop_consuming(self, done: threading.Event) -> None:
-        self._consuming = False
-        try:
-            if self.channel is not None:
-                self.channel.basic_cancel(self.consumer_tag)
-        finally:
-            done.set()
+    def _declare(self, connection: Any, channel: amqp.Channel) -> tuple[amqp.Channel, dict[str, Any]]:
+        return channel, {self.consumer_tag: self.topology.responses_queue()}
 
     def _settle(self, settled: list[tuple[int, amqp.Message, Forward | None]]) -> None:
         """Ack what the store thread stored; dead-letter what it could not store. Tags of
         an earlier connection are dropped: the broker already requeued those."""
-        channel = self.channel
+        channel = self._consumer.channel
         if channel is None:
             return
         for generation, message, forward in settled:
-            if generation != self.generation:
-                continue
-            if forward is None:
-                channel.basic_ack(message.delivery_tag)
-            else:
-                self.forwarder.forward(channel, message.delivery_tag, forward, lambda reason: self.redelivery.dead_letter(
-                    message, self.queue_name, reason, "UnencodableCopy", keep_headers=False))
+            self._consumer.settle(channel, generation, message, forward)
 
     # --- store thread ------------------------------------------------------------------
     def _store_loop(self) -> None:
@@ -151,7 +147,7 @@ class Collector(AmqpLoop):
         while True:
             batch: list[tuple[int, amqp.Message]] = []
             item = get()
-            while item is not _STOP:
+            while item is not STOP:
                 batch.append(item)
                 if len(batch) >= self.prefetch:
                     break
@@ -161,7 +157,7 @@ class Collector(AmqpLoop):
                     break
             if batch and not self._store(batch):
                 return
-            if item is _STOP:
+            if item is STOP:
                 return
 
     def _store(self, batch: list[tuple[int, amqp.Message]]) -> bool:
@@ -171,13 +167,13 @@ class Collector(AmqpLoop):
         settled: list[tuple[int, amqp.Message, Forward | None]] = []
         for generation, message in batch:
             if isinstance(message, UndecodableMessage):
-                self.stats["dropped"] += 1
+                self._counts["dropped"] += 1
                 log.warning("undecodable reply dead-lettered", problem=message.problem)
                 settled.append((generation, message, self.redelivery.undecodable(message, self.queue_name)))
                 continue
             entry = _reply_entry(message)
             if entry is None:
-                self.stats["dropped"] += 1
+                self._counts["dropped"] += 1
                 log.warning("reply without a correlation id, dead-lettered",
                             message_id=message.properties.get("message_id"))
                 settled.append((generation, message, self.redelivery.dead_letter(
@@ -191,7 +187,7 @@ class Collector(AmqpLoop):
                 self.store.put_many(replies, self.ttl)
                 break
             except Exception as exc:  # noqa: BLE001 - Redis down, or anything else: keep unacked, retry
-                self.stats["store_errors"] += 1
+                self._counts["store_errors"] += 1
                 delay = full_jitter(attempt, self.retry_base, self.retry_cap)
                 attempt += 1
                 log.warning("storing replies in Redis failed; they stay unacked", error=redact(str(exc)),
@@ -202,8 +198,8 @@ class Collector(AmqpLoop):
             log.info("Redis took the replies again", replies=len(replies), attempts=attempt + 1)
         for correlation_id, _ in replies:
             log.debug("reply stored", correlation_id=correlation_id)
-        self.stats["stored"] += len(replies)
-        self.call_soon(self._settle, settled)
+        self._counts["stored"] += len(replies)
+        self._loop.call_soon(self._settle, settled)
         return True
 
 
@@ -214,17 +210,11 @@ def _reply_entry(message: amqp.Message) -> tuple[str, bytes] | None:
     A body that is not a JSON object is stored as a ``BadReply`` error envelope, so that
     the poller gets an answer it can read rather than waiting until it gives up."""
     body = message.body
-    correlation_id = message.properties.get("correlation_id")
-    try:
-        doc: Any = envelope.loads(body)
-    except (ValueError, TypeError, RecursionError):
-        doc = None
-    if not correlation_id and isinstance(doc, dict):
-        # A foreign server may answer with the request's message_id only.
-        correlation_id = doc.get("message_id")
-    if not correlation_id:
+    doc = envelope.decode_reply(body)
+    ids = envelope.reply_ids(message.properties, doc)
+    if not ids:
         return None
-    correlation_id = str(correlation_id)
+    correlation_id = ids[0]
     if len(correlation_id) > envelope.SHORTSTR_MAX:  # no call of ours has such an id; nor should a Redis key
         return None
     if not isinstance(doc, dict):

@@ -28,12 +28,13 @@ import os
 import signal
 import threading
 import time
+from typing import Callable, Protocol
 
 from . import logs, sdnotify
 from .config import redact
-from .ioloop import StartCancelled
-from .pidfile import PidFile, PidFileError
-from .worker import Worker
+from .errors import PidFileError, StartupError  # StartupError re-exported: its home was here
+from .ioloop import CONNECT_TIMEOUT, StartCancelled
+from .pidfile import PidFile
 
 log = logs.get_logger("amqprpc.daemon")
 
@@ -41,18 +42,38 @@ EXIT_OK = 0
 EXIT_COLD_STOP = 1
 
 
-class StartupError(Exception):
-    """The process cannot start as configured (pidfile held, metrics port taken): a
-    usage error, not a broker problem."""
+class Daemon(Protocol):
+    """What :func:`run_worker` runs: a :class:`~amqprpc.worker.Worker` or a
+    :class:`~amqprpc.collector.Collector`."""
+
+    url: str
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def stats(self) -> dict[str, int]: ...
+
+    @property
+    def alive(self) -> bool: ...
+
+    def start(self, *, broker_wait: float = 0.0,
+              on_connect_retry: Callable[[int, float, BaseException], None] | None = None) -> None: ...
+
+    def cancel_start(self) -> None: ...
+
+    def shutdown(self, timeout: float = 30.0) -> bool: ...
+
+    def stop(self, timeout: float | None = 10.0) -> None: ...
 
 
-def run_worker(worker: Worker, shutdown_timeout: float = 30.0, *, pidfile: str | None = None,
+def run_worker(worker: Daemon, shutdown_timeout: float = 30.0, *, pidfile: str | None = None,
                metrics_port: int | None = None, title: str | None = None, broker_wait: float = math.inf,
                kind: str = "worker") -> int:
     """Serve until a signal; return the process exit code.
 
-    ``worker`` is a :class:`Worker` or anything with its lifecycle (``start``,
-    ``shutdown``, ``stop``, ``alive``, ``stats``, ``url``), such as the collector.
+    ``worker`` is a :class:`~amqprpc.worker.Worker` or anything with its lifecycle
+    (:class:`Daemon`), such as the collector.
 
     Parameters: ``shutdown_timeout`` seconds running handlers get on a warm stop;
     ``pidfile`` path to write this pid to (refused while another live process holds it:
@@ -64,7 +85,7 @@ def run_worker(worker: Worker, shutdown_timeout: float = 30.0, *, pidfile: str |
     """
     stop_requested = threading.Event()
     cold = threading.Event()
-    title = title or f"amqprpc worker {worker.service.name}"
+    title = title or f"amqprpc {kind} {worker.name}"
 
     def on_stop_signal(signum, _frame):
         if stop_requested.is_set() or signum == signal.SIGQUIT:
@@ -97,6 +118,10 @@ def run_worker(worker: Worker, shutdown_timeout: float = 30.0, *, pidfile: str |
                                    f"pip install 'amqprpc[metrics]'") from None
 
             metrics.instrument(worker)
+            if kind == "worker":  # and what its handlers' clients see of the services they call
+                from . import clientmetrics
+                from .middleware import add_default
+                add_default(clientmetrics.default())
             try:
                 metrics.serve(metrics_port)
             except OSError as exc:
@@ -106,10 +131,8 @@ def run_worker(worker: Worker, shutdown_timeout: float = 30.0, *, pidfile: str |
                  metrics_port=metrics_port, broker_wait="forever" if math.isinf(broker_wait) else broker_wait)
         watchdog = sdnotify.watchdog_interval()
         sdnotify.notify(f"STATUS={title}: connecting to {redact(worker.url)}")
-        worker.startup_wait = broker_wait
-        worker.on_connect_retry = _tell_systemd_we_wait(title, worker, watchdog)
         try:
-            worker.start()
+            worker.start(broker_wait=broker_wait, on_connect_retry=_tell_systemd_we_wait(title, worker, watchdog))
         except StartCancelled:
             log.info(f"{kind} exiting", exit_code=EXIT_OK, reason="stopped while waiting for the broker")
             return EXIT_OK
@@ -134,13 +157,13 @@ def run_worker(worker: Worker, shutdown_timeout: float = 30.0, *, pidfile: str |
             lock.release()
 
 
-def _tell_systemd_we_wait(title: str, worker: Worker, watchdog: float | None):
+def _tell_systemd_we_wait(title: str, worker: Daemon, watchdog: float | None):
     """``on_connect_retry`` for a daemon's start: systemd's status line says it waits for
     the broker, and its start timeout is extended past the next attempt (the process is
     making progress; a start that hangs still times out)."""
 
     def waiting(attempt: int, retry_in: float, exc: BaseException) -> None:
-        budget = retry_in + 2 * worker.connect_timeout + 30.0
+        budget = retry_in + 2 * CONNECT_TIMEOUT + 30.0
         states = [f"STATUS={title}: waiting for the broker {redact(worker.url)} (attempt {attempt}, "
                   f"next in {retry_in:.1f} s): {redact(str(exc))}", f"EXTEND_TIMEOUT_USEC={int(budget * 1e6)}"]
         if watchdog:
@@ -150,7 +173,7 @@ def _tell_systemd_we_wait(title: str, worker: Worker, watchdog: float | None):
     return waiting
 
 
-def _cold_stop(worker: Worker, lock: PidFile | None, kind: str) -> None:
+def _cold_stop(worker: Daemon, lock: PidFile | None, kind: str) -> None:
     # Closing the socket makes the broker requeue every unacked message at once; the
     # handler threads are daemons and die with the process.
     sdnotify.notify("STOPPING=1")

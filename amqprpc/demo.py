@@ -4,29 +4,39 @@ The whole shop (user, order, payment, inventory, notification) runs in this proc
 namespace of its own (``Topology.namespaced`` exchanges and queues, its own Redis prefix),
 so the demo never meets real workers or other runs on the same broker, and it deletes
 everything it declared and stored when it is done.
+
+The shop is found as ``amqprpc worker`` finds a service: through the ``amqprpc.services``
+entry points (the shipped ``workers/`` package registers them in setup.cfg). Each entry
+point's module builds its service afresh with ``build(shop)``, for a ``Shop`` (the module's
+own: where the shop keeps its state) under the demo's prefix. amqprpc imports no shop
+module by name.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import queue
 import threading
 import time
 from concurrent.futures import Future
+from typing import Any
 
 import click
 
 from .client import RpcClient
 from .config import redact
-from .context import current
+from .context import current_call
 from .errors import RemoteError
 from .events import service_queue_names, topic_matches
+from .loading import ENTRY_POINT_GROUP, service_entry_points
 from .service import Service
-from .testing import delete_exchanges, delete_queues
-from .topology import DEFAULT_TOPOLOGY
+from .topology import DEFAULT_TOPOLOGY, delete
 from .worker import Worker
 
 _WAIT = 10.0  # seconds the events get to fan out before the demo says what is missing
+# The scenario's services, by the names their entry points have.
+SHOP = ("user-service", "order-service", "payment-service", "inventory-service", "notification-service")
 
 
 class DemoUnavailable(Exception):
@@ -37,14 +47,24 @@ def _show(label: str, value) -> None:
     click.echo(f"  {label:<44} -> {value}")
 
 
-def run_demo(broker_url: str) -> None:
-    from workers.shop import Shop, build_all
+def load_shop(prefix: str) -> tuple[list[Service], Any]:
+    """The shop's services, each built by its entry point's module for a shop state under
+    ``prefix``, and that state (the ``Shop``: its Redis client and key names)."""
+    entries = {entry.name: entry for entry in service_entry_points() if entry.name in SHOP}
+    missing = [name for name in SHOP if name not in entries]
+    if missing:
+        raise DemoUnavailable(f"the shop is not installed: no {ENTRY_POINT_GROUP!r} entry point for "
+                              f"{', '.join(missing)} (pip install the amqprpc checkout, which ships it)")
+    modules = [importlib.import_module(entries[name].value.partition(":")[0]) for name in SHOP]
+    shop = modules[SHOP.index("order-service")].Shop(prefix=prefix)
+    return [module.build(shop) for module in modules], shop
 
+
+def run_demo(broker_url: str) -> None:
     namespace = f"amqprpc-demo-{os.urandom(3).hex()}"
     topology = DEFAULT_TOPOLOGY.namespaced(namespace)
-    shop = Shop(prefix=namespace + ":")
+    services, shop = load_shop(namespace + ":")
     _check_redis(shop)
-    services = build_all(shop)
     seen: queue.SimpleQueue = queue.SimpleQueue()
     observer = Service("demo-observer")  # a broadcast subscriber to every event: what fans out
     observer.event("#", broadcast=True)(lambda payload: seen.put((_current_event(), payload)))
@@ -76,9 +96,8 @@ def run_demo(broker_url: str) -> None:
 
 def _delete(services: list[Service], topology, shop, broker_url: str) -> None:
     """Delete what the demo declared and stored."""
-    delete_queues(*[name for service in services for name in service_queue_names(service, topology)],
-                  broker_url=broker_url)
-    delete_exchanges(topology.service_exchange, topology.event_exchange, broker_url=broker_url)
+    delete(broker_url, queues=[name for service in services for name in service_queue_names(service, topology)],
+           exchanges=[topology.service_exchange, topology.event_exchange])
     shop.delete_all()
 
 
@@ -153,7 +172,8 @@ def _stock(client: RpcClient) -> int:
 
 
 def _current_event() -> str:
-    return current.get().action
+    call = current_call()
+    return call.action if call is not None else ""
 
 
 def _check_redis(shop) -> None:

@@ -23,8 +23,46 @@ SHORTSTR_MAX = 255
 
 _encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
 _encode_ascii = json.JSONEncoder(ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode
-_decode = json.loads
+_json_loads = json.loads
 _getrandbits = random.getrandbits
+
+# orjson, when installed (``pip install amqprpc[fast]``), does the common case: 4-6x faster
+# on an envelope, 50x on a 1 MB body. Only where its answer is the stdlib's: anything it
+# refuses, or may read or write differently, goes through the stdlib as before:
+# - it reads an integer past 64 bits as a float (silently): a body with a run of 20 digits
+#   is read by the stdlib (the check costs about as much as orjson's own read of a body);
+# - it writes NaN and infinities as null where the stdlib refuses them: output with a null
+#   in it is written again by the stdlib (which raises, or writes the same null);
+# - it refuses NaN/Infinity literals, lone surrogates, integers past 64 bits, non-string
+#   keys, a BOM, nesting past 1024 (the stdlib then decides as before); datetimes,
+#   dataclasses and subclasses of str/int/dict/list are passed through to the stdlib.
+# (It does write a UUID or an Enum, which the stdlib refuses.)
+try:
+    import orjson
+except ImportError:  # pragma: no cover - depends on the environment
+    orjson = None  # type: ignore[assignment]
+if orjson is not None:
+    _odumps, _oloads, _OError = orjson.dumps, orjson.loads, orjson.JSONDecodeError
+    _OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS
+    # Every digit made a "0": a run of 20 zeros is a number of 20 digits or more (a C scan:
+    # a regular expression took 13 ms on a 1 MB body, this 1 ms).
+    _DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
+    _TWENTY_DIGITS = b"0" * 20
+    _ORJSON_READS_UP_TO = 65536
+
+    def _decode(body: bytes | str) -> Any:
+        # Large bodies: the stdlib (as fast once the check is counted, and a worker that read
+        # 1 MB bodies through orjson kept ~25 MB more resident afterwards).
+        if (isinstance(body, (bytes, bytearray)) and len(body) <= _ORJSON_READS_UP_TO
+                and _TWENTY_DIGITS not in body.translate(_DIGITS_TO_ZERO)):
+            try:
+                return _oloads(body)
+            except _OError:
+                pass
+        return _json_loads(body)
+else:
+    _decode = _json_loads
+JSON_LIBRARY = "orjson " + orjson.__version__ if orjson is not None else "json (stdlib)"
 
 
 def new_id() -> str:
@@ -39,6 +77,14 @@ def new_id() -> str:
 
 def dumps(obj: Any) -> bytes:
     """Serialize to compact UTF-8 JSON. Raises TypeError/ValueError for what JSON cannot carry."""
+    if orjson is not None:
+        try:
+            out = _odumps(obj, option=_OPTIONS)
+        except TypeError:  # orjson.JSONEncodeError: the stdlib decides
+            pass
+        else:
+            if b"null" not in out:
+                return out
     text = _encode(obj)
     try:
         return text.encode()
@@ -56,13 +102,13 @@ def request_body(
     *,
     message_id: str,
     source: str,
-    target: str,
+    target: str | None,  # None for events: they have no one target
     action: str,
     payload: Mapping[str, Any],
     reply_to: str | None,
     headers: Mapping[str, Any],
 ) -> bytes:
-    """The request envelope of DESIGN.md. ``correlation_id`` equals ``message_id`` so a
+    """The request envelope (README, "Wire protocol in short"). ``correlation_id`` equals ``message_id`` so a
     foreign server that answers with the request's ``message_id`` only is still matched."""
     return dumps({
         "message_id": message_id,
@@ -190,6 +236,27 @@ def decode_request(body: bytes | str, properties: Mapping[str, Any], max_bytes: 
         payload,
         headers,
     )
+
+
+def decode_reply(body: bytes | str) -> Any:
+    """A reply's body as JSON, or None when it is not JSON at all."""
+    try:
+        return loads(body)
+    except (ValueError, TypeError, RecursionError):
+        return None
+
+
+def reply_ids(properties: Mapping[str, Any], doc: Any) -> list[str]:
+    """The ids a reply may name its call by, in the order to try them: its correlation_id,
+    then the ``message_id`` in its body (a foreign server may answer with that only)."""
+    ids = []
+    correlation_id = properties.get("correlation_id")
+    if correlation_id:
+        ids.append(str(correlation_id))
+    message_id = doc.get("message_id") if isinstance(doc, dict) else None
+    if isinstance(message_id, str) and message_id and message_id not in ids:
+        ids.append(message_id)
+    return ids
 
 
 def ok_reply(data: Any, message_id: str | None) -> bytes:

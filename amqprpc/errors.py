@@ -1,7 +1,18 @@
-"""The exceptions a caller can catch. All subclass :class:`RpcError`.
+"""Every exception amqprpc raises to its user, in one module (all exported from ``amqprpc``).
+
+A caller of a service catches :class:`RpcError` and its subclasses. The others are raised
+while setting a process up: :class:`ServiceNotFound` (loading a service by name),
+:class:`TopologyMismatch` (a queue declared with other arguments), :class:`StartupError`
+and :class:`PidFileError` (the daemon), :class:`StartCancelled` (a start stopped while it
+waited for the broker). The modules that raise them re-export them, so
+``from amqprpc.loading import ServiceNotFound`` keeps working.
 
 The CLI maps them to exit codes (see ``amqprpc.cli``): ``RemoteError`` -> 1,
-``CallTimeout`` -> 3, ``ServiceUnavailable`` and ``CircuitOpen`` -> 4.
+``ServiceNotFound`` and ``StartupError`` -> 2, ``CallTimeout`` -> 3, ``ServiceUnavailable``
+and ``CircuitOpen`` -> 4.
+
+Wire level, never raised to a caller: :class:`BadMessage`, and :class:`ReplyTooLarge`,
+whose name a caller sees as the ``error_type`` of a :class:`RemoteError`.
 """
 from __future__ import annotations
 
@@ -58,3 +69,58 @@ class BadMessage(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+class StartCancelled(Exception):
+    """``start()`` (of a Worker, Collector or client's loop) gave up waiting for the broker:
+    ``stop`` or ``cancel_start`` was called meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__("stopped while waiting for the broker")
+
+
+class ReplyTooLarge(Exception):
+    """A handler's result too large to send back (``Worker.max_reply_bytes``); the caller
+    gets a RemoteError with ``error_type == "ReplyTooLarge"``."""
+
+
+class ServiceNotFound(LookupError):
+    """The service or the ``--app`` reference cannot be loaded (a usage error: exit 2)."""
+
+
+class TopologyMismatch(RuntimeError):
+    """A queue exists with other arguments than the ones asked for (PRECONDITION_FAILED)."""
+
+
+class StartupError(Exception):
+    """The process cannot start as configured (pidfile held, metrics port taken): a
+    usage error, not a broker problem."""
+
+
+class PidFileError(Exception):
+    """Another live process holds the pidfile."""
+
+
+class ValidationError(RpcError):
+    """A payload (or, with ``returns=``, a reply) that does not fit the type a handler or
+    caller declared (:mod:`amqprpc.contracts`). ``errors`` lists each failing field as
+    ``{"loc": "items.0.quantity", "msg": "Input should be greater than 0", "type": ...}``;
+    the message names them all, one ``path: reason`` each, and carries no traceback.
+
+    Raised in a handler it becomes the caller's error reply (``error_type``
+    ``"ValidationError"``), or a dead letter for a cast or an event: it is never retried
+    (``retryable = False``), since the same payload would fail the same way every time.
+    """
+
+    retryable = False
+
+    def __init__(self, message: str, errors: list | None = None):
+        super().__init__(message)
+        self.message = message
+        self.errors = errors or []
+
+
+class ContractError(TypeError):
+    """A handler annotation amqprpc cannot validate with (an unsupported type, a name that
+    does not resolve, a type pydantic cannot build a schema for). Found when the worker
+    starts (``amqprpc worker`` exits 2 with this one line), not on the first call."""

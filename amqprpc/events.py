@@ -1,6 +1,6 @@
 """A worker's event subscriptions: which queue each event handler consumes, under which tag.
 
-Delivery (DESIGN.md, Events), chosen per handler with ``@service.event(pattern, broadcast=...)``:
+Delivery (README, "Events"), chosen per handler with ``@service.event(pattern, broadcast=...)``:
 
 - service pool (default): one durable queue per (service, handler), bound to the event
   exchange by the handler's topic pattern. Every subscribing service gets its own copy of
@@ -15,11 +15,11 @@ worker tells an event from a request by the delivery's consumer tag (see ``Worke
 """
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import dataclass
+
 from kombu import Queue
 
+from .ids import new_instance_id
 from .service import EventSubscription, Service
 from .topology import Topology
 
@@ -32,15 +32,16 @@ class EventConsumer:
 
 
 def event_consumers(service: Service, topology: Topology, tag_prefix: str, queue_type: str = "classic",
-                    delivery_limit: int = 10) -> dict[str, EventConsumer]:
+                    delivery_limit: int = 10, instance: str | None = None) -> dict[str, EventConsumer]:
     """The event consumers a worker of ``service`` runs, keyed by consumer tag.
 
     ``tag_prefix`` is the worker's own (unique) consumer tag; broadcast queues are named
-    after this host, process and a random suffix so that instances never share one.
+    after ``instance`` (the worker's ``host.pid.random`` id, a new one if not given) so that
+    instances never share one.
     Service-pool queues are of ``queue_type`` like the request queue (broadcast ones are
     always exclusive classic queues: they live and die with one connection).
     """
-    instance = f"{socket.gethostname()}.{os.getpid()}.{os.urandom(3).hex()}"
+    instance = instance or new_instance_id()
     consumers = {}
     for name, subscription in service.events.items():
         if subscription.broadcast:

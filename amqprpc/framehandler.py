@@ -68,7 +68,7 @@ class UndecodableMessage(amqp.Message):
     those of any message (escaped strings where the arguments did not decode).
     """
 
-    __slots__ = ()
+    __slots__ = ("problem", "raw_properties")
 
     problem: str
     raw_properties: bytes
@@ -146,8 +146,8 @@ def _redispatch(connection: Any, callback: Callable[..., Any], channel: int, met
         log.warning("frame for an unknown channel dropped", channel=channel, method=method_sig)
         return
     fields = _CONTENT_ARGS.get(method_sig)
-    if fields is None or _args_decode(method_sig, args):
-        raise exc
+    if fields is None or content is None or _args_decode(method_sig, args):
+        raise exc  # (a method of _CONTENT_ARGS always comes with its content)
     values, problems = _lenient_args(fields, args)
     marked = _mark(content, "; ".join(problems) or f"{type(exc).__name__}: {exc}")
     callback(channel, method_sig, args[:4] + dumps("".join(kind for _, kind in fields), values), marked)
@@ -206,7 +206,7 @@ def _undecodable_header(message: amqp.Message, buf: bytes, exc: BaseException) -
     return bad
 
 
-def _mark(message: amqp.Message | None, problem: str) -> UndecodableMessage:
+def _mark(message: amqp.Message, problem: str) -> UndecodableMessage:
     if isinstance(message, UndecodableMessage):
         message.problem = f"{message.problem}; {problem}"
         return message

@@ -35,6 +35,7 @@ from kombu import Connection
 from . import framehandler, logs
 from .backoff import full_jitter
 from .config import redact, ssl_options
+from .errors import StartCancelled  # re-exported: its home was here
 from .link import Link, describe
 
 log = logs.get_logger("amqprpc.ioloop")
@@ -54,17 +55,10 @@ def publish(channel: amqp.Channel, message: amqp.Message, exchange: str, routing
 
     py-amqp drains the socket inside every publish when ``connection.blocked`` is
     negotiated; called from a delivery callback that drain runs the next delivery's
-    callback recursively (DESIGN.md, pitfalls). Our loop drains the socket itself, so the
+    callback recursively, and so on without bound while deliveries keep coming. Our loop drains the socket itself, so the
     publish only needs to write the frames.
     """
     channel.send_method(spec.Basic.Publish, "Bssbb", (0, exchange, routing_key, mandatory, False), message)
-
-
-class StartCancelled(Exception):
-    """:meth:`AmqpLoop.start` gave up waiting for the broker: stop or cancel_start was called."""
-
-    def __init__(self) -> None:
-        super().__init__("stopped while waiting for the broker")
 
 
 def _broker_not_there_yet(exc: BaseException) -> bool:
@@ -110,14 +104,18 @@ def close_quietly(channel: amqp.Channel | None) -> None:
         pass
 
 
+CONNECT_TIMEOUT = 5.0  # seconds, per connection attempt (TCP, TLS and AMQP handshakes), by default
+
+
 class AmqpLoop:
     """Owns one kombu connection in one thread; reconnects with jittered backoff.
 
-    Subclasses (the worker's consumer, the client's requester) override the hooks:
-    ``on_connected(connection)`` declares topology and starts consuming (with
-    :meth:`consume`), ``on_disconnected(exc)`` fails or forgets what the dead connection
-    carried (it runs as soon as the link is found dead, before the socket is dropped),
-    ``keep_consuming(tag)`` says whether a consumer the broker cancelled is still wanted.
+    Held (not inherited) by the client, the worker and the collector, which pass their
+    callbacks, all run on the loop thread: ``on_connected(connection)`` declares topology
+    and starts consuming (with :meth:`consume`), ``on_disconnected(exc)`` fails or forgets
+    what the dead connection carried (it runs as soon as the link is found dead, before the
+    socket is dropped; ``exc`` None when stopping), ``keep_consuming(tag)`` says whether a
+    consumer the broker cancelled is still wanted (default: until stopping).
 
     Parameters: ``heartbeat`` and ``connect_timeout`` in seconds; ``reconnect_base`` and
     ``reconnect_cap`` bound the backoff between reconnect attempts, in seconds.
@@ -129,9 +127,15 @@ class AmqpLoop:
     :meth:`cancel_start` gives up (``start`` then raises :class:`StartCancelled`).
     """
 
-    def __init__(self, url: str, *, name: str, heartbeat: float = 30.0, connect_timeout: float = 5.0,
-                 reconnect_base: float = 0.2, reconnect_cap: float = 10.0):
+    def __init__(self, url: str, *, name: str, heartbeat: float = 30.0, connect_timeout: float = CONNECT_TIMEOUT,
+                 reconnect_base: float = 0.2, reconnect_cap: float = 10.0,
+                 on_connected: Callable[[Connection], None] | None = None,
+                 on_disconnected: Callable[[BaseException | None], None] | None = None,
+                 keep_consuming: Callable[[str], bool] | None = None):
         self.url = url
+        self.on_connected: Callable[[Connection], None] = on_connected or (lambda connection: None)
+        self.on_disconnected: Callable[[BaseException | None], None] = on_disconnected or (lambda exc: None)
+        self.keep_consuming: Callable[[str], bool] = keep_consuming or (lambda tag: not self._stopping)
         self.name = name
         self.heartbeat = heartbeat
         self.connect_timeout = connect_timeout
@@ -157,18 +161,6 @@ class AmqpLoop:
         self.startup_wait = 0.0
         self.on_connect_retry: Callable[[int, float, BaseException], None] | None = None
         self._start_cancelled = False
-
-    # --- hooks -------------------------------------------------------------------------
-    def on_connected(self, connection: Connection) -> None:  # pragma: no cover - hook
-        pass
-
-    def on_disconnected(self, exc: BaseException | None) -> None:  # pragma: no cover - hook
-        pass
-
-    def keep_consuming(self, consumer_tag: str) -> bool:
-        """Whether to consume again after the broker cancelled ``consumer_tag`` (False
-        once the subclass is stopping)."""
-        return not self._stopping
 
     # --- loop thread: consuming ----------------------------------------------------------
     def consume(self, channel: amqp.Channel, queue: Any, callback: Callable, *, consumer_tag: str = "",
@@ -214,8 +206,29 @@ class AmqpLoop:
         except BlockingIOError:
             pass
 
+    def cork(self) -> Any:
+        """Holding ``write_lock``: collect the frames written from now on and send them in
+        one write at :meth:`uncork`, before the lock is released (e.g. a reply and its ack:
+        one syscall, and the lock held for one send instead of two). Returns a token for it.
+        Never across a wait for the broker: what it waits for would not leave."""
+        link = self.link
+        writer = link.writer if link is not None else None
+        if writer is None or writer.corked:  # TLS, no connection, or already collecting
+            return None
+        writer.cork()
+        return writer
+
+    @staticmethod
+    def uncork(token: Any) -> None:
+        """Holding ``write_lock`` still: send what was collected since :meth:`cork`."""
+        if token is not None:
+            token.uncork()
+
     def start(self) -> None:
-        """Start the thread and wait for the first connection; raise what prevented it."""
+        """Start the thread and wait for the first connection; raise what prevented it.
+        Once only: a loop is not restarted."""
+        if self._thread is not None:
+            raise RuntimeError(f"{self.name}: already started")
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
         self._started.wait()
@@ -324,8 +337,9 @@ class AmqpLoop:
         self.on_connected(self.connection)
 
     def _serve(self) -> None:
-        link = self.link
-        drain = self.connection.connection.drain_events
+        link, connection = self.link, self.connection
+        assert link is not None and connection is not None  # _connect set both before serving
+        drain = connection.connection.drain_events
         reader = link.reader
         sock_fd = link.sock.fileno()
         poller = select.poll()

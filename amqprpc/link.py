@@ -63,8 +63,8 @@ class Link:
             self.sock.settimeout(self.silence or NO_HEARTBEAT_WAIT)
         now = time.monotonic()
         self.last_received = now
-        self._check_every = self.heartbeat / 4 if self.heartbeat else None
-        self._next_check = now + (self._check_every or 0.0)
+        self._check_every = self.heartbeat / 4  # (0 without heartbeats: then nothing is checked)
+        self._next_check = now + self._check_every
         self._sent_count, self._sent_at = connection.bytes_sent, now
         self._wait_limit: float | None = None
 

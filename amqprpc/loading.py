@@ -1,5 +1,6 @@
 """Finding a service by name: ``--app``, then the ``amqprpc.services`` entry points, then
-the shipped ``workers`` package (DESIGN.md, CLI).
+a module ``workers.<service with - as _>`` (the shop's layout; README, "Run a worker").
+That last one is a lookup by name at run time: no amqprpc module imports ``workers``.
 
 ``--app module:attr`` imports from the current folder first, as ``celery -A`` and
 ``uvicorn`` do: ``amqprpc worker user-service --app myshop.users:service`` works from the
@@ -14,13 +15,10 @@ import sys
 import traceback
 from importlib.metadata import entry_points
 
+from .errors import ServiceNotFound  # re-exported: its home was here
 from .service import Service
 
 ENTRY_POINT_GROUP = "amqprpc.services"
-
-
-class ServiceNotFound(LookupError):
-    """The service or the ``--app`` reference cannot be loaded (a usage error: exit 2)."""
 
 
 def load_service(name: str, app: str | None = None) -> Service:
@@ -33,7 +31,7 @@ def load_service(name: str, app: str | None = None) -> Service:
                 f"--app {app} is the service {service.name!r}, not {name!r}: pass {service.name!r} as SERVICE "
                 f"(it consumes service.{service.name}.request), or point --app at the Service named {name!r}")
         return service
-    for entry in _service_entry_points():
+    for entry in service_entry_points():
         if entry.name == name:
             return _check(entry.load(), entry.value)
     module_name = "workers." + name.replace("-", "_")
@@ -70,10 +68,11 @@ def load_app(ref: str) -> Service:
 
 
 def known_services() -> list[str]:
-    return sorted({entry.name for entry in _service_entry_points()})
+    return sorted({entry.name for entry in service_entry_points()})
 
 
-def _service_entry_points():
+def service_entry_points():
+    """The ``amqprpc.services`` entry points of every installed package."""
     try:
         return entry_points(group=ENTRY_POINT_GROUP)
     except TypeError:  # Python 3.9: no selection by group, a dict of every group instead

@@ -36,11 +36,13 @@ import contextvars
 import logging
 import sys
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Mapping, MutableMapping
 
 import structlog
 
 from .config import redact
+
+EventDict = MutableMapping[str, Any]  # what structlog passes its processors (structlog.typing.EventDict)
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -65,7 +67,7 @@ def clear_request() -> None:
     _request.set(_NOTHING)
 
 
-def add_request_fields(_, __, event_dict: dict) -> dict:
+def add_request_fields(_: Any, __: str, event_dict: EventDict) -> EventDict:
     """A structlog processor: the request's fields on the application's own structlog lines."""
     for key, value in _request.get().items():
         event_dict.setdefault(key, value)
@@ -141,10 +143,11 @@ class Logger:
                 merged[key] = redact(value)
         extra = {(f"amqprpc_{key}" if key in _RESERVED else key): value for key, value in merged.items()}
         extra["event"] = event
+        args: tuple[Any, ...] = ()
         if merged:
             msg, args = event.replace("%", "%%") + " %s", (_Fields(merged),)
         else:
-            msg, args = event, ()
+            msg = event
         # stacklevel 3: the record names the line that called debug()/info()/..., not this one.
         self.stdlib._log(level, msg, args, exc_info=exc_info, extra=extra, stacklevel=3)
 
@@ -213,7 +216,7 @@ def record_fields(record: logging.LogRecord) -> dict[str, Any]:
     return fields
 
 
-def _record_fields(_, __, event_dict: dict) -> dict:
+def _record_fields(_: Any, __: str, event_dict: EventDict) -> EventDict:
     # Like structlog's ExtraAdder, without what another handler's Formatter may have added.
     record = event_dict.get("_record")
     if record is not None:
@@ -221,13 +224,13 @@ def _record_fields(_, __, event_dict: dict) -> dict:
     return event_dict
 
 
-def _add_process_fields(_, __, event_dict: dict) -> dict:
+def _add_process_fields(_: Any, __: str, event_dict: EventDict) -> EventDict:
     for key, value in _process_fields.items():
         event_dict.setdefault(key, value)
     return event_dict
 
 
-def _redact_values(_, __, event_dict: dict) -> dict:
+def _redact_values(_: Any, __: str, event_dict: EventDict) -> EventDict:
     for key, value in event_dict.items():
         if isinstance(value, str) and "@" in value:
             event_dict[key] = redact(value)

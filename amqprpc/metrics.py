@@ -2,27 +2,27 @@
 
 The metrics are module-level collectors in prometheus_client's default registry, so a
 service's own metrics appear on the same endpoint. :func:`instrument` wraps a worker's
-request handling from the outside: the worker itself knows nothing about Prometheus, and
-a worker without ``--metrics-port`` pays nothing. Other parts of amqprpc that dead-letter
-a message call :func:`dead_letter`.
+deliveries through a :class:`Metrics` middleware, fed by the outcome the worker decided for
+each one: the worker itself knows nothing about Prometheus, and a worker without
+``--metrics-port`` pays nothing. Other code that dead-letters a message calls :func:`dead_letter`.
 
 Label cardinality is bounded: ``action`` is one of the service's own handlers or
 ``<unknown>``, never a string taken from the wire.
 """
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from . import envelope
-from .service import snake_case
+from . import breaker
+from .middleware import Delivery, Middleware
+from .outcome import Outcome, OutcomeKind
 
 UNKNOWN_ACTION = "<unknown>"
 
 REQUESTS = Counter("amqprpc_requests", "Requests and events handled, by action (for an event: its handler's "
-                   "name) and outcome (success, error, retried, dead_lettered, recounted, rejected, expired).",
+                   "name) and outcome (replied, failed, retried, dead_lettered, refused, expired, recounted, done).",
                    ["service", "action", "outcome"])
 DURATION = Histogram("amqprpc_handler_duration_seconds", "Time from taking a request to its reply, in seconds.",
                      ["service", "action"],
@@ -55,6 +55,11 @@ def breaker_rejected(name: str) -> None:
     BREAKER_REJECTIONS.labels(name).inc()
 
 
+# Every circuit breaker of this process counts here from now on.
+breaker.change_listeners.append(breaker_changed)
+breaker.rejection_listeners.append(breaker_rejected)
+
+
 def dead_letter(service: str, reason: str, count: int = 1) -> None:
     """Count ``count`` messages of ``service`` dead-lettered for ``reason`` (a short
     bounded word such as an exception class name or ``BadMessage``, never free text).
@@ -68,85 +73,41 @@ def serve(port: int, addr: str = "0.0.0.0") -> None:
     start_http_server(port, addr)
 
 
-def instrument(worker: Any) -> None:
-    """Count every request and event ``worker`` (an :class:`amqprpc.worker.Worker`)
-    handles, and every message it dead-letters."""
-    service = worker.service
-    name = service.name
-    handle = worker._handle
-    in_flight = IN_FLIGHT.labels(name)
-    redeliveries = REDELIVERIES.labels(name)
-    # Pre-create the series of every known action so dashboards see zeros, not gaps.
-    for action in [*service.handlers, *service.events]:
-        for outcome in ("success", "error"):
-            REQUESTS.labels(name, action, outcome)
-    redeliveries.inc(0)
+class Metrics(Middleware):
+    """Counts what a worker does with each delivery, from its :class:`~amqprpc.outcome.Outcome`:
+    requests and events by handler and outcome, their durations, those in flight, the
+    redeliveries and the dead letters (by reason)."""
 
-    def handle_and_count(message):
-        started = time.perf_counter()
-        if message.delivery_info.get("redelivered"):
-            redeliveries.inc()
-        in_flight.inc()
-        try:
-            result = handle(message)
-        finally:
-            in_flight.dec()
-        _, _, body, disposition = result
-        event_consumer = worker.event_consumers.get(message.delivery_info.get("consumer_tag"))
-        if event_consumer is not None:
-            action = event_consumer.subscription.name
-            outcome = "success" if disposition is None else _forwarded(disposition) or "error"
-        else:
-            action, outcome = _request_outcome(worker, message.body, body, disposition)
-        REQUESTS.labels(name, action, outcome).inc()
-        DURATION.labels(name, action).observe(time.perf_counter() - started)
-        return result
+    def worker_starting(self, worker: Any) -> None:
+        # Pre-create the series of every known action so dashboards see zeros, not gaps.
+        service = worker.service
+        for action in service.handlers:
+            for kind in (OutcomeKind.REPLIED, OutcomeKind.FAILED):
+                REQUESTS.labels(service.name, action, kind.value)
+        for action in service.events:
+            for kind in (OutcomeKind.DONE, OutcomeKind.DEAD_LETTERED):
+                REQUESTS.labels(service.name, action, kind.value)
+        REDELIVERIES.labels(service.name).inc(0)
 
-    worker._handle = handle_and_count
+    def before_handle(self, delivery: Delivery) -> None:
+        IN_FLIGHT.labels(delivery.service).inc()
+        if delivery.redelivered:
+            REDELIVERIES.labels(delivery.service).inc()
 
-    # Dead letters are counted where they are published (the worker's Forwarder), whatever
-    # path decided them: a final failure, a bad message, a poison message, a worker error.
-    forwarder = worker.forwarder
-    send = forwarder.send
-
-    def send_and_count(channel, delivery_tag, forward):
-        if forward.what == "dead_letter":
-            headers = forward.message.properties.get("application_headers") or {}
-            dead_letter(name, str(headers.get("x-error-type") or "unknown"))
-        return send(channel, delivery_tag, forward)
-
-    forwarder.send = send_and_count
+    def after_handle(self, delivery: Delivery, outcome: Outcome) -> None:
+        service = delivery.service
+        IN_FLIGHT.labels(service).dec()
+        # delivery.handler is a registered handler's name (or ping), never a string from the wire.
+        action = delivery.handler or UNKNOWN_ACTION
+        REQUESTS.labels(service, action, outcome.kind.value).inc()
+        DURATION.labels(service, action).observe(outcome.duration)
+        if outcome.dead_lettered:
+            dead_letter(service, outcome.error_type or "unknown")
 
 
-def _forwarded(disposition: Any) -> str | None:
-    """The outcome of a message forwarded instead of acked: ``retried`` (to a delay
-    queue), ``dead_lettered``, ``recounted`` (a redelivery put back with its count)."""
-    what = getattr(disposition, "what", None)
-    return {"retry": "retried", "dead_letter": "dead_lettered", "recount": "recounted"}.get(what)
-
-
-def _request_outcome(worker: Any, request: bytes, reply: bytes | None, disposition: Any) -> tuple[str, str]:
-    """(action label, outcome) of a request from what the worker made of it:
-    ``(reply_to, correlation_id, reply body, disposition)``."""
-    action = _action_of(worker, request)
-    forwarded = _forwarded(disposition)
-    if forwarded:
-        return action, forwarded
-    if disposition is False:
-        return action, "rejected"
-    if reply is None:
-        return action, "expired"
-    return action, "success" if reply.startswith(b'{"success":true') else "error"
-
-
-def _action_of(worker: Any, body: bytes) -> str:
-    try:
-        action = envelope.loads(body).get("action")
-    except Exception:  # noqa: BLE001 - a bad message has no action
-        return UNKNOWN_ACTION
-    if not isinstance(action, str):
-        return UNKNOWN_ACTION
-    service = worker.service
-    if service.find(action) is not None:
-        return action if action in service.handlers else snake_case(action)  # getUser counts as get_user
-    return action if action in getattr(worker, "_builtins", {}) else UNKNOWN_ACTION  # e.g. ping
+def instrument(worker: Any) -> Metrics:
+    """Count every request and event ``worker`` (a :class:`amqprpc.worker.Worker`) handles
+    and every message it dead-letters: adds a :class:`Metrics` middleware (before it starts)."""
+    metrics = Metrics()
+    worker.hooks.add(metrics)
+    return metrics

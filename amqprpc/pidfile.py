@@ -8,9 +8,7 @@ from __future__ import annotations
 import errno
 import os
 
-
-class PidFileError(Exception):
-    """Another live process holds the pidfile."""
+from .errors import PidFileError  # re-exported: its home was here
 
 
 def _alive(pid: int) -> bool:

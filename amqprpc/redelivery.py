@@ -35,6 +35,7 @@ from . import logs
 from . import retry as h
 from .framehandler import UndecodableMessage
 from .ioloop import UNENCODABLE, channel_refused, close_quietly, open_confirm_channel, publish
+from .outcome import OutcomeKind
 from .retry import Retry
 from .topology import Topology, declare_queue
 
@@ -49,18 +50,22 @@ DEADLINE_MARGIN_S = 0.25
 # x-expires, a declare does. Topology.delay_queue_idle_ms must stay well above this.
 DELAY_REDECLARE_S = 60.0
 
+FORWARD_KINDS = (OutcomeKind.RETRIED, OutcomeKind.DEAD_LETTERED, OutcomeKind.RECOUNTED)
+
 UNDECODABLE = "UndecodableMessage"  # x-error-type of what the frame handler could not decode
 
 
 @dataclass
 class Forward:
     """Publish ``message`` to ``routing_key`` through the default exchange, confirmed,
-    then ack the original. ``declare`` is declared first (delay and dead queues)."""
+    then ack the original. ``declare`` is declared first (delay and dead queues);
+    ``queue`` is the one the original was consumed from."""
 
     routing_key: str
     message: amqp.Message
     declare: Queue | None
-    what: str  # "retry" | "dead_letter" | "recount", for logs and stats
+    kind: OutcomeKind  # RETRIED, DEAD_LETTERED or RECOUNTED: what becomes of the original
+    queue: str = ""
 
 
 class Redelivery:
@@ -99,7 +104,7 @@ class Redelivery:
         # broker's confirm let us ack the original, leaving both to be redelivered.
         delay_queue = self.topology.delay_queue(queue, self.topology.delay_buckets_ms[0], self.queue_type)
         return Forward(delay_queue.name, _copy(message, {h.DELIVERIES: count, **_origin(message, queue)}),
-                       delay_queue, "recount")
+                       delay_queue, OutcomeKind.RECOUNTED, queue)
 
     def retry_later(self, message: amqp.Message, queue: str, exc: BaseException, policy: Retry | None,
                     deadline: float | None = None, duration: float = 0.0) -> Forward | None:
@@ -119,7 +124,7 @@ class Redelivery:
         delay_queue = self.topology.delay_queue(queue, ms, self.queue_type)
         update = {h.ATTEMPTS: attempt, h.FIRST_FAILURE: headers.get(h.FIRST_FAILURE) or now, h.LAST_FAILURE: now,
                   h.ERROR: _text(exc), h.ERROR_TYPE: type(exc).__name__, **_origin(message, queue)}
-        return Forward(delay_queue.name, _copy(message, update), delay_queue, "retry")
+        return Forward(delay_queue.name, _copy(message, update), delay_queue, OutcomeKind.RETRIED, queue)
 
     def dead_letter(self, message: amqp.Message, queue: str, error: str, error_type: str,
                     keep_headers: bool = True) -> Forward:
@@ -135,7 +140,7 @@ class Redelivery:
                       h.ERROR_TYPE: error_type, "x-original-headers": repr(headers)[:4000],
                       **{k: str(v) for k, v in _origin(message, queue).items()}}
         copy = _copy(message, update, keep_headers)
-        return Forward(self.dead_queue.name, copy, self.dead_queue, "dead_letter")
+        return Forward(self.dead_queue.name, copy, self.dead_queue, OutcomeKind.DEAD_LETTERED, queue)
 
     def undecodable(self, message: UndecodableMessage, queue: str) -> Forward:
         """A delivery whose properties or routing key did not decode
@@ -167,7 +172,8 @@ class Forwarder:
         self._declared: dict[str, float] = {}
         self.idle = threading.Event()  # set while no copy awaits its confirm (for a warm stop)
         self.idle.set()
-        self.stats = {"retry": 0, "dead_letter": 0, "recount": 0, "nacked": 0, "channels_replaced": 0}
+        # Confirmed copies by kind (retried, dead_lettered, recounted), refused ones, replaced channels.
+        self.stats = {**{kind.value: 0 for kind in FORWARD_KINDS}, "nacked": 0, "channels_replaced": 0}
 
     def connect(self, connection: Any) -> None:
         self._connection, self._declared = connection, {}
@@ -220,7 +226,7 @@ class Forwarder:
         # Counted only once published: a copy that failed to encode was never sent, and the
         # broker numbers its confirms by what it received.
         self._seq += 1
-        self._pending[self._seq] = (consume_channel, delivery_tag, forward.what)
+        self._pending[self._seq] = (consume_channel, delivery_tag, forward.kind.value)
         self.idle.clear()
 
     def forward(self, consume_channel: amqp.Channel, delivery_tag: int, forward: Forward,
@@ -232,7 +238,7 @@ class Forwarder:
             self.send(consume_channel, delivery_tag, forward)
             return
         except UNENCODABLE as exc:
-            reason = f"its {forward.what} copy could not be encoded: {exc!r}"
+            reason = f"its {forward.kind.value} copy could not be encoded: {exc!r}"
         log.error("forwarded copy cannot be encoded; dead-lettered without its headers", error=reason[:500])
         try:
             self.send(consume_channel, delivery_tag, bare(reason))

@@ -24,6 +24,9 @@ from typing import Any, Callable
 from . import logs
 from .config import redact, redis_client
 from .config import redis_url as default_redis_url
+from .ids import new_instance_id, text
+from .middleware import Middleware
+from .version import __version__
 
 log = logs.get_logger("amqprpc.registry")
 
@@ -52,9 +55,8 @@ def registry_prefix(prefix: str | None = None) -> str:
     return prefix or os.environ.get("AMQPRPC_REGISTRY_PREFIX") or DEFAULT_PREFIX
 
 
-def new_instance_id() -> str:
-    """``host.pid.random``: readable in a table, unique even when pids are reused."""
-    return f"{socket.gethostname()}.{os.getpid()}.{os.urandom(3).hex()}"
+__all__ = ["Registry", "Presence", "Heartbeat", "describe_worker", "format_table", "new_instance_id",
+           "registry_prefix"]
 
 
 class Registry:
@@ -72,6 +74,10 @@ class Registry:
         self.stale_after = stale_after
         self.redis = redis_client(self.url, timeout)
         self._prune = self.redis.register_script(_PRUNE)
+
+    def presence(self, interval: float = DEFAULT_INTERVAL) -> Presence:
+        """The middleware that keeps a worker announced here (see :class:`Presence`)."""
+        return Presence(self, interval)
 
     def key(self, service: str) -> str:
         return f"{self.prefix}:{service}"
@@ -96,7 +102,7 @@ class Registry:
     def services(self) -> list[str]:
         """Names of the services with any entry (live or not yet pruned)."""
         start = len(self.prefix) + 1
-        names = {_text(key)[start:] for key in self.redis.scan_iter(match=f"{_escape(self.prefix)}:*", count=500)}
+        names = {text(key)[start:] for key in self.redis.scan_iter(match=f"{_escape(self.prefix)}:*", count=500)}
         return sorted(names)
 
     def instances(self, service: str, prune: bool = True) -> list[dict[str, Any]]:
@@ -126,7 +132,29 @@ class Registry:
         return {name: entries for name, entries in found.items() if entries}
 
 
-class Presence:
+class Presence(Middleware):
+    """A worker's presence in the registry, as a middleware: announced from its own
+    :class:`Heartbeat` thread once the worker consumes, withdrawn as soon as it stops
+    consuming. ``Worker(..., registry=r)`` adds one; ``amqprpc worker`` does unless
+    ``--registry-interval 0``."""
+
+    def __init__(self, registry: Registry, interval: float = DEFAULT_INTERVAL):
+        self.registry = registry
+        self.interval = interval
+        self._heartbeats: dict[int, Heartbeat] = {}  # id(worker) -> its thread (one middleware, any workers)
+
+    def worker_started(self, worker: Any) -> None:
+        heartbeat = Heartbeat(self.registry, lambda: describe_worker(worker), self.interval)
+        self._heartbeats[id(worker)] = heartbeat
+        heartbeat.start()
+
+    def worker_stopping(self, worker: Any) -> None:
+        heartbeat = self._heartbeats.pop(id(worker), None)
+        if heartbeat is not None:
+            heartbeat.stop()  # stop advertising as soon as it stops consuming
+
+
+class Heartbeat:
     """A worker's heartbeat thread: announces ``describe()`` every ``interval`` seconds,
     withdraws it on :meth:`stop`. Never raises because of Redis."""
 
@@ -178,8 +206,6 @@ class Presence:
 
 def describe_worker(worker: Any) -> dict[str, Any]:
     """A worker's registry entry (without ``heartbeat_at``, which :meth:`Registry.announce` adds)."""
-    from . import __version__
-
     return {
         "instance_id": worker.instance_id,
         "service": worker.service.name,
@@ -191,17 +217,6 @@ def describe_worker(worker: Any) -> dict[str, Any]:
         "amqprpc_version": __version__,
         "stats": dict(worker.stats),
     }
-
-
-def ping_handler(worker: Any) -> Callable[[dict], dict]:
-    """The built-in ``ping`` action every worker answers (unless its service defines its own):
-    who answered and when, for ``amqprpc ping`` and health checks."""
-
-    def ping(payload: dict) -> dict:
-        return {"instance_id": worker.instance_id, "service": worker.service.name, "host": socket.gethostname(),
-                "pid": os.getpid(), "time": time.time(), "uptime": round(time.time() - worker.started_at, 3)}
-
-    return ping
 
 
 def format_table(snapshot: dict[str, list[dict[str, Any]]]) -> str:
@@ -222,10 +237,6 @@ def format_table(snapshot: dict[str, list[dict[str, Any]]]) -> str:
             ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _escape(pattern: str) -> str:

@@ -3,7 +3,7 @@
 ``amqprpc collector`` writes them (:meth:`ResponseStore.put_many`); a web tier reads them
 (:meth:`ResponseStore.get`) or waits for one (:meth:`ResponseStore.wait`, and
 :meth:`AsyncResponseStore.wait` for asyncio). The value is the reply body exactly as the
-worker sent it (the JSON envelope of DESIGN.md), so a poller written in another language
+worker sent it (the reply envelope of the README's "Wire protocol in short"), so a poller written in another language
 reads the same thing.
 
 Push. Storing a reply also announces it: the same pipeline that SETs the key PUBLISHes the
@@ -28,14 +28,13 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import TYPE_CHECKING, Any, Iterable, NamedTuple, Optional
-
-import redis
+from typing import TYPE_CHECKING, Any, Iterable, NamedTuple, Optional, Union
 
 from . import envelope
 from .config import redis_url as default_redis_url
 
-if TYPE_CHECKING:  # redis.asyncio is imported only by the first AsyncResponseStore
+if TYPE_CHECKING:  # redis is imported by the first store, not by `import amqprpc`
+    import redis
     import redis.asyncio
 
 DEFAULT_PREFIX = "response:"
@@ -73,7 +72,7 @@ class _Names:
         return f"{self.prefix}pending:{correlation_id}"
 
     @staticmethod
-    def _decode(raw: Optional[bytes]) -> Any:
+    def _decode(raw: Optional[Union[bytes, str]]) -> Any:
         return None if raw is None else envelope.loads(raw)
 
     @classmethod
@@ -102,6 +101,8 @@ class ResponseStore(_Names):
 
     def __init__(self, redis_url: str | None = None, *, prefix: str | None = None,
                  client: redis.Redis | None = None, socket_timeout: float = 5.0):
+        import redis
+
         self.prefix = default_prefix(prefix)
         self.redis = client or redis.Redis.from_url(default_redis_url(redis_url), socket_timeout=socket_timeout,
                                                     socket_connect_timeout=socket_timeout)

@@ -47,7 +47,9 @@ class Retry:
     (1-based) is drawn uniformly from ``[0, min(max_delay, base_delay * 2**(n-1))]``
     ("full jitter", which spreads a thundering herd of failures), or is exactly that
     bound with ``jitter=False``; ``on`` the exception classes worth retrying (others fail
-    at once: a ``KeyError`` will not go away by waiting).
+    at once: a ``KeyError`` will not go away by waiting). An exception whose class says
+    ``retryable = False`` (:class:`~amqprpc.errors.ValidationError`: the same payload fails
+    the same way every time) is never retried, whatever ``on`` says.
     """
 
     max_attempts: int = 5
@@ -66,7 +68,7 @@ class Retry:
 
     def retries(self, exc: BaseException, attempt: int) -> bool:
         """Whether failing attempt ``attempt`` (1-based) with ``exc`` earns another one."""
-        return attempt < self.max_attempts and isinstance(exc, self.on)
+        return attempt < self.max_attempts and isinstance(exc, self.on) and getattr(exc, "retryable", True) is not False
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt ``attempt`` (1-based)."""
@@ -134,5 +136,6 @@ def call_with_retry(send: Callable[[float], Any], retry: Retry, timeout: float,
 
 
 # Bounded policy for the client's confirmed publishes (casts, events) that meet a
-# connection loss: kombu's own default would retry forever (DESIGN.md, pitfalls).
+# connection loss: kombu's own default (``max_retries=None``) would retry forever, and a
+# caller that was promised a timeout would hang with it.
 PUBLISH_RETRY = Retry(max_attempts=5, base_delay=0.2, max_delay=2.0)

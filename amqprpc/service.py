@@ -1,18 +1,46 @@
 """A service: a name and its handlers, registered with decorators (no base class to inherit)."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Tuple
 
 if TYPE_CHECKING:
     from .client import RpcClient
 
+from .errors import ContractError
 from .retry import Retry
 
 Handler = Callable[[dict], Any]
 
+# Where ``Service.client`` comes from: amqprpc.shared_client installs its ``client_for`` here
+# when it is imported (``import amqprpc`` does), so that this module -- which the client
+# imports -- names no client module and the dependencies stay one way.
+client_provider: Callable[[str, Any], "RpcClient"] | None = None
+
 _CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+
+# Clients installed ahead of the shared one, by service name, for this thread or asyncio
+# task only (a ContextVar: a test thread's fake never reaches a real worker's handler
+# threads in the same process). How amqprpc.testing runs handlers without a broker.
+_installed: contextvars.ContextVar[Optional[Mapping[str, Any]]] = contextvars.ContextVar(
+    "amqprpc_installed_clients", default=None)
+
+
+@contextlib.contextmanager
+def client_installed(names: Iterable[str], client: Any) -> Iterator[None]:
+    """While inside, ``service.client`` of the services called ``names`` is ``client`` (any
+    object with RpcClient's methods: :class:`amqprpc.testing.FakeClient`,
+    :class:`amqprpc.testing.InMemoryClient`) in this thread or task, and in contexts
+    copied from it. Nests; the previous clients come back on exit."""
+    token = _installed.set({**(_installed.get() or {}), **{name: client for name in names}})
+    try:
+        yield
+    finally:
+        _installed.reset(token)
 
 
 def snake_case(name: str) -> str:
@@ -36,6 +64,10 @@ class Service:
     >>> service = Service("user-service")
     >>> @service.handler("get_user")
     ... def get_user(payload): return {"id": payload["user_id"]}
+
+    A handler whose payload is annotated with a pydantic model, a dataclass or a TypedDict
+    gets it validated and parsed first (see :mod:`amqprpc.contracts`); the decorators return
+    the function as written, ``handlers`` / ``events`` hold what the worker runs.
     """
 
     name: str
@@ -45,6 +77,9 @@ class Service:
     #: CircuitBreaker for the calls this service's handlers make through ``service.client``,
     #: so one dead downstream service fails them fast instead of tying up handler threads.
     breaker: Any = None
+    #: (kind, name) -> function of the handlers whose annotations did not resolve at
+    #: registration (a model defined further down the module): :meth:`check` retries them.
+    _unchecked: Dict[Tuple[str, str], Callable] = field(default_factory=dict, repr=False)
 
     def handler(self, action: str | Callable | None = None, *, retry: Retry | None = None) -> Callable:
         """Register a function as the handler of ``action`` (default: the function's name).
@@ -60,7 +95,7 @@ class Service:
             name = action or function.__name__
             if name in self.handlers:
                 raise ValueError(f"{self.name}: action {name!r} is registered twice")
-            self.handlers[name] = function
+            self.handlers[name] = self._typed("handler", name, function)
             if retry is not None:
                 self.retries[name] = retry
             return function
@@ -76,13 +111,57 @@ class Service:
             key = name or function.__name__
             if key in self.events:
                 raise ValueError(f"{self.name}: event handler {key!r} is registered twice")
-            self.events[key] = EventSubscription(pattern, function, key, broadcast, retry)
+            self.events[key] = EventSubscription(pattern, self._typed("event", key, function), key, broadcast, retry)
             return function
 
         return register
 
+    def _typed(self, kind: str, name: str, function: Callable) -> Callable:
+        """What the worker runs for ``function``: itself when it has no annotations (no
+        import, no wrapper), else what :func:`amqprpc.contracts.typed` makes of them."""
+        target = function
+        while isinstance(target, functools.partial):  # service.handler("x")(partial(handle, shop))
+            target = target.func
+        if not getattr(target, "__annotations__", None):
+            return function
+        from . import contracts
+
+        try:
+            return contracts.typed(function, self._where(kind, name), f"{self.name}.{name}")
+        except ContractError:
+            self._unchecked[(kind, name)] = function  # check() says why, at the worker's start
+            return function
+
+    def _where(self, kind: str, name: str) -> str:
+        return f"{self.name}: {'handler' if kind == 'handler' else 'event handler'} {name!r}"
+
+    def check(self) -> None:
+        """Resolve the annotations registration could not; raise ContractError naming every
+        handler whose annotations cannot be validated with (one line). The worker calls it
+        before connecting, so a bad annotation stops it at start, not on the first call."""
+        if not self._unchecked:
+            return
+        from . import contracts
+
+        problems = []
+        for (kind, name), function in list(self._unchecked.items()):
+            try:
+                handler = contracts.typed(function, self._where(kind, name), f"{self.name}.{name}")
+            except ContractError as exc:
+                problems.append(str(exc))
+                continue
+            del self._unchecked[(kind, name)]
+            if kind == "handler":
+                self.handlers[name] = handler
+            else:
+                self.events[name].function = handler
+        if problems:
+            raise ContractError("; ".join(problems))
+
     def find(self, action: str) -> Handler | None:
         """The handler for ``action``, accepting camelCase spellings of snake_case names."""
+        if self._unchecked:
+            self.check()
         found = self.handlers.get(action)
         if found is None and action != (snake := snake_case(action)):
             found = self.handlers.get(snake)
@@ -97,7 +176,11 @@ class Service:
         """The RpcClient this service's handlers use for nested calls and events: one per
         process, created on first use, closed when the last worker of the service here
         stops (see :mod:`amqprpc.shared_client`). Calls and events made with it inside a
-        handler carry the handler's trace id and what is left of its deadline."""
-        from .shared_client import client_for  # the client module imports this one
-
-        return client_for(self.name, breaker=self.breaker)
+        handler carry the handler's trace id and what is left of its deadline. A client
+        installed with :func:`client_installed` (as :mod:`amqprpc.testing` does) comes first."""
+        installed = _installed.get()
+        if installed is not None and self.name in installed:
+            return installed[self.name]
+        if client_provider is None:  # pragma: no cover - amqprpc/__init__ imports shared_client
+            raise RuntimeError("no client provider: import amqprpc.shared_client")
+        return client_provider(self.name, self.breaker)

@@ -11,8 +11,9 @@ closed when the last worker of that service in this process stops. Opening a cli
 request, as handlers often do with nameko's ClusterRpcProxy, costs a connection handshake
 and a reply queue per request.
 
-A running :class:`~amqprpc.worker.Worker` attaches its service here, so the client talks to
-the worker's broker with the worker's topology. Outside any worker (a script, a test) the
+A running :class:`~amqprpc.worker.Worker` attaches its service here (through the
+:class:`SharedClient` middleware every worker runs), so the client talks to the worker's
+broker with the worker's topology. Outside any worker (a script, a test) the
 client uses ``AMQPRPC_BROKER_URL`` and stays open until :func:`close_all`.
 Trace id and deadline need nothing here: the client reads them from the handler's
 :mod:`amqprpc.context`.
@@ -20,9 +21,12 @@ Trace id and deadline need nothing here: the client reads them from the handler'
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from .breaker import CircuitBreaker
 from .client import RpcClient
+from . import service as _service
+from .middleware import Middleware
 from .topology import DEFAULT_TOPOLOGY, Topology
 
 _lock = threading.Lock()
@@ -75,3 +79,18 @@ def close_all() -> None:
         _clients.clear()
     for client in clients:
         client.close()
+
+
+class SharedClient(Middleware):
+    """Attaches a worker's service while the worker runs: its handlers' ``service.client``
+    uses the worker's broker and topology, and is closed after the last worker of the
+    service here stopped (its handlers finished)."""
+
+    def worker_starting(self, worker: Any) -> None:
+        attach(worker.service.name, worker.url, worker.topology)
+
+    def worker_stopped(self, worker: Any) -> None:
+        detach(worker.service.name, worker.url, worker.topology)
+
+
+_service.client_provider = client_for  # what Service.client returns

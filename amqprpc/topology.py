@@ -1,20 +1,22 @@
 """Every exchange, queue and binding amqprpc uses, declared as kombu entities in one place.
 
-The defaults are the wire protocol of DESIGN.md, shared with peers written in other
+The defaults are the wire protocol (README, "Wire protocol in short"), shared with peers written in other
 languages (php-amqplib services name the same exchange, queues and routing keys).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Iterable
 
 import amqp
-from kombu import Exchange, Queue
+from kombu import Connection, Exchange, Queue
 
 from . import logs
-from .config import DEFAULT_COLLECTOR_QUEUE
+from .config import DEFAULT_COLLECTOR_QUEUE, ssl_options
+from .errors import TopologyMismatch  # re-exported: its home was here
 
 log = logs.get_logger("amqprpc.topology")
 
@@ -23,10 +25,6 @@ log = logs.get_logger("amqprpc.topology")
 # not dropped while, say, that queue's leader is being elected). The strategy needs
 # reject-publish overflow; with no length limit set, that never rejects anything.
 AT_LEAST_ONCE = {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
-
-
-class TopologyMismatch(RuntimeError):
-    """A queue exists with other arguments than the ones asked for (PRECONDITION_FAILED)."""
 
 
 @dataclass(frozen=True)
@@ -43,7 +41,8 @@ class Topology:
     dead_queue_format: str = "service.{service}.dead"
     delay_queue_format: str = "{queue}.delay.{ms}"
     # Backoff delays are rounded *up* into these buckets (ms): a queue's per-message TTL
-    # only expires at its head (DESIGN.md, pitfalls), so each bucket holds one TTL and
+    # only expires at its head (RabbitMQ checks only the oldest message: a 100 ms message
+    # behind a 60 s one waits 60 s), so each bucket holds one TTL and
     # its messages leave in arrival order; a short delay never waits behind a long one.
     delay_buckets_ms: tuple = (100, 250, 500, 1000, 2000, 5000, 10000, 30000, 60000, 120000, 300000,
                                600000, 1800000, 3600000)
@@ -163,12 +162,10 @@ class Topology:
         """The same layout with every exchange and queue name prefixed by ``namespace``:
         a whole shop of its own on a shared broker (the demo, tests), with the usual
         service and event names. Peers speaking the default protocol do not see it."""
-        return replace(
-            self,
-            **{field: f"{namespace}.{getattr(self, field)}" for field in (
+        names: dict[str, Any] = {field: f"{namespace}.{getattr(self, field)}" for field in (
                 "service_exchange", "event_exchange", "request_queue_format", "reply_queue_format",
-                "event_queue_format", "broadcast_queue_format", "collector_queue", "dead_queue_format")},
-        )
+                "event_queue_format", "broadcast_queue_format", "collector_queue", "dead_queue_format")}
+        return replace(self, **names)
 
     def responses_queue(self) -> Queue:
         """The shared durable queue ``submit`` names as ``reply_to``; ``amqprpc collector``
@@ -191,13 +188,30 @@ def declare_queue(connection: Any, channel: amqp.Channel, queue: Queue) -> tuple
         queue(channel).declare()
         return channel, queue
     except amqp.exceptions.PreconditionFailed:
-        arguments = queue.queue_arguments or {}
+        arguments = queue.queue_arguments or {}  # type: ignore[attr-defined]  # kombu sets it from Queue.attrs
         if "x-dead-letter-strategy" not in arguments:
             raise
         earlier = copy.copy(queue)
-        earlier.queue_arguments = {k: v for k, v in arguments.items() if k not in AT_LEAST_ONCE}
+        earlier.queue_arguments = {  # type: ignore[attr-defined]
+            k: v for k, v in arguments.items() if k not in AT_LEAST_ONCE}
         channel = connection.channel()
         earlier(channel).declare()
         log.warning("queue exists with at-most-once dead-lettering (declared by an earlier amqprpc); used as it is",
                     queue=queue.name)
         return channel, earlier
+
+
+def delete(broker_url: str, *, queues: Iterable[str] = (), exchanges: Iterable[str] = ()) -> None:
+    """Delete these queues and exchanges (missing ones are fine): what a namespaced run (the
+    demo, a test) declared. Not for a shared topology: a deleted queue takes its messages."""
+    with Connection(broker_url, ssl=ssl_options(broker_url)) as conn:
+        for method, names in (("queue_delete", queues), ("exchange_delete", exchanges)):
+            for name in names:
+                channel = conn.channel()
+                try:
+                    getattr(channel, method)(name)
+                except conn.channel_errors:
+                    pass
+                finally:
+                    with contextlib.suppress(Exception):
+                        channel.close()

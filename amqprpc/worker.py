@@ -1,8 +1,9 @@
 """A worker: consumes one service's request queue and runs its handlers in a thread pool.
 
 Threads, and why:
-- the loop thread (:class:`~amqprpc.ioloop.AmqpLoop`) owns the connection: it receives
-  deliveries and keeps heartbeats flowing however long handlers run.
+- the loop thread (:class:`~amqprpc.ioloop.AmqpLoop`, held by the worker's
+  :class:`~amqprpc.consumer.Consumer`) owns the connection: it receives deliveries and keeps
+  heartbeats flowing however long handlers run.
 - ``concurrency`` handler threads take deliveries from an in-process queue, decode, run
   the handler, then publish the reply and ack themselves under the loop's ``write_lock``
   (or, when it is taken, hand ``(reply, ack)`` back to the loop with ``call_soon``).
@@ -12,40 +13,50 @@ bounds how many messages one worker holds unacked (per consumed queue).
 
 Events (``@service.event``) are consumed on the same channel, one consumer per handler
 (:mod:`amqprpc.events`), run by the same handler threads and acked once the handler returned.
+
+Each delivery gets one :class:`Decision` (reply, forward, ack) with one
+:class:`~amqprpc.outcome.Outcome`, decided in :meth:`Worker._process`: the stats and every
+middleware (:mod:`amqprpc.middleware`: metrics among them) read that outcome.
 """
 from __future__ import annotations
 
 import contextlib
-import os
-import queue
-import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import amqp
 
-from . import context, envelope, events, logs, shared_client
+from . import context, envelope, events, logs
 from .config import broker_url as default_broker_url
-from .errors import BadMessage
+from .consumer import STOP, Consumer
+from .errors import BadMessage, ReplyTooLarge  # ReplyTooLarge re-exported: its home was here
 from .framehandler import UndecodableMessage
-from .ioloop import UNENCODABLE, AmqpLoop, publish
-from .redelivery import Forward, Forwarder, Redelivery
-from .retry import ERROR, ERROR_TYPE, attempts_made
-from .registry import DEFAULT_INTERVAL, Presence, Registry, describe_worker, new_instance_id, ping_handler
-from .service import EventSubscription, Service
+from .ids import new_instance_id
+from .ioloop import UNENCODABLE, publish
+from .middleware import Delivery, Hooks, Middleware
+from .observability import automatic
+from .outcome import Outcome, OutcomeKind
+from .ping import Ping
+from .redelivery import UNDECODABLE, Forward, Redelivery
+from .retry import ERROR, ERROR_TYPE, Retry, attempts_made
+from .service import EventSubscription, Handler, Service, snake_case
+from .shared_client import SharedClient
 from .topology import DEFAULT_TOPOLOGY, Topology, TopologyMismatch, declare_queue
 
 log = logs.get_logger("amqprpc.worker")
 
-_STOP = object()
+
+# The worker's counters each outcome adds to ("failed": every handler run or request that
+# did not succeed, whatever then became of it).
+_STATS_OF = {
+    OutcomeKind.REPLIED: ("succeeded",), OutcomeKind.DONE: ("succeeded",), OutcomeKind.FAILED: ("failed",),
+    OutcomeKind.RETRIED: ("failed", "retried"), OutcomeKind.DEAD_LETTERED: ("failed", "dead_lettered"),
+    OutcomeKind.REFUSED: ("refused",), OutcomeKind.EXPIRED: ("expired",), OutcomeKind.RECOUNTED: ("recounted",),
+}
 
 
-class ReplyTooLarge(Exception):
-    """A handler's result too large to send back (``Worker.max_reply_bytes``)."""
-
-
-class Worker(AmqpLoop):
+class Worker:
     """Serve ``service`` from its request queue.
 
     Parameters: ``concurrency`` handler threads; ``prefetch`` unacked messages held at most
@@ -53,18 +64,29 @@ class Worker(AmqpLoop):
     ``max_reply_bytes`` larger results are answered with a ``ReplyTooLarge`` error (the
     broker closes the channel on a message above its ``max_message_size``, 16 MiB by
     default in RabbitMQ 4, and the request would come back);
-    ``heartbeat`` seconds; ``queue_type`` "classic" or "quorum"; ``max_redeliveries`` a
+    ``heartbeat`` and ``reconnect_cap`` (the longest wait between reconnect attempts)
+    seconds; ``queue_type`` "classic" or "quorum"; ``max_redeliveries`` a
     message redelivered more often (its handler keeps killing the worker) is dead-lettered unrun;
     ``registry`` a :class:`~amqprpc.registry.Registry` to announce this instance in every
-    ``registry_interval`` seconds (from a thread of its own).
+    ``registry_interval`` seconds (its :class:`~amqprpc.registry.Presence` middleware);
+    ``middleware`` hooks around its lifecycle and every delivery (:mod:`amqprpc.middleware`),
+    after the process's defaults. Every worker also runs :class:`~amqprpc.ping.Ping` (the
+    built-in ``ping`` action) and :class:`~amqprpc.shared_client.SharedClient` (its
+    handlers' ``service.client``), first.
+
+    One lifecycle: :meth:`start`, then :meth:`shutdown` (warm) or :meth:`stop` (cold). Its
+    connection is an :class:`~amqprpc.ioloop.AmqpLoop` it holds, not one it is.
     """
 
     def __init__(self, service: Service, *, broker_url: str | None = None, concurrency: int = 8,
                  prefetch: int | None = None, topology: Topology = DEFAULT_TOPOLOGY,
                  heartbeat: float = 30.0, max_message_bytes: int = 1 << 20, queue_type: str = "classic",
-                 max_redeliveries: int = 5, registry: Registry | None = None,
-                 registry_interval: float = DEFAULT_INTERVAL, max_reply_bytes: int = 16 << 20):
-        super().__init__(default_broker_url(broker_url), name=f"amqprpc-io-{service.name}", heartbeat=heartbeat)
+                 max_redeliveries: int = 5, registry: Any = None,
+                 registry_interval: float = 5.0, max_reply_bytes: int = 16 << 20,
+                 middleware: Sequence[Middleware] | None = None, reconnect_cap: float = 10.0):
+        # Handler annotations that cannot be validated with stop the worker here, before it
+        # connects (ContractError; `amqprpc worker` exits 2), not on the first call.
+        service.check()
         self.service = service
         self.concurrency = concurrency
         self.prefetch = prefetch or concurrency * 2
@@ -74,77 +96,131 @@ class Worker(AmqpLoop):
         self.queue_name = topology.request_queue_format.format(service=service.name)
         self.queue_type = queue_type
         self.redelivery = Redelivery(service.name, topology, queue_type, max_redeliveries)
-        self.forwarder = Forwarder()
-        self.channel: amqp.Channel | None = None
-        self.consumer_tag = f"amqprpc.{service.name}.{socket.gethostname()}.{os.getpid()}.{os.urandom(3).hex()}"
+        self.instance_id = new_instance_id()
+        self.consumer_tag = f"amqprpc.{service.name}.{self.instance_id}"
         # The broker's own delivery limit sits above ours: the worker sees a poison message's
         # last delivery itself and dead-letters it with the reason (the broker's dead-letter
         # route on quorum queues is only the backstop). Set explicitly, so RabbitMQ 4's
         # default of 20 never undercuts a larger --max-redeliveries.
         self.delivery_limit = max_redeliveries + 2
         self.event_consumers = events.event_consumers(service, topology, self.consumer_tag, queue_type,
-                                                      self.delivery_limit)
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+                                                      self.delivery_limit, self.instance_id)
+        self._consumer = Consumer(default_broker_url(broker_url), name=f"amqprpc-io-{service.name}",
+                                  prefetch=self.prefetch, redelivery=self.redelivery, declare=self._declare,
+                                  heartbeat=heartbeat, reconnect_cap=reconnect_cap)
+        self._loop = self._consumer.loop
+        self.url = self._loop.url
+        self.forwarder = self._consumer.forwarder
+        # Handler threads reply and ack under the loop's write lock themselves (see _finish_here).
+        self._write_lock = self._loop.write_lock
+        self._inbox = self._consumer.inbox
         self._threads: list[threading.Thread] = []
-        self._consuming = False
-        self._shutting_down = False
-        self.stats = {"received": 0, "succeeded": 0, "failed": 0, "rejected": 0, "expired": 0}
-        self.instance_id = new_instance_id()
+        self._counts = {"succeeded": 0, "failed": 0, "refused": 0, "expired": 0, "retried": 0, "dead_lettered": 0,
+                        "recounted": 0}
+        self._counts_lock = threading.Lock()  # handler threads count outcomes
         self.started_at = time.time()
-        self._builtins = {"ping": ping_handler(self)}
-        self.presence = registry and Presence(registry, lambda: describe_worker(self), registry_interval)
+        # Actions every worker answers besides its service's own (which win): registered by
+        # middleware as the worker starts (ping).
+        self.builtins: dict[str, Handler] = {}
+        given = [*(middleware or ()), *([registry.presence(registry_interval)] if registry is not None else ())]
+        # OpenTelemetry (when the application configured an SDK) first: the trace is current
+        # for every other middleware's hooks too.
+        self.hooks = Hooks(given, builtin=(*automatic(given), Ping(), SharedClient()))
 
     # --- lifecycle (any thread) --------------------------------------------------------
-    def start(self) -> None:
-        """Connect, start consuming and start the handler threads."""
+    @property
+    def name(self) -> str:
+        return self.service.name
+
+    @property
+    def alive(self) -> bool:
+        """Whether its connection's thread runs (it reconnects by itself; False once stopped)."""
+        return self._loop.alive
+
+    @property
+    def channel(self) -> amqp.Channel | None:
+        """The channel it consumes on (None while reconnecting)."""
+        return self._consumer.channel
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """What it did so far: received, and the counts of the outcomes (succeeded: replied
+        or done; failed: any other end of a handler run or request, retried and
+        dead_lettered included; refused; expired; recounted)."""
+        with self._counts_lock:
+            return {"received": self._consumer.received, **self._counts}
+
+    def start(self, *, broker_wait: float = 0.0,
+              on_connect_retry: Callable[[int, float, BaseException], None] | None = None) -> None:
+        """Connect, start consuming and start the handler threads. When it raises, no
+        thread of this worker is left running.
+
+        ``broker_wait`` seconds (``math.inf``: for ever) a broker that does not answer yet is
+        retried, with backoff, each attempt passed to ``on_connect_retry(attempt, retry_in,
+        exc)``, until it answers or :meth:`cancel_start` gives up (then this raises
+        :class:`~amqprpc.ioloop.StartCancelled`)."""
+        hooks = self.hooks
+        hooks.run(hooks.worker_starting, self)
         for index in range(self.concurrency):
             thread = threading.Thread(target=self._work, name=f"amqprpc-handler-{index}", daemon=True)
             thread.start()
             self._threads.append(thread)
-        shared_client.attach(self.service.name, self.url, self.topology)
         try:
-            super().start()
+            self._consumer.start(broker_wait, on_connect_retry)
         except BaseException:
-            shared_client.detach(self.service.name, self.url, self.topology)
+            self._end_threads(5.0)
+            hooks.run(hooks.worker_stopped, self)
             raise
-        if self.presence:
-            self.presence.start()
         log.info("worker ready", queue=self.queue_name, concurrency=self.concurrency, prefetch=self.prefetch,
                  event_queues=[consumer.queue.name for consumer in self.event_consumers.values()])
+        hooks.run(hooks.worker_started, self)
+
+    def _end_threads(self, timeout: float) -> bool:
+        """Let each handler thread finish what it runs and end; True when all did within ``timeout``."""
+        for _ in self._threads:
+            self._inbox.put(STOP)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        finished = not any(thread.is_alive() for thread in self._threads)
+        self._threads = [thread for thread in self._threads if thread.is_alive()]
+        return finished
+
+    def cancel_start(self) -> None:
+        """Stop waiting for the broker at start (see :meth:`start`); safe from a signal handler."""
+        self._loop.cancel_start()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Cold stop: close the connection now (the broker requeues every unacked message);
+        handler threads still running are abandoned (they are daemons)."""
+        self._loop.stop(timeout)
 
     def shutdown(self, timeout: float = 30.0) -> bool:
         """Warm stop: stop consuming, requeue what was prefetched but not started, let
         running handlers finish within ``timeout`` seconds, publish their replies and acks,
         then close. Returns False when handlers were still running at the timeout (their
         messages go back to the queue when the connection closes)."""
+        hooks = self.hooks
+        hooks.run(hooks.worker_stopping, self)
         stopped = threading.Event()
-        self._shutting_down = True  # a reconnect during the stop must not consume again
-        self.call_soon(self._stop_consuming, stopped)
+        # After CancelOk nothing more arrives: what no handler has taken goes back to the queue.
+        self._loop.call_soon(self._consumer.stop_consuming, stopped, True)
         stopped.wait(5.0)
-        if self.presence:
-            self.presence.stop()  # stop advertising as soon as we stop consuming
-        for _ in self._threads:
-            self._inbox.put(_STOP)
         deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        finished = not any(thread.is_alive() for thread in self._threads)
+        finished = self._end_threads(timeout)
         # Retries and dead letters already handed to the loop: let their confirms (and so
         # the originals' acks) arrive, or the originals come back as duplicates.
-        flushed = threading.Event()
-        self.call_soon(flushed.set)
-        if flushed.wait(5.0):
-            self.forwarder.idle.wait(max(1.0, deadline - time.monotonic()))
-        shared_client.detach(self.service.name, self.url, self.topology)
-        self.stop()
+        self._consumer.flush(deadline - time.monotonic())
+        self._loop.stop()
         # Not clean = handlers were cut off at the timeout and their messages requeued: an operator should see it.
         (log.info if finished else log.warning)("worker stopped", clean=finished, **self.stats,
-                                                **self.forwarder.stats)
+                                                forwarded=dict(self.forwarder.stats))
+        hooks.run(hooks.worker_stopped, self)
         return finished
 
     # --- loop thread -------------------------------------------------------------------
-    def on_connected(self, connection) -> None:
-        channel = connection.channel()
+    def _declare(self, connection: Any, channel: amqp.Channel) -> tuple[amqp.Channel, dict[str, Any]]:
+        """Its request queue and its event handlers' queues, by consumer tag (loop thread)."""
         queues = {}
         try:
             channel, queues[self.consumer_tag] = declare_queue(
@@ -157,128 +233,103 @@ class Worker(AmqpLoop):
                 f"a queue of {self.service.name} exists with other arguments than --queue-type {self.queue_type} "
                 f"--max-redeliveries {self.redelivery.max_redeliveries} declare ({exc.reply_text}); run with its "
                 "current settings, or drain and delete it first") from None
-        # The dead-letter and delay queues are declared on first use (Forward.declare): a
-        # service that never fails leaves nothing behind on the broker.
-        self.forwarder.connect(connection)
-        channel.basic_qos(0, self.prefetch, False)
-        self.channel = channel
-        if self._shutting_down:
-            return
-        for tag, declared in queues.items():
-            self.consume(channel, declared, self._on_message, consumer_tag=tag)
-        self._consuming = True
+        return channel, queues
 
-    def keep_consuming(self, consumer_tag: str) -> bool:
-        return self._consuming and not self._shutting_down
-
-    def on_disconnected(self, exc) -> None:
-        # Unacked deliveries of the dead channel are redelivered by the broker; replies of
-        # handlers still running are published on the next connection, their acks dropped.
-        with self.write_lock:
-            self.channel = None
-        self.forwarder.disconnected()
-        # What no handler has taken yet is back in the queue already: running it now would
-        # only make a duplicate whose ack is dropped.
-        dropped = len(self._take_unstarted())
-        if dropped:
-            log.info("dropped unstarted messages of the lost connection", count=dropped)
-
-    def _take_unstarted(self) -> list:
-        """Empty the inbox of the deliveries no handler has taken; shutdown's sentinels stay."""
-        taken, sentinels = [], 0
-        while True:
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            if item is _STOP:
-                sentinels += 1
-            else:
-                taken.append(item)
-        for _ in range(sentinels):  # still owed to the handler threads
-            self._inbox.put(_STOP)
-        return taken
-
-    def _on_message(self, message: amqp.Message) -> None:
-        self.stats["received"] += 1
-        self._inbox.put((self.generation, message))
-
-    def _stop_consuming(self, done: threading.Event) -> None:
-        try:
-            if self.channel is not None and self._consuming:
-                self._consuming = False
-                self.channel.basic_cancel(self.consumer_tag)
-                for tag in self.event_consumers:
-                    self.channel.basic_cancel(tag)
-            # After CancelOk nothing more arrives: give back what no handler has taken.
-            requeued = 0
-            for generation, message in self._take_unstarted():
-                if generation == self.generation and self.channel is not None:
-                    self.channel.basic_reject(message.delivery_tag, requeue=True)
-                    requeued += 1
-            if requeued:
-                log.info("requeued prefetched messages", count=requeued)
-        finally:
-            done.set()
-
-    def _finish(self, generation: int, message: amqp.Message, reply_to: str | None,
-                correlation_id: str | None, body: bytes | None, requeue: bool | Forward | None) -> None:
-        """Publish the reply (if any), then ack. ``requeue`` None = ack, False = reject,
-        a Forward = publish its copy (retry, dead letter) and ack once that is confirmed."""
-        channel = self.channel
+    def _finish(self, generation: int, message: amqp.Message, decision: Decision) -> None:
+        """Publish the reply (if any), then settle the delivery: ack it, or publish the
+        decision's Forward (retry, dead letter, recount) and ack once that is confirmed."""
+        channel = self._consumer.channel
         if channel is None:
             return
-        if body is not None and reply_to:
+        if decision.body is not None and decision.reply_to:
             # Persistent: a reply waiting in the durable collector queue (submit) must survive a
             # broker restart; in a caller's transient reply queue the flag costs nothing.
             try:
-                publish(channel, amqp.Message(body, content_type=envelope.CONTENT_TYPE,
-                                              correlation_id=correlation_id, delivery_mode=2), "", reply_to)
+                publish(channel, amqp.Message(decision.body, content_type=envelope.CONTENT_TYPE,
+                                              correlation_id=decision.correlation_id, delivery_mode=2),
+                        "", decision.reply_to)
             except UNENCODABLE as exc:
                 # Never sendable, however often the request came back: dead-letter it (on
                 # the loop thread, the forwarder's) instead of leaving it unacked.
                 log.error("reply cannot be encoded; request dead-lettered", error=repr(exc)[:500])
-                self.call_soon(self._finish, generation, message, None, None, None, self.redelivery.dead_letter(
-                    message, self._queue_of(message), f"Reply could not be sent: {exc!r}", "UnsendableReply"))
+                self._loop.call_soon(self._finish, generation, message, Decision(forward=self.redelivery.dead_letter(
+                    message, self._queue_of(message), f"Reply could not be sent: {exc!r}", "UnsendableReply")))
                 return
-        if generation != self.generation:
+        if decision.discard:
+            if generation == self._loop.generation:
+                channel.basic_reject(message.delivery_tag, requeue=False)
             return
-        if isinstance(requeue, Forward):
-            queue_name = self._queue_of(message)
-            self.forwarder.forward(channel, message.delivery_tag, requeue, lambda reason: self.redelivery.dead_letter(
-                message, queue_name, reason, "UnencodableCopy", keep_headers=False))
-        elif requeue is None:
-            channel.basic_ack(message.delivery_tag)
-        else:
-            channel.basic_reject(message.delivery_tag, requeue=requeue)
+        self._consumer.settle(channel, generation, message, decision.forward)
 
     # --- handler threads ---------------------------------------------------------------
     def _work(self) -> None:
         get = self._inbox.get
         while True:
             item = get()
-            if item is _STOP:
+            if item is STOP:
                 return
             generation, message = item
-            try:
-                outcome = self._handle(message)
-            except Exception as exc:  # noqa: BLE001 - a bug here must not kill the handler thread
-                outcome = self._crashed(message, exc)
-            self._finish_here(generation, message, *outcome)
+            self._finish_here(generation, message, self._process(message))
 
-    def _crashed(self, message: amqp.Message, exc: Exception) -> tuple[None, None, None, Forward | bool]:
+    def _process(self, message: amqp.Message) -> Decision:
+        """Decide what becomes of one delivery, with the middleware around it; account
+        for its outcome (stats, metrics, logs: all read this one Outcome)."""
+        started = time.perf_counter()
+        consumer = self.event_consumers.get(message.delivery_info.get("consumer_tag")) if self.event_consumers else None
+        queue_name = self.queue_name if consumer is None else consumer.queue.name
+        hooks = self.hooks
+        # What the middleware sees; not even built when no middleware looks at deliveries.
+        delivery = None
+        if hooks.before_handle or hooks.after_handle:
+            properties = message.properties
+            delivery = Delivery(self.service.name,
+                                "event" if consumer else "call" if properties.get("reply_to") else "cast",
+                                queue_name, properties, message.delivery_info, len(message.body or b""), started)
+        decision: Decision | None
+        try:
+            decision, request = self._screen(message, queue_name, consumer, started)
+        except Exception as exc:  # noqa: BLE001 - a bug here must not kill the handler thread
+            decision, request = self._crashed(message, exc, started), None
+        if delivery is not None:  # before_handle and after_handle: once each, whatever happens
+            if request is not None:
+                _describe(delivery, request, consumer)
+            if hooks.before_handle:
+                hooks.run(hooks.before_handle, delivery)
+        if decision is None:
+            assert request is not None  # _screen decoded it
+            try:
+                if consumer is not None:
+                    decision = self._handle_event(consumer.subscription, message, request, started, delivery)
+                else:
+                    decision = self._handle(message, request, started, delivery)
+            except Exception as exc:  # noqa: BLE001 - a bug here must not kill the handler thread
+                decision = self._crashed(message, exc, started)
+        self._account(decision.outcome)
+        if delivery is not None and hooks.after_handle:
+            hooks.run(hooks.after_handle, delivery, decision.outcome)
+        return decision
+
+    def _account(self, outcome: Outcome) -> None:
+        with self._counts_lock:
+            counts = self._counts
+            for key in _STATS_OF[outcome.kind]:
+                counts[key] += 1
+
+    def _crashed(self, message: amqp.Message, exc: Exception, started: float) -> Decision:
         """A message the worker itself failed on: dead-lettered (without its headers if
-        they are what fails); rejected without requeue when even that fails."""
+        they are what fails); rejected without requeue when even that fails (the broker
+        dead-letters it from a quorum queue, drops it from a classic one)."""
         log.exception("worker failed to process a message")
         for keep_headers in (True, False):  # the headers from the wire may be what failed
             try:
-                return None, None, None, self.redelivery.dead_letter(message, self._queue_of(message), repr(exc),
-                                                                     "WorkerError", keep_headers=keep_headers)
+                return Decision(forward=self.redelivery.dead_letter(message, self._queue_of(message), repr(exc),
+                                                                    "WorkerError", keep_headers=keep_headers),
+                                outcome=_outcome(OutcomeKind.DEAD_LETTERED, "WorkerError", started, True))
             except Exception:  # noqa: BLE001 - never let one message end the handler thread
                 log.exception("message cannot be dead-lettered", with_headers=keep_headers)
-        return None, None, None, False
+        return Decision(discard=True, outcome=_outcome(OutcomeKind.DEAD_LETTERED, "WorkerError", started))
 
-    def _finish_here(self, generation: int, message: amqp.Message, *outcome: Any) -> None:
+    def _finish_here(self, generation: int, message: amqp.Message, decision: Decision) -> None:
         """Reply and ack from this handler thread, without a hop to the loop thread and
         back (frames are serialized by ``write_lock``, see AmqpLoop._lock_frames). While
         reconnecting there is no channel, and a Forward (retry, dead letter) is the
@@ -286,39 +337,52 @@ class Worker(AmqpLoop):
         # Never wait for the lock: when another thread is writing, the loop thread takes
         # this one over (it writes what piled up in one go) instead of handler threads
         # queueing on the lock, each sleep and wake-up a context switch.
-        if not isinstance(outcome[-1], Forward) and self.write_lock.acquire(blocking=False):
+        if decision.forward is None and self._write_lock.acquire(blocking=False):
             try:
-                if self.channel is not None:
+                if self._consumer.channel is not None:
                     try:
-                        self._finish(generation, message, *outcome)
+                        corked = self._loop.cork()  # the reply and the ack in one write
+                        try:
+                            self._finish(generation, message, decision)
+                        finally:
+                            self._loop.uncork(corked)
                     except Exception as exc:  # noqa: BLE001 - dead connection: the loop reconnects, broker redelivers
                         log.warning("reply or ack not sent", error=repr(exc))
                     return
             finally:
-                self.write_lock.release()
-        self.call_soon(self._finish, generation, message, *outcome)
+                self._write_lock.release()
+        self._loop.call_soon(self._finish, generation, message, decision)
 
-    def _handle(self, message: amqp.Message) -> tuple[Any, Any, bytes | None, bool | None]:
-        """Run one request; returns (reply_to, correlation_id, reply body, requeue)."""
-        queue_name = self._queue_of(message)
+    def _screen(self, message: amqp.Message, queue_name: str, consumer: events.EventConsumer | None,
+                started: float) -> tuple[Decision | None, envelope.Request | None]:
+        """Before any handler runs: a Decision for what is not to run (undecodable, poison,
+        not a valid request); else the decoded request."""
         if isinstance(message, UndecodableMessage):
-            return self._undecodable(message, queue_name)
+            return self._undecodable(message, queue_name, started), None
         poisoned = self.redelivery.poisoned(message, queue_name)
         if poisoned is not None:
-            if poisoned.what == "dead_letter":
+            dead = poisoned.kind is OutcomeKind.DEAD_LETTERED
+            if dead:
                 log.error("message redelivered too often, dead-lettered unrun", queue=queue_name,
                           correlation_id=message.properties.get("correlation_id"))
-            return None, None, None, poisoned
-        event_consumer = self.event_consumers.get(message.delivery_info.get("consumer_tag"))
-        if event_consumer is not None:
-            return self._handle_event(event_consumer.subscription, message)
-        started = time.perf_counter()
-        properties = message.properties
+            return Decision(forward=poisoned, outcome=_outcome(poisoned.kind, "TooManyRedeliveries" if dead else None,
+                                                               started, dead)), None
         try:
-            request = envelope.decode_request(message.body, properties, self.max_message_bytes)
+            request = envelope.decode_request(message.body, message.properties, self.max_message_bytes)
         except BadMessage as exc:
-            return self._refuse(message, exc.reason)
-        trace_id = request.trace_id or request.correlation_id
+            if consumer is not None:
+                log.warning("bad event message", reason=exc.reason, handler=consumer.subscription.name)
+                return Decision(forward=self.redelivery.dead_letter(message, queue_name, exc.reason, "BadMessage"),
+                                outcome=_outcome(OutcomeKind.REFUSED, "BadMessage", started, True)), None
+            return self._refuse(message, exc.reason, started), None
+        return None, request
+
+    def _handle(self, message: amqp.Message, request: envelope.Request, started: float,
+                delivery: Delivery | None) -> Decision:
+        """Run one request: its reply (or error reply), or where it goes instead."""
+        properties = message.properties
+        # The envelope's, or what a middleware made it (OpenTelemetry: its trace id).
+        trace_id = (delivery.trace_id if delivery is not None else None) or request.trace_id or request.correlation_id
         # Bound before anything is logged, so that even the "expired" and "unknown action"
         # lines carry the request's fields (and nothing of the previous request leaks in).
         logs.clear_request()
@@ -326,27 +390,35 @@ class Worker(AmqpLoop):
                           trace_id=trace_id, parent_id=request.headers.get("parent_id"))
         deadline = request.deadline
         if deadline is not None and time.time() > deadline:
-            self.stats["expired"] += 1
             log.info("request expired, dropped unrun", action=request.action, correlation_id=request.correlation_id,
                      trace_id=trace_id, late_by=round(time.time() - deadline, 3))
             headers = properties.get("application_headers") or {}
             if attempts_made(headers) and request.reply_to:  # a retry came back too late: say why it failed
-                return request.reply_to, request.correlation_id, envelope.error_reply(
-                    str(headers.get(ERROR)), str(headers.get(ERROR_TYPE)), request.message_id), None
-            return None, None, None, None
-        handler = self.service.find(request.action) or self._builtins.get(request.action)
+                error_type = str(headers.get(ERROR_TYPE))
+                return Decision(request.reply_to, request.correlation_id, envelope.error_reply(
+                    str(headers.get(ERROR)), error_type, request.message_id),
+                    outcome=_outcome(OutcomeKind.EXPIRED, error_type, started))
+            return Decision(outcome=_outcome(OutcomeKind.EXPIRED, None, started))
+        handler = self.service.find(request.action)
+        builtin = handler is None
+        if builtin:
+            handler = self.builtins.get(request.action)
         if handler is None:
-            self.stats["failed"] += 1
             if not request.reply_to:  # a cast: nobody hears the error, so say where the message went
                 log.warning("unknown action, dead-lettered", action=request.action,
                             correlation_id=request.correlation_id, trace_id=trace_id,
                             dead_letter_queue=self.topology.dead_queue_name(self.service.name))
-                return None, None, None, self.redelivery.dead_letter(
-                    message, self.queue_name, f"Unknown action: {request.action}", "UnknownAction")
+                return Decision(forward=self.redelivery.dead_letter(
+                    message, self.queue_name, f"Unknown action: {request.action}", "UnknownAction"),
+                    outcome=_outcome(OutcomeKind.DEAD_LETTERED, "UnknownAction", started, True))
             log.warning("unknown action", action=request.action, correlation_id=request.correlation_id,
                         trace_id=trace_id)
-            return request.reply_to, request.correlation_id, envelope.error_reply(
-                f"Unknown action: {request.action}", "UnknownAction", request.message_id), None
+            return Decision(request.reply_to, request.correlation_id, envelope.error_reply(
+                f"Unknown action: {request.action}", "UnknownAction", request.message_id),
+                outcome=_outcome(OutcomeKind.FAILED, "UnknownAction", started))
+        if delivery is not None:  # the registered name: getUser runs get_user
+            action = request.action
+            delivery.handler = action if builtin or action in self.service.handlers else snake_case(action)
         with self._bound(request.action, request.correlation_id, trace_id, deadline):
             try:
                 result = handler(request.payload)
@@ -354,20 +426,24 @@ class Worker(AmqpLoop):
                 body = self._failed(exc, request, started)
                 forward = self._after_failure(message, request, exc, started)
                 if forward is not None:
-                    return None, None, None, forward
+                    return Decision(forward=forward, outcome=_forwarded(forward, type(exc).__name__, started))
+                return Decision(request.reply_to, request.correlation_id, body,
+                                outcome=_outcome(OutcomeKind.FAILED, type(exc).__name__, started))
+            try:
+                body = envelope.ok_reply(result, request.message_id)
+            except (TypeError, ValueError) as exc:
+                failure: Exception = TypeError(f"Result is not JSON serializable: {exc}")
             else:
-                try:
-                    body = envelope.ok_reply(result, request.message_id)
-                except (TypeError, ValueError) as exc:
-                    body = self._failed(TypeError(f"Result is not JSON serializable: {exc}"), request, started)
-                else:
-                    if len(body) > self.max_reply_bytes:
-                        body = self._failed(ReplyTooLarge(f"Result is {len(body)} bytes of JSON; replies are limited "
-                                                          f"to {self.max_reply_bytes}"), request, started)
-                    else:
-                        self.stats["succeeded"] += 1
-                        log.debug("request handled", duration=round(time.perf_counter() - started, 6))
-        return request.reply_to, request.correlation_id, body, None
+                if len(body) <= self.max_reply_bytes:
+                    duration = time.perf_counter() - started
+                    log.debug("request handled", duration=round(duration, 6))
+                    return Decision(request.reply_to, request.correlation_id, body, outcome=Outcome(
+                        OutcomeKind.REPLIED if request.reply_to else OutcomeKind.DONE, None, duration))
+                failure = ReplyTooLarge(f"Result is {len(body)} bytes of JSON; replies are limited "
+                                        f"to {self.max_reply_bytes}")
+            body = self._failed(failure, request, started)
+        return Decision(request.reply_to, request.correlation_id, body,
+                        outcome=_outcome(OutcomeKind.FAILED, type(failure).__name__, started))
 
     @contextlib.contextmanager
     def _bound(self, action: str, correlation_id: str, trace_id: str, deadline: float | None, **log_fields: Any):
@@ -382,38 +458,31 @@ class Worker(AmqpLoop):
             context.current.reset(token)
             logs.clear_request()
 
-    def _handle_event(self, subscription: EventSubscription, message: amqp.Message) -> tuple[Any, Any, None, bool | None]:
-        """Run one event handler; (None, None, None, requeue): ack once it returned, else
-        what :meth:`_event_failed` decides. Events get no reply and have no deadline."""
-        started = time.perf_counter()
-        try:
-            event = envelope.decode_request(message.body, message.properties, self.max_message_bytes)
-        except BadMessage as exc:
-            self.stats["rejected"] += 1
-            log.warning("bad event message", reason=exc.reason, handler=subscription.name)
-            return None, None, None, self.redelivery.dead_letter(message, self._queue_of(message), exc.reason,
-                                                                 "BadMessage")
-        with self._bound(event.action, event.message_id, event.trace_id or event.message_id, None,
+    def _handle_event(self, subscription: EventSubscription, message: amqp.Message, event: envelope.Request,
+                      started: float, delivery: Delivery | None) -> Decision:
+        """Run one event handler: ack once it returned, else what :meth:`_event_failed`
+        decides. Events get no reply and have no deadline."""
+        trace_id = (delivery.trace_id if delivery is not None else None) or event.trace_id or event.message_id
+        with self._bound(event.action, event.message_id, trace_id, None,
                          handler=subscription.name, parent_id=event.headers.get("parent_id")):
             try:
                 subscription.function(event.payload)
             except Exception as exc:  # noqa: BLE001 - a failing handler must not kill the thread
-                return None, None, None, self._event_failed(subscription, message, event, exc, started)
-            self.stats["succeeded"] += 1
-            log.debug("event handled", duration=round(time.perf_counter() - started, 6))
-        return None, None, None, None
+                forward = self._event_failed(message, exc, subscription.retry, started)
+                return Decision(forward=forward, outcome=_forwarded(forward, type(exc).__name__, started))
+            duration = time.perf_counter() - started
+            log.debug("event handled", duration=round(duration, 6))
+        return Decision(outcome=Outcome(OutcomeKind.DONE, None, duration))
 
-    def _event_failed(self, subscription: EventSubscription, message: amqp.Message, event: envelope.Request,
-                      exc: Exception, started: float) -> Forward:
+    def _event_failed(self, message: amqp.Message, exc: Exception, policy: Retry | None, started: float) -> Forward:
         """Where a failed event handler's message goes: the one place for retry and
         dead-letter policies. A retry through a delay queue back into this handler's own
-        queue while ``subscription.retry`` allows, else a dead letter: never a hot requeue
+        queue while ``policy`` allows, else a dead letter: never a hot requeue
         loop, never dropped. Runs inside the event's log context (trace id bound)."""
-        self.stats["failed"] += 1
         log.warning("event handler failed", error=str(exc), error_type=type(exc).__name__,
                     duration=round(time.perf_counter() - started, 6))
         queue_name = self._queue_of(message)
-        forward = self.redelivery.retry_later(message, queue_name, exc, subscription.retry)
+        forward = self.redelivery.retry_later(message, queue_name, exc, policy)
         if forward is not None:
             log.info("retry scheduled", attempt=forward.message.properties["application_headers"]["x-attempts"],
                      delay_queue=forward.routing_key)
@@ -426,7 +495,6 @@ class Worker(AmqpLoop):
         return self.queue_name if consumer is None else consumer.queue.name
 
     def _failed(self, exc: BaseException, request: envelope.Request, started: float) -> bytes:
-        self.stats["failed"] += 1
         error_type = type(exc).__name__
         log.warning("handler failed", error=str(exc), error_type=error_type,
                     duration=round(time.perf_counter() - started, 6))
@@ -448,10 +516,9 @@ class Worker(AmqpLoop):
         return self.redelivery.dead_letter(message, self.queue_name, str(exc) or type(exc).__name__,
                                            type(exc).__name__)
 
-    def _refuse(self, message: amqp.Message, reason: str) -> tuple[Any, Any, bytes | None, bool | None]:
+    def _refuse(self, message: amqp.Message, reason: str, started: float) -> Decision:
         """A message that is not a valid request: answer it if it names a reply queue,
         otherwise dead-letter it with the reason (never a requeue loop)."""
-        self.stats["rejected"] += 1
         body = message.body
         reply_to, correlation_id = (None, None)
         if len(body) <= self.max_message_bytes:
@@ -464,20 +531,69 @@ class Worker(AmqpLoop):
             # A correlation id too long for the property still goes back in the body, where
             # a client that matches replies by message_id finds it.
             sendable = None if correlation_id and envelope.shortstr_problem("", correlation_id) else correlation_id
-            return reply_to, sendable, envelope.error_reply(reason, "BadMessage", correlation_id), None
-        return None, None, None, self.redelivery.dead_letter(message, self.queue_name, reason, "BadMessage")
+            return Decision(reply_to, sendable, envelope.error_reply(reason, "BadMessage", correlation_id),
+                            outcome=_outcome(OutcomeKind.REFUSED, "BadMessage", started))
+        return Decision(forward=self.redelivery.dead_letter(message, self.queue_name, reason, "BadMessage"),
+                        outcome=_outcome(OutcomeKind.REFUSED, "BadMessage", started, True))
 
-    def _undecodable(self, message: UndecodableMessage, queue_name: str) -> tuple[Any, Any, bytes | None, Forward]:
+    def _undecodable(self, message: UndecodableMessage, queue_name: str, started: float) -> Decision:
         """A delivery whose properties (or routing key) did not decode: dead-lettered unrun
         with its raw bytes. If its reply address (reply_to and correlation_id) did decode,
         the caller also gets an error reply, rather than wait for its timeout."""
-        self.stats["rejected"] += 1
         properties = message.properties
         reply_to, correlation_id = properties.get("reply_to"), properties.get("correlation_id")
         log.warning("undecodable message dead-lettered", problem=message.problem, queue=queue_name,
                     correlation_id=correlation_id, answered=bool(reply_to))
         forward = self.redelivery.undecodable(message, queue_name)
+        outcome = _outcome(OutcomeKind.REFUSED, UNDECODABLE, started, True)
         if not (reply_to and correlation_id) or queue_name != self.queue_name:  # events get no replies
-            return None, None, None, forward
+            return Decision(forward=forward, outcome=outcome)
         reason = f"Undecodable message: {message.problem}"
-        return reply_to, correlation_id, envelope.error_reply(reason, "BadMessage", correlation_id), forward
+        return Decision(reply_to, correlation_id, envelope.error_reply(reason, "BadMessage", correlation_id), forward,
+                        outcome=outcome)
+
+
+_UNSET = Outcome(OutcomeKind.FAILED)  # of a decision made after the outcome was accounted for
+
+
+class Decision:
+    """What a handler thread decided for one delivery: the reply to publish (``body`` to
+    ``reply_to``, if any), then ``forward`` it (retry, dead letter, recount: acked once the
+    copy is confirmed), or ``discard`` it (reject, no requeue: the last resort when not even
+    a dead letter can be built), or else ack it; and the ``outcome`` that is accounted for."""
+
+    __slots__ = ("reply_to", "correlation_id", "body", "forward", "discard", "outcome")
+
+    def __init__(self, reply_to: str | None = None, correlation_id: str | None = None, body: bytes | None = None,
+                 forward: Forward | None = None, *, discard: bool = False, outcome: Outcome = _UNSET) -> None:
+        self.reply_to = reply_to
+        self.correlation_id = correlation_id
+        self.body = body
+        self.forward = forward
+        self.discard = discard
+        self.outcome = outcome
+
+
+def _describe(delivery: Delivery, request: envelope.Request, consumer: events.EventConsumer | None) -> None:
+    """Copy what the envelope says to the middleware's view of the delivery."""
+    delivery.action = request.action
+    delivery.payload = request.payload
+    delivery.body_headers = request.headers
+    delivery.message_id = request.message_id
+    if consumer is not None:
+        delivery.handler = consumer.subscription.name
+        delivery.trace_id = request.trace_id or request.message_id
+    else:
+        delivery.correlation_id = request.correlation_id
+        delivery.reply_to = request.reply_to
+        delivery.kind = "call" if request.reply_to else "cast"
+        delivery.trace_id = request.trace_id or request.correlation_id
+
+
+def _outcome(kind: OutcomeKind, error_type: str | None, started: float, dead_lettered: bool = False) -> Outcome:
+    return Outcome(kind, error_type, time.perf_counter() - started, dead_lettered)
+
+
+def _forwarded(forward: Forward, error_type: str, started: float) -> Outcome:
+    """The outcome of a failed handler's message sent on: retried, or dead-lettered."""
+    return _outcome(forward.kind, error_type, started, forward.kind is OutcomeKind.DEAD_LETTERED)

@@ -62,7 +62,8 @@ class RawClient:
             latencies.append(perf() - t0)
         return Sample(count, perf() - started, latencies)
 
-    def pipelined(self, count: int, in_flight: int) -> Sample:
+    def pipelined(self, count: int, in_flight: int, body: bytes | None = None) -> Sample:
+        """``count`` calls, ``in_flight`` at a time (of ``body``, default the bench's request)."""
         sent_at: dict[str, float] = {}
         latencies = []
         state = {"sent": 0}
@@ -71,7 +72,7 @@ class RawClient:
             cid = self._next_id()
             sent_at[cid] = perf()
             state["sent"] += 1
-            self._send(cid)
+            self._send(cid, body)
 
         def on_reply(message: amqp.Message) -> None:
             latencies.append(perf() - sent_at.pop(message.properties["correlation_id"]))

@@ -3,13 +3,15 @@
 ``python -m bench.servers amqprpc SERVICE`` runs an amqprpc :class:`~amqprpc.worker.Worker`;
 ``python -m bench.servers raw RPC_QUEUE CAST_QUEUE`` runs a raw py-amqp echo server. Both
 print ``ready`` once consuming and stop when their stdin closes, so a crashed bench never
-leaves them behind.
+leaves them behind. Several of either kind may serve the same queues (the bench's
+worker-processes scenario); the bench deletes the queues itself.
 
 The raw server is the baseline: the plainest correct py-amqp code, with nothing slowed
 down. One thread, prefetch 64, reply then ack from the delivery callback. It turns off the
 ``connection.blocked`` capability so that ``basic_publish`` does not drain the socket on
 every publish (amqprpc bypasses that drain too, see ``amqprpc.ioloop.publish``): without
-it the callback-inside-publish recursion of DESIGN.md's pitfalls would hit the baseline.
+it a publish made from a delivery callback would run the next delivery's callback inside
+it, recursively, and that would hit the baseline.
 """
 from __future__ import annotations
 
@@ -85,7 +87,6 @@ def serve_raw(url: str, rpc_queue: str, cast_queue: str) -> None:
 
 def serve_amqprpc(url: str, service_name: str) -> None:
     from amqprpc import Service, logs
-    from amqprpc.testing import delete_queues
     from amqprpc.worker import Worker
 
     logs.configure("console", "warning")
@@ -118,7 +119,8 @@ def serve_amqprpc(url: str, service_name: str) -> None:
     print("ready", flush=True)
     done.wait()
     worker.shutdown(5)
-    delete_queues(worker.queue_name, broker_url=url)
+    # Several of these may serve one queue (the bench's worker-processes scenario): the
+    # bench deletes it once they are all gone.
 
 
 def _exit_when_stdin_closes() -> None:

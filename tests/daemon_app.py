@@ -43,3 +43,10 @@ def happened(payload: dict) -> None:
 def fail(payload: dict) -> None:
     """Always raises: a cast of it (nobody to answer) is dead-lettered."""
     raise ValueError("failing on purpose")
+
+
+@service.handler
+def ask(payload: dict) -> dict:
+    """Calls ``work`` of this same service through ``service.client`` (a nested call: what
+    the client metrics of ``--metrics-port`` count)."""
+    return service.client.call(service.name, "work", payload, timeout=10)

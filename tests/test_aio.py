@@ -9,7 +9,7 @@ import time
 import pytest
 from kombu import Connection
 
-from amqprpc import AsyncRpcClient, RemoteError, ResponseStore, ServiceUnavailable, Topology
+from amqprpc import AsyncRpcClient, CallTimeout, RemoteError, ResponseStore, ServiceUnavailable, Topology
 from amqprpc.collector import Collector
 from amqprpc.testing import delete_queues, running_worker, unique_name, wait_for
 
@@ -118,3 +118,32 @@ def test_using_it_unconnected_says_how(broker_url):
     client = AsyncRpcClient(unique_name("aio"), broker_url=broker_url)
     with pytest.raises(RuntimeError, match="async with"):
         asyncio.run(client.call("x", "y"))
+
+
+def test_a_cancelled_call_is_abandoned_and_a_slow_one_times_out_on_time(broker_url, service):
+    release = threading.Event()
+
+    @service.handler
+    def slow(payload):
+        release.wait(10)
+        return payload["n"]
+
+    async def scenario():
+        async with AsyncRpcClient(unique_name("aio"), broker_url=broker_url) as client:
+            task = asyncio.ensure_future(client.call(service.name, "slow", {"n": 1}, timeout=10))
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            started = time.monotonic()
+            with pytest.raises(CallTimeout):
+                await client.call(service.name, "slow", {"n": 2}, timeout=0.5)
+            took = time.monotonic() - started
+            release.set()
+            answers = await asyncio.gather(*(client.call(service.name, "slow", {"n": n}) for n in range(3, 40)))
+            return took, answers
+
+    with running_worker(service, concurrency=4):
+        took, answers = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert took < 0.5 + 1.0  # the call's own timeout holds (its deadline timer, at worst the grace after it)
+    assert answers == list(range(3, 40))  # the abandoned and the timed-out answers went nowhere else

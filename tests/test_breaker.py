@@ -61,6 +61,8 @@ def test_consecutive_failures_open_it_and_a_success_resets_the_count():
 def test_state_changes_and_rejections_are_counted_in_prometheus_metrics():
     from prometheus_client import REGISTRY
 
+    import amqprpc.metrics  # noqa: F401 - once imported (--metrics-port), every breaker counts
+
     name = unique_name("metered")
     breaker = CircuitBreaker(failure_threshold=2, shared=False)
 

@@ -80,24 +80,24 @@ def test_worker_consumes_again_when_the_broker_cancels_its_consumers(service, br
 
     request, events = f"service.{service.name}.request", f"service.{service.name}.event.on_feature"
     with running_worker(service) as worker, RpcClient("features", broker_url=broker_url) as client:
-        generation = worker.generation
+        generation = worker._loop.generation
         delete_queues(request, events, broker_url=broker_url)  # the broker cancels both consumers
         wait_for(lambda: _consumers(broker_url, request) == 1 and _consumers(broker_url, events) == 1)
         assert client.call(service.name, "ping", timeout=10) == "pong"
         client.publish_event("feature.on", {"n": 1})
         wait_for(lambda: seen == [1])
-        assert worker.generation == generation, "it reconnected instead of consuming again"
+        assert worker._loop.generation == generation, "it reconnected instead of consuming again"
 
 
 @pytest.mark.integration
 def test_client_consumes_again_when_its_reply_queue_is_deleted(service, broker_url):
     service.handler("ping")(lambda payload: "pong")
     with running_worker(service), RpcClient("features", broker_url=broker_url) as client:
-        generation = client.generation
+        generation = client._loop.generation
         suite_ctl("delete_queue", client.reply_queue.name)  # exclusive: only an operator can
         # Declared and consumed again by the loop thread; calls made meanwhile may time out.
         wait_for(lambda: _answers(client, service.name), timeout=20, interval=0.2)
-        assert client.generation == generation, "it reconnected instead of consuming again"
+        assert client._loop.generation == generation, "it reconnected instead of consuming again"
 
 
 def _answers(client: RpcClient, service: str) -> bool:
@@ -117,12 +117,12 @@ def test_collector_consumes_again_when_its_queue_is_deleted(service, broker_url,
     collector.start()
     try:
         with running_worker(service), RpcClient("features", broker_url=broker_url, topology=topology) as client:
-            generation = collector.generation
+            generation = collector._loop.generation
             delete_queues(queue, broker_url=broker_url)
             wait_for(lambda: _consumers(broker_url, queue) == 1)
             cid = client.submit(service.name, "ping", {"n": 7})
             assert wait_for(lambda: store.get(cid))["data"] == 7
-            assert collector.generation == generation
+            assert collector._loop.generation == generation
             store.redis.delete(store.key(cid))
     finally:
         collector.shutdown(5)

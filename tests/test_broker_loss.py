@@ -26,8 +26,7 @@ def svc(own_broker):
 
 @pytest.fixture
 def client(own_broker):
-    with RpcClient("loss-test", broker_url=own_broker.url, timeout=5) as rpc:
-        rpc.reconnect_cap = 1.0
+    with RpcClient("loss-test", broker_url=own_broker.url, timeout=5, reconnect_cap=1.0) as rpc:
         yield rpc
 
 
@@ -63,7 +62,7 @@ def test_idle_worker_and_client_resume_after_broker_restart(own_broker, svc, cli
         # The call in flight fails when the connection drops, not after its 60 s timeout.
         with pytest.raises(ServiceUnavailable, match="connection to the broker lost"):
             in_flight.result(10)
-        wait_for(lambda: not client.connected.is_set(), timeout=10)
+        wait_for(lambda: not client._loop.connected.is_set(), timeout=10)
         began = time.monotonic()
         with pytest.raises(ServiceUnavailable):  # fails, never waits for its timeout
             client.call(svc, "ping", timeout=60)
@@ -72,7 +71,7 @@ def test_idle_worker_and_client_resume_after_broker_restart(own_broker, svc, cli
         own_broker.start_app()
         redis_client.set(hold, 1, ex=120)
         worker.wait_event("broker reconnected", timeout=30)
-        wait_for(client.connected.is_set, timeout=30)
+        wait_for(client._loop.connected.is_set, timeout=30)
         assert answers(client, svc)
         assert worker.process.poll() is None  # same process, no restart
         attempts = worker.events("broker connect failed")

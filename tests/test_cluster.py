@@ -115,8 +115,7 @@ def test_the_node_under_the_worker_and_the_client_fails_under_load(cluster, done
     load = None
     try:
         worker.wait_event("worker ready")
-        with RpcClient("cluster-test", broker_url=url, timeout=CALL_TIMEOUT_S) as client:
-            client.reconnect_cap = 1.0
+        with RpcClient("cluster-test", broker_url=url, timeout=CALL_TIMEOUT_S, reconnect_cap=1.0) as client:
             load = Load(client, svc, done)
             load.start()
             wait_for(lambda: load.succeeded_calls() >= 50 and len(load.casts) >= 20 and len(load.events) >= 20,
@@ -127,7 +126,7 @@ def test_the_node_under_the_worker_and_the_client_fails_under_load(cluster, done
             wait_for(lambda: _last_failure(load.calls, failed_at) + STEADY_S < time.monotonic()
                      and load.calls[-1][1] == "ok", timeout=FAILURE_WINDOW_S + RECOVERY_BOUND_S + STEADY_S, interval=0.1)
             load.stop()
-            assert client.alive and worker.process.poll() is None, "a process was restarted or died"
+            assert client._loop.alive and worker.process.poll() is None, "a process was restarted or died"
         outcomes = [(t - failed_at, outcome) for t, outcome in load.calls if t >= failed_at]
         failures = [t for t, outcome in outcomes if outcome != "ok"]
         outage = max(failures) - min(failures) if failures else 0.0

@@ -203,7 +203,7 @@ def test_metrics_endpoint_counts_requests(svc, client, r, tmp_path):
     worker = start(svc, tmp_path, "--metrics-port", str(port))
     try:
         before = _scrape(port)
-        success = ("amqprpc_requests_total", (("action", "work"), ("outcome", "success")))
+        success = ("amqprpc_requests_total", (("action", "work"), ("outcome", "replied")))
         assert before[success] == 0
         for n in range(3):
             client.call(svc, "work", {"n": n, "done": done, "sleep": 0})
@@ -212,10 +212,10 @@ def test_metrics_endpoint_counts_requests(svc, client, r, tmp_path):
         client.cast(svc, "fail", {})  # no reply_to and no retry policy: dead-lettered at once
         client.publish_event(f"{svc}.happened", {"done": done})
         wait_for(lambda: r.hget(done, "event"), timeout=10)
-        event_ok = ("amqprpc_requests_total", (("action", "happened"), ("outcome", "success")))
+        event_ok = ("amqprpc_requests_total", (("action", "happened"), ("outcome", "done")))
         after = wait_for(lambda: (scraped := _scrape(port)).get(event_ok) and scraped, timeout=10)
         assert after[success] == 3
-        assert after[("amqprpc_requests_total", (("action", "<unknown>"), ("outcome", "error")))] == 1
+        assert after[("amqprpc_requests_total", (("action", "<unknown>"), ("outcome", "failed")))] == 1
         assert after[("amqprpc_handler_duration_seconds_count", (("action", "work"),))] == 3
         assert after[("amqprpc_requests_in_flight", ())] == 0
         assert after[("amqprpc_redeliveries_total", ())] == 0
@@ -223,6 +223,13 @@ def test_metrics_endpoint_counts_requests(svc, client, r, tmp_path):
         after = wait_for(lambda: (scraped := _scrape(port)).get(dead) and scraped, timeout=10)
         assert after[dead] == 1
         assert after[("amqprpc_requests_total", (("action", "fail"), ("outcome", "dead_lettered")))] == 1
+
+        # What the handlers' service.client sees of the services it calls, on the same endpoint.
+        client.call(svc, "ask", {"n": 9, "done": done, "sleep": 0})
+        nested = ("amqprpc_client_duration_seconds_count",
+                  (("action", "work"), ("kind", "call"), ("outcome", "ok")))
+        after = wait_for(lambda: (scraped := _scrape(port)).get(nested) and scraped, timeout=10)
+        assert after[nested] == 1 and after[("amqprpc_client_calls_in_flight", ())] == 0
 
         # A second worker on a port already taken is a usage error (exit 2), not "no broker".
         taken = WorkerProcess(svc, str(tmp_path / "taken.log"), "--metrics-port", str(port))

@@ -80,3 +80,39 @@ def test_unserializable_results_raise_rather_than_produce_invalid_json():
 def test_ids_are_unique_hex():
     ids = {envelope.new_id() for _ in range(1000)}
     assert len(ids) == 1000 and all(len(i) == 32 for i in ids)
+
+
+# What orjson (when installed) reads or writes differently from the stdlib goes through the
+# stdlib: the envelope's answer is the same with either library.
+EDGE_BODIES = [b'{"a":1,"a":2}', b'1e400', b'[NaN, Infinity]', b'"\\ud800"', b'123456789012345678901234567890',
+               b'{"id": 18446744073709551616, "n": -9223372036854775809}', b'\xef\xbb\xbf{}', b'{"a":-0.0}',
+               b' {"a" : [1, 2.5e-7, true, null]} ', b'[' * 3000 + b']' * 3000, b'"\\u0000\\n"', b'{"x":"\xff"}',
+               b'[1,]', b'', b'{"s": "caf\xc3\xa9 \xe2\x80\xa8"}', "{\"str\": 1}"]
+EDGE_OBJECTS = [{"n": float("nan")}, {"n": float("inf")}, {"big": 2 ** 70}, {1: "int key"}, {"s": "\ud800"},
+                {"none": None}, {"nested": [[[[1]]]] * 3}, {"f": 1e16, "g": 1e-7, "h": 0.1 + 0.2}, {"t": (1, 2)},
+                {"u": "ünï \u2028 \x00"}, {"deep": json.loads("[" * 300 + "]" * 300)}, {"b": True, "z": False}]
+
+
+def _stdlib(monkeypatch):
+    monkeypatch.setattr(envelope, "orjson", None)
+    monkeypatch.setattr(envelope, "_decode", envelope._json_loads)
+
+
+def _outcome(fn, arg):
+    try:
+        result = fn(arg)
+    except RecursionError:
+        return "RecursionError"
+    except (ValueError, TypeError):
+        return "refused"
+    return json.loads(result) if isinstance(result, bytes) else result
+
+
+@pytest.mark.skipif(envelope.orjson is None, reason="orjson is not installed")
+def test_orjson_reads_and_writes_what_the_stdlib_does(monkeypatch):
+    fast = [repr(_outcome(envelope.loads, body)) for body in EDGE_BODIES]
+    fast_out = [repr(_outcome(envelope.dumps, obj)) for obj in EDGE_OBJECTS]
+    _stdlib(monkeypatch)
+    assert fast == [repr(_outcome(envelope.loads, body)) for body in EDGE_BODIES]
+    assert fast_out == [repr(_outcome(envelope.dumps, obj)) for obj in EDGE_OBJECTS]
+    assert envelope.loads(b'{"id": 123456789012345678901234567890}')["id"] == 123456789012345678901234567890

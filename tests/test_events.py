@@ -212,8 +212,8 @@ def test_handlers_share_one_client_per_service_closed_with_the_last_worker(broke
             assert second.stats["succeeded"] > 0  # both workers served, one client between them
         shared = clients[0]
         assert len(clients) == 40 and all(c is shared for c in clients) and shared.topology == topology
-        assert shared.alive  # a worker of the service still runs
-    assert not shared.alive and "relay" not in shared_client._clients
+        assert shared._loop.alive  # a worker of the service still runs
+    assert not shared._loop.alive and "relay" not in shared_client._clients
 
 
 def test_cli_publish_reaches_a_subscriber(broker_url):

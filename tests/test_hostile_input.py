@@ -229,7 +229,7 @@ def test_a_poison_reply_fails_only_the_call_it_names_and_the_client_keeps_its_co
                                          exclusive=True).queue
     channel.queue_bind(silent_queue, DEFAULT_TOPOLOGY.service_exchange, DEFAULT_TOPOLOGY.request_key(silent))
     with RpcClient("hostile-client", broker_url=broker_url) as client:
-        generation = client.generation
+        generation = client._loop.generation
         call = client.call_async(silent, "echo", {}, timeout=20)
         message_id = wait_for(lambda: channel.basic_get(silent_queue, no_ack=True), timeout=10).properties["message_id"]
         body = json.dumps({"success": True, "data": 1, "message_id": message_id}).encode()
@@ -239,7 +239,7 @@ def test_a_poison_reply_fails_only_the_call_it_names_and_the_client_keeps_its_co
             call.result(10)
         publish(raw, channel, "", client.reply_queue.name, encode_properties({"type": b"\xff"}), b"{}")  # names no call
         assert client.call(service_name, "echo", {"n": 1}, timeout=10) == {"n": 1}
-        assert client.generation == generation and client.connected.is_set()
+        assert client._loop.generation == generation and client._loop.connected.is_set()
 
 
 # --- property-based: arbitrary properties and bodies into a live worker ---------------------
@@ -341,6 +341,7 @@ def test_reply_fields_that_cannot_travel_back_are_bad_input():
 
 
 def test_a_copy_that_cannot_be_encoded_goes_as_a_bare_dead_letter_else_the_original_is_rejected():
+    from amqprpc.outcome import OutcomeKind
     from amqprpc.redelivery import Forward, Forwarder
 
     forwarder, sent, rejected = Forwarder(), [], []
@@ -350,17 +351,17 @@ def test_a_copy_that_cannot_be_encoded_goes_as_a_bare_dead_letter_else_the_origi
             rejected.append((delivery_tag, requeue))
 
     def send(channel, delivery_tag, forward):
-        if forward.what in failing:
+        if forward.kind.value in failing:
             raise struct.error("ubyte format requires 0 <= number <= 255")
-        sent.append(forward.what)
+        sent.append(forward.kind.value)
 
-    forwarder.send = send  # as metrics wraps it: forward() must go through it
-    bare = Forward("dead", amqp.Message(b""), None, "dead_letter")
-    failing = {"retry"}
-    forwarder.forward(Channel(), 7, Forward("delay", amqp.Message(b""), None, "retry"), lambda reason: bare)
-    assert sent == ["dead_letter"] and rejected == []
-    failing = {"retry", "dead_letter"}
-    forwarder.forward(Channel(), 8, Forward("delay", amqp.Message(b""), None, "retry"), lambda reason: bare)
+    forwarder.send = send  # forward() must go through send
+    bare = Forward("dead", amqp.Message(b""), None, OutcomeKind.DEAD_LETTERED)
+    failing = {"retried"}
+    forwarder.forward(Channel(), 7, Forward("delay", amqp.Message(b""), None, OutcomeKind.RETRIED), lambda reason: bare)
+    assert sent == ["dead_lettered"] and rejected == []
+    failing = {"retried", "dead_lettered"}
+    forwarder.forward(Channel(), 8, Forward("delay", amqp.Message(b""), None, OutcomeKind.RETRIED), lambda reason: bare)
     assert rejected == [(8, False)]
 
 

@@ -14,18 +14,18 @@ from amqprpc.testing import running_worker, wait_for
 pytestmark = pytest.mark.integration
 
 
-def _drop(loop) -> None:
-    """Cut the loop's TCP connection under it, as a broker restart or a network fault would."""
-    loop.connection.connection.transport.sock.shutdown(socket.SHUT_RDWR)
+def _drop(owner) -> None:
+    """Cut the TCP connection under a client or worker, as a broker restart or a network fault would."""
+    owner._loop.connection.connection.transport.sock.shutdown(socket.SHUT_RDWR)
 
 
 def test_calls_in_flight_across_dropped_connections_all_resolve_and_calls_work_after(service, broker_url):
     service.handler("echo")(lambda payload: payload["n"])
     with running_worker(service, concurrency=8, prefetch=64) as worker, \
             RpcClient("hotpath", broker_url=broker_url) as client:
-        assert isinstance(worker.connection.connection.transport._read.__self__, FrameReader)
+        assert isinstance(worker._loop.connection.connection.transport._read.__self__, FrameReader)
         for victim in (client, worker, client):
-            generation = victim.generation
+            generation = victim._loop.generation
             futures = [client.call_async(service.name, "echo", {"n": n}, timeout=5) for n in range(300)]
             _drop(victim)
             done, not_done = wait(futures, timeout=30)
@@ -33,8 +33,8 @@ def test_calls_in_flight_across_dropped_connections_all_resolve_and_calls_work_a
             for future in done:
                 exc = future.exception()
                 assert exc is None or isinstance(exc, (ServiceUnavailable, CallTimeout)), repr(exc)
-            wait_for(lambda: victim.generation > generation and victim.connected.is_set(), timeout=30)
-            wait_for(lambda: worker.connected.is_set() and worker.channel is not None, timeout=30)
+            wait_for(lambda: victim._loop.generation > generation and victim._loop.connected.is_set(), timeout=30)
+            wait_for(lambda: worker._loop.connected.is_set() and worker.channel is not None, timeout=30)
             assert client.call(service.name, "echo", {"n": 7}, timeout=10) == 7
 
 
@@ -55,11 +55,11 @@ def test_many_threads_publishing_at_once_never_interleave_frames(service, broker
                 errors.append(exc)
 
     with running_worker(service, concurrency=8), RpcClient("hotpath", broker_url=broker_url) as client:
-        generation = client.generation
+        generation = client._loop.generation
         threads = [threading.Thread(target=caller, args=(t,)) for t in range(16)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join(120)
-        assert client.generation == generation  # never reconnected
+        assert client._loop.generation == generation  # never reconnected
     assert errors == [] and wrong == []

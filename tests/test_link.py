@@ -92,6 +92,57 @@ def test_writes_never_block_and_keep_their_order():
     assert bytes(received) == b"".join(chunks)
 
 
+class CountingSocket:
+    """A socket whose sends are counted (and whose send buffer takes ``room`` bytes at most)."""
+
+    def __init__(self, room: int = 1 << 30):
+        self.sent, self.calls, self.room = bytearray(), 0, room
+
+    def send(self, data, flags=0):
+        return self.sendmsg([data], (), flags)
+
+    def sendmsg(self, buffers, ancillary=(), flags=0):
+        self.calls += 1
+        data = b"".join(bytes(b) for b in buffers)[:self.room]
+        if not data:
+            raise BlockingIOError()
+        self.sent += data
+        self.room -= len(data)
+        return len(data)
+
+
+def test_corked_frames_leave_in_one_send_in_order():
+    sock = CountingSocket()
+    writer = FrameWriter(Transport(sock), wake=lambda: None)
+    reused = bytearray(b"reply")  # py-amqp packs every frame into one buffer it reuses
+    writer.cork()
+    writer.write(memoryview(reused))
+    reused[:] = b"ack.."
+    writer.write(memoryview(reused))
+    assert sock.calls == 0
+    writer.uncork()
+    writer.write(b"next")
+    assert bytes(sock.sent) == b"replyack..next" and sock.calls == 2
+    writer.cork()  # a large frame is not copied and joined: it goes at once, after what was collected
+    writer.write(b"small")
+    writer.write(b"L" * 20000)
+    writer.write(b"tail")
+    writer.uncork()
+    assert bytes(sock.sent) == b"replyack..next" + b"small" + b"L" * 20000 + b"tail" and sock.calls == 5
+
+
+def test_the_backlog_leaves_many_chunks_per_send():
+    sock = CountingSocket(room=10)
+    writer = FrameWriter(Transport(sock), wake=lambda: None)
+    for n in range(100):
+        writer.write(b"%03d" % n)  # the first 10 bytes go at once, the rest waits
+    assert writer.backlog and sock.calls == 4  # 3 whole, 1 partly; the rest joined the backlog unsent
+    sock.room = 1 << 30
+    writer.flush()
+    assert not writer.backlog and sock.calls == 4 + 2  # 97 chunks: 64 per sendmsg
+    assert bytes(sock.sent) == b"".join(b"%03d" % n for n in range(100))
+
+
 def test_the_timer_fires_at_the_earliest_time_asked_from_any_thread():
     fired = []
     timer = Timer(lambda now: fired.append(now) or None, name="test-timer")

@@ -56,7 +56,8 @@ from amqprpc.registry import Registry
 from amqprpc.responses import ResponseStore
 from amqprpc.testing import capture_logs, delete_queues, unique_name
 from amqprpc.topology import DEFAULT_TOPOLOGY
-from workers.shop import Shop, build_all
+from workers import build_all
+from workers.shop import Shop
 
 pytestmark = pytest.mark.integration
 

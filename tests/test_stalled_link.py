@@ -85,10 +85,9 @@ def clients(proxy, own_broker, worker, svc):
     proxy.heal()
     proxy.delay(0)
     url = proxy.url(own_broker.url)
-    client = RpcClient("stall", broker_url=url, heartbeat=HEARTBEAT, connect_timeout=2.0)
-    aio = AsyncClientThread(source="stall-aio", broker_url=url, heartbeat=HEARTBEAT, connect_timeout=2.0)
-    for each in (client, aio.client.client):
-        each.reconnect_cap = 1.0
+    client = RpcClient("stall", broker_url=url, heartbeat=HEARTBEAT, connect_timeout=2.0, reconnect_cap=1.0)
+    aio = AsyncClientThread(source="stall-aio", broker_url=url, heartbeat=HEARTBEAT, connect_timeout=2.0,
+                            reconnect_cap=1.0)
     wait_for(lambda: _answers(client, svc), timeout=30)  # the worker is back from an earlier fault
     yield client, aio
     proxy.heal()
@@ -198,13 +197,14 @@ def lost_at(process: WorkerProcess, after: float, event: str = "broker connectio
 def watch_losses(rpc: RpcClient) -> list[float]:
     """When ``rpc`` found its connection lost (monotonic), each time."""
     times: list[float] = []
-    on_disconnected = rpc.on_disconnected
+    loop = rpc._loop  # the connection it holds calls this back as soon as it finds the link dead
+    on_disconnected = loop.on_disconnected
 
     def record(exc):
         times.append(time.monotonic())
         on_disconnected(exc)
 
-    rpc.on_disconnected = record
+    loop.on_disconnected = record
     return times
 
 
@@ -214,7 +214,7 @@ def test_a_blackholed_link_holds_every_timeout_and_is_found_dead_within_two_hear
     flooder = RpcClient("stall-flood", broker_url=proxy.url(own_broker.url), heartbeat=HEARTBEAT, connect_timeout=2.0)
     losses = {"client": watch_losses(client), "async client": watch_losses(aio.client.client),
               "flooding client": watch_losses(flooder)}
-    generations = client.generation, aio.client.client.generation
+    generations = client._loop.generation, aio.client.client._loop.generation
     worker_losses = len(worker.events("broker connection lost"))
     tally, flood = Tally(), Tally()
     began, began_wall = time.monotonic(), time.time()
@@ -238,10 +238,10 @@ def test_a_blackholed_link_holds_every_timeout_and_is_found_dead_within_two_hear
     while_down = Tally()
     load(client, aio, svc, while_down, TIMEOUT, n=4)
     proxy.heal()
-    wait_for(lambda: client.connected.is_set() and aio.client.client.connected.is_set(), timeout=30)
+    wait_for(lambda: client._loop.connected.is_set() and aio.client.client._loop.connected.is_set(), timeout=30)
     worker.wait_event("broker reconnected", count=worker_losses + 1, timeout=30)
     answered_after = sum(client.call(svc, "echo", {"n": n}, timeout=10) == {"n": n} for n in range(5))
-    reconnects = (client.generation - generations[0], aio.client.client.generation - generations[1],
+    reconnects = (client._loop.generation - generations[0], aio.client.client._loop.generation - generations[1],
                   len(worker.events("broker reconnected")) - worker_losses)
     flooder.close()
     report = (f"blackhole: dead link found after {', '.join(f'{who} {t:.2f}s' for who, t in detected.items())} "
@@ -265,7 +265,7 @@ def test_a_blackholed_link_holds_every_timeout_and_is_found_dead_within_two_hear
 
 def test_a_reset_link_fails_every_pending_call_at_once_and_reconnects(proxy, worker, clients, svc):
     client, aio = clients
-    generation = client.generation
+    generation = client._loop.generation
     losses = len(worker.events("broker connection lost"))
     ended: list[tuple[float, BaseException | None]] = []
     in_flight = [client.call_async(svc, "nap", {"seconds": 2}, timeout=30) for _ in range(8)]
@@ -279,7 +279,7 @@ def test_a_reset_link_fails_every_pending_call_at_once_and_reconnects(proxy, wor
     wait_for(lambda: len(ended) == 8, timeout=5)
     slowest_failure = max(when for when, _ in ended) - reset_at
     errors = {str(exc) for _, exc in ended}
-    wait_for(lambda: client.connected.is_set() and client.generation == generation + 1, timeout=30)
+    wait_for(lambda: client._loop.connected.is_set() and client._loop.generation == generation + 1, timeout=30)
     worker.wait_event("broker reconnected", count=losses + 1, timeout=30)
     answered_after = sum(client.call(svc, "echo", {"n": n}, timeout=10) == {"n": n} for n in range(5))
     worker_error = worker.events("broker connection lost")[losses]["error"]
@@ -295,7 +295,7 @@ def test_a_reset_link_fails_every_pending_call_at_once_and_reconnects(proxy, wor
 
 def test_a_slow_link_answers_what_fits_its_timeout_and_times_out_the_rest_on_time(proxy, worker, clients, svc):
     client, aio = clients
-    generation = client.generation
+    generation = client._loop.generation
     losses = len(worker.events("broker connection lost"))
     proxy.delay(0.3)  # each way: 0.6 s more per round trip
     roomy, tight = Tally(), Tally()
@@ -305,4 +305,4 @@ def test_a_slow_link_answers_what_fits_its_timeout_and_times_out_the_rest_on_tim
     assert roomy.worst() <= LATE_LIMIT and tight.worst() <= LATE_LIMIT
     assert roomy.outcomes[("call_async", "answered")] == 16  # a slow link is not a dead one
     assert tight.outcomes[("call_async", "CallTimeout")] == 16
-    assert client.generation == generation and len(worker.events("broker connection lost")) == losses
+    assert client._loop.generation == generation and len(worker.events("broker connection lost")) == losses

@@ -35,7 +35,8 @@ ORDER = {"user_id": "user_001", "token": "a-long-valid-token", "items": [{"produ
 @pytest.fixture(scope="module")
 def shop(own_broker, redis_available):
     """The shipped shop's five services and a collector, on the own broker; the apps' env."""
-    from workers.shop import Shop, build_all
+    from workers import build_all
+    from workers.shop import Shop
 
     own_broker.ensure_running()
     shop_state = Shop(prefix=unique_name("shop") + ":")

@@ -12,11 +12,14 @@ order: a redelivered ``reserve`` finds the reservation and does not take the sto
 """
 from __future__ import annotations
 
+import functools
 import json
+from typing import Dict, List
 
 from amqprpc import Service
 from amqprpc.logs import get_logger
 
+from .models import OrderLine, PaymentOutcome, Product, ProductRef, Reservation, ReserveRequest
 from .shop import Shop, trace_id
 
 log = get_logger("workers.inventory")
@@ -60,86 +63,101 @@ class OutOfStock(Exception):
     pass
 
 
+def _script(shop: Shop, source: str):
+    """The Lua script ``source`` registered with the shop's Redis client (once per client)."""
+    return _registered(shop.redis, source)
+
+
+@functools.lru_cache(maxsize=None)
+def _registered(client, source: str):
+    return client.register_script(source)
+
+
+def stock_key(shop: Shop, product_id: str) -> str:
+    return shop.key("stock", product_id)
+
+
+def seed(shop: Shop, product_ids) -> None:
+    """SET NX: the catalog's stock only for products this shop has never stocked."""
+    with shop.redis.pipeline(transaction=False) as pipe:
+        for product_id in product_ids:
+            pipe.set(stock_key(shop, product_id), CATALOG[product_id]["stock"], nx=True)
+        pipe.execute()
+
+
+def product(product_id) -> dict:
+    if product_id not in CATALOG:
+        raise UnknownProduct(f"Unknown product: {product_id}")
+    return CATALOG[product_id]
+
+
+def check_stock(shop: Shop, payload: ProductRef) -> Product:
+    """The product with its units in stock. Raises UnknownProduct."""
+    item = product(payload.product_id)
+    seed(shop, [item["product_id"]])
+    return Product(**{**item, "stock": int(shop.redis.get(stock_key(shop, item["product_id"])))})
+
+
+def wanted_units(items: List[OrderLine]) -> Dict[str, int]:
+    """The lines of a reserve request as units per product (the models ensure at least one
+    line and quantities of 1 or more). Raises UnknownProduct."""
+    wanted: Dict[str, int] = {}
+    for line in items:
+        product_id = product(line.product_id)["product_id"]
+        wanted[product_id] = wanted.get(product_id, 0) + line.quantity
+    return wanted
+
+
+def reserve(shop: Shop, payload: ReserveRequest) -> Reservation:
+    """Reserve the order's items: the reservation with prices and total. Idempotent per
+    order_id. Raises OutOfStock (nothing is taken) or UnknownProduct."""
+    order_id = payload.order_id
+    wanted = wanted_units(payload.items)
+    seed(shop, wanted)
+    items = [{"product_id": product_id, "name": CATALOG[product_id]["name"], "price": CATALOG[product_id]["price"],
+              "quantity": quantity} for product_id, quantity in wanted.items()]
+    total = round(sum(line["price"] * line["quantity"] for line in items), 2)
+    key = shop.key("reservation", order_id)
+    fields = {"order_id": order_id, "items": json.dumps(items), "total": total, "status": "reserved",
+              "trace_id": trace_id()}
+    outcome = _script(shop, _RESERVE)(
+        keys=[stock_key(shop, product_id) for product_id in wanted] + [key],
+        args=list(wanted.values()) + [v for pair in fields.items() for v in pair])
+    if outcome > 0:
+        product_id = list(wanted)[outcome - 1]
+        raise OutOfStock(f"Out of stock: {product_id} ({wanted[product_id]} wanted)")
+    stored = shop.redis.hgetall(key)
+    log.info("inventory reserved", order_id=order_id, items=len(items), total=total, again=outcome == -1)
+    return Reservation(order_id=order_id, items=json.loads(stored["items"]), total=float(stored["total"]),
+                       status=stored["status"])
+
+
+def on_payment_completed(shop: Shop, payload: PaymentOutcome) -> None:
+    """The order is paid: its reserved units are sold."""
+    key = shop.key("reservation", payload.order_id)
+    if shop.redis.hget(key, "status") == "reserved":
+        shop.redis.hset(key, "status", "committed")
+    log.info("inventory committed", order_id=payload.order_id)
+
+
+def on_payment_failed(shop: Shop, payload: PaymentOutcome) -> None:
+    """The payment failed: the reserved units go back to stock (once)."""
+    key = shop.key("reservation", payload.order_id)
+    items = json.loads(shop.redis.hget(key, "items") or "[]")
+    released = _script(shop, _RELEASE)(
+        keys=[key] + [stock_key(shop, line["product_id"]) for line in items],
+        args=[line["quantity"] for line in items])
+    log.info("inventory released", order_id=payload.order_id, released=bool(released))
+
+
 def build(shop: Shop | None = None, name: str = "inventory-service") -> Service:
     """inventory-service keeping its state under ``shop`` (default: from the environment)."""
     shop = shop or Shop()
     service = Service(name)
-    reserve_script = shop.redis.register_script(_RESERVE)
-    release_script = shop.redis.register_script(_RELEASE)
-
-    def stock_key(product_id: str) -> str:
-        return shop.key("stock", product_id)
-
-    def seed(product_ids) -> None:
-        # SET NX: the catalog's stock only for products this shop has never stocked.
-        with shop.redis.pipeline(transaction=False) as pipe:
-            for product_id in product_ids:
-                pipe.set(stock_key(product_id), CATALOG[product_id]["stock"], nx=True)
-            pipe.execute()
-
-    def product(product_id) -> dict:
-        if product_id not in CATALOG:
-            raise UnknownProduct(f"Unknown product: {product_id}")
-        return CATALOG[product_id]
-
-    @service.handler
-    def check_stock(payload: dict) -> dict:
-        """``{"product_id": "prod_001"}`` -> the product with its units in ``stock``."""
-        item = product(payload.get("product_id"))
-        seed([item["product_id"]])
-        return {**item, "stock": int(shop.redis.get(stock_key(item["product_id"])))}
-
-    @service.handler
-    def reserve(payload: dict) -> dict:
-        """``{"order_id", "items": [{"product_id", "quantity"}]}`` -> the reservation with prices
-        and total. Raises OutOfStock (nothing is taken) or UnknownProduct."""
-        order_id = payload.get("order_id")
-        if not order_id:
-            raise ValueError("reserve needs an order_id")
-        wanted: dict[str, int] = {}
-        for line in payload.get("items") or []:
-            quantity = int(line.get("quantity", 1))
-            if quantity < 1:
-                raise ValueError(f"Quantity must be at least 1, got {quantity}")
-            product_id = product(line.get("product_id"))["product_id"]
-            wanted[product_id] = wanted.get(product_id, 0) + quantity
-        if not wanted:
-            raise ValueError("An order needs at least one item")
-        seed(wanted)
-        items = [{"product_id": product_id, "name": CATALOG[product_id]["name"], "price": CATALOG[product_id]["price"],
-                  "quantity": quantity} for product_id, quantity in wanted.items()]
-        total = round(sum(line["price"] * line["quantity"] for line in items), 2)
-        key = shop.key("reservation", order_id)
-        fields = {"order_id": order_id, "items": json.dumps(items), "total": total, "status": "reserved",
-                  "trace_id": trace_id()}
-        outcome = reserve_script(keys=[stock_key(product_id) for product_id in wanted] + [key],
-                                 args=list(wanted.values()) + [v for pair in fields.items() for v in pair])
-        if outcome > 0:
-            product_id = list(wanted)[outcome - 1]
-            raise OutOfStock(f"Out of stock: {product_id} ({wanted[product_id]} wanted)")
-        stored = shop.redis.hgetall(key)
-        log.info("inventory reserved", order_id=order_id, items=len(items), total=total,
-                 again=outcome == -1)
-        return {"order_id": order_id, "items": json.loads(stored["items"]), "total": float(stored["total"]),
-                "status": stored["status"]}
-
-    @service.event("payment.completed")
-    def on_payment_completed(payload: dict) -> None:
-        """The order is paid: its reserved units are sold."""
-        key = shop.key("reservation", payload["order_id"])
-        if shop.redis.hget(key, "status") == "reserved":
-            shop.redis.hset(key, "status", "committed")
-        log.info("inventory committed", order_id=payload["order_id"])
-
-    @service.event("payment.failed")
-    def on_payment_failed(payload: dict) -> None:
-        """The payment failed: the reserved units go back to stock (once)."""
-        key = shop.key("reservation", payload["order_id"])
-        items = json.loads(shop.redis.hget(key, "items") or "[]")
-        released = release_script(keys=[key] + [stock_key(line["product_id"]) for line in items],
-                                  args=[line["quantity"] for line in items])
-        log.info("inventory released", order_id=payload["order_id"], released=bool(released))
-
+    service.handler("check_stock")(functools.partial(check_stock, shop))
+    service.handler("reserve")(functools.partial(reserve, shop))
+    service.event("payment.completed", name="on_payment_completed")(functools.partial(on_payment_completed, shop))
+    service.event("payment.failed", name="on_payment_failed")(functools.partial(on_payment_failed, shop))
     return service
 
 

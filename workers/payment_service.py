@@ -10,6 +10,7 @@ Redis: ``{prefix}payment:{order_id}``, the payment as JSON, written with SET NX:
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -17,6 +18,7 @@ import time
 from amqprpc import Service
 from amqprpc.logs import get_logger
 
+from .models import OrderCreated
 from .shop import Shop, trace_id
 
 log = get_logger("workers.payment")
@@ -24,29 +26,30 @@ log = get_logger("workers.payment")
 LIMIT = 10_000.0  # the simulated card limit, in the shop's currency
 
 
+def on_order_created(shop: Shop, service: Service, limit: float, payload: OrderCreated) -> None:
+    """Charge the order (once per order) and publish payment.completed or payment.failed."""
+    order_id, amount = payload.order_id, payload.total
+    payment = {"payment_id": f"p-{os.urandom(6).hex()}", "order_id": order_id,
+               "user_id": payload.user_id, "amount": amount, "trace_id": trace_id(),
+               "at": int(time.time())}
+    if amount > limit:
+        payment.update(status="failed", reason=f"Amount {amount:.2f} is over the limit of {limit:.2f}")
+    else:
+        payment.update(status="completed")
+    key = shop.key("payment", order_id)
+    if not shop.redis.set(key, json.dumps(payment), nx=True):
+        payment = json.loads(shop.redis.get(key))  # charged already: say the same again
+    log.info("payment " + payment["status"], order_id=order_id, payment_id=payment["payment_id"], amount=amount)
+    event = {name: payment[name] for name in ("order_id", "user_id", "payment_id", "amount", "reason") if name in payment}
+    service.client.publish_event(f"payment.{payment['status']}", event)
+
+
 def build(shop: Shop | None = None, name: str = "payment-service", limit: float = LIMIT) -> Service:
     """payment-service keeping its state under ``shop`` (default: from the environment);
     payments above ``limit`` fail."""
     shop = shop or Shop()
     service = Service(name)
-
-    @service.event("order.created")
-    def on_order_created(payload: dict) -> None:
-        order_id, amount = payload["order_id"], float(payload.get("total") or 0)
-        payment = {"payment_id": f"p-{os.urandom(6).hex()}", "order_id": order_id,
-                   "user_id": payload.get("user_id"), "amount": amount, "trace_id": trace_id(),
-                   "at": int(time.time())}
-        if amount > limit:
-            payment.update(status="failed", reason=f"Amount {amount:.2f} is over the limit of {limit:.2f}")
-        else:
-            payment.update(status="completed")
-        key = shop.key("payment", order_id)
-        if not shop.redis.set(key, json.dumps(payment), nx=True):
-            payment = json.loads(shop.redis.get(key))  # charged already: say the same again
-        log.info("payment " + payment["status"], order_id=order_id, payment_id=payment["payment_id"], amount=amount)
-        event = {name: payment[name] for name in ("order_id", "user_id", "payment_id", "amount", "reason") if name in payment}
-        service.client.publish_event(f"payment.{payment['status']}", event)
-
+    service.event("order.created", name="on_order_created")(functools.partial(on_order_created, shop, service, limit))
     return service
 
 

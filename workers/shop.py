@@ -1,7 +1,10 @@
 """What the shop's services share: where their state lives in Redis.
 
-Each shop service module has a ``build(shop)`` factory and a module-level ``service =
-build()`` that ``amqprpc worker <name>`` runs. A :class:`Shop` names the Redis database
+Each shop service module has module-level handler functions (taking the :class:`Shop`, and
+for those that call out the Service whose ``client`` they use, before the payload), a
+``build(shop)`` factory registering them, and a module-level ``service = build()`` that
+``amqprpc worker <name>`` runs (found through the ``amqprpc.services`` entry points).
+``workers.build_all(shop)`` builds all five. A :class:`Shop` names the Redis database
 (``AMQPRPC_REDIS_URL``) and the key prefix (``AMQPRPC_SHOP_PREFIX``, default ``shop:``), so
 that several shops (the demo, tests running side by side) never see each other's state;
 a namespaced :class:`~amqprpc.Topology` does the same for their queues and exchanges.
@@ -18,7 +21,7 @@ from dataclasses import dataclass, field
 import redis
 
 from amqprpc.config import redis_url
-from amqprpc.context import current
+from amqprpc import current_call
 
 DEFAULT_PREFIX = "shop:"
 
@@ -58,15 +61,5 @@ def _redis(url: str) -> redis.Redis:
 def trace_id() -> str:
     """The trace id of the request or event being handled ("" outside a handler), stored
     with every record so a record leads to the log lines of every hop."""
-    call = current.get()
+    call = current_call()
     return call.trace_id if call is not None else ""
-
-
-def build_all(shop: Shop | None = None) -> list:
-    """Every service of the shop built for ``shop`` (user, order, payment, inventory,
-    notification): what the demo and the tests run together."""
-    from . import inventory_service, notification_service, order_service, payment_service, user_service
-
-    shop = shop or Shop()
-    return [user_service.service, order_service.build(shop), payment_service.build(shop),
-            inventory_service.build(shop), notification_service.build(shop)]

@@ -5,7 +5,7 @@ import time
 
 from amqprpc import Service
 
-service = Service("user-service")
+from .models import LastSeen, TokenCheck, TokenValid, User, UserRef
 
 # The article's sample data. A real service would read a database.
 USERS = {
@@ -19,39 +19,44 @@ class UserNotFound(Exception):
     pass
 
 
-@service.handler("get_user")
-def get_user(payload: dict) -> dict:
-    """The user whose id is ``payload["user_id"]``."""
-    user_id = payload.get("user_id")
-    user = USERS.get(user_id)
+def get_user(payload: UserRef) -> User:
+    """The user of that id. Raises UserNotFound."""
+    user = USERS.get(payload.user_id)
     if user is None:
-        raise UserNotFound(f"User not found: {user_id}")
-    return user
+        raise UserNotFound(f"User not found: {payload.user_id}")
+    return User(**user)
 
 
-@service.handler("validate_token")
-def validate_token(payload: dict) -> dict:
-    """Accept tokens of at least 10 characters (the article's rule); refuse shorter ones."""
-    token = payload.get("token") or ""
-    if len(token) < 10:
+def validate_token(payload: TokenCheck) -> TokenValid:
+    """Accept tokens of at least 10 characters (the article's rule); refuse shorter ones (ValueError)."""
+    if len(payload.token or "") < 10:
         raise ValueError("Invalid token")
-    return {"valid": True, "user_id": payload.get("user_id", "user_001")}
+    return TokenValid(valid=True, user_id=payload.user_id)
 
 
 # When each user was last seen (touch), in this process only: a real service would store it.
 LAST_SEEN: dict = {}
 
 
-@service.handler("touch")
-def touch(payload: dict) -> None:
+def touch(payload: UserRef) -> None:
     """Note that a user was seen (what callers send as a cast: nobody waits for the answer)."""
-    user_id = payload.get("user_id")
-    if user_id not in USERS:
-        raise UserNotFound(f"User not found: {user_id}")
-    LAST_SEEN[user_id] = int(time.time())
+    if payload.user_id not in USERS:
+        raise UserNotFound(f"User not found: {payload.user_id}")
+    LAST_SEEN[payload.user_id] = int(time.time())
 
 
-@service.handler("last_seen")
-def last_seen(payload: dict) -> dict:
+def last_seen(payload: UserRef) -> LastSeen:
     """When ``touch`` last noted the user (epoch seconds), or None."""
-    return {"user_id": payload.get("user_id"), "last_seen": LAST_SEEN.get(payload.get("user_id"))}
+    return LastSeen(user_id=payload.user_id, last_seen=LAST_SEEN.get(payload.user_id))
+
+
+def build(shop=None, name: str = "user-service") -> Service:
+    """user-service. It keeps no state in Redis; ``shop`` is accepted so that every shop
+    module builds alike (``build(shop)``)."""
+    service = Service(name)
+    for handler in (get_user, validate_token, touch, last_seen):
+        service.handler(handler)
+    return service
+
+
+service = build()

@@ -118,7 +118,7 @@ def _start_services(service: str, app: str | None, settings: Settings):
     if app is None and service == "order-service":
         # The shipped order-service calls user- and inventory-service, and its events feed
         # payment- and notification-service: run the whole shop with it.
-        from workers.shop import build_all
+        from workers import build_all
         services += [other for other in build_all() if other.name != service]
     topology = Topology(collector_queue=settings.collector_queue)
     workers = [Worker(each, broker_url=settings.broker_url, topology=topology, concurrency=4) for each in services]

@@ -1,4 +1,12 @@
-"""Helpers for testing services against a real broker (shipped, like ``nameko.testing``)."""
+"""Helpers for testing services (shipped, like ``nameko.testing``).
+
+Without a broker: :func:`worker_factory` runs one service's handlers with a
+:class:`FakeClient` as ``service.client`` (:mod:`amqprpc.testing.fake`);
+:class:`InMemoryClient` routes calls, casts and events to handlers in this process
+(:mod:`amqprpc.testing.inmemory`). Against a real broker:
+:func:`running_worker`, :func:`delete_queues`, :func:`unique_name`, :func:`wait_for`, and
+:func:`capture_logs` for both.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -7,15 +15,19 @@ import os
 import time
 from typing import Any, Callable, Iterator
 
-from kombu import Connection
+from .. import logs, topology
+from ..config import broker_url as default_broker_url
+from ..events import service_queue_names
+from ..service import Service
+from ..topology import DEFAULT_TOPOLOGY, Topology
+from ..worker import Worker
+from .fake import FakeClient, Harness, Sent, worker_factory
+from .inmemory import DeadLetter, InMemoryClient
 
-from . import logs
-from .config import broker_url as default_broker_url
-from .config import ssl_options
-from .events import service_queue_names
-from .service import Service
-from .topology import DEFAULT_TOPOLOGY, Topology
-from .worker import Worker
+__all__ = [
+    "worker_factory", "FakeClient", "InMemoryClient", "Harness", "Sent", "DeadLetter",
+    "running_worker", "unique_name", "delete_queues", "delete_exchanges", "wait_for", "capture_logs",
+]
 
 
 def unique_name(prefix: str = "test") -> str:
@@ -25,26 +37,12 @@ def unique_name(prefix: str = "test") -> str:
 
 def delete_queues(*names: str, broker_url: str | None = None) -> None:
     """Delete queues a test declared (missing ones are fine)."""
-    _delete("queue_delete", names, broker_url)
+    topology.delete(default_broker_url(broker_url), queues=names)
 
 
 def delete_exchanges(*names: str, broker_url: str | None = None) -> None:
     """Delete exchanges a test declared, e.g. those of a ``Topology.namespaced`` one."""
-    _delete("exchange_delete", names, broker_url)
-
-
-def _delete(method: str, names: tuple[str, ...], broker_url: str | None) -> None:
-    url = default_broker_url(broker_url)
-    with Connection(url, ssl=ssl_options(url)) as conn:
-        for name in names:
-            channel = conn.channel()
-            try:
-                getattr(channel, method)(name)
-            except conn.channel_errors:
-                pass
-            finally:
-                with contextlib.suppress(Exception):
-                    channel.close()
+    topology.delete(default_broker_url(broker_url), exchanges=names)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,222 @@
+"""Testing one service's handlers without a broker: :func:`worker_factory` and :class:`FakeClient`.
+
+As nameko's ``worker_factory`` does for a service class: the handlers run directly, as
+their worker would run them (JSON in and out, the call context set), with ``service.client``
+replaced by a :class:`FakeClient` that records the calls, casts and events the handler
+sends and answers calls from canned answers. The handler's own exception reaches the test.
+Nothing else runs; :mod:`amqprpc.testing.inmemory` wires several services together.
+"""
+from __future__ import annotations
+
+import contextvars
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
+
+from .. import envelope, logs
+from ..client import ServiceProxy
+from ..context import CallContext, current
+from ..contracts import parse, to_payload
+from ..errors import RemoteError
+from ..events import topic_matches
+from ..retry import Retry
+from ..service import Service, client_installed
+
+class Sent(NamedTuple):
+    """One message a client was asked to send. Compares equal to a plain tuple:
+    ``assert fake.events == [("event", None, "order.created", {...})]``."""
+
+    kind: str  # "call", "cast", "event" or "submit"
+    service: Optional[str]  # None for events
+    action: str  # the action, or the event's name
+    payload: dict  # as the receiver sees it (after a JSON round trip)
+
+
+def plain(payload: Any) -> Any:
+    """A payload as the real client sends it: dicts as they are, models and dataclasses
+    dumped to JSON types (:func:`amqprpc.contracts.to_payload`)."""
+    return {} if payload is None else to_payload(payload)
+
+
+def parsed(returns: Any, data: Any, service: str, action: str) -> Any:
+    """``data`` parsed into ``returns`` (``call(..., returns=User)``), as the real client does."""
+    return data if returns is None else parse(returns, data, f"{service}.{action}")
+
+
+def wire(value: Any) -> Any:
+    """``value`` as the other side of the wire sees it (JSON: tuples become lists, keys
+    strings). Raises TypeError/ValueError for what JSON cannot carry, as the real client does."""
+    return envelope.loads(envelope.dumps(value))
+
+
+class Recorder:
+    """What both clients share: the record of what was sent."""
+
+    def __init__(self, source: str, timeout: float) -> None:
+        self.source = source
+        self.timeout = timeout
+        self.sent: List[Sent] = []
+        self._lock = threading.Lock()
+
+    def _record(self, kind: str, service: Optional[str], action: str, payload: Mapping[str, Any] | None) -> dict:
+        sent = wire(plain(payload))
+        with self._lock:
+            self.sent.append(Sent(kind, service, action, sent))
+        return sent
+
+    def _of(self, kind: str) -> List[Sent]:
+        return [sent for sent in self.sent if sent.kind == kind]
+
+    @property
+    def calls(self) -> List[Sent]:
+        return self._of("call")
+
+    @property
+    def casts(self) -> List[Sent]:
+        return self._of("cast")
+
+    @property
+    def events(self) -> List[Sent]:
+        return self._of("event")
+
+    @property
+    def submits(self) -> List[Sent]:
+        return self._of("submit")
+
+    def proxy(self, service: str, *, timeout: float | None = None) -> ServiceProxy:
+        return ServiceProxy(self, service, timeout)  # type: ignore[arg-type]  # duck-typed: it only calls .call
+
+    def call_async(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
+                   callback: Callable[[Future], Any] | None = None, returns: Any = None) -> Future:
+        """The call, made now; a Future already done (``callback`` runs at once, on this thread)."""
+        future: Future = Future()
+        try:
+            future.set_result(self.call(service, action, payload, timeout=timeout,  # type: ignore[attr-defined]
+                                        returns=returns))
+        except Exception as exc:  # noqa: BLE001 - the Future carries it, as the real one does
+            future.set_exception(exc)
+        if callback is not None:
+            callback(future)
+        return future
+
+    def close(self) -> None:
+        """Nothing to close; here so that code written for RpcClient runs unchanged."""
+
+    def __enter__(self) -> "Recorder":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+class FakeClient(Recorder):
+    """Stands in for ``service.client`` in a handler test (see :func:`worker_factory`).
+
+    Records every call, cast, event and submit in :attr:`sent` (and by kind in
+    :attr:`calls`, :attr:`casts`, :attr:`events`, :attr:`submits`) as :class:`Sent`
+    tuples. A call is answered from :attr:`answers`, keyed by ``(service, action)``: a
+    value (returned after a JSON round trip), an exception (raised: give a
+    :class:`~amqprpc.errors.RemoteError` to play a remote failure) or a function of the
+    payload. A call nobody gave an answer for raises LookupError, naming it.
+    """
+
+    def __init__(self, answers: Mapping[Tuple[str, str], Any] | None = None, *, source: str = "fake-client",
+                 timeout: float = 5.0) -> None:
+        super().__init__(source, timeout)
+        self.answers: Dict[Tuple[str, str], Any] = dict(answers or {})
+
+    def answer(self, service: str, action: str, answer: Any) -> "FakeClient":
+        """Answer calls of ``service.action`` with ``answer`` (see the class); chainable."""
+        self.answers[(service, action)] = answer
+        return self
+
+    def call(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
+             retry: Retry | None = None, returns: Any = None) -> Any:
+        sent = self._record("call", service, action, payload)
+        try:
+            answer = self.answers[(service, action)]
+        except KeyError:
+            raise LookupError(f"FakeClient: no answer for {service}.{action}; give one with "
+                              f"client.answer({service!r}, {action!r}, ...)") from None
+        if isinstance(answer, BaseException) or (isinstance(answer, type) and issubclass(answer, BaseException)):
+            raise answer
+        return parsed(returns, wire(answer(sent) if callable(answer) else answer), service, action)
+
+    def cast(self, service: str, action: str, payload: Mapping[str, Any] | None = None, *,
+             timeout: float | None = None) -> None:
+        self._record("cast", service, action, payload)
+
+    def publish_event(self, name: str, payload: Mapping[str, Any] | None = None, *,
+                      timeout: float | None = None) -> None:
+        self._record("event", None, name, payload)
+
+    def submit(self, service: str, action: str, payload: Mapping[str, Any] | None = None, *,
+               timeout: float | None = None) -> str:
+        self._record("submit", service, action, payload)
+        return envelope.new_id()
+
+
+class Harness:
+    """One service's handlers run as its worker would, with ``service.client`` a
+    :class:`FakeClient` (what :func:`worker_factory` returns).
+
+    ``harness.call("get_user", {"user_id": "u1"})`` or ``harness.get_user(user_id="u1")``
+    runs the action's handler (camelCase names accepted) with the payload as JSON delivers
+    it and the call context set (:func:`amqprpc.current_call`: a fresh trace id, a deadline
+    ``timeout`` seconds away), and returns its result as JSON returns it; the handler's own
+    exception reaches the test. ``harness.event("order.created", {...})`` runs every event
+    handler of the service whose pattern matches, and says how many ran.
+    """
+
+    def __init__(self, service: Service, client: Any) -> None:
+        self.service = service
+        self.client = client
+
+    def call(self, action: str, payload: Mapping[str, Any] | None = None, *, timeout: float = 5.0) -> Any:
+        handler = self.service.find(action)
+        if handler is None:
+            raise RemoteError(f"Unknown action: {action}", "UnknownAction")
+        call = CallContext(self.service.name, action, envelope.new_id(), envelope.new_id(), time.time() + timeout)
+        return wire(self._run(call, handler, wire(plain(payload))))
+
+    def event(self, name: str, payload: Mapping[str, Any] | None = None) -> int:
+        matching = [sub for sub in self.service.events.values() if topic_matches(sub.pattern, name)]
+        body = wire(plain(payload))
+        message_id = envelope.new_id()
+        for subscription in matching:
+            self._run(CallContext(self.service.name, name, message_id, message_id, None), subscription.function,
+                      wire(body))
+        return len(matching)
+
+    def _run(self, call: CallContext, function: Callable[[dict], Any], payload: dict) -> Any:
+        def run() -> Any:
+            current.set(call)
+            logs.bind_request(service=call.service, action=call.action, correlation_id=call.correlation_id,
+                              trace_id=call.trace_id)
+            with client_installed([self.service.name], self.client):
+                return function(payload)
+
+        return contextvars.copy_context().run(run)  # nothing set here outlives the handler
+
+    def __getattr__(self, action: str) -> Callable[..., Any]:
+        if action.startswith("_") or self.service.find(action) is None:
+            raise AttributeError(f"{self.service.name} has no action {action!r}")
+        return lambda payload=None, **kwargs: self.call(action, {**plain(payload), **kwargs} if kwargs else payload)
+
+
+def worker_factory(service: Service | Callable[..., Service], client: Any = None, **deps: Any) -> Harness:
+    """A :class:`Harness` running ``service``'s handlers with ``service.client`` replaced by
+    ``client`` (default: a new :class:`FakeClient`; pass one with canned answers, or an
+    :class:`InMemoryClient`), as nameko's ``worker_factory`` does for a service class.
+
+    ``service`` is a Service, or a function building one (the shop's ``build``), which is
+    then called with ``deps``: ``worker_factory(order_service.build, shop=test_shop)`` gets
+    a service of its own whose dependencies are the test's.
+    """
+    if not isinstance(service, Service):
+        service = service(**deps)
+    elif deps:
+        raise TypeError(f"worker_factory: {', '.join(deps)} given, but {service.name} is built already; "
+                        f"pass the function that builds it")
+    return Harness(service, FakeClient(source=service.name) if client is None else client)
