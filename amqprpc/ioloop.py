@@ -147,6 +147,10 @@ class AmqpLoop:
         # section itself writes frames.
         self.write_lock = threading.RLock()
         self.generation = 0  # bumped on every (re)connect; stale delivery tags are dropped
+        # Connections that were set up and served. A set-up that failed and was retried
+        # bumped the generation but counts once here: e.g. the broker still holding a dead
+        # connection's exclusive reply queue (RESOURCE_LOCKED) until its own heartbeat ends it.
+        self.connects = 0
         self.connected = threading.Event()
         self._ops: collections.deque = collections.deque()
         self._signaled = False
@@ -303,6 +307,7 @@ class AmqpLoop:
             if self._started.is_set():
                 log.info("broker reconnected", url=redact(self.url), generation=self.generation)
             attempt = 0
+            self.connects += 1
             self.connected.set()
             self._started.set()
             try:
