@@ -114,7 +114,8 @@ class RpcClient:
         if retry is not None:
             data = call_with_retry(lambda left: self.call(service, action, payload, timeout=left), retry, timeout)
         elif self.breaker is not None:
-            data = self.breaker.call(service, action, payload, lambda: self._call(service, action, payload, timeout))
+            data = self.breaker.call(service, action, payload, lambda: self._call(service, action, payload, timeout),
+                                     on_reject=self._refused if self.hooks.after_settle else None)
         else:
             data = self._call(service, action, payload, timeout)
         return data if returns is None else _parse(returns, data, service, action)
@@ -137,7 +138,8 @@ class RpcClient:
         if self.breaker is not None:
             future = self.breaker.call_async(service, action, payload,
                                              lambda: self._call_async(service, action, payload, timeout),
-                                             self._run_callback)
+                                             self._run_callback,
+                                             on_reject=self._refused if self.hooks.after_settle else None)
         else:
             future = self._call_async(service, action, payload, timeout)
         if returns is not None:
@@ -331,6 +333,13 @@ class RpcClient:
         that saw it (before the caller gets the exception)."""
         if outgoing is not None and self.hooks.after_settle:
             self._settled(outgoing, exc)
+
+    def _refused(self, service: str, action: str, exc: CircuitOpen) -> None:
+        """A call the circuit breaker refused: nothing was built or published (no
+        ``before_publish``), but it settles for ``after_settle`` as ``circuit_open``."""
+        outgoing = Outgoing("call", service, action, self.topology.service_exchange,
+                            self.topology.request_key(service), "", None, {})
+        self._settled(outgoing, exc)
 
     def _settled(self, outgoing: Outgoing, exc: BaseException | None) -> None:
         hooks = self.hooks

@@ -24,8 +24,9 @@ The interface (stable: other features build on these names and fields)::
         def outcome_amended(self, delivery: Delivery, old: Outcome, new: Outcome) -> None
         # client, on the calling thread, before the message is written
         def before_publish(self, message: Outgoing) -> None
-        # client, once a call has its answer / error / timeout (loop, timer or calling thread),
-        # or a cast / event / submit is confirmed or refused (calling thread)
+        # client, once a call has its answer / error / timeout (loop, timer or calling thread)
+        # or was refused by the circuit breaker (calling thread), or a cast / event / submit
+        # is confirmed or refused (calling thread)
         def after_settle(self, message: Outgoing, outcome: CallOutcome) -> None
 
     Delivery: service, kind ("call" | "cast" | "event"), action, handler, message_id,
@@ -38,7 +39,10 @@ The interface (stable: other features build on these names and fields)::
     CallOutcome (amqprpc.outcome): kind ("ok" | "error" | "timeout" | "unavailable" |
         "circuit_open" | "refused"), error_type, duration
 
-A call the client's CircuitBreaker refuses is never published: no hook sees it.
+A call the client's CircuitBreaker refuses is never published: it gets no
+``before_publish``, only ``after_settle`` with outcome kind ``circuit_open`` (on the calling
+thread; its Outgoing's ``message_id`` is empty, its ``headers`` and ``body_headers`` too),
+also when the breaker's fallback answered the caller instead.
 ``Worker.hooks.add(mw)`` (before it starts) adds one to a worker already built.
 
 "Before" hooks run in list order, "after" hooks in reverse order. A hook that raises is
