@@ -103,8 +103,9 @@ class RpcClient:
         ``payload``: a dict, or a pydantic model or dataclass (sent as its JSON dump).
         ``returns``: a type (a pydantic model, a dataclass, ``list[User]``...) to parse the
         data into; data that does not fit raises :class:`~amqprpc.errors.ValidationError`.
-        Raises RemoteError (the handler failed; a payload the handler's types refused is
-        ``error_type`` "ValidationError"), CallTimeout (no reply within ``timeout``
+        Raises RemoteError (the handler failed; a payload the handler's types refused is a
+        RemoteValidationError, ``error_type`` "ValidationError", with the failing fields in
+        ``.errors``), CallTimeout (no reply within ``timeout``
         seconds), ServiceUnavailable (no queue for the service, or no broker) or
         CircuitOpen (the breaker refused; nothing was sent).
         ``retry``: for idempotent actions only, re-send after CallTimeout/ServiceUnavailable
@@ -546,8 +547,7 @@ class RpcClient:
             # caller that is its own timeout, whichever hop noticed first.
             _settle(future, exception=CallTimeout(f"{service}.{action}: {doc.get('error')}"))
         else:
-            _settle(future, exception=RemoteError(str(doc.get("error")), str(doc.get("error_type") or "RemoteError"),
-                                                  doc.get("message_id")))
+            _settle(future, exception=envelope.remote_error(doc))
 
     def _undecodable_reply(self, message: UndecodableMessage, entry: tuple | None) -> None:
         """A reply whose properties did not decode (a hostile or broken peer): the call it

@@ -30,7 +30,7 @@ import amqp
 from . import context, envelope, events, logs
 from .config import broker_url as default_broker_url
 from .consumer import STOP, Consumer
-from .errors import BadMessage, ReplyTooLarge  # ReplyTooLarge re-exported: its home was here
+from .errors import BadMessage, ReplyTooLarge, ValidationError  # ReplyTooLarge re-exported: its home was here
 from .framehandler import UndecodableMessage
 from .ids import new_instance_id
 from .ioloop import UNENCODABLE, publish
@@ -524,7 +524,9 @@ class Worker:
         error_type = type(exc).__name__
         log.warning("handler failed", error=str(exc), error_type=error_type,
                     duration=round(time.perf_counter() - started, 6))
-        return envelope.error_reply(str(exc), error_type, request.message_id)
+        # A ValidationError's failing fields travel too ("errors"), for callers in any language.
+        return envelope.error_reply(str(exc), error_type, request.message_id,
+                                    exc.errors if isinstance(exc, ValidationError) else None)
 
     def _after_failure(self, message: amqp.Message, request: envelope.Request, exc: Exception,
                        started: float) -> Forward | None:
