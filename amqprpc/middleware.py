@@ -10,7 +10,7 @@ defaults run before the ones given.
 The interface (stable: other features build on these names and fields)::
 
     class Middleware:
-        # lifecycle (Worker; Collector where it applies), on the thread that starts/stops it
+        # lifecycle (Worker only: the Collector takes no middleware), on the thread that starts/stops it
         def worker_starting(self, worker) -> None      # before connecting (may register handlers, e.g. ping)
         def worker_started(self, worker) -> None       # consuming
         def worker_stopping(self, worker) -> None      # warm stop begins
@@ -63,6 +63,11 @@ the worker's stats count it as dead-lettered, and ``outcome_amended`` tells midd
 after ``after_handle`` (the metrics count the dead letter).
 
 Validation of payloads needs no middleware: it wraps the handler where it is registered.
+
+The response Collector runs no middleware: it has no service, handlers or deliveries in
+this model (the lifecycle hooks of the middleware that exist read ``worker.service``:
+metrics, registry presence, ping, the shared client), and the process defaults
+(``--metrics-port``) would then be run against it too. Its counts are in ``Collector.stats``.
 """
 from __future__ import annotations
 
