@@ -25,7 +25,7 @@ web: $(STAMP) services
 test: $(STAMP) services
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
-# mypy over amqprpc/ (its settings are in setup.cfg); CI runs it before the suites.
+# mypy over amqprpc/ and workers/ (the settings are in setup.cfg); CI runs it before the suites.
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 

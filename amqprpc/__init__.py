@@ -4,8 +4,8 @@ from .client import RpcClient, ServiceProxy
 from .aio import AsyncRpcClient
 from .context import CallContext, current_call
 from .errors import (
-    CallTimeout, CircuitOpen, ConnectionLost, ContractError, PidFileError, PublishRefused, RemoteError, ReplyTooLarge,
-    RpcError, ServiceNotFound, ServiceUnavailable, StartCancelled, StartupError, TopologyMismatch, ValidationError,
+    CallTimeout, CircuitOpen, ConnectionLost, ContractError, PidFileError, PublishRefused, RemoteError,
+    RemoteValidationError, ReplyTooLarge, RpcError, ServiceNotFound, ServiceUnavailable, StartCancelled, StartupError, TopologyMismatch, ValidationError,
 )
 from .retry import Retry
 from .responses import AsyncResponseStore, ResponseStore
@@ -19,7 +19,7 @@ __all__ = [
     "AsyncResponseStore", "Worker", "Topology", "current_call", "CallContext",
     "RpcError", "RemoteError", "CallTimeout", "ServiceUnavailable", "ConnectionLost", "CircuitOpen", "PublishRefused",
     "ReplyTooLarge", "ServiceNotFound", "TopologyMismatch", "StartupError", "StartCancelled", "PidFileError",
-    "ValidationError", "ContractError",
+    "ValidationError", "RemoteValidationError", "ContractError",
 ]
 # The one place the version is written: amqprpc/version.py (setup.cfg reads it there).
 from .version import __version__

@@ -39,7 +39,8 @@ _SCHEMAS = "#/components/schemas/"
 
 # Error types the worker itself answers with (a handler's own exceptions add their class names).
 WORKER_ERROR_TYPES = {
-    "ValidationError": "the payload does not fit the action's schema; the message names each failing field",
+    "ValidationError": "the payload does not fit the action's schema; the message names each failing field, "
+                       "the errors list has them one by one",
     "UnknownAction": "the service has no such action",
     "BadMessage": "the request is not a valid envelope (not JSON, no action, payload not an object, ...)",
     "CallTimeout": "the request's deadline passed further down the chain",
@@ -93,6 +94,16 @@ _ERROR_ENVELOPE = {
         "error_type": {"type": "string", "description": "The error's class name. The worker's own: " + "; ".join(
             f"{name} ({why})" for name, why in WORKER_ERROR_TYPES.items()) + ". Others are the handler's exceptions."},
         "message_id": {"type": ["string", "null"], "description": "The request's message_id."},
+        "errors": {
+            "type": "array", "maxItems": 50,
+            "description": "Optional; with a ValidationError: each failing field (at most 50; the error text "
+                           "counts them all).",
+            "items": {"type": "object", "properties": {
+                "loc": {"type": "string", "maxLength": 300, "description": "Path of the field: items.0.quantity."},
+                "msg": {"type": "string", "maxLength": 300, "description": "Why it does not fit."},
+                "type": {"type": "string", "maxLength": 300, "description": "The check that failed: greater_than."},
+            }},
+        },
     },
 }
 # AMQP basic properties (not application headers), as a peer sets and reads them.

@@ -211,12 +211,16 @@ class CircuitBreaker:
         else:
             self._transition(name, "fail")
 
-    def call(self, service: str, action: str, payload: Any, send: Callable[[], Any]) -> Any:
+    def call(self, service: str, action: str, payload: Any, send: Callable[[], Any], *,
+             on_reject: Callable[[str, str, CircuitOpen], Any] | None = None) -> Any:
         """Run ``send()`` (a blocking call) under the breaker; the fallback, if any, answers
-        instead of :class:`CircuitOpen` and of failures that count."""
+        instead of :class:`CircuitOpen` and of failures that count. ``on_reject(service,
+        action, exc)`` is told of a refusal first (the client's ``after_settle`` hooks)."""
         try:
             ticket = self.before_call(service, action)
         except CircuitOpen as exc:
+            if on_reject is not None:
+                on_reject(service, action, exc)
             if self.fallback is None:
                 raise
             return self.fallback(service, action, payload, exc)
@@ -231,14 +235,18 @@ class CircuitBreaker:
         return result
 
     def call_async(self, service: str, action: str, payload: Any, send: Callable[[], Future],
-                   defer: Callable[[Callable[[Future], Any]], Callable[[Future], Any]]) -> Future:
+                   defer: Callable[[Callable[[Future], Any]], Callable[[Future], Any]], *,
+                   on_reject: Callable[[str, str, CircuitOpen], Any] | None = None) -> Future:
         """Run ``send()`` (returns a Future) under the breaker. A refusal is a Future failed
-        with :class:`CircuitOpen` (or resolved by the fallback). The outcome is recorded by
+        with :class:`CircuitOpen` (or resolved by the fallback), ``on_reject`` told first as
+        for :meth:`call`. The outcome is recorded by
         ``defer(fn)``, a done-callback that runs ``fn`` off the thread that resolves the
         Future: that thread is the client's I/O loop, which must never wait on Redis."""
         try:
             ticket = self.before_call(service, action)
         except CircuitOpen as exc:
+            if on_reject is not None:
+                on_reject(service, action, exc)
             future: Future = Future()
             try:
                 if self.fallback is None:

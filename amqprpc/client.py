@@ -103,8 +103,9 @@ class RpcClient:
         ``payload``: a dict, or a pydantic model or dataclass (sent as its JSON dump).
         ``returns``: a type (a pydantic model, a dataclass, ``list[User]``...) to parse the
         data into; data that does not fit raises :class:`~amqprpc.errors.ValidationError`.
-        Raises RemoteError (the handler failed; a payload the handler's types refused is
-        ``error_type`` "ValidationError"), CallTimeout (no reply within ``timeout``
+        Raises RemoteError (the handler failed; a payload the handler's types refused is a
+        RemoteValidationError, ``error_type`` "ValidationError", with the failing fields in
+        ``.errors``), CallTimeout (no reply within ``timeout``
         seconds), ServiceUnavailable (no queue for the service, or no broker) or
         CircuitOpen (the breaker refused; nothing was sent).
         ``retry``: for idempotent actions only, re-send after CallTimeout/ServiceUnavailable
@@ -114,7 +115,8 @@ class RpcClient:
         if retry is not None:
             data = call_with_retry(lambda left: self.call(service, action, payload, timeout=left), retry, timeout)
         elif self.breaker is not None:
-            data = self.breaker.call(service, action, payload, lambda: self._call(service, action, payload, timeout))
+            data = self.breaker.call(service, action, payload, lambda: self._call(service, action, payload, timeout),
+                                     on_reject=self._refused if self.hooks.after_settle else None)
         else:
             data = self._call(service, action, payload, timeout)
         return data if returns is None else _parse(returns, data, service, action)
@@ -137,7 +139,8 @@ class RpcClient:
         if self.breaker is not None:
             future = self.breaker.call_async(service, action, payload,
                                              lambda: self._call_async(service, action, payload, timeout),
-                                             self._run_callback)
+                                             self._run_callback,
+                                             on_reject=self._refused if self.hooks.after_settle else None)
         else:
             future = self._call_async(service, action, payload, timeout)
         if returns is not None:
@@ -331,6 +334,13 @@ class RpcClient:
         that saw it (before the caller gets the exception)."""
         if outgoing is not None and self.hooks.after_settle:
             self._settled(outgoing, exc)
+
+    def _refused(self, service: str, action: str, exc: CircuitOpen) -> None:
+        """A call the circuit breaker refused: nothing was built or published (no
+        ``before_publish``), but it settles for ``after_settle`` as ``circuit_open``."""
+        outgoing = Outgoing("call", service, action, self.topology.service_exchange,
+                            self.topology.request_key(service), "", None, {})
+        self._settled(outgoing, exc)
 
     def _settled(self, outgoing: Outgoing, exc: BaseException | None) -> None:
         hooks = self.hooks
@@ -537,8 +547,7 @@ class RpcClient:
             # caller that is its own timeout, whichever hop noticed first.
             _settle(future, exception=CallTimeout(f"{service}.{action}: {doc.get('error')}"))
         else:
-            _settle(future, exception=RemoteError(str(doc.get("error")), str(doc.get("error_type") or "RemoteError"),
-                                                  doc.get("message_id")))
+            _settle(future, exception=envelope.remote_error(doc))
 
     def _undecodable_reply(self, message: UndecodableMessage, entry: tuple | None) -> None:
         """A reply whose properties did not decode (a hostile or broken peer): the call it

@@ -23,8 +23,8 @@ DURATION = Histogram(
     "amqprpc_client_duration_seconds",
     "Calls until answered, failed or timed out, and casts, events, submits until the broker confirmed, in "
     "seconds, by kind (call, cast, event, submit), target service (empty for events), action (or event name) "
-    "and outcome (ok, error, timeout, unavailable, refused; calls an open breaker refused are in "
-    "amqprpc_breaker_rejections_total).",
+    "and outcome (ok, error, timeout, unavailable, refused, circuit_open: a call an open breaker refused, "
+    "nothing sent; also in amqprpc_breaker_rejections_total by breaker).",
     ["kind", "service", "action", "outcome"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 IN_FLIGHT = Gauge("amqprpc_client_calls_in_flight", "Calls sent and waiting for their answer, by target service.",

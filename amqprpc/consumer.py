@@ -107,17 +107,25 @@ class Consumer:
         finally:
             done.set()
 
-    def settle(self, channel: amqp.Channel, generation: int, message: amqp.Message, forward: Forward | None) -> None:
+    def settle(self, channel: amqp.Channel, generation: int, message: amqp.Message, forward: Forward | None,
+               bared: Callable[[], None] | None = None) -> None:
         """Ack ``message``, or publish ``forward`` and ack once it is confirmed (loop
         thread, or any thread under the write lock for a plain ack). A delivery of an
-        earlier connection is dropped: the broker has requeued it already."""
+        earlier connection is dropped: the broker has requeued it already. When the copy
+        cannot be encoded, a bare dead letter (``UnencodableCopy``) goes instead and
+        ``bared()`` is called (the owner counts a dead letter where it counted a retry)."""
         if generation != self.loop.generation:
             return
         if forward is None:
             channel.basic_ack(message.delivery_tag)
             return
-        self.forwarder.forward(channel, message.delivery_tag, forward, lambda reason: self.redelivery.dead_letter(
-            message, forward.queue, reason, "UnencodableCopy", keep_headers=False))
+
+        def bare(reason: str) -> Forward:
+            if bared is not None:
+                bared()
+            return self.redelivery.dead_letter(message, forward.queue, reason, "UnencodableCopy", keep_headers=False)
+
+        self.forwarder.forward(channel, message.delivery_tag, forward, bare)
 
     # --- any thread --------------------------------------------------------------------
     def take_unstarted(self) -> Iterator[tuple[int, amqp.Message]]:

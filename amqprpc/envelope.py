@@ -12,7 +12,7 @@ import random
 import time
 from typing import Any, Mapping
 
-from .errors import BadMessage
+from .errors import BadMessage, RemoteError, RemoteValidationError
 
 CONTENT_TYPE = "application/json"
 # Peers sometimes send these for JSON; anything else (pickle, yaml, msgpack) is refused.
@@ -264,8 +264,49 @@ def ok_reply(data: Any, message_id: str | None) -> bytes:
     return dumps({"success": True, "data": data, "message_id": message_id})
 
 
-def error_reply(error: str, error_type: str, message_id: str | None) -> bytes:
-    return dumps({"success": False, "error": error, "error_type": error_type, "message_id": message_id})
+# An error reply's optional "errors" list (a ValidationError's failing fields): bounded, so
+# that a payload with thousands of bad fields (or a huge key) cannot make a huge reply.
+MAX_REPLY_ERRORS = 50
+MAX_REPLY_ERROR_TEXT = 300  # characters of each entry's loc, msg and type
+
+
+def error_reply(error: str, error_type: str, message_id: str | None, errors: Any = None) -> bytes:
+    """An error reply; ``errors`` (a ValidationError's list of ``{loc, msg, type}``) goes
+    along as ``"errors"``, bounded by :func:`error_list`."""
+    doc = {"success": False, "error": error, "error_type": error_type, "message_id": message_id}
+    if errors:
+        doc["errors"] = error_list(errors)
+    return dumps(doc)
+
+
+def error_list(errors: Any) -> list[dict[str, str]]:
+    """``errors`` as the wire carries them (either way: built for a reply, read from one):
+    at most :data:`MAX_REPLY_ERRORS` entries, each with string ``loc``, ``msg`` and ``type``
+    of at most :data:`MAX_REPLY_ERROR_TEXT` characters; anything that is not an object skipped."""
+    if not isinstance(errors, (list, tuple)):
+        return []
+    listed = []
+    for entry in errors:
+        if isinstance(entry, dict):
+            listed.append({key: _text(entry.get(key)) for key in ("loc", "msg", "type")})
+            if len(listed) == MAX_REPLY_ERRORS:
+                break
+    return listed
+
+
+def _text(value: Any) -> str:
+    text = value if isinstance(value, str) else "" if value is None else str(value)
+    return text[:MAX_REPLY_ERROR_TEXT]
+
+
+def remote_error(doc: Mapping[str, Any]) -> RemoteError:
+    """The RemoteError an error reply (a dict with ``"success": false``) stands for: a
+    :class:`~amqprpc.errors.RemoteValidationError` with its ``errors`` for a ValidationError."""
+    error, error_type, message_id = str(doc.get("error")), str(doc.get("error_type") or "RemoteError"), \
+        doc.get("message_id")
+    if error_type == "ValidationError":
+        return RemoteValidationError(error, error_list(doc.get("errors")), message_id)
+    return RemoteError(error, error_type, message_id)
 
 
 def _str_or_none(value: Any) -> str | None:

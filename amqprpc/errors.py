@@ -120,6 +120,18 @@ class ValidationError(RpcError):
         self.errors = errors or []
 
 
+class RemoteValidationError(RemoteError, ValidationError):
+    """The remote handler refused the payload as not fitting its declared type: a
+    :class:`RemoteError` (``error_type`` ``"ValidationError"``) and a
+    :class:`ValidationError`, whose ``errors`` are the reply's ``errors`` list (each
+    ``{"loc", "msg", "type"}``, at most :data:`amqprpc.envelope.MAX_REPLY_ERRORS`; empty
+    when the peer sent none)."""
+
+    def __init__(self, message: str, errors: list | None = None, message_id: str | None = None):
+        RemoteError.__init__(self, message, "ValidationError", message_id)
+        self.errors = errors or []
+
+
 class ContractError(TypeError):
     """A handler annotation amqprpc cannot validate with (an unsupported type, a name that
     does not resolve, a type pydantic cannot build a schema for). Found when the worker

@@ -104,6 +104,12 @@ class Metrics(Middleware):
         if outcome.dead_lettered:
             dead_letter(service, outcome.error_type or "unknown")
 
+    def outcome_amended(self, delivery: Delivery, old: Outcome, new: Outcome) -> None:
+        # Its reply or copy could not be encoded: dead-lettered after all. amqprpc_requests
+        # keeps the outcome first decided (a counter does not go back); the dead letter counts.
+        if new.dead_lettered and not old.dead_lettered:
+            dead_letter(delivery.service, new.error_type or "unknown")
+
 
 def instrument(worker: Any) -> Metrics:
     """Count every request and event ``worker`` (a :class:`amqprpc.worker.Worker`) handles

@@ -10,7 +10,7 @@ defaults run before the ones given.
 The interface (stable: other features build on these names and fields)::
 
     class Middleware:
-        # lifecycle (Worker; Collector where it applies), on the thread that starts/stops it
+        # lifecycle (Worker only: the Collector takes no middleware), on the thread that starts/stops it
         def worker_starting(self, worker) -> None      # before connecting (may register handlers, e.g. ping)
         def worker_started(self, worker) -> None       # consuming
         def worker_stopping(self, worker) -> None      # warm stop begins
@@ -18,10 +18,15 @@ The interface (stable: other features build on these names and fields)::
         # worker, per delivery, on the handler thread
         def before_handle(self, delivery: Delivery) -> None
         def after_handle(self, delivery: Delivery, outcome: Outcome) -> None
+        # worker, rarely: what after_handle was told could not be carried out (the reply or
+        # the retry's copy could not be encoded) and the delivery was dead-lettered instead
+        # (loop or handler thread)
+        def outcome_amended(self, delivery: Delivery, old: Outcome, new: Outcome) -> None
         # client, on the calling thread, before the message is written
         def before_publish(self, message: Outgoing) -> None
-        # client, once a call has its answer / error / timeout (loop, timer or calling thread),
-        # or a cast / event / submit is confirmed or refused (calling thread)
+        # client, once a call has its answer / error / timeout (loop, timer or calling thread)
+        # or was refused by the circuit breaker (calling thread), or a cast / event / submit
+        # is confirmed or refused (calling thread)
         def after_settle(self, message: Outgoing, outcome: CallOutcome) -> None
 
     Delivery: service, kind ("call" | "cast" | "event"), action, handler, message_id,
@@ -34,7 +39,10 @@ The interface (stable: other features build on these names and fields)::
     CallOutcome (amqprpc.outcome): kind ("ok" | "error" | "timeout" | "unavailable" |
         "circuit_open" | "refused"), error_type, duration
 
-A call the client's CircuitBreaker refuses is never published: no hook sees it.
+A call the client's CircuitBreaker refuses is never published: it gets no
+``before_publish``, only ``after_settle`` with outcome kind ``circuit_open`` (on the calling
+thread; its Outgoing's ``message_id`` is empty, its ``headers`` and ``body_headers`` too),
+also when the breaker's fallback answered the caller instead.
 ``Worker.hooks.add(mw)`` (before it starts) adds one to a worker already built.
 
 "Before" hooks run in list order, "after" hooks in reverse order. A hook that raises is
@@ -48,9 +56,18 @@ handler thread, whatever happens to it (reply, error reply, retry, dead letter, 
 bad message, expired, redelivery recount, event done): ``delivery.state`` carries a
 middleware's own data from one to the other (e.g. an OpenTelemetry span and its context
 token). For a message that did not decode, ``action``, ``payload`` and ``body_headers``
-are empty.
+are empty. The outcome is decided before the reply or forwarded copy is written; in the
+rare case that it then cannot be encoded (a reply field or header that cannot travel), the
+delivery is dead-lettered instead (error type ``UnsendableReply`` or ``UnencodableCopy``):
+the worker's stats count it as dead-lettered, and ``outcome_amended`` tells middleware so,
+after ``after_handle`` (the metrics count the dead letter).
 
 Validation of payloads needs no middleware: it wraps the handler where it is registered.
+
+The response Collector runs no middleware: it has no service, handlers or deliveries in
+this model (the lifecycle hooks of the middleware that exist read ``worker.service``:
+metrics, registry presence, ping, the shared client), and the process defaults
+(``--metrics-port``) would then be run against it too. Its counts are in ``Collector.stats``.
 """
 from __future__ import annotations
 
@@ -165,6 +182,9 @@ class Middleware:
     def after_handle(self, delivery: Delivery, outcome: Outcome) -> None:
         pass
 
+    def outcome_amended(self, delivery: Delivery, old: Outcome, new: Outcome) -> None:
+        pass
+
     def before_publish(self, message: Outgoing) -> None:
         pass
 
@@ -173,8 +193,8 @@ class Middleware:
 
 
 HOOKS = ("worker_starting", "worker_started", "worker_stopping", "worker_stopped", "before_handle", "after_handle",
-         "before_publish", "after_settle")
-_AFTER = frozenset({"worker_stopping", "worker_stopped", "after_handle", "after_settle"})
+         "outcome_amended", "before_publish", "after_settle")
+_AFTER = frozenset({"worker_stopping", "worker_stopped", "after_handle", "outcome_amended", "after_settle"})
 
 #: Added to every Worker and RpcClient created from now on, before their own (see :func:`add_default`).
 default: list[Middleware] = []
@@ -203,6 +223,7 @@ class Hooks:
     worker_stopped: tuple[Callable[[Any], None], ...]
     before_handle: tuple[Callable[[Delivery], None], ...]
     after_handle: tuple[Callable[[Delivery, Outcome], None], ...]
+    outcome_amended: tuple[Callable[[Delivery, Outcome, Outcome], None], ...]
     before_publish: tuple[Callable[[Outgoing], None], ...]
     after_settle: tuple[Callable[[Outgoing, CallOutcome], None], ...]
 

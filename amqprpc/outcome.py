@@ -46,7 +46,7 @@ OK = "ok"
 ERROR = "error"                # the handler failed (RemoteError), or the request could not be encoded
 TIMEOUT = "timeout"            # no answer (or no broker confirm) in time
 UNAVAILABLE = "unavailable"    # no queue bound for it, or no broker / connection lost
-CIRCUIT_OPEN = "circuit_open"  # the breaker refused (nothing was published)
+CIRCUIT_OPEN = "circuit_open"  # the breaker refused (nothing was published; after_settle only, no before_publish)
 REFUSED = "refused"            # the broker nacked the publish
 
 

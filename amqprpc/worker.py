@@ -30,7 +30,7 @@ import amqp
 from . import context, envelope, events, logs
 from .config import broker_url as default_broker_url
 from .consumer import STOP, Consumer
-from .errors import BadMessage, ReplyTooLarge  # ReplyTooLarge re-exported: its home was here
+from .errors import BadMessage, ReplyTooLarge, ValidationError  # ReplyTooLarge re-exported: its home was here
 from .framehandler import UndecodableMessage
 from .ids import new_instance_id
 from .ioloop import UNENCODABLE, publish
@@ -250,16 +250,40 @@ class Worker:
                         "", decision.reply_to)
             except UNENCODABLE as exc:
                 # Never sendable, however often the request came back: dead-letter it (on
-                # the loop thread, the forwarder's) instead of leaving it unacked.
+                # the loop thread, the forwarder's) instead of leaving it unacked. (The
+                # decoder refuses reply fields that cannot travel back; this is the backstop.)
                 log.error("reply cannot be encoded; request dead-lettered", error=repr(exc)[:500])
+                self._amend(decision, "UnsendableReply")
                 self._loop.call_soon(self._finish, generation, message, Decision(forward=self.redelivery.dead_letter(
-                    message, self._queue_of(message), f"Reply could not be sent: {exc!r}", "UnsendableReply")))
+                    message, self._queue_of(message), f"Reply could not be sent: {exc!r}", "UnsendableReply"),
+                    outcome=decision.outcome, delivery=decision.delivery))
                 return
         if decision.discard:
             if generation == self._loop.generation:
                 channel.basic_reject(message.delivery_tag, requeue=False)
             return
-        self._consumer.settle(channel, generation, message, decision.forward)
+        forward = decision.forward
+        # A copy that cannot be encoded goes as a bare dead letter ("UnencodableCopy"): amended.
+        self._consumer.settle(channel, generation, message, forward,
+                              None if forward is None else lambda: self._amend(decision, "UnencodableCopy"))
+
+    def _amend(self, decision: Decision, error_type: str) -> None:
+        """What was decided (and accounted for, and told to ``after_handle``) could not be
+        carried out: the delivery was dead-lettered instead, for ``error_type``. The stats
+        move it to what became of it; middleware hears it through ``outcome_amended``
+        (any thread: the loop's or a handler's)."""
+        old = decision.outcome
+        new = decision.outcome = Outcome(OutcomeKind.DEAD_LETTERED, error_type, old.duration, True)
+        if old is not _UNSET:
+            with self._counts_lock:
+                counts = self._counts
+                for key in _STATS_OF[old.kind]:
+                    counts[key] -= 1
+                for key in _STATS_OF[new.kind]:
+                    counts[key] += 1
+        hooks = self.hooks
+        if hooks.outcome_amended and decision.delivery is not None:
+            hooks.run(hooks.outcome_amended, decision.delivery, old, new)
 
     # --- handler threads ---------------------------------------------------------------
     def _work(self) -> None:
@@ -280,7 +304,7 @@ class Worker:
         hooks = self.hooks
         # What the middleware sees; not even built when no middleware looks at deliveries.
         delivery = None
-        if hooks.before_handle or hooks.after_handle:
+        if hooks.before_handle or hooks.after_handle or hooks.outcome_amended:
             properties = message.properties
             delivery = Delivery(self.service.name,
                                 "event" if consumer else "call" if properties.get("reply_to") else "cast",
@@ -305,8 +329,10 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - a bug here must not kill the handler thread
                 decision = self._crashed(message, exc, started)
         self._account(decision.outcome)
-        if delivery is not None and hooks.after_handle:
-            hooks.run(hooks.after_handle, delivery, decision.outcome)
+        if delivery is not None:
+            decision.delivery = delivery  # for outcome_amended, should the decision fail to be carried out
+            if hooks.after_handle:
+                hooks.run(hooks.after_handle, delivery, decision.outcome)
         return decision
 
     def _account(self, outcome: Outcome) -> None:
@@ -498,7 +524,9 @@ class Worker:
         error_type = type(exc).__name__
         log.warning("handler failed", error=str(exc), error_type=error_type,
                     duration=round(time.perf_counter() - started, 6))
-        return envelope.error_reply(str(exc), error_type, request.message_id)
+        # A ValidationError's failing fields travel too ("errors"), for callers in any language.
+        return envelope.error_reply(str(exc), error_type, request.message_id,
+                                    exc.errors if isinstance(exc, ValidationError) else None)
 
     def _after_failure(self, message: amqp.Message, request: envelope.Request, exc: Exception,
                        started: float) -> Forward | None:
@@ -560,18 +588,22 @@ class Decision:
     """What a handler thread decided for one delivery: the reply to publish (``body`` to
     ``reply_to``, if any), then ``forward`` it (retry, dead letter, recount: acked once the
     copy is confirmed), or ``discard`` it (reject, no requeue: the last resort when not even
-    a dead letter can be built), or else ack it; and the ``outcome`` that is accounted for."""
+    a dead letter can be built), or else ack it; and the ``outcome`` that is accounted for
+    (amended when the reply or the copy cannot be encoded); ``delivery`` the middleware's
+    view of it, when middleware looks at deliveries."""
 
-    __slots__ = ("reply_to", "correlation_id", "body", "forward", "discard", "outcome")
+    __slots__ = ("reply_to", "correlation_id", "body", "forward", "discard", "outcome", "delivery")
 
     def __init__(self, reply_to: str | None = None, correlation_id: str | None = None, body: bytes | None = None,
-                 forward: Forward | None = None, *, discard: bool = False, outcome: Outcome = _UNSET) -> None:
+                 forward: Forward | None = None, *, discard: bool = False, outcome: Outcome = _UNSET,
+                 delivery: Delivery | None = None) -> None:
         self.reply_to = reply_to
         self.correlation_id = correlation_id
         self.body = body
         self.forward = forward
         self.discard = discard
         self.outcome = outcome
+        self.delivery = delivery
 
 
 def _describe(delivery: Delivery, request: envelope.Request, consumer: events.EventConsumer | None) -> None:

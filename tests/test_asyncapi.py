@@ -60,7 +60,7 @@ def test_a_typed_service_documents_each_action_its_payload_and_its_reply():
     assert set(schemas["RequestEnvelope"]["properties"]) == {
         "message_id", "source_service", "target_service", "action", "timestamp", "correlation_id", "reply_to",
         "headers", "payload"}
-    assert set(schemas["ErrorReply"]["properties"]) == {"success", "error", "error_type", "message_id"}
+    assert set(schemas["ErrorReply"]["properties"]) == {"success", "error", "error_type", "message_id", "errors"}
     # the event it subscribes to
     event = doc["channels"]["event.on_paid"]
     assert event["address"] == "payment.completed"

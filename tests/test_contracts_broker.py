@@ -4,11 +4,12 @@ round-trips with returns=."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from kombu import Connection
 
-from amqprpc import AsyncRpcClient, RemoteError, Retry, RpcClient, ValidationError
+from amqprpc import AsyncRpcClient, RemoteError, RemoteValidationError, Retry, RpcClient, ValidationError
 from amqprpc.testing import delete_exchanges, running_worker, unique_name, wait_for
 from amqprpc.topology import Topology
 
@@ -55,6 +56,30 @@ def test_a_bad_payload_gets_a_validation_error_reply_naming_the_field(shop):
     assert caught.value.error_type == "ValidationError"
     assert caught.value.message == (f"Invalid payload for {name}.create_order (1 error): "
                                     "items.0.quantity: Input should be greater than 0")
+
+
+def test_a_validation_error_reply_carries_each_failing_field_for_any_caller(shop, broker_url, topology):
+    name, client = shop
+    items = [{"product_id": "p1", "quantity": 0}] * 60
+    with pytest.raises(RemoteValidationError) as caught:  # a RemoteError and a ValidationError
+        client.call(name, "create_order", {"items": items})
+    errors = caught.value.errors
+    assert errors[:2] == [{"loc": "user_id", "msg": "Field required", "type": "missing"},
+                          {"loc": "items.0.quantity", "msg": "Input should be greater than 0", "type": "greater_than"}]
+    assert len(errors) == 50 and "(61 errors)" in caught.value.message  # the list is bounded, the text counts all
+    # What a caller in another language reads: the reply's JSON, "errors" beside "error".
+    with Connection(broker_url) as conn:
+        channel = conn.default_channel
+        reply_queue = channel.queue_declare("", exclusive=True).queue
+        channel.basic_publish(channel.prepare_message(
+            b'{"action": "create_order", "payload": {"user_id": "u1", "items": []}, "correlation_id": "php-1"}',
+            content_type="application/json", properties={"reply_to": reply_queue}),
+            exchange=topology.service_exchange, routing_key=topology.request_key(name))
+        reply = wait_for(lambda: channel.basic_get(reply_queue, no_ack=True), timeout=10)
+    doc = json.loads(reply.body)
+    assert doc["success"] is False and doc["error_type"] == "ValidationError"
+    assert doc["errors"] == [{"loc": "items", "msg": "List should have at least 1 item after validation, not 0",
+                              "type": "too_short"}]
 
 
 def test_a_typed_call_round_trips_with_returns(shop):

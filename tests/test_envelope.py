@@ -70,6 +70,39 @@ def test_replies_have_the_article_shape():
         {"success": False, "error": "boom", "error_type": "ValueError", "message_id": "m1"}
 
 
+def test_an_error_reply_carries_a_validation_errors_list_bounded_in_entries_and_text():
+    errors = [{"loc": f"items.{n}.quantity", "msg": "Input should be greater than 0", "type": "greater_than"}
+              for n in range(60)]
+    errors[0] = {"loc": "k" * 10_000, "msg": "m" * 10_000, "type": None, "input": "not carried"}
+    doc = json.loads(envelope.error_reply("Invalid payload (60 errors): ...", "ValidationError", "m1", errors))
+    assert set(doc) == {"success", "error", "error_type", "message_id", "errors"}
+    assert len(doc["errors"]) == envelope.MAX_REPLY_ERRORS == 50
+    assert doc["errors"][0] == {"loc": "k" * 300, "msg": "m" * 300, "type": ""}
+    assert doc["errors"][1] == {"loc": "items.1.quantity", "msg": "Input should be greater than 0",
+                                "type": "greater_than"}
+    assert "errors" not in json.loads(envelope.error_reply("boom", "KeyError", "m2"))  # the article's shape
+
+
+def test_an_error_reply_becomes_a_remote_error_and_a_validation_error_keeps_its_list():
+    from amqprpc import RemoteError, RemoteValidationError, ValidationError
+
+    refused = envelope.remote_error(json.loads(envelope.error_reply(
+        "Invalid payload (1 error): a: Field required", "ValidationError", "m1",
+        [{"loc": "a", "msg": "Field required", "type": "missing"}])))
+    assert isinstance(refused, RemoteValidationError) and isinstance(refused, RemoteError)
+    assert isinstance(refused, ValidationError) and refused.error_type == "ValidationError"
+    assert refused.errors == [{"loc": "a", "msg": "Field required", "type": "missing"}]
+    assert refused.message_id == "m1" and str(refused) == "ValidationError: Invalid payload (1 error): a: Field required"
+    # A peer (PHP...) that sends no list, or a malformed one: still a ValidationError, the list what can be read.
+    bare = envelope.remote_error({"success": False, "error": "bad", "error_type": "ValidationError"})
+    assert isinstance(bare, RemoteValidationError) and bare.errors == []
+    odd = envelope.remote_error({"success": False, "error": "bad", "error_type": "ValidationError",
+                                 "errors": ["x", {"loc": ["a", 0], "msg": 5}]})
+    assert odd.errors == [{"loc": "['a', 0]", "msg": "5", "type": ""}]
+    other = envelope.remote_error({"success": False, "error": "no", "error_type": "KeyError", "errors": [{}]})
+    assert type(other) is RemoteError and other.error_type == "KeyError"
+
+
 def test_unserializable_results_raise_rather_than_produce_invalid_json():
     with pytest.raises(TypeError):
         envelope.ok_reply(object(), "m")

@@ -23,6 +23,7 @@ from amqprpc import RemoteError, RpcClient, ServiceUnavailable, envelope
 from amqprpc import retry as h
 from amqprpc.config import redis_url
 from amqprpc.framehandler import lenient_properties
+from amqprpc.middleware import Middleware
 from amqprpc.testing import delete_queues, unique_name, wait_for
 from amqprpc.topology import DEFAULT_TOPOLOGY
 from procs import collector
@@ -384,3 +385,77 @@ def test_dlq_listing_survives_failure_times_that_are_no_time():
     from amqprpc.dlq import _when
 
     assert _when(1e300) is None and _when(-1e300) is None and _when(1.0).startswith("1970-01-01")
+
+
+class Amended(Middleware):
+    """Records what ``outcome_amended`` tells it."""
+
+    def __init__(self):
+        self.amended = []
+
+    def outcome_amended(self, delivery, old, new):
+        self.amended.append((delivery.handler, old.kind.value, new.kind.value, new.error_type))
+
+
+def dead_letters_counted(service: str, reason: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("amqprpc_dead_letters_total", {"service": service, "reason": reason}) or 0.0
+
+
+def test_a_reply_that_cannot_be_encoded_is_counted_as_a_dead_letter_not_as_a_reply(
+        broker_url, service, raw, monkeypatch):
+    from amqprpc.metrics import Metrics
+    from amqprpc.testing import running_worker
+
+    # The decoder refuses a correlation id that cannot travel back; a peer's that got past
+    # it anyway (here: the check switched off) fails only when the reply is encoded.
+    monkeypatch.setattr(envelope, "shortstr_problem", lambda name, value: None)
+    service.handler("echo")(lambda payload: payload)
+    amended = Amended()
+    channel = raw.channel()
+    reply_queue = channel.queue_declare("", exclusive=True).queue
+    dead_queue = DEFAULT_TOPOLOGY.dead_queue_name(service.name)
+    with running_worker(service, broker_url=broker_url, middleware=[Metrics(), amended]) as worker:
+        publish(raw, channel, DEFAULT_TOPOLOGY.service_exchange, DEFAULT_TOPOLOGY.request_key(service.name),
+                encode_properties({"reply_to": reply_queue}), request(correlation_id="c" * 256))
+        wait_for(lambda: count(raw, dead_queue) == 1, timeout=15)
+        stats = worker.stats
+        [letter] = take_all(raw, dead_queue)
+    assert h.headers_of(letter)[h.ERROR_TYPE] == "UnsendableReply"
+    assert (stats["succeeded"], stats["failed"], stats["dead_lettered"]) == (0, 1, 1)
+    assert amended.amended == [("echo", "replied", "dead_lettered", "UnsendableReply")]
+    assert dead_letters_counted(service.name, "UnsendableReply") == 1
+    assert count(raw, reply_queue) == 0
+
+
+def test_a_retry_copy_that_cannot_be_encoded_is_counted_as_the_dead_letter_it_became(broker_url, service, raw):
+    from amqprpc import Retry
+    from amqprpc.metrics import Metrics
+    from amqprpc.testing import running_worker
+
+    def flaky(payload):
+        raise ConnectionError("not now")
+
+    service.handler("flaky", retry=Retry(max_attempts=3, base_delay=0.01, jitter=False))(flaky)
+    amended = Amended()
+    dead_queue = DEFAULT_TOPOLOGY.dead_queue_name(service.name)
+    with running_worker(service, broker_url=broker_url, middleware=[Metrics(), amended]) as worker, \
+            RpcClient("hostile-copies", broker_url=broker_url) as client:
+        send = worker.forwarder.send
+
+        def send_but_retries(consume_channel, delivery_tag, forward):  # as py-amqp fails on a header it cannot write
+            if forward.kind.value == "retried":
+                raise struct.error("ubyte format requires 0 <= number <= 255")
+            send(consume_channel, delivery_tag, forward)
+
+        worker.forwarder.send = send_but_retries
+        client.cast(service.name, "flaky", {}, timeout=5)
+        wait_for(lambda: count(raw, dead_queue) == 1, timeout=15)
+        wait_for(lambda: worker.forwarder.stats["dead_lettered"] == 1)
+        stats = worker.stats
+        [letter] = take_all(raw, dead_queue)
+    assert h.headers_of(letter)[h.ERROR_TYPE] == "UnencodableCopy"
+    assert (stats["failed"], stats["retried"], stats["dead_lettered"]) == (1, 0, 1)
+    assert amended.amended == [("flaky", "retried", "dead_lettered", "UnencodableCopy")]
+    assert dead_letters_counted(service.name, "UnencodableCopy") == 1

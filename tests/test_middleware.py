@@ -189,3 +189,48 @@ def test_metrics_count_what_the_outcome_says_and_nothing_from_the_wire():
     assert sample("amqprpc_requests_total", action="<unknown>", outcome="refused") == 1
     assert sample("amqprpc_dead_letters_total", reason="BadMessage") == 1
     assert sample("amqprpc_redeliveries_total") == 3 and sample("amqprpc_requests_in_flight") == 0
+
+
+def test_a_call_the_open_breaker_refuses_settles_as_circuit_open_for_hooks_and_client_metrics(broker_url):
+    from prometheus_client import REGISTRY
+
+    from amqprpc import CircuitBreaker, CircuitOpen
+    from amqprpc.clientmetrics import ClientMetrics
+    from amqprpc.testing import unique_name
+
+    target = unique_name("mw-nobody")  # no queue: the first call fails ServiceUnavailable and opens the breaker
+    recorder = Recorder()
+    breaker = CircuitBreaker(failure_threshold=1, reset_timeout=60, shared=False)
+
+    def refused_calls():
+        return REGISTRY.get_sample_value("amqprpc_client_duration_seconds_count", {
+            "kind": "call", "service": target, "action": "get", "outcome": "circuit_open"}) or 0.0
+
+    with RpcClient("tests", broker_url=broker_url, breaker=breaker,
+                   middleware=[recorder, ClientMetrics()]) as client:
+        with pytest.raises(ServiceUnavailable):
+            client.call(target, "get", timeout=5)
+        with pytest.raises(CircuitOpen):
+            client.call(target, "get", timeout=5)
+        with pytest.raises(CircuitOpen):
+            client.call_async(target, "get", timeout=5).result(5)
+    settled = [(m.kind, m.service, m.action, o.kind, o.error_type) for m, o in recorder.settled]
+    assert settled == [("call", target, "get", "unavailable", "ServiceUnavailable"),
+                       *[("call", target, "get", "circuit_open", "CircuitOpen")] * 2]
+    refused = [m for m, _ in recorder.settled[1:]]
+    assert all(m.headers == {} and m.message_id == "" for m in refused)  # no before_publish: nothing was built
+    assert refused_calls() == 2
+
+
+def test_a_refused_call_the_fallback_answers_still_settles_as_circuit_open(broker_url):
+    from amqprpc import CircuitBreaker
+    from amqprpc.testing import unique_name
+
+    target = unique_name("mw-nobody")
+    recorder = Recorder()
+    breaker = CircuitBreaker(failure_threshold=1, reset_timeout=60, shared=False,
+                             fallback=lambda service, action, payload, exc: {"degraded": True})
+    with RpcClient("tests", broker_url=broker_url, breaker=breaker, middleware=[recorder]) as client:
+        assert client.call(target, "get", timeout=5) == {"degraded": True}  # ServiceUnavailable: opens it
+        assert client.call(target, "get", timeout=5) == {"degraded": True}  # refused
+    assert [o.kind for _, o in recorder.settled] == ["unavailable", "circuit_open"]

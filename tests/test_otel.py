@@ -287,6 +287,8 @@ def test_client_metrics_in_opentelemetry_and_prometheus(broker_url):
                   outcome="ok") == 1
     assert sample("amqprpc_client_duration_seconds_count", kind="call", service=gone, action="work",
                   outcome="unavailable") == 1
+    assert sample("amqprpc_client_duration_seconds_count", kind="call", service=gone, action="work",
+                  outcome="circuit_open") == 1  # refused by the breaker: settled, nothing sent
     assert sample("amqprpc_client_calls_in_flight", service=service.name) == 0
     assert sample("amqprpc_breaker_state", breaker=gone) == 2
     assert sample("amqprpc_breaker_rejections_total", breaker=gone) == 1
@@ -299,7 +301,7 @@ def test_client_metrics_in_opentelemetry_and_prometheus(broker_url):
                     points.setdefault(metric.name, []).append(point)
     outcomes = {(point.attributes["amqprpc.service"], point.attributes["amqprpc.outcome"]): point.count
                 for point in points["amqprpc.client.duration"]}
-    assert outcomes == {(service.name, "ok"): 1, (gone, "unavailable"): 1}
+    assert outcomes == {(service.name, "ok"): 1, (gone, "unavailable"): 1, (gone, "circuit_open"): 1}
     assert {point.attributes["amqprpc.service"]: point.value for point in points["amqprpc.client.in_flight"]} == {
         service.name: 0, gone: 0}
     assert [(point.attributes["amqprpc.breaker"], point.value) for point in points["amqprpc.breaker.rejections"]] == [

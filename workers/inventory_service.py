@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Dict, List
+from typing import Any, Dict, List
 
 from amqprpc import Service
 from amqprpc.logs import get_logger
@@ -25,7 +25,7 @@ from .shop import Shop, trace_id
 log = get_logger("workers.inventory")
 
 # The shop's products. Prices are in the shop's currency; stock is what a fresh shop has.
-CATALOG = {
+CATALOG: Dict[str, Dict[str, Any]] = {
     "prod_001": {"product_id": "prod_001", "name": "Mechanical keyboard", "price": 49.90, "stock": 100},
     "prod_002": {"product_id": "prod_002", "name": "USB-C hub", "price": 19.90, "stock": 100},
     "prod_003": {"product_id": "prod_003", "name": "4K monitor", "price": 329.00, "stock": 10},
@@ -95,7 +95,8 @@ def check_stock(shop: Shop, payload: ProductRef) -> Product:
     """The product with its units in stock. Raises UnknownProduct."""
     item = product(payload.product_id)
     seed(shop, [item["product_id"]])
-    return Product(**{**item, "stock": int(shop.redis.get(stock_key(shop, item["product_id"])))})
+    stock = shop.redis.get(stock_key(shop, item["product_id"]))  # seeded above: None only if deleted since
+    return Product(**{**item, "stock": int(stock or 0)})
 
 
 def wanted_units(items: List[OrderLine]) -> Dict[str, int]:
@@ -128,8 +129,8 @@ def reserve(shop: Shop, payload: ReserveRequest) -> Reservation:
         raise OutOfStock(f"Out of stock: {product_id} ({wanted[product_id]} wanted)")
     stored = shop.redis.hgetall(key)
     log.info("inventory reserved", order_id=order_id, items=len(items), total=total, again=outcome == -1)
-    return Reservation(order_id=order_id, items=json.loads(stored["items"]), total=float(stored["total"]),
-                       status=stored["status"])
+    return Reservation.model_validate({"order_id": order_id, "items": json.loads(stored["items"]),
+                                       "total": float(stored["total"]), "status": stored["status"]})
 
 
 def on_payment_completed(shop: Shop, payload: PaymentOutcome) -> None:

@@ -17,6 +17,7 @@ import functools
 import json
 import os
 import time
+from typing import Any, Dict
 
 from amqprpc import RemoteError, RpcClient, Service, current_call
 from amqprpc.logs import get_logger
@@ -84,10 +85,11 @@ def create_order(shop: Shop, service: Service, payload: NewOrder) -> Order:
                                                      "items": [line.model_dump() for line in payload.items]})
     except RemoteError as exc:
         raise OrderRejected(exc.message) from None
-    order = {"order_id": order_id, "user_id": user_id, "items": reservation["items"],
+    order: Dict[str, Any] = {"order_id": order_id, "user_id": user_id, "items": reservation["items"],
              "total": reservation["total"], "status": "created", "trace_id": trace_id(),
              "created_at": int(time.time())}
-    shop.redis.hset(shop.key("order", order_id), mapping={**order, "items": json.dumps(order["items"])})
+    stored: Dict[Any, Any] = {**order, "items": json.dumps(order["items"])}  # a hash: the lines as JSON
+    shop.redis.hset(shop.key("order", order_id), mapping=stored)
     log.info("order created", order_id=order_id, user_id=user_id, total=order["total"])
     announce(rpc, order)
     return Order(**order)

@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import time
+from typing import Any, Dict
 
 from amqprpc import Service
 from amqprpc.logs import get_logger
@@ -29,7 +30,7 @@ LIMIT = 10_000.0  # the simulated card limit, in the shop's currency
 def on_order_created(shop: Shop, service: Service, limit: float, payload: OrderCreated) -> None:
     """Charge the order (once per order) and publish payment.completed or payment.failed."""
     order_id, amount = payload.order_id, payload.total
-    payment = {"payment_id": f"p-{os.urandom(6).hex()}", "order_id": order_id,
+    payment: Dict[str, Any] = {"payment_id": f"p-{os.urandom(6).hex()}", "order_id": order_id,
                "user_id": payload.user_id, "amount": amount, "trace_id": trace_id(),
                "at": int(time.time())}
     if amount > limit:
@@ -38,7 +39,9 @@ def on_order_created(shop: Shop, service: Service, limit: float, payload: OrderC
         payment.update(status="completed")
     key = shop.key("payment", order_id)
     if not shop.redis.set(key, json.dumps(payment), nx=True):
-        payment = json.loads(shop.redis.get(key))  # charged already: say the same again
+        charged = shop.redis.get(key)
+        if charged is not None:  # charged already: say the same again
+            payment = json.loads(charged)
     log.info("payment " + payment["status"], order_id=order_id, payment_id=payment["payment_id"], amount=amount)
     event = {name: payment[name] for name in ("order_id", "user_id", "payment_id", "amount", "reason") if name in payment}
     service.client.publish_event(f"payment.{payment['status']}", event)

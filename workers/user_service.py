@@ -24,7 +24,7 @@ def get_user(payload: UserRef) -> User:
     user = USERS.get(payload.user_id)
     if user is None:
         raise UserNotFound(f"User not found: {payload.user_id}")
-    return User(**user)
+    return User.model_validate(user)
 
 
 def validate_token(payload: TokenCheck) -> TokenValid:

@@ -34,7 +34,7 @@ from typing import Any, Callable, Deque, Dict, List, Mapping, NamedTuple, Tuple
 
 from .. import envelope, logs
 from ..context import CallContext, current
-from ..errors import BadMessage, CallTimeout, RemoteError, ReplyTooLarge, ServiceUnavailable
+from ..errors import BadMessage, CallTimeout, ReplyTooLarge, ServiceUnavailable, ValidationError
 from ..events import topic_matches
 from ..retry import Retry, call_with_retry
 from ..service import Service, client_installed
@@ -104,7 +104,7 @@ class InMemoryClient(Recorder):
             return parsed(returns, reply.get("data"), service, action)
         if reply.get("error_type") == "CallTimeout":
             raise CallTimeout(f"{service}.{action}: {reply.get('error')}")
-        raise RemoteError(str(reply.get("error")), str(reply.get("error_type")), reply.get("message_id"))
+        raise envelope.remote_error(reply)
 
     def cast(self, service: str, action: str, payload: Mapping[str, Any] | None = None, *,
              timeout: float | None = None) -> None:
@@ -203,7 +203,8 @@ class InMemoryClient(Recorder):
             except Exception as exc:  # noqa: BLE001 - every handler error becomes an error reply
                 if policy is not None and policy.retries(exc, attempt):
                     continue
-                return self._failed(service, kind, action, payload, type(exc).__name__, str(exc), message_id)
+                return self._failed(service, kind, action, payload, type(exc).__name__, str(exc), message_id,
+                                    exc.errors if isinstance(exc, ValidationError) else None)
             if call.deadline is not None and time.time() > call.deadline:
                 return None
             if kind in ("cast", "event"):
@@ -235,14 +236,14 @@ class InMemoryClient(Recorder):
         return contextvars.copy_context().run(run)  # nothing a handler sets outlives it
 
     def _failed(self, service: Service, kind: str, action: str, payload: dict, error_type: str, error: str,
-                message_id: str) -> dict | None:
+                message_id: str, errors: list | None = None) -> dict | None:
         if kind in ("cast", "event"):  # nobody hears the error: dead-lettered, as the worker does
             log.warning("in-memory delivery dead-lettered", service=service.name, kind=kind, action=action,
                         error_type=error_type, error=error)
             with self._lock:
                 self.dead_letters.append(DeadLetter(service.name, kind, action, payload, error_type, error))
             return None
-        return envelope.loads(envelope.error_reply(error, error_type, message_id))
+        return envelope.loads(envelope.error_reply(error, error_type, message_id, errors))
 
     def _builtin(self, service: Service, action: str) -> Callable[[dict], Any] | None:
         if action != "ping":
