@@ -22,6 +22,7 @@ import amqp
 from kombu import Queue
 
 from . import logs
+from .inbox import Inbox
 from .ioloop import AmqpLoop
 from .redelivery import Forward, Forwarder, Redelivery
 
@@ -47,7 +48,7 @@ class Consumer:
         self.declare = declare
         self.forwarder = Forwarder()
         self.channel: amqp.Channel | None = None
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.inbox = Inbox()  # wakes one thread per delivery (see amqprpc.inbox)
         self.received = 0  # only ever written on the loop thread
         self._tags: list[str] = []
         self._consuming = False

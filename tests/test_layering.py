@@ -23,7 +23,7 @@ LAYERS = [
     # wire and definitions: envelope, topology, frames; a service's handlers; hooks
     {"envelope", "topology", "framehandler", "link", "retry", "service", "middleware", "deadlines"},
     # the connection loop and what it carries out
-    {"ioloop", "redelivery", "consumer"},
+    {"ioloop", "redelivery", "inbox", "consumer"},
     # client and worker
     {"client", "aio", "breaker", "worker", "events", "ping", "shared_client", "responses", "otel", "observability"},
     # operations
