@@ -13,6 +13,9 @@ One document per service (``amqprpc asyncapi SERVICE``):
   envelope with the result's schema, or the error envelope;
 - one ``receive`` operation per event subscription, on ``event.exchange`` (topic) with the
   handler's pattern;
+- one ``send`` operation per event the service publishes (:meth:`Service.publishes`), on
+  ``event.exchange`` with the event's name as routing key, its message the event envelope
+  with the declared payload model (any object when none was declared);
 - ``components.schemas``: the wire envelope (request, success and error replies) and the
   payload models.
 
@@ -29,7 +32,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from .version import __version__
-from .contracts import Contract, contract_of_handler, unwrap
+from .contracts import Contract, contract_of_handler, event_contract, unwrap
 from .service import Service
 from .topology import DEFAULT_TOPOLOGY, Topology
 
@@ -256,17 +259,13 @@ def document(service: Service, *, broker_url: str | None = None, topology: Topol
             "payload": _envelope(None, _payload_schema(contract, schemas), event=subscription.pattern),
         }
         channels[channel_id] = {
-            "address": subscription.pattern,
-            "title": f"Events {subscription.pattern}",
-            "description": (f"Events published to the exchange '{topology.event_exchange}' (topic) whose routing key "
-                            f"(the event's name) matches '{subscription.pattern}'; {svc} receives them in "
-                            + (f"one exclusive queue per running instance ('{queue}'): every instance gets every "
-                               "event." if subscription.broadcast else
-                               f"the durable queue '{queue}', shared by its instances.")),
-            "messages": {message_id: {"$ref": f"#/components/messages/{message_id}"}},
-            "bindings": {"amqp": {"is": "routingKey", "exchange": {
-                "name": topology.event_exchange, "type": "topic", "durable": True, "autoDelete": False,
-                "vhost": vhost}, "bindingVersion": AMQP_BINDING}},
+            **_event_channel(subscription.pattern, (
+                f"Events published to the exchange '{topology.event_exchange}' (topic) whose routing key "
+                f"(the event's name) matches '{subscription.pattern}'; {svc} receives them in "
+                + (f"one exclusive queue per running instance ('{queue}'): every instance gets every "
+                   "event." if subscription.broadcast else
+                   f"the durable queue '{queue}', shared by its instances.")),
+                {message_id: {"$ref": f"#/components/messages/{message_id}"}}, topology, vhost),
             "x-amqprpc-queue": {"name": queue, "durable": not subscription.broadcast,
                                 "exclusive": subscription.broadcast},
         }
@@ -284,6 +283,42 @@ def document(service: Service, *, broker_url: str | None = None, topology: Topol
             f"'{topology.dead_queue_name(svc)}'" + ("; other failures are retried with backoff, then dead-lettered."
                                                    if subscription.retry else "; so is any other failure."))
         operations[f"event.{name}"] = operation
+
+    # The events it publishes: a send operation each, on the channel of a subscription to
+    # exactly that routing key if it has one (publishing to itself), else on a channel of its own.
+    exact = {subscription.pattern: f"event.{name}" for name, subscription in sorted(service.events.items())}
+    for name, published in sorted(service.published.items()):
+        contract = event_contract(published.model, f"{svc}: published event {name!r}")
+        summary, _, description = inspect.cleandoc(published.description).partition("\n")
+        message_id = f"{name}.published"
+        messages[message_id] = {
+            "name": message_id, "title": f"Event {name}", "contentType": "application/json",
+            "payload": _envelope(name, _payload_schema(contract, schemas), event=name),
+            "bindings": {"amqp": {"messageType": name, "bindingVersion": AMQP_BINDING}},
+        }
+        channel_id = exact.get(name) or f"published.{name}"
+        if channel_id in channels:
+            channels[channel_id]["description"] += f" {svc} publishes this event too."
+        else:
+            channels[channel_id] = _event_channel(name, (
+                f"Events {svc} publishes to the exchange '{topology.event_exchange}' (topic) with routing "
+                f"key '{name}'. To receive them, bind a queue of your own to that exchange with this key, "
+                f"or a pattern matching it ('{name.split('.')[0]}.#'); every bound queue gets its copy."),
+                {}, topology, vhost)
+        channels[channel_id]["messages"][message_id] = {"$ref": f"#/components/messages/{message_id}"}
+        operation = {
+            "action": "send",
+            "channel": {"$ref": f"#/channels/{channel_id}"},
+            "title": name,
+            "messages": [{"$ref": f"#/channels/{channel_id}/messages/{message_id}"}],
+            "bindings": {"amqp": {"deliveryMode": 2, "mandatory": False, "bindingVersion": AMQP_BINDING}},
+        }
+        if summary.strip():
+            operation["summary"] = summary.strip()
+        operation["description"] = ((description.strip() + "\n\n") if description.strip() else "") + (
+            f"Published by {svc} as a persistent message (delivery mode 2, publisher-confirmed), routing key "
+            f"'{name}'; no reply. Delivery is at-least-once: a consumer may see an event twice.")
+        operations[f"publish.{name}"] = operation
 
     return {
         "asyncapi": ASYNCAPI_VERSION,
@@ -343,13 +378,29 @@ def _servers(broker_url: str | None) -> tuple[dict, str]:
 
 
 def _envelope(action: str | None, payload: dict, event: str | None = None) -> dict:
+    """The request envelope with ``payload``: of a request for ``action``, or of an event
+    matching ``event`` (its name is ``action`` when given: an event the service publishes)."""
     properties: dict[str, Any] = {"payload": payload}
     if action is not None:
         properties["action"] = {"const": action}
     else:
         properties["action"] = {"type": "string", "description": f"The event's name, matching '{event}'."}
+    if event is not None:
         properties["reply_to"] = {"type": "null"}
     return {"allOf": [{"$ref": _SCHEMAS + "RequestEnvelope"}, {"type": "object", "properties": properties}]}
+
+
+def _event_channel(address: str, description: str, messages: dict, topology: Topology, vhost: str) -> dict:
+    """A channel on the event exchange (topic) with routing key or pattern ``address``."""
+    return {
+        "address": address,
+        "title": f"Events {address}",
+        "description": description,
+        "messages": messages,
+        "bindings": {"amqp": {"is": "routingKey", "exchange": {
+            "name": topology.event_exchange, "type": "topic", "durable": True, "autoDelete": False,
+            "vhost": vhost}, "bindingVersion": AMQP_BINDING}},
+    }
 
 
 def _payload_schema(contract: Contract, schemas: Schemas) -> dict:

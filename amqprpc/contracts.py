@@ -111,6 +111,19 @@ def contract_of(function: Callable, where: str) -> Contract:
                     _adapter_for(returns, where, "return") if returns is not None else None)
 
 
+def event_contract(model: Any, where: str) -> Contract:
+    """The contract of an event a service publishes (:meth:`Service.publishes`): ``model``
+    as its payload (None, ``dict``, ``Any``: any JSON object). Raises ContractError (one
+    line, starting with ``where``) for a type that is not an object or that pydantic cannot
+    describe."""
+    if model is None or _plain_payload(model):
+        return Contract(where)
+    if not _object_type(model):
+        raise ContractError(f"{where}: payload model {_name(model)} is not supported: an event's payload is a JSON "
+                            "object, so declare a pydantic model, a dataclass, a TypedDict or dict")
+    return Contract(where, model, None, _adapter_for(model, where, "payload"))
+
+
 def typed(function: Callable, where: str, label: str | None = None) -> Callable:
     """``function`` itself when its annotations ask for nothing; else a wrapper that
     validates the payload and dumps the result (see the module's docstring). ``where``

@@ -58,6 +58,16 @@ class EventSubscription:
 
 
 @dataclass
+class PublishedEvent:
+    """An event a service says it publishes (:meth:`Service.publishes`): documentation only,
+    for ``amqprpc asyncapi``. ``model`` is its payload's type (None: any JSON object)."""
+
+    name: str
+    model: Any = None
+    description: str = ""
+
+
+@dataclass
 class Service:
     """A named set of handlers.
 
@@ -74,12 +84,15 @@ class Service:
     handlers: Dict[str, Handler] = field(default_factory=dict)
     events: Dict[str, EventSubscription] = field(default_factory=dict)
     retries: Dict[str, Retry] = field(default_factory=dict)
+    #: The events this service says it publishes (:meth:`publishes`), by name.
+    published: Dict[str, PublishedEvent] = field(default_factory=dict)
     #: CircuitBreaker for the calls this service's handlers make through ``service.client``,
     #: so one dead downstream service fails them fast instead of tying up handler threads.
     breaker: Any = None
     #: (kind, name) -> function of the handlers whose annotations did not resolve at
-    #: registration (a model defined further down the module): :meth:`check` retries them.
-    _unchecked: Dict[Tuple[str, str], Callable] = field(default_factory=dict, repr=False)
+    #: registration (a model defined further down the module), or the model of a published
+    #: event pydantic could not describe yet: :meth:`check` retries them.
+    _unchecked: Dict[Tuple[str, str], Any] = field(default_factory=dict, repr=False)
 
     def handler(self, action: str | Callable | None = None, *, retry: Retry | None = None) -> Callable:
         """Register a function as the handler of ``action`` (default: the function's name).
@@ -116,6 +129,32 @@ class Service:
 
         return register
 
+    def publishes(self, name: str, model: Any = None, *, description: str = "") -> None:
+        """Declare that this service publishes event ``name`` (e.g. ``order.created``), its
+        payload a ``model`` (a pydantic model, a dataclass or a TypedDict; None or ``dict``:
+        any JSON object). Documentation only: ``amqprpc asyncapi`` describes it as a send
+        operation on the event exchange; publishing (``service.client.publish_event``) is
+        not changed or checked by it. A model pydantic cannot describe is refused by
+        :meth:`check`, as a bad handler annotation is.
+
+        >>> service = Service("order-service")
+        >>> service.publishes("order.created", description="An order was placed.")
+        """
+        if not name or "*" in name or "#" in name:
+            raise ValueError(f"{self.name}: publishes {name!r}: an event's name is a routing key "
+                             "(words separated by dots), not a pattern")
+        if name in self.published:
+            raise ValueError(f"{self.name}: published event {name!r} is declared twice")
+        self.published[name] = PublishedEvent(name, model, description)
+        if model is None or model is dict:
+            return
+        from . import contracts
+
+        try:
+            contracts.event_contract(model, self._where("publishes", name))
+        except ContractError:
+            self._unchecked[("publishes", name)] = model  # check() says why, at the worker's start
+
     def _typed(self, kind: str, name: str, function: Callable) -> Callable:
         """What the worker runs for ``function``: itself when it has no annotations (no
         import, no wrapper), else what :func:`amqprpc.contracts.typed` makes of them."""
@@ -133,18 +172,28 @@ class Service:
             return function
 
     def _where(self, kind: str, name: str) -> str:
-        return f"{self.name}: {'handler' if kind == 'handler' else 'event handler'} {name!r}"
+        what = {"handler": "handler", "event": "event handler", "publishes": "published event"}[kind]
+        return f"{self.name}: {what} {name!r}"
 
     def check(self) -> None:
         """Resolve the annotations registration could not; raise ContractError naming every
-        handler whose annotations cannot be validated with (one line). The worker calls it
-        before connecting, so a bad annotation stops it at start, not on the first call."""
+        handler whose annotations cannot be validated with, and every published event whose
+        model cannot be described (one line). The worker calls it before connecting, so a bad
+        annotation stops it at start, not on the first call."""
         if not self._unchecked:
             return
         from . import contracts
 
         problems = []
         for (kind, name), function in list(self._unchecked.items()):
+            if kind == "publishes":
+                try:
+                    contracts.event_contract(function, self._where(kind, name))
+                except ContractError as exc:
+                    problems.append(str(exc))
+                else:
+                    del self._unchecked[(kind, name)]
+                continue
             try:
                 handler = contracts.typed(function, self._where(kind, name), f"{self.name}.{name}")
             except ContractError as exc:

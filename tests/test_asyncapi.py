@@ -9,11 +9,14 @@ import shutil
 import subprocess
 import sys
 
+from dataclasses import dataclass
+
 import pytest
 from click.testing import CliRunner
 
-from amqprpc import asyncapi
+from amqprpc import Service, Worker, asyncapi
 from amqprpc.cli import main
+from amqprpc.errors import ContractError
 from amqprpc.loading import known_services, load_service
 from amqprpc.topology import Topology
 
@@ -68,6 +71,94 @@ def test_a_typed_service_documents_each_action_its_payload_and_its_reply():
                                                      "autoDelete": False, "vhost": "/"}
     assert event["x-amqprpc-queue"]["name"] == "service.contract-doc.event.on_paid"
     assert doc["operations"]["event.on_paid"]["channel"] == {"$ref": "#/channels/event.on_paid"}
+
+
+@dataclass
+class Shipped:
+    """A parcel left the warehouse."""
+
+    order_id: str
+    carrier: str
+
+
+def publisher(name: str) -> Service:
+    """contract_app's service, also publishing: a pydantic model, a dataclass, no model at
+    all, and payment.completed, which it subscribes to as well (on_paid)."""
+    service = contract_app.build(name)
+    service.publishes("order.created", contract_app.Order, description="An order was placed.\n\nOnce per order.")
+    service.publishes("order.shipped", Shipped)
+    service.publishes("order.audited")
+    service.publishes("payment.completed", contract_app.Paid)
+    return service
+
+
+def test_a_service_declaring_a_published_event_gets_a_send_operation_with_its_payload_schema():
+    doc = asyncapi.document(publisher("contract-pub"), broker_url=DOCS_BROKER)
+    operation = doc["operations"]["publish.order.created"]
+    assert operation["action"] == "send" and operation["title"] == "order.created"
+    assert operation["summary"] == "An order was placed." and operation["description"].startswith("Once per order.")
+    assert operation["channel"] == {"$ref": "#/channels/published.order.created"}
+    assert operation["messages"] == [{"$ref": "#/channels/published.order.created/messages/order.created.published"}]
+    channel = doc["channels"]["published.order.created"]
+    assert channel["address"] == "order.created"
+    assert channel["bindings"]["amqp"]["exchange"] == {"name": "event.exchange", "type": "topic", "durable": True,
+                                                       "autoDelete": False, "vhost": "/"}
+    assert "x-amqprpc-queue" not in channel  # the publisher has no queue: each consumer binds its own
+    messages = doc["components"]["messages"]
+    envelope = messages["order.created.published"]["payload"]
+    assert envelope["allOf"][0] == {"$ref": "#/components/schemas/RequestEnvelope"}
+    assert envelope["allOf"][1]["properties"] == {"payload": {"$ref": "#/components/schemas/Order"},
+                                                  "action": {"const": "order.created"}, "reply_to": {"type": "null"}}
+    schemas = doc["components"]["schemas"]
+    assert schemas["Order"]["required"] == ["order_id", "user_id", "items", "created_at"]
+    # a dataclass, and no model: any object
+    assert messages["order.shipped.published"]["payload"]["allOf"][1]["properties"]["payload"] == {
+        "$ref": "#/components/schemas/Shipped"}
+    assert schemas["Shipped"]["properties"]["carrier"] == {"title": "Carrier", "type": "string"}
+    assert messages["order.audited.published"]["payload"]["allOf"][1]["properties"]["payload"] == {"type": "object"}
+    assert "summary" not in doc["operations"]["publish.order.audited"]
+    # published and subscribed to (on_paid, pattern payment.completed): one channel, both operations on it
+    assert [channel["address"] for channel in doc["channels"].values()].count("payment.completed") == 1
+    assert "published.payment.completed" not in doc["channels"]
+    shared = doc["channels"]["event.on_paid"]
+    assert set(shared["messages"]) == {"on_paid.event", "payment.completed.published"}
+    assert doc["operations"]["publish.payment.completed"]["channel"] == {"$ref": "#/channels/event.on_paid"}
+    assert doc["operations"]["event.on_paid"]["action"] == "receive"
+
+
+def test_a_published_event_is_a_routing_key_declared_once_with_a_model_that_can_be_described():
+    service = Service("bad-publisher")
+    for pattern in ("order.*", "order.#", ""):
+        with pytest.raises(ValueError, match="not a pattern"):
+            service.publishes(pattern)
+    service.publishes("order.created")
+    with pytest.raises(ValueError, match="'order.created' is declared twice"):
+        service.publishes("order.created", contract_app.Order)
+    service.publishes("order.counted", int)  # refused by check(), as a bad handler annotation is
+    with pytest.raises(ContractError, match="order.counted"):
+        Worker(service, broker_url="amqp://nobody@127.0.0.1:1//")  # before it connects
+    with pytest.raises(ContractError) as caught:
+        asyncapi.document(service, broker_url=DOCS_BROKER)
+    assert str(caught.value) == ("bad-publisher: published event 'order.counted': payload model int is not supported: "
+                                 "an event's payload is a JSON object, so declare a pydantic model, a dataclass, a "
+                                 "TypedDict or dict")
+
+
+def test_the_shop_documents_the_events_each_service_publishes():
+    order = asyncapi.document(load_service("order-service"), broker_url=DOCS_BROKER)
+    operation = order["operations"]["publish.order.created"]
+    assert operation["action"] == "send"
+    channel = operation["channel"]["$ref"].split("/")[-1]
+    assert order["channels"][channel]["address"] == "order.created"
+    message = order["components"]["messages"]["order.created.published"]
+    assert message["payload"]["allOf"][1]["properties"]["payload"] == {"$ref": "#/components/schemas/OrderCreated"}
+    assert "order_id" in order["components"]["schemas"]["OrderCreated"]["required"]
+    payment = asyncapi.document(load_service("payment-service"), broker_url=DOCS_BROKER)
+    assert {name for name, op in payment["operations"].items() if op["action"] == "send"} == {
+        "publish.payment.completed", "publish.payment.failed"}
+    for name in ("user-service", "inventory-service", "notification-service"):  # they publish nothing
+        doc = asyncapi.document(load_service(name), broker_url=DOCS_BROKER)
+        assert all(op["action"] == "receive" for op in doc["operations"].values()), name
 
 
 def test_names_come_from_the_topology():
@@ -158,6 +249,7 @@ def test_the_official_asyncapi_parser_accepts_every_document(tmp_path):
     documents = {os.path.join(DOCS, name): None for name in sorted(os.listdir(DOCS)) if name.endswith(".json")}
     generated = {
         "contract": asyncapi.document(contract_app.build("contract-parsed"), broker_url=DOCS_BROKER),
+        "publisher": asyncapi.document(publisher("contract-publisher"), broker_url=DOCS_BROKER),
         "namespaced-tls": asyncapi.document(contract_app.build("contract-parsed"), topology=Topology().namespaced("x"),
                                             broker_url="amqps://u:p@h1:5671/v;amqp://h2//"),
     }

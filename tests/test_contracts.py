@@ -85,6 +85,8 @@ def test_a_service_of_dict_handlers_never_imports_pydantic():
         "def b(payload): return payload\n"
         "@s.event('x.*')\n"
         "def c(payload: 'dict[str, Any]') -> None: pass\n"
+        "s.publishes('x.created')\n"
+        "s.publishes('x.changed', dict, description='untyped')\n"
         "s.check()\n"
         "Worker(s)\n"
         "assert s.handlers['a'] is a and s.handlers['b'] is b and s.events['c'].function is c\n"

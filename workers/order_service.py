@@ -22,7 +22,7 @@ from typing import Any, Dict
 from amqprpc import RemoteError, RpcClient, Service, current_call
 from amqprpc.logs import get_logger
 
-from .models import NewOrder, Order, OrderRef, PaymentOutcome
+from .models import NewOrder, Order, OrderCreated, OrderRef, PaymentOutcome
 from .shop import Shop, trace_id
 
 log = get_logger("workers.order")
@@ -122,6 +122,10 @@ def build(shop: Shop | None = None, name: str = "order-service") -> Service:
     service.handler("create_order")(functools.partial(create_order, shop, service))
     service.handler("get_order")(functools.partial(get_order, shop))
     service.event("payment.*", name="on_payment")(functools.partial(on_payment, shop))
+    service.publishes("order.created", OrderCreated, description=(
+        "An order was placed (create_order), its items reserved.\n\n"
+        "Published again when create_order is called again with the order_id of an order still unpaid: "
+        "consumers must be idempotent per order_id."))
     return service
 
 

@@ -19,7 +19,7 @@ from typing import Any, Dict
 from amqprpc import Service
 from amqprpc.logs import get_logger
 
-from .models import OrderCreated
+from .models import OrderCreated, PaymentOutcome
 from .shop import Shop, trace_id
 
 log = get_logger("workers.payment")
@@ -53,6 +53,12 @@ def build(shop: Shop | None = None, name: str = "payment-service", limit: float 
     shop = shop or Shop()
     service = Service(name)
     service.event("order.created", name="on_order_created")(functools.partial(on_order_created, shop, service, limit))
+    service.publishes("payment.completed", PaymentOutcome, description=(
+        "The order was charged: payment_id and amount say how much.\n\n"
+        "Published again (the same payment) when order.created comes again for the order."))
+    service.publishes("payment.failed", PaymentOutcome, description=(
+        "The order could not be charged: reason says why.\n\n"
+        "Published again (the same outcome) when order.created comes again for the order."))
     return service
 
 
