@@ -1,18 +1,18 @@
 """amqprpc: calls and events between microservices over RabbitMQ, built on kombu."""
-from .breaker import CircuitBreaker
-from .client import RpcClient, ServiceProxy
-from .aio import AsyncRpcClient
-from .context import CallContext, current_call
-from .errors import (
+from amqprpc.client.breaker import CircuitBreaker
+from amqprpc.client.rpc import RpcClient, ServiceProxy
+from amqprpc.client.aio import AsyncRpcClient
+from amqprpc.context import CallContext, current_call
+from amqprpc.errors import (
     CallTimeout, CircuitOpen, ConnectionLost, ContractError, PidFileError, PublishRefused, RemoteError,
     RemoteValidationError, ReplyTooLarge, RpcError, ServiceNotFound, ServiceUnavailable, StartCancelled, StartupError, TopologyMismatch, ValidationError,
 )
-from .retry import Retry
-from .responses import AsyncResponseStore, ResponseStore
-from .service import Service
-from . import shared_client  # noqa: F401 - provides Service.client
-from .topology import Topology
-from .worker import Worker
+from amqprpc.retry import Retry
+from amqprpc.client.responses import AsyncResponseStore, ResponseStore
+from amqprpc.service import Service
+from amqprpc.middleware import shared_client  # noqa: F401 - provides Service.client
+from amqprpc.wire.topology import Topology
+from amqprpc.server.worker import Worker
 
 __all__ = [
     "Service", "RpcClient", "Retry", "CircuitBreaker", "ServiceProxy", "AsyncRpcClient", "ResponseStore",
@@ -22,4 +22,4 @@ __all__ = [
     "ValidationError", "RemoteValidationError", "ContractError",
 ]
 # The one place the version is written: amqprpc/version.py (setup.cfg reads it there).
-from .version import __version__
+from amqprpc.version import __version__

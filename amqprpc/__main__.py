@@ -1,3 +1,3 @@
-from .cli import main
+from amqprpc.cli import main
 
 main()

@@ -19,7 +19,7 @@ One document per service (``amqprpc asyncapi SERVICE``):
 - ``components.schemas``: the wire envelope (request, success and error replies) and the
   payload models.
 
-Every name comes from :class:`~amqprpc.topology.Topology`, so a namespaced or renamed
+Every name comes from :class:`~amqprpc.wire.topology.Topology`, so a namespaced or renamed
 layout documents itself. JSON by default; YAML when PyYAML is installed.
 """
 from __future__ import annotations
@@ -31,10 +31,10 @@ import sys
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from .version import __version__
-from .contracts import Contract, contract_of_handler, event_contract, unwrap
-from .service import Service
-from .topology import DEFAULT_TOPOLOGY, Topology
+from amqprpc.version import __version__
+from amqprpc.contracts import Contract, contract_of_handler, event_contract, unwrap
+from amqprpc.service import Service
+from amqprpc.wire.topology import DEFAULT_TOPOLOGY, Topology
 
 ASYNCAPI_VERSION = "3.0.0"
 AMQP_BINDING = "0.3.0"
@@ -354,7 +354,7 @@ def dumps(doc: dict, fmt: str = "json") -> str:
 def _servers(broker_url: str | None) -> tuple[dict, str]:
     """The servers of the broker URL(s) (``amqp://h1;amqp://h2``), without credentials, and
     the vhost of the first."""
-    from .config import broker_url as configured
+    from amqprpc.config import broker_url as configured
 
     servers: dict[str, Any] = {}
     vhost = "/"

@@ -30,7 +30,7 @@ import sys
 import typing
 from typing import Any, Callable
 
-from .errors import ContractError, ValidationError
+from amqprpc.errors import ContractError, ValidationError
 
 # How many failing fields a ValidationError's message lists (its ``errors`` keep them all).
 MAX_LISTED = 20

@@ -124,7 +124,7 @@ class RemoteValidationError(RemoteError, ValidationError):
     """The remote handler refused the payload as not fitting its declared type: a
     :class:`RemoteError` (``error_type`` ``"ValidationError"``) and a
     :class:`ValidationError`, whose ``errors`` are the reply's ``errors`` list (each
-    ``{"loc", "msg", "type"}``, at most :data:`amqprpc.envelope.MAX_REPLY_ERRORS`; empty
+    ``{"loc", "msg", "type"}``, at most :data:`amqprpc.wire.envelope.MAX_REPLY_ERRORS`; empty
     when the peer sent none)."""
 
     def __init__(self, message: str, errors: list | None = None, message_id: str | None = None):

@@ -40,7 +40,7 @@ from typing import Any, Mapping, MutableMapping
 
 import structlog
 
-from .config import redact
+from amqprpc.config import redact
 
 EventDict = MutableMapping[str, Any]  # what structlog passes its processors (structlog.typing.EventDict)
 

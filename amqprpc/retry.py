@@ -3,7 +3,7 @@
 Modelled on Dramatiq's ``middleware/retries.py``: the attempt count travels *with the
 message* (here in AMQP headers), so a retry survives a worker restart and any worker
 instance may run the next attempt. The waiting happens in the broker (see
-:mod:`amqprpc.redelivery`): no handler thread sleeps and no message is held unacked
+:mod:`amqprpc.transport.redelivery`): no handler thread sleeps and no message is held unacked
 during a backoff.
 
 The same :class:`Retry` object serves the client: ``client.call(..., retry=Retry(...))``
@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Tuple, Type
 
-from .backoff import full_jitter
-from .errors import CallTimeout, CircuitOpen, ServiceUnavailable
+from amqprpc.transport.backoff import full_jitter
+from amqprpc.errors import CallTimeout, CircuitOpen, ServiceUnavailable
 
 # AMQP header names carried by a message that failed at least once (and by its dead
 # letter). Prefixed like RabbitMQ's own ``x-death`` so they cannot collide with a peer's

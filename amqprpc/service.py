@@ -4,15 +4,16 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import re
+
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Tuple
 
 if TYPE_CHECKING:
-    from .client import RpcClient
+    from amqprpc.client.rpc import RpcClient
 
-from .errors import ContractError
-from .retry import Retry
+from amqprpc.errors import ContractError
+from amqprpc.wire.ids import snake_case
+from amqprpc.retry import Retry
 
 Handler = Callable[[dict], Any]
 
@@ -21,7 +22,6 @@ Handler = Callable[[dict], Any]
 # imports -- names no client module and the dependencies stay one way.
 client_provider: Callable[[str, Any], "RpcClient"] | None = None
 
-_CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 
 # Clients installed ahead of the shared one, by service name, for this thread or asyncio
 # task only (a ContextVar: a test thread's fake never reaches a real worker's handler
@@ -41,11 +41,6 @@ def client_installed(names: Iterable[str], client: Any) -> Iterator[None]:
         yield
     finally:
         _installed.reset(token)
-
-
-def snake_case(name: str) -> str:
-    """``getUser`` -> ``get_user``; names already in snake_case are unchanged."""
-    return _CAMEL_BOUNDARY.sub("_", name).lower()
 
 
 @dataclass
@@ -148,7 +143,7 @@ class Service:
         self.published[name] = PublishedEvent(name, model, description)
         if model is None or model is dict:
             return
-        from . import contracts
+        from amqprpc import contracts
 
         try:
             contracts.event_contract(model, self._where("publishes", name))
@@ -163,7 +158,7 @@ class Service:
             target = target.func
         if not getattr(target, "__annotations__", None):
             return function
-        from . import contracts
+        from amqprpc import contracts
 
         try:
             return contracts.typed(function, self._where(kind, name), f"{self.name}.{name}")
@@ -182,7 +177,7 @@ class Service:
         annotation stops it at start, not on the first call."""
         if not self._unchecked:
             return
-        from . import contracts
+        from amqprpc import contracts
 
         problems = []
         for (kind, name), function in list(self._unchecked.items()):
@@ -224,7 +219,7 @@ class Service:
     def client(self) -> "RpcClient":
         """The RpcClient this service's handlers use for nested calls and events: one per
         process, created on first use, closed when the last worker of the service here
-        stops (see :mod:`amqprpc.shared_client`). Calls and events made with it inside a
+        stops (see :mod:`amqprpc.middleware.shared_client`). Calls and events made with it inside a
         handler carry the handler's trace id and what is left of its deadline. A client
         installed with :func:`client_installed` (as :mod:`amqprpc.testing` does) comes first."""
         installed = _installed.get()

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from amqprpc import envelope
+from amqprpc.wire import envelope
 from amqprpc.config import broker_url as default_broker_url
 from amqprpc.testing import delete_queues, unique_name
 

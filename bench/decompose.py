@@ -13,7 +13,7 @@ import json
 
 from amqprpc.config import broker_url as default_broker_url
 from amqprpc.testing import delete_queues, unique_name
-from amqprpc.topology import DEFAULT_TOPOLOGY
+from amqprpc.wire.topology import DEFAULT_TOPOLOGY
 
 from .__main__ import PAYLOAD, _request_body, _spawn
 from .measure import percentile

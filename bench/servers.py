@@ -1,6 +1,6 @@
 """The two servers the bench talks to, each run as its own process.
 
-``python -m bench.servers amqprpc SERVICE`` runs an amqprpc :class:`~amqprpc.worker.Worker`;
+``python -m bench.servers amqprpc SERVICE`` runs an amqprpc :class:`~amqprpc.server.worker.Worker`;
 ``python -m bench.servers raw RPC_QUEUE CAST_QUEUE`` runs a raw py-amqp echo server. Both
 print ``ready`` once consuming and stop when their stdin closes, so a crashed bench never
 leaves them behind. Several of either kind may serve the same queues (the bench's
@@ -9,7 +9,7 @@ worker-processes scenario); the bench deletes the queues itself.
 The raw server is the baseline: the plainest correct py-amqp code, with nothing slowed
 down. One thread, prefetch 64, reply then ack from the delivery callback. It turns off the
 ``connection.blocked`` capability so that ``basic_publish`` does not drain the socket on
-every publish (amqprpc bypasses that drain too, see ``amqprpc.ioloop.publish``): without
+every publish (amqprpc bypasses that drain too, see ``amqprpc.transport.ioloop.publish``): without
 it a publish made from a delivery callback would run the next delivery's callback inside
 it, recursively, and that would hit the baseline.
 """
@@ -87,7 +87,7 @@ def serve_raw(url: str, rpc_queue: str, cast_queue: str) -> None:
 
 def serve_amqprpc(url: str, service_name: str) -> None:
     from amqprpc import Service, logs
-    from amqprpc.worker import Worker
+    from amqprpc.server.worker import Worker
 
     logs.configure("console", "warning")
     service = Service(service_name)

@@ -21,7 +21,7 @@ from kombu import Connection
 
 from amqprpc import ResponseStore, RpcClient, ServiceUnavailable, Topology
 from amqprpc.cli import main
-from amqprpc.collector import _reply_entry
+from amqprpc.ops.collector import _reply_entry
 from amqprpc.testing import delete_queues, running_worker, unique_name, wait_for
 
 from procs import collector, free_port

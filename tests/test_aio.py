@@ -10,7 +10,7 @@ import pytest
 from kombu import Connection
 
 from amqprpc import AsyncRpcClient, CallTimeout, RemoteError, ResponseStore, ServiceUnavailable, Topology
-from amqprpc.collector import Collector
+from amqprpc.ops.collector import Collector
 from amqprpc.testing import delete_queues, running_worker, unique_name, wait_for
 
 pytestmark = pytest.mark.integration

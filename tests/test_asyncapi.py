@@ -17,8 +17,8 @@ from click.testing import CliRunner
 from amqprpc import Service, Worker, asyncapi
 from amqprpc.cli import main
 from amqprpc.errors import ContractError
-from amqprpc.loading import known_services, load_service
-from amqprpc.topology import Topology
+from amqprpc.ops.loading import known_services, load_service
+from amqprpc.wire.topology import Topology
 
 import contract_app
 

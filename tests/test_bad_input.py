@@ -14,11 +14,12 @@ from hypothesis import strategies as st
 from kombu import Connection
 
 import amqp
-from amqprpc import RpcClient, envelope
+from amqprpc import RpcClient
+from amqprpc.wire import envelope
 from amqprpc import retry as h
 from amqprpc.errors import BadMessage
 from amqprpc.testing import delete_queues, wait_for
-from amqprpc.topology import DEFAULT_TOPOLOGY
+from amqprpc.wire.topology import DEFAULT_TOPOLOGY
 
 TESTS = os.path.dirname(__file__)
 LIMIT = 64 * 1024  # --max-message-bytes for the soak: oversized bodies stay cheap to send

@@ -11,9 +11,9 @@ import redis
 from kombu import Connection
 
 from amqprpc import CallTimeout, CircuitBreaker, CircuitOpen, RemoteError, RpcClient, Service, ServiceUnavailable
-from amqprpc.breaker import CLOSED, HALF_OPEN, OPEN
+from amqprpc.client.breaker import CLOSED, HALF_OPEN, OPEN
 from amqprpc.testing import capture_logs, running_worker, unique_name, wait_for
-from amqprpc.topology import DEFAULT_TOPOLOGY
+from amqprpc.wire.topology import DEFAULT_TOPOLOGY
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -61,7 +61,7 @@ def test_consecutive_failures_open_it_and_a_success_resets_the_count():
 def test_state_changes_and_rejections_are_counted_in_prometheus_metrics():
     from prometheus_client import REGISTRY
 
-    import amqprpc.metrics  # noqa: F401 - once imported (--metrics-port), every breaker counts
+    import amqprpc.middleware.metrics  # noqa: F401 - once imported (--metrics-port), every breaker counts
 
     name = unique_name("metered")
     breaker = CircuitBreaker(failure_threshold=2, shared=False)

@@ -10,10 +10,10 @@ import pytest
 from kombu import Connection, Queue
 
 from amqprpc import PublishRefused, ResponseStore, RpcClient, Service, Topology
-from amqprpc.collector import Collector
+from amqprpc.ops.collector import Collector
 from amqprpc.testing import delete_queues, running_worker, unique_name, wait_for
-from amqprpc.topology import AT_LEAST_ONCE, DEFAULT_TOPOLOGY
-from amqprpc.worker import Worker
+from amqprpc.wire.topology import AT_LEAST_ONCE, DEFAULT_TOPOLOGY
+from amqprpc.server.worker import Worker
 
 from rabbit_node import suite_ctl
 

@@ -11,7 +11,7 @@ from kombu import Connection
 
 from amqprpc import AsyncRpcClient, RemoteError, RemoteValidationError, Retry, RpcClient, ValidationError
 from amqprpc.testing import delete_exchanges, running_worker, unique_name, wait_for
-from amqprpc.topology import Topology
+from amqprpc.wire.topology import Topology
 
 import contract_app
 

@@ -11,7 +11,7 @@ from kombu import Connection
 from amqprpc import RpcClient
 from amqprpc.context import current
 from amqprpc.testing import running_worker, wait_for
-from amqprpc.topology import DEFAULT_TOPOLOGY
+from amqprpc.wire.topology import DEFAULT_TOPOLOGY
 
 pytestmark = pytest.mark.integration
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from amqprpc import envelope
+from amqprpc.wire import envelope
 from amqprpc.errors import BadMessage
 
 JSON = {"content_type": "application/json"}

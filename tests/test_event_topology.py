@@ -2,7 +2,7 @@
 import pytest
 
 from amqprpc import Service, Topology
-from amqprpc.events import event_consumers, service_queue_names, topic_matches
+from amqprpc.server.events import event_consumers, service_queue_names, topic_matches
 
 
 @pytest.mark.parametrize("pattern, key, expected", [

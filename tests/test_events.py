@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from amqprpc import RpcClient, Service, Topology, logs, shared_client
+from amqprpc import RpcClient, Service, Topology, logs
+from amqprpc.middleware import shared_client
 from amqprpc.context import CallContext, current
-from amqprpc.events import service_queue_names
+from amqprpc.server.events import service_queue_names
 from amqprpc.testing import delete_exchanges, delete_queues, running_worker, unique_name, wait_for
 
 pytestmark = pytest.mark.integration

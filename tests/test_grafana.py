@@ -8,7 +8,7 @@ import re
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from amqprpc import clientmetrics, metrics
+from amqprpc.middleware import clientmetrics, metrics
 
 DASHBOARD = pathlib.Path(__file__).parent.parent / "docs" / "grafana" / "amqprpc.json"
 SUFFIXES = {Counter: ("_total", "_created"), Gauge: ("",), Histogram: ("_bucket", "_count", "_sum", "_created")}

@@ -19,13 +19,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kombu import Connection
 
-from amqprpc import RemoteError, RpcClient, ServiceUnavailable, envelope
+from amqprpc import RemoteError, RpcClient, ServiceUnavailable
+from amqprpc.wire import envelope
 from amqprpc import retry as h
 from amqprpc.config import redis_url
-from amqprpc.framehandler import lenient_properties
+from amqprpc.transport.framehandler import lenient_properties
 from amqprpc.middleware import Middleware
 from amqprpc.testing import delete_queues, unique_name, wait_for
-from amqprpc.topology import DEFAULT_TOPOLOGY
+from amqprpc.wire.topology import DEFAULT_TOPOLOGY
 from procs import collector
 from rawframes import array, encode_properties, entry, nested_tables, publish, table
 from workerproc import WorkerProcess
@@ -343,7 +344,7 @@ def test_reply_fields_that_cannot_travel_back_are_bad_input():
 
 def test_a_copy_that_cannot_be_encoded_goes_as_a_bare_dead_letter_else_the_original_is_rejected():
     from amqprpc.outcome import OutcomeKind
-    from amqprpc.redelivery import Forward, Forwarder
+    from amqprpc.transport.redelivery import Forward, Forwarder
 
     forwarder, sent, rejected = Forwarder(), [], []
 
@@ -382,7 +383,7 @@ def test_a_name_too_long_to_send_is_the_callers_error_and_later_confirms_still_m
 
 
 def test_dlq_listing_survives_failure_times_that_are_no_time():
-    from amqprpc.dlq import _when
+    from amqprpc.ops.dlq import _when
 
     assert _when(1e300) is None and _when(-1e300) is None and _when(1.0).startswith("1970-01-01")
 
@@ -405,7 +406,7 @@ def dead_letters_counted(service: str, reason: str) -> float:
 
 def test_a_reply_that_cannot_be_encoded_is_counted_as_a_dead_letter_not_as_a_reply(
         broker_url, service, raw, monkeypatch):
-    from amqprpc.metrics import Metrics
+    from amqprpc.middleware.metrics import Metrics
     from amqprpc.testing import running_worker
 
     # The decoder refuses a correlation id that cannot travel back; a peer's that got past
@@ -431,7 +432,7 @@ def test_a_reply_that_cannot_be_encoded_is_counted_as_a_dead_letter_not_as_a_rep
 
 def test_a_retry_copy_that_cannot_be_encoded_is_counted_as_the_dead_letter_it_became(broker_url, service, raw):
     from amqprpc import Retry
-    from amqprpc.metrics import Metrics
+    from amqprpc.middleware.metrics import Metrics
     from amqprpc.testing import running_worker
 
     def flaky(payload):

@@ -8,7 +8,7 @@ import pytest
 
 from amqprpc import RpcClient
 from amqprpc.errors import CallTimeout, ServiceUnavailable
-from amqprpc.framereader import FrameReader
+from amqprpc.transport.framereader import FrameReader
 from amqprpc.testing import running_worker, wait_for
 
 pytestmark = pytest.mark.integration

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from amqprpc.inbox import Inbox
+from amqprpc.transport.inbox import Inbox
 from amqprpc.testing import wait_for
 
 

@@ -15,61 +15,86 @@ import amqprpc
 
 PACKAGE = pathlib.Path(amqprpc.__file__).parent
 
-# Lowest first. A module may import modules of its own layer or below, never above.
+# Lowest first. A module may import modules of its own layer or below, never above. Names are
+# dotted below amqprpc; a sub-package's __init__ is named by the sub-package ("middleware").
 LAYERS = [
     # foundations: no amqprpc imports beyond this layer
-    {"errors", "config", "logs", "ids", "version", "outcome", "backoff", "context", "sdnotify", "pidfile",
-     "framereader", "framewriter", "contracts"},
+    {"errors", "config", "logs", "version", "outcome", "context", "contracts", "wire", "wire.ids",
+     "transport.backoff", "transport.framereader", "transport.framewriter", "ops.sdnotify", "ops.pidfile"},
     # wire and definitions: envelope, topology, frames; a service's handlers; hooks
-    {"envelope", "topology", "framehandler", "link", "retry", "service", "middleware", "deadlines"},
+    {"wire.envelope", "wire.topology", "transport.framehandler", "transport.link", "transport.deadlines", "retry",
+     "service", "middleware"},
     # the connection loop and what it carries out
-    {"ioloop", "redelivery", "inbox", "consumer"},
-    # client and worker
-    {"client", "aio", "breaker", "worker", "events", "ping", "shared_client", "responses", "otel", "observability"},
+    {"transport", "transport.ioloop", "transport.redelivery", "transport.inbox", "transport.consumer"},
+    # client and worker, and the middleware they run
+    {"client", "client.rpc", "client.aio", "client.breaker", "client.responses", "server", "server.worker",
+     "server.events", "middleware.ping", "middleware.shared_client", "middleware.otel", "middleware.observability"},
     # operations
-    {"daemon", "collector", "dlq", "registry", "metrics", "clientmetrics", "loading", "testing", "demo", "asyncapi"},
+    {"ops", "ops.daemon", "ops.collector", "ops.dlq", "ops.registry", "middleware.metrics",
+     "middleware.clientmetrics", "ops.loading", "ops.demo", "testing", "asyncapi"},
     # the command line, and the package's public face
     {"cli", "__main__", "__init__"},
 ]
 
 
-def _imports(path: pathlib.Path, modules: set[str]) -> set[str]:
-    """The amqprpc modules ``path`` imports (outside ``if TYPE_CHECKING:`` blocks);
-    ``from . import name`` of a name that is not a module is an import of the package."""
+def _name(path: pathlib.Path) -> str:
+    """The dotted name below amqprpc of a source file ("__init__" for the package itself)."""
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path: pathlib.Path, modules: set[str], type_checking: bool = False) -> set[str]:
+    """The amqprpc modules ``path`` imports (outside ``if TYPE_CHECKING:`` blocks unless
+    ``type_checking``); ``from amqprpc.x import name`` of a name that is not a module is an
+    import of ``x`` (of the package itself, "__init__", for ``from amqprpc import name``)."""
     tree = ast.parse(path.read_text(), str(path))
-    type_only = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If)
-                 and getattr(block.test, "id", getattr(block.test, "attr", None)) == "TYPE_CHECKING"
-                 for stmt in block.body for node in ast.walk(stmt)}
+    type_only = set() if type_checking else {
+        id(node) for block in ast.walk(tree) if isinstance(block, ast.If)
+        and getattr(block.test, "id", getattr(block.test, "attr", None)) == "TYPE_CHECKING"
+        for stmt in block.body for node in ast.walk(stmt)}
+    package = _name(path) if path.name == "__init__.py" else _name(path).rpartition(".")[0]
     found = set()
-    top = 1 if path.parent == PACKAGE else 2  # the level of ``from . import`` / ``from .. import`` naming amqprpc
     for node in ast.walk(tree):
         if id(node) in type_only:
             continue
-        if isinstance(node, ast.ImportFrom) and 0 < node.level < top:
-            continue  # within its own subpackage (testing/): one module to the layers
-        if isinstance(node, ast.ImportFrom) and node.level == top:
-            found.update([node.module] if node.module else
-                         [alias.name if alias.name in modules else "__init__" for alias in node.names])
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("amqprpc"):
-            rest = node.module.partition(".")[2]
-            found.update([rest] if rest else [alias.name for alias in node.names])
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".") if package and package != "__init__" else []
+                base = base[:len(base) - (node.level - 1)] if node.level > 1 else base
+                module = ".".join(base + ([node.module] if node.module else []))
+            elif (node.module or "").split(".")[0] == "amqprpc":
+                module = node.module.partition(".")[2]
+            else:
+                continue
+            for alias in node.names:
+                child = f"{module}.{alias.name}" if module else alias.name
+                found.add(child if child in modules else (module or "__init__"))
         elif isinstance(node, ast.Import):
             found.update(alias.name.partition(".")[2] or "__init__" for alias in node.names
                          if alias.name.split(".")[0] == "amqprpc")
-    return {name.split(".")[0] for name in found}
+    return found
 
 
 def _files() -> dict[str, list[pathlib.Path]]:
-    """Module name -> its source files; a subpackage (``testing/``) is one module of its layer."""
-    modules = {path.stem: [path] for path in PACKAGE.glob("*.py")}
-    modules.update({init.parent.name: sorted(init.parent.glob("*.py")) for init in PACKAGE.glob("*/__init__.py")})
+    """Module name -> its source files; testing/ is one module of its layer."""
+    modules: dict[str, list[pathlib.Path]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = _name(path)
+        modules.setdefault("testing" if name.startswith("testing") else name, []).append(path)
     return modules
 
 
-def _graph() -> dict[str, set[str]]:
+def _graph(type_checking: bool = False) -> dict[str, set[str]]:
     files = _files()
-    return {name: set().union(*(_imports(path, set(files)) for path in paths)) & files.keys() - {name}
-            for name, paths in files.items()}
+    names = set(files) | {name for paths in files.values() for name in map(_name, paths)}
+    graph = {}
+    for name, paths in files.items():
+        deps = set().union(*(_imports(path, names, type_checking) for path in paths))
+        deps = {"testing" if dep.startswith("testing") else dep for dep in deps}
+        graph[name] = deps & files.keys() - {name}
+    return graph
 
 
 def test_every_module_has_a_layer():
@@ -85,7 +110,7 @@ def test_no_module_imports_a_higher_layer():
 
 
 def test_there_is_no_import_cycle():
-    graph = _graph()
+    graph = _graph(type_checking=True)  # an import only the type checker follows is a circle too
     graph.pop("__init__")  # every submodule's import runs the package first: only its own imports count
     for deps in graph.values():
         deps.discard("__init__")
@@ -109,8 +134,7 @@ def test_no_submodule_imports_the_package_itself():
 
 
 def test_every_module_imports_in_a_fresh_interpreter():
-    names = sorted(path.stem for path in PACKAGE.glob("*.py") if path.stem not in ("__init__", "__main__"))
-    names += sorted(f"{path.parent.name}.{path.stem}" for path in PACKAGE.glob("*/*.py") if path.stem != "__init__")
+    names = sorted(name for name in map(_name, PACKAGE.rglob("*.py")) if name not in ("__init__", "__main__"))
     subprocess.run([sys.executable, "-c", "import importlib, sys\n"
                     f"for name in {names!r}: importlib.import_module('amqprpc.' + name)"], check=True, timeout=60)
 
@@ -119,3 +143,12 @@ def test_import_amqprpc_loads_neither_prometheus_client_nor_redis():
     subprocess.run([sys.executable, "-c", "import amqprpc, sys; "
                     "assert 'prometheus_client' not in sys.modules and 'redis' not in sys.modules, "
                     "[m for m in ('prometheus_client', 'redis') if m in sys.modules]"], check=True, timeout=60)
+
+
+def test_the_package_shows_its_layers():
+    """A newcomer meets at most ~20 modules at the top, and sub-packages named for their role."""
+    top = sorted(path.stem for path in PACKAGE.glob("*.py"))
+    packages = sorted(init.parent.name for init in PACKAGE.glob("*/__init__.py"))
+    assert len(top) <= 20, top
+    assert len(packages) >= 4, packages
+    assert (PACKAGE / "py.typed").exists()

@@ -6,9 +6,9 @@ import threading
 import pytest
 
 from amqprpc import RpcClient, Service, ServiceUnavailable, Worker
-from amqprpc.collector import Collector
-from amqprpc.ioloop import AmqpLoop
-from amqprpc.responses import ResponseStore
+from amqprpc.ops.collector import Collector
+from amqprpc.transport.ioloop import AmqpLoop
+from amqprpc.client.responses import ResponseStore
 
 CLOSED_PORT_URL = "amqp://guest:guest@127.0.0.1:1//"
 

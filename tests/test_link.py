@@ -12,11 +12,11 @@ import pytest
 from amqp import spec
 from amqp.exceptions import ConnectionForced
 
-from amqprpc.deadlines import Timer
-from amqprpc.framehandler import frame_handler
-from amqprpc.framereader import FrameReader, LinkClosed
-from amqprpc.framewriter import FrameWriter
-from amqprpc.link import LinkDead, describe
+from amqprpc.transport.deadlines import Timer
+from amqprpc.transport.framehandler import frame_handler
+from amqprpc.transport.framereader import FrameReader, LinkClosed
+from amqprpc.transport.framewriter import FrameWriter
+from amqprpc.transport.link import LinkDead, describe
 
 
 class Transport:
@@ -185,7 +185,7 @@ def test_a_wait_for_the_broker_ends_when_the_link_stays_silent_and_keeps_heartbe
 
     from amqp.transport import TCPTransport
 
-    from amqprpc.link import Link
+    from amqprpc.transport.link import Link
 
     ours, theirs = socket.socketpair()
     transport = TCPTransport("127.0.0.1:1")  # not connected: it only lends its socket

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from amqprpc.loading import ServiceNotFound, known_services, load_service
+from amqprpc.ops.loading import ServiceNotFound, known_services, load_service
 from amqprpc.testing import unique_name
 
 SHOP = ["inventory-service", "notification-service", "order-service", "payment-service", "user-service"]

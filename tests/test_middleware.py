@@ -166,7 +166,7 @@ def test_a_bad_message_and_an_expired_request_get_their_outcome(service, broker_
 def test_metrics_count_what_the_outcome_says_and_nothing_from_the_wire():
     from prometheus_client import REGISTRY
 
-    from amqprpc.metrics import Metrics
+    from amqprpc.middleware.metrics import Metrics
     from amqprpc.middleware import Delivery
     from amqprpc.outcome import Outcome
 
@@ -195,7 +195,7 @@ def test_a_call_the_open_breaker_refuses_settles_as_circuit_open_for_hooks_and_c
     from prometheus_client import REGISTRY
 
     from amqprpc import CircuitBreaker, CircuitOpen
-    from amqprpc.clientmetrics import ClientMetrics
+    from amqprpc.middleware.clientmetrics import ClientMetrics
     from amqprpc.testing import unique_name
 
     target = unique_name("mw-nobody")  # no queue: the first call fails ServiceUnavailable and opens the breaker

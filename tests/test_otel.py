@@ -29,10 +29,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from amqprpc import CircuitBreaker, CircuitOpen, RemoteError, RpcClient, Service, envelope, logs, middleware, \
-    observability, shared_client
+from amqprpc import CircuitBreaker, CircuitOpen, RemoteError, RpcClient, Service, logs, middleware
+from amqprpc.wire import envelope
+from amqprpc.middleware import observability, shared_client
 from amqprpc.context import current
-from amqprpc.otel import OpenTelemetryMiddleware, destination
+from amqprpc.middleware.otel import OpenTelemetryMiddleware, destination
 from amqprpc.testing import delete_queues, running_worker, unique_name, wait_for
 
 def raw_connection(broker_url: str) -> amqp.Connection:
@@ -264,7 +265,7 @@ def test_a_message_that_cannot_be_sent_ends_its_spans_with_the_error(spans, brok
 def test_client_metrics_in_opentelemetry_and_prometheus(broker_url):
     from prometheus_client import REGISTRY
 
-    from amqprpc.clientmetrics import ClientMetrics
+    from amqprpc.middleware.clientmetrics import ClientMetrics
 
     reader = InMemoryMetricReader()
     tracing = OpenTelemetryMiddleware(meter_provider=MeterProvider(metric_readers=[reader]))
@@ -329,7 +330,7 @@ def test_an_sdk_set_by_the_application_switches_it_on_unless_disabled(disabled, 
     result = _python("""
         from opentelemetry import metrics, trace
         from opentelemetry.sdk.trace import TracerProvider
-        from amqprpc import observability
+        from amqprpc.middleware import observability
         assert observability.automatic() == []
         trace.set_tracer_provider(TracerProvider())
         print(' '.join(type(each).__name__ for each in observability.automatic()) or 'none')
@@ -339,7 +340,7 @@ def test_an_sdk_set_by_the_application_switches_it_on_unless_disabled(disabled, 
 
 
 def test_the_instrumentor_adds_the_middleware_to_the_defaults_and_takes_it_back():
-    from amqprpc.otel import AmqprpcInstrumentor
+    from amqprpc.middleware.otel import AmqprpcInstrumentor
 
     provider = TracerProvider()
     AmqprpcInstrumentor().instrument(tracer_provider=provider)
@@ -362,8 +363,8 @@ def test_import_amqprpc_imports_no_opentelemetry_nor_prometheus():
         import amqprpc
         from amqprpc import RpcClient, Worker, CircuitBreaker
         CircuitBreaker(shared=False)
-        loaded = sorted({name.split('.')[0] for name in sys.modules} & {'opentelemetry', 'redis', 'amqprpc.otel'})
-        print(loaded, 'amqprpc.otel' in sys.modules)
+        loaded = sorted({name.split('.')[0] for name in sys.modules} & {'opentelemetry', 'redis', 'amqprpc.middleware.otel'})
+        print(loaded, 'amqprpc.middleware.otel' in sys.modules)
     """)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["[]", "False"]
@@ -377,7 +378,7 @@ def test_without_opentelemetry_the_package_imports_and_calls_work(broker_url):
         from amqprpc import RpcClient, Service, middleware
         from amqprpc.testing import running_worker, unique_name
         try:
-            import amqprpc.otel
+            import amqprpc.middleware.otel
         except ImportError:
             pass
         else:

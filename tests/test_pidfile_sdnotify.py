@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
-from amqprpc import metrics, sdnotify
-from amqprpc.pidfile import PidFile, PidFileError
+from amqprpc.middleware import metrics
+from amqprpc.ops import sdnotify
+from amqprpc.ops.pidfile import PidFile, PidFileError
 
 
 def test_pidfile_is_written_refused_while_alive_taken_over_when_stale_and_removed(tmp_path):

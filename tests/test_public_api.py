@@ -25,9 +25,9 @@ def test_every_exception_a_caller_catches_lives_in_errors_and_is_exported():
 
 
 @pytest.mark.parametrize("module, name", [
-    ("amqprpc.loading", "ServiceNotFound"), ("amqprpc.topology", "TopologyMismatch"),
-    ("amqprpc.daemon", "StartupError"), ("amqprpc.pidfile", "PidFileError"), ("amqprpc.worker", "ReplyTooLarge"),
-    ("amqprpc.ioloop", "StartCancelled"),
+    ("amqprpc.ops.loading", "ServiceNotFound"), ("amqprpc.wire.topology", "TopologyMismatch"),
+    ("amqprpc.ops.daemon", "StartupError"), ("amqprpc.ops.pidfile", "PidFileError"), ("amqprpc.server.worker", "ReplyTooLarge"),
+    ("amqprpc.transport.ioloop", "StartCancelled"),
 ])
 def test_old_import_paths_still_work(module, name):
     imported = __import__(module, fromlist=[name])
@@ -101,6 +101,8 @@ def test_the_readme_layout_names_every_module():
     readme = (ROOT / "README.md").read_text()
     layout = readme[readme.index("## Layout"):]
     layout = layout[:layout.index("\n```\n", layout.index("```text")) + 4]
-    modules = {path.name for path in (ROOT / "amqprpc").glob("*.py")} - {"__init__.py"}
-    missing = sorted(name for name in modules | {"testing/", "fake.py", "inmemory.py"} if name not in layout)
+    package = ROOT / "amqprpc"
+    modules = {path.name for path in package.rglob("*.py")} - {"__init__.py", "__main__.py"}
+    folders = {f"{init.parent.name}/" for init in package.glob("*/__init__.py")}
+    missing = sorted(name for name in modules | folders if name not in layout)
     assert not missing, f"README's Layout does not name: {missing}"

@@ -49,13 +49,13 @@ import pytest
 import redis
 
 from amqprpc import RpcClient, Worker
-from amqprpc.collector import Collector
+from amqprpc.ops.collector import Collector
 from amqprpc.config import redis_url
-from amqprpc.events import service_queue_names
-from amqprpc.registry import Registry
-from amqprpc.responses import ResponseStore
+from amqprpc.server.events import service_queue_names
+from amqprpc.ops.registry import Registry
+from amqprpc.client.responses import ResponseStore
 from amqprpc.testing import capture_logs, delete_queues, unique_name
-from amqprpc.topology import DEFAULT_TOPOLOGY
+from amqprpc.wire.topology import DEFAULT_TOPOLOGY
 from workers import build_all
 from workers.shop import Shop
 

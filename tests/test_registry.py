@@ -11,7 +11,7 @@ import redis
 from conftest import log_lines, wait_ready
 
 from amqprpc import RpcClient, Service, Worker
-from amqprpc.registry import Registry
+from amqprpc.ops.registry import Registry
 from amqprpc.testing import capture_logs, delete_queues, unique_name, wait_for
 
 pytestmark = pytest.mark.integration

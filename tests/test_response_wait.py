@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from amqprpc import AsyncResponseStore, ResponseStore
-from amqprpc.responses import PENDING, STORED, UNKNOWN
+from amqprpc.client.responses import PENDING, STORED, UNKNOWN
 from amqprpc.testing import unique_name, wait_for
 
 from procs import free_port

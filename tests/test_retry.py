@@ -15,8 +15,8 @@ from kombu import Connection
 from amqprpc import CallTimeout, RemoteError, Retry, RpcClient, Service, ServiceUnavailable
 from amqprpc import retry as h
 from amqprpc.testing import delete_exchanges, delete_queues, running_worker, unique_name, wait_for
-from amqprpc.topology import DEFAULT_TOPOLOGY, TopologyMismatch
-from amqprpc.worker import Worker
+from amqprpc.wire.topology import DEFAULT_TOPOLOGY, TopologyMismatch
+from amqprpc.server.worker import Worker
 
 pytestmark = pytest.mark.integration
 

@@ -2,7 +2,7 @@
 import pytest
 
 from amqprpc import Service
-from amqprpc.loading import ServiceNotFound, load_service
+from amqprpc.ops.loading import ServiceNotFound, load_service
 from amqprpc.service import snake_case
 
 

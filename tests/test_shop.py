@@ -8,7 +8,7 @@ import json
 import pytest
 
 from amqprpc import RpcClient, Topology, Worker, logs
-from amqprpc.events import service_queue_names
+from amqprpc.server.events import service_queue_names
 from amqprpc.testing import delete_exchanges, delete_queues, unique_name, wait_for
 from workers import build_all
 from workers.shop import Shop

@@ -20,7 +20,7 @@ import pytest
 from amqprpc import AsyncRpcClient, RpcClient
 from amqprpc.errors import ConnectionLost, ServiceUnavailable
 from amqprpc.testing import delete_queues, unique_name, wait_for
-from amqprpc.topology import DEFAULT_TOPOLOGY
+from amqprpc.wire.topology import DEFAULT_TOPOLOGY
 from faultproxy import FaultProxy
 from workerproc import WorkerProcess
 

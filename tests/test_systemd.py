@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from amqprpc import RpcClient, ServiceUnavailable
-from amqprpc.loading import load_service  # noqa: F401 - the services named below must load
+from amqprpc.ops.loading import load_service  # noqa: F401 - the services named below must load
 from amqprpc.testing import delete_queues, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent

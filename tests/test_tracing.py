@@ -7,7 +7,8 @@ import pytest
 from conftest import log_lines, wait_ready
 from kombu import Connection, Exchange, Queue
 
-from amqprpc import CallTimeout, RpcClient, Service, envelope
+from amqprpc import CallTimeout, RpcClient, Service
+from amqprpc.wire import envelope
 from amqprpc.context import current
 from amqprpc.testing import delete_queues, running_worker, unique_name, wait_for
 

@@ -20,7 +20,7 @@ import redis
 from websockets.sync.client import connect
 
 from amqprpc import ResponseStore
-from amqprpc.collector import Collector
+from amqprpc.ops.collector import Collector
 from amqprpc.testing import running_worker, unique_name
 
 from procs import Proc, free_port

@@ -15,14 +15,15 @@ import os
 import time
 from typing import Any, Callable, Iterator
 
-from .. import logs, topology
-from ..config import broker_url as default_broker_url
-from ..events import service_queue_names
-from ..service import Service
-from ..topology import DEFAULT_TOPOLOGY, Topology
-from ..worker import Worker
-from .fake import FakeClient, Harness, Sent, worker_factory
-from .inmemory import DeadLetter, InMemoryClient
+from amqprpc import logs
+from amqprpc.wire import topology
+from amqprpc.config import broker_url as default_broker_url
+from amqprpc.server.events import service_queue_names
+from amqprpc.service import Service
+from amqprpc.wire.topology import DEFAULT_TOPOLOGY, Topology
+from amqprpc.server.worker import Worker
+from amqprpc.testing.fake import FakeClient, Harness, Sent, worker_factory
+from amqprpc.testing.inmemory import DeadLetter, InMemoryClient
 
 __all__ = [
     "worker_factory", "FakeClient", "InMemoryClient", "Harness", "Sent", "DeadLetter",

@@ -14,14 +14,15 @@ import time
 from concurrent.futures import Future
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
-from .. import envelope, logs
-from ..client import ServiceProxy
-from ..context import CallContext, current
-from ..contracts import parse, to_payload
-from ..errors import RemoteError
-from ..events import topic_matches
-from ..retry import Retry
-from ..service import Service, client_installed
+from amqprpc.wire import envelope
+from amqprpc import logs
+from amqprpc.client.rpc import ServiceProxy
+from amqprpc.context import CallContext, current
+from amqprpc.contracts import parse, to_payload
+from amqprpc.errors import RemoteError
+from amqprpc.server.events import topic_matches
+from amqprpc.retry import Retry
+from amqprpc.service import Service, client_installed
 
 class Sent(NamedTuple):
     """One message a client was asked to send. Compares equal to a plain tuple:

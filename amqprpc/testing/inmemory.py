@@ -32,13 +32,14 @@ import time
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Mapping, NamedTuple, Tuple
 
-from .. import envelope, logs
-from ..context import CallContext, current
-from ..errors import BadMessage, CallTimeout, ReplyTooLarge, ServiceUnavailable, ValidationError
-from ..events import topic_matches
-from ..retry import Retry, call_with_retry
-from ..service import Service, client_installed
-from .fake import Recorder, parsed
+from amqprpc.wire import envelope
+from amqprpc import logs
+from amqprpc.context import CallContext, current
+from amqprpc.errors import BadMessage, CallTimeout, ReplyTooLarge, ServiceUnavailable, ValidationError
+from amqprpc.server.events import topic_matches
+from amqprpc.retry import Retry, call_with_retry
+from amqprpc.service import Service, client_installed
+from amqprpc.testing.fake import Recorder, parsed
 
 log = logs.get_logger("amqprpc.testing")
 

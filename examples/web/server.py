@@ -26,7 +26,7 @@ from shop_web import Settings, create_app  # noqa: E402
 from amqprpc import ResponseStore, Topology, logs  # noqa: E402
 from amqprpc.cli import EXIT_UNAVAILABLE, EXIT_USAGE, broker_option, fail, logging_options, redis_option  # noqa: E402
 from amqprpc.config import DEFAULT_COLLECTOR_QUEUE  # noqa: E402
-from amqprpc.loading import ServiceNotFound, load_service  # noqa: E402
+from amqprpc.ops.loading import ServiceNotFound, load_service  # noqa: E402
 
 log = logs.get_logger("amqprpc.examples.web")
 
@@ -108,8 +108,8 @@ def _no_startup_traceback(record: logging.LogRecord) -> bool:
 
 
 def _start_services(service: str, app: str | None, settings: Settings):
-    from amqprpc.collector import Collector
-    from amqprpc.worker import Worker
+    from amqprpc.ops.collector import Collector
+    from amqprpc.server.worker import Worker
 
     loaded = load_service(service, app)
     if loaded.name != service:

@@ -37,7 +37,7 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from amqprpc import AsyncResponseStore, AsyncRpcClient, CallTimeout, RemoteError, ServiceUnavailable, Topology, logs
 from amqprpc.config import redact
-from amqprpc.responses import DEFAULT_PENDING_TTL, STORED, UNKNOWN
+from amqprpc.client.responses import DEFAULT_PENDING_TTL, STORED, UNKNOWN
 
 log = logs.get_logger("amqprpc.examples.web")
 

@@ -1,0 +1,6 @@
+"""The calling side: :class:`RpcClient` (threads, :mod:`.rpc`), :class:`AsyncRpcClient`
+(asyncio, :mod:`.aio`), the circuit breaker (:mod:`.breaker`) and the accept-then-poll
+response store (:mod:`.responses`)."""
+from amqprpc.client.rpc import RpcClient, ServiceProxy
+
+__all__ = ["RpcClient", "ServiceProxy"]

@@ -1,0 +1,261 @@
+"""Middleware: how features plug into workers and clients instead of patching them.
+
+dramatiq's model: a base class whose hooks all do nothing; subclass it, override the hooks
+you need, and pass instances to ``Worker(..., middleware=[...])`` or
+``RpcClient(..., middleware=[...])`` (``AsyncRpcClient`` passes it on). :func:`add_default`
+adds one to every worker and client created afterwards in this process (how
+``--metrics-port`` or an OpenTelemetry instrumentor plugs in without user code); the
+defaults run before the ones given.
+
+The interface (stable: other features build on these names and fields)::
+
+    class Middleware:
+        # lifecycle (Worker only: the Collector takes no middleware), on the thread that starts/stops it
+        def worker_starting(self, worker) -> None      # before connecting (may register handlers, e.g. ping)
+        def worker_started(self, worker) -> None       # consuming
+        def worker_stopping(self, worker) -> None      # warm stop begins
+        def worker_stopped(self, worker) -> None       # connection closed (also after a start that failed)
+        # worker, per delivery, on the handler thread
+        def before_handle(self, delivery: Delivery) -> None
+        def after_handle(self, delivery: Delivery, outcome: Outcome) -> None
+        # worker, rarely: what after_handle was told could not be carried out (the reply or
+        # the retry's copy could not be encoded) and the delivery was dead-lettered instead
+        # (loop or handler thread)
+        def outcome_amended(self, delivery: Delivery, old: Outcome, new: Outcome) -> None
+        # client, on the calling thread, before the message is written
+        def before_publish(self, message: Outgoing) -> None
+        # client, once a call has its answer / error / timeout (loop, timer or calling thread)
+        # or was refused by the circuit breaker (calling thread), or a cast / event / submit
+        # is confirmed or refused (calling thread)
+        def after_settle(self, message: Outgoing, outcome: CallOutcome) -> None
+
+    Delivery: service, kind ("call" | "cast" | "event"), action, handler, message_id,
+        correlation_id, reply_to, exchange, routing_key, queue, redelivered, headers,
+        body_headers, payload, body_size, started, state
+    Outcome (amqprpc.outcome): kind (OutcomeKind: REPLIED, FAILED, RETRIED, DEAD_LETTERED,
+        REFUSED, EXPIRED, RECOUNTED, DONE), error_type, duration, dead_lettered
+    Outgoing: kind ("call" | "cast" | "event" | "submit"), service, action, exchange,
+        routing_key, message_id, correlation_id, headers (mutable), body_headers, started, state
+    CallOutcome (amqprpc.outcome): kind ("ok" | "error" | "timeout" | "unavailable" |
+        "circuit_open" | "refused"), error_type, duration
+
+A call the client's CircuitBreaker refuses is never published: it gets no
+``before_publish``, only ``after_settle`` with outcome kind ``circuit_open`` (on the calling
+thread; its Outgoing's ``message_id`` is empty, its ``headers`` and ``body_headers`` too),
+also when the breaker's fallback answered the caller instead.
+``Worker.hooks.add(mw)`` (before it starts) adds one to a worker already built.
+
+"Before" hooks run in list order, "after" hooks in reverse order. A hook that raises is
+logged (logger ``amqprpc.middleware``, with the middleware's class name) and contained: it
+never fails the call or the delivery. Hooks must be cheap: ``after_settle`` of a call runs
+on the client's loop or timer thread, which serve every other call too. Only the hooks a
+middleware overrides are called, and a worker or client without middleware calls none.
+
+``before_handle`` and ``after_handle`` are called exactly once per delivery, on the same
+handler thread, whatever happens to it (reply, error reply, retry, dead letter, refused
+bad message, expired, redelivery recount, event done): ``delivery.state`` carries a
+middleware's own data from one to the other (e.g. an OpenTelemetry span and its context
+token). For a message that did not decode, ``action``, ``payload`` and ``body_headers``
+are empty. The outcome is decided before the reply or forwarded copy is written; in the
+rare case that it then cannot be encoded (a reply field or header that cannot travel), the
+delivery is dead-lettered instead (error type ``UnsendableReply`` or ``UnencodableCopy``):
+the worker's stats count it as dead-lettered, and ``outcome_amended`` tells middleware so,
+after ``after_handle`` (the metrics count the dead letter).
+
+Validation of payloads needs no middleware: it wraps the handler where it is registered.
+
+The response Collector runs no middleware: it has no service, handlers or deliveries in
+this model (the lifecycle hooks of the middleware that exist read ``worker.service``:
+metrics, registry presence, ping, the shared client), and the process defaults
+(``--metrics-port``) would then be run against it too. Its counts are in ``Collector.stats``.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+from amqprpc import logs
+from amqprpc.outcome import CallOutcome, Outcome
+
+log = logs.get_logger("amqprpc.middleware")
+
+_EMPTY: Mapping[str, Any] = {}
+
+
+class Delivery:
+    """One consumed message as a worker's middleware sees it (read-only but for ``state``).
+
+    ``service`` name; ``kind`` "call" (a reply is expected), "cast" or "event"; ``action``
+    the action or event name from the envelope (None if it did not decode); ``handler`` the
+    name the handler that runs it is registered under (the bounded label: an event handler's
+    name, a call's snake_case action; None when no handler runs it); ``message_id``,
+    ``correlation_id``, ``reply_to``; ``exchange``, ``routing_key``, ``queue`` where it came
+    from; ``redelivered``; ``headers`` the AMQP application_headers (W3C ``traceparent``
+    lives here); ``body_headers`` the envelope's headers (``trace_id``, ``deadline``...);
+    ``payload``; ``body_size`` in bytes; ``started`` (``time.perf_counter()`` when taken);
+    ``state`` a dict for middleware's own per-delivery data; ``trace_id`` the id the worker
+    binds to the handler's log lines and passes on to its nested calls and events (the
+    envelope's ``trace_id``, else the correlation or message id): the one field besides
+    ``state`` that ``before_handle`` may set (OpenTelemetry puts its trace id there).
+    """
+
+    __slots__ = ("service", "kind", "action", "handler", "message_id", "correlation_id", "reply_to", "exchange",
+                 "routing_key", "queue", "redelivered", "headers", "body_headers", "payload", "body_size",
+                 "started", "state", "trace_id")
+
+    def __init__(self, service: str, kind: str, queue: str, properties: Mapping[str, Any],
+                 delivery_info: Mapping[str, Any], body_size: int, started: float) -> None:
+        self.service = service
+        self.kind = kind
+        self.queue = queue
+        self.action: str | None = None
+        self.handler: str | None = None
+        self.message_id: str | None = properties.get("message_id")
+        self.correlation_id: str | None = properties.get("correlation_id")
+        self.reply_to: str | None = properties.get("reply_to")
+        self.exchange: str = delivery_info.get("exchange", "")
+        self.routing_key: str = delivery_info.get("routing_key", "")
+        self.redelivered: bool = bool(delivery_info.get("redelivered"))
+        self.headers: Mapping[str, Any] = properties.get("application_headers") or _EMPTY
+        self.body_headers: Mapping[str, Any] = _EMPTY
+        self.payload: Any = None
+        self.body_size = body_size
+        self.started = started
+        self.state: dict[str, Any] = {}
+        self.trace_id: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<Delivery {self.kind} {self.service}.{self.action} {self.message_id}>"
+
+
+class Outgoing:
+    """One message a client is about to send, as its middleware sees it.
+
+    ``kind`` "call", "cast", "event" or "submit"; ``service`` (None for events); ``action``
+    (or the event name); ``exchange`` and ``routing_key`` it is published to;
+    ``message_id``, ``correlation_id`` (None for casts and events); ``headers`` a MUTABLE
+    dict that becomes the AMQP message's application_headers (inject ``traceparent`` here);
+    ``body_headers`` the envelope's headers (``trace_id``, ``deadline``...): the body is built
+    after ``before_publish``, which may set ``trace_id`` (OpenTelemetry puts its trace id there);
+    ``started`` ``time.monotonic()``; ``state`` a dict for middleware's own data.
+    """
+
+    __slots__ = ("kind", "service", "action", "exchange", "routing_key", "message_id", "correlation_id", "headers",
+                 "body_headers", "started", "state")
+
+    def __init__(self, kind: str, service: str | None, action: str, exchange: str, routing_key: str,
+                 message_id: str, correlation_id: str | None, body_headers: Mapping[str, Any]) -> None:
+        self.kind = kind
+        self.service = service
+        self.action = action
+        self.exchange = exchange
+        self.routing_key = routing_key
+        self.message_id = message_id
+        self.correlation_id = correlation_id
+        self.headers: dict[str, Any] = {}
+        self.body_headers = body_headers
+        self.started = time.monotonic()
+        self.state: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"<Outgoing {self.kind} {self.service}.{self.action} {self.message_id}>"
+
+
+class Middleware:
+    """Base class: every hook does nothing. Override the ones you need (see the module doc)."""
+
+    def worker_starting(self, worker: Any) -> None:
+        pass
+
+    def worker_started(self, worker: Any) -> None:
+        pass
+
+    def worker_stopping(self, worker: Any) -> None:
+        pass
+
+    def worker_stopped(self, worker: Any) -> None:
+        pass
+
+    def before_handle(self, delivery: Delivery) -> None:
+        pass
+
+    def after_handle(self, delivery: Delivery, outcome: Outcome) -> None:
+        pass
+
+    def outcome_amended(self, delivery: Delivery, old: Outcome, new: Outcome) -> None:
+        pass
+
+    def before_publish(self, message: Outgoing) -> None:
+        pass
+
+    def after_settle(self, message: Outgoing, outcome: CallOutcome) -> None:
+        pass
+
+
+HOOKS = ("worker_starting", "worker_started", "worker_stopping", "worker_stopped", "before_handle", "after_handle",
+         "outcome_amended", "before_publish", "after_settle")
+_AFTER = frozenset({"worker_stopping", "worker_stopped", "after_handle", "outcome_amended", "after_settle"})
+
+#: Added to every Worker and RpcClient created from now on, before their own (see :func:`add_default`).
+default: list[Middleware] = []
+
+
+def add_default(middleware: Middleware) -> None:
+    """Add ``middleware`` to every worker and client created after this call in this
+    process (once: adding the same object again does nothing)."""
+    if not any(existing is middleware for existing in default):
+        default.append(middleware)
+
+
+def remove_default(middleware: Middleware) -> None:
+    """Undo :func:`add_default` (for workers and clients created afterwards)."""
+    default[:] = [existing for existing in default if existing is not middleware]
+
+
+class Hooks:
+    """The hooks of one worker's or client's middleware list, resolved once: for each hook,
+    the bound methods of the middleware that override it, in calling order. Calling a
+    hook nobody overrides is a check of an empty tuple."""
+
+    worker_starting: tuple[Callable[[Any], None], ...]
+    worker_started: tuple[Callable[[Any], None], ...]
+    worker_stopping: tuple[Callable[[Any], None], ...]
+    worker_stopped: tuple[Callable[[Any], None], ...]
+    before_handle: tuple[Callable[[Delivery], None], ...]
+    after_handle: tuple[Callable[[Delivery, Outcome], None], ...]
+    outcome_amended: tuple[Callable[[Delivery, Outcome, Outcome], None], ...]
+    before_publish: tuple[Callable[[Outgoing], None], ...]
+    after_settle: tuple[Callable[[Outgoing, CallOutcome], None], ...]
+
+    def __init__(self, middleware: Sequence[Middleware] | None = None, *, defaults: bool = True,
+                 builtin: Sequence[Middleware] = ()) -> None:
+        self.middleware: list[Middleware] = [*builtin, *(default if defaults else ()), *(middleware or ())]
+        self._resolve()
+
+    def add(self, middleware: Middleware) -> None:
+        """Append one more (before the worker or client starts serving: the tuples are
+        replaced, not locked)."""
+        self.middleware.append(middleware)
+        self._resolve()
+
+    def _resolve(self) -> None:
+        for name in HOOKS:
+            bound = [getattr(each, name) for each in self.middleware
+                     if getattr(type(each), name, None) is not getattr(Middleware, name)]
+            if name in _AFTER:
+                bound.reverse()
+            setattr(self, name, tuple(bound))
+
+    def __bool__(self) -> bool:
+        return bool(self.middleware)
+
+    def run(self, hooks: tuple[Callable[..., None], ...], *args: Any) -> None:
+        """Call each of ``hooks`` (one of this object's tuples) with ``args``; log and
+        contain what they raise."""
+        for hook in hooks:
+            try:
+                hook(*args)
+            except Exception:  # noqa: BLE001 - a middleware never fails the call or delivery
+                owner = getattr(hook, "__self__", hook)
+                log.exception("middleware hook failed", middleware=type(owner).__name__,
+                              hook=getattr(hook, "__name__", "?"))

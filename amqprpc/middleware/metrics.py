@@ -1,0 +1,119 @@
+"""Prometheus metrics of a worker (``amqprpc worker --metrics-port``).
+
+The metrics are module-level collectors in prometheus_client's default registry, so a
+service's own metrics appear on the same endpoint. :func:`instrument` wraps a worker's
+deliveries through a :class:`Metrics` middleware, fed by the outcome the worker decided for
+each one: the worker itself knows nothing about Prometheus, and a worker without
+``--metrics-port`` pays nothing. Other code that dead-letters a message calls :func:`dead_letter`.
+
+Label cardinality is bounded: ``action`` is one of the service's own handlers or
+``<unknown>``, never a string taken from the wire.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from amqprpc.client import breaker
+from amqprpc.middleware import Delivery, Middleware
+from amqprpc.outcome import Outcome, OutcomeKind
+
+UNKNOWN_ACTION = "<unknown>"
+
+REQUESTS = Counter("amqprpc_requests", "Requests and events handled, by action (for an event: its handler's "
+                   "name) and outcome (replied, failed, retried, dead_lettered, refused, expired, recounted, done).",
+                   ["service", "action", "outcome"])
+DURATION = Histogram("amqprpc_handler_duration_seconds", "Time from taking a request to its reply, in seconds.",
+                     ["service", "action"],
+                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+IN_FLIGHT = Gauge("amqprpc_requests_in_flight", "Requests being handled right now.", ["service"])
+REDELIVERIES = Counter("amqprpc_redeliveries", "Requests the broker delivered again (redelivered flag set).",
+                       ["service"])
+DEAD_LETTERS = Counter("amqprpc_dead_letters", "Messages given up on and dead-lettered, by reason (the error "
+                       "type: an exception class name, BadMessage, ...).", ["service", "reason"])
+
+
+BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+BREAKER_STATE = Gauge("amqprpc_breaker_state", "Circuit breaker state per target: 0 closed, 1 half-open, 2 open.",
+                      ["breaker"])
+BREAKER_TRANSITIONS = Counter("amqprpc_breaker_transitions", "Circuit breaker state changes made or seen here.",
+                              ["breaker", "old", "new", "origin"])
+BREAKER_REJECTIONS = Counter("amqprpc_breaker_rejections", "Calls refused with CircuitOpen (nothing published).",
+                             ["breaker"])
+
+
+def breaker_changed(change: Any) -> None:
+    """A CircuitBreaker listener (every breaker registers it): count the transition and
+    publish the new state. ``change.name`` is a target service (or service.action) the
+    caller chose, so cardinality is that of the caller's own targets."""
+    BREAKER_TRANSITIONS.labels(change.name, change.old, change.new, change.origin).inc()
+    BREAKER_STATE.labels(change.name).set(BREAKER_STATES.get(change.new, -1))
+
+
+def breaker_rejected(name: str) -> None:
+    BREAKER_REJECTIONS.labels(name).inc()
+
+
+# Every circuit breaker of this process counts here from now on.
+breaker.change_listeners.append(breaker_changed)
+breaker.rejection_listeners.append(breaker_rejected)
+
+
+def dead_letter(service: str, reason: str, count: int = 1) -> None:
+    """Count ``count`` messages of ``service`` dead-lettered for ``reason`` (a short
+    bounded word such as an exception class name or ``BadMessage``, never free text).
+    A worker with metrics counts its own through :func:`instrument`; other code that
+    dead-letters (tools, custom consumers) calls this."""
+    DEAD_LETTERS.labels(service, reason).inc(count)
+
+
+def serve(port: int, addr: str = "0.0.0.0") -> None:
+    """Serve ``/metrics`` on ``addr:port`` from a daemon thread."""
+    start_http_server(port, addr)
+
+
+class Metrics(Middleware):
+    """Counts what a worker does with each delivery, from its :class:`~amqprpc.outcome.Outcome`:
+    requests and events by handler and outcome, their durations, those in flight, the
+    redeliveries and the dead letters (by reason)."""
+
+    def worker_starting(self, worker: Any) -> None:
+        # Pre-create the series of every known action so dashboards see zeros, not gaps.
+        service = worker.service
+        for action in service.handlers:
+            for kind in (OutcomeKind.REPLIED, OutcomeKind.FAILED):
+                REQUESTS.labels(service.name, action, kind.value)
+        for action in service.events:
+            for kind in (OutcomeKind.DONE, OutcomeKind.DEAD_LETTERED):
+                REQUESTS.labels(service.name, action, kind.value)
+        REDELIVERIES.labels(service.name).inc(0)
+
+    def before_handle(self, delivery: Delivery) -> None:
+        IN_FLIGHT.labels(delivery.service).inc()
+        if delivery.redelivered:
+            REDELIVERIES.labels(delivery.service).inc()
+
+    def after_handle(self, delivery: Delivery, outcome: Outcome) -> None:
+        service = delivery.service
+        IN_FLIGHT.labels(service).dec()
+        # delivery.handler is a registered handler's name (or ping), never a string from the wire.
+        action = delivery.handler or UNKNOWN_ACTION
+        REQUESTS.labels(service, action, outcome.kind.value).inc()
+        DURATION.labels(service, action).observe(outcome.duration)
+        if outcome.dead_lettered:
+            dead_letter(service, outcome.error_type or "unknown")
+
+    def outcome_amended(self, delivery: Delivery, old: Outcome, new: Outcome) -> None:
+        # Its reply or copy could not be encoded: dead-lettered after all. amqprpc_requests
+        # keeps the outcome first decided (a counter does not go back); the dead letter counts.
+        if new.dead_lettered and not old.dead_lettered:
+            dead_letter(delivery.service, new.error_type or "unknown")
+
+
+def instrument(worker: Any) -> Metrics:
+    """Count every request and event ``worker`` (a :class:`amqprpc.server.worker.Worker`) handles
+    and every message it dead-letters: adds a :class:`Metrics` middleware (before it starts)."""
+    metrics = Metrics()
+    worker.hooks.add(metrics)
+    return metrics

@@ -1,0 +1,159 @@
+"""The consuming skeleton the worker and the collector share: one connection, one channel,
+an inbox of deliveries for threads of their own, and the acks and forwards that settle them.
+
+- the loop thread (:class:`~amqprpc.transport.ioloop.AmqpLoop`, held here) declares the queues the
+  owner names, consumes them on one channel with a prefetch, and puts every delivery in
+  :attr:`Consumer.inbox` as ``(generation, message)``;
+- the owner's threads take them from the inbox and hand back how each is settled: an ack,
+  or a :class:`~amqprpc.transport.redelivery.Forward` (retry, dead letter) published on the
+  forwarder's confirm channel, the original acked once the broker confirmed the copy;
+- a lost connection forgets what no thread has taken (the broker redelivers it), and the
+  acks of the dead channel's deliveries are dropped by their generation;
+- a warm stop cancels the consumers first; what was prefetched but not taken is requeued
+  (or left for the owner's threads to finish).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, Callable, Iterator
+
+import amqp
+from kombu import Queue
+
+from amqprpc import logs
+from amqprpc.transport.inbox import Inbox
+from amqprpc.transport.ioloop import AmqpLoop
+from amqprpc.transport.redelivery import Forward, Forwarder, Redelivery
+
+log = logs.get_logger("amqprpc.consumer")
+
+STOP = object()  # put in the inbox once per owner thread to end it
+
+
+class Consumer:
+    """Consume the queues ``declare(connection, channel)`` declares -- it returns the channel
+    to go on with and ``{consumer tag: queue}`` -- with ``prefetch`` unacked deliveries at
+    most; ``redelivery`` builds the bare dead letter for a copy that cannot be encoded.
+    Other parameters go to :class:`~amqprpc.transport.ioloop.AmqpLoop`."""
+
+    def __init__(self, url: str, *, name: str, prefetch: int, redelivery: Redelivery,
+                 declare: Callable[[Any, amqp.Channel], tuple[amqp.Channel, dict[str, Queue]]],
+                 heartbeat: float = 30.0, reconnect_cap: float = 10.0):
+        self.loop = AmqpLoop(url, name=name, heartbeat=heartbeat, reconnect_cap=reconnect_cap,
+                             on_connected=self._connected, on_disconnected=self._disconnected,
+                             keep_consuming=self._keep_consuming)
+        self.prefetch = prefetch
+        self.redelivery = redelivery
+        self.declare = declare
+        self.forwarder = Forwarder()
+        self.channel: amqp.Channel | None = None
+        self.inbox = Inbox()  # wakes one thread per delivery (see amqprpc.inbox)
+        self.received = 0  # only ever written on the loop thread
+        self._tags: list[str] = []
+        self._consuming = False
+        self._stopping = False  # a reconnect during a warm stop must not consume again
+
+    # --- loop thread -------------------------------------------------------------------
+    def _connected(self, connection: Any) -> None:
+        channel, queues = self.declare(connection, connection.channel())
+        # The dead-letter and delay queues are declared on first use (Forward.declare): a
+        # consumer that never fails leaves nothing behind on the broker.
+        self.forwarder.connect(connection)
+        channel.basic_qos(0, self.prefetch, False)
+        self.channel = channel
+        if self._stopping:
+            return
+        self._tags = list(queues)
+        for tag, declared in queues.items():
+            self.loop.consume(channel, declared, self._on_message, consumer_tag=tag)
+        self._consuming = True
+
+    def _keep_consuming(self, consumer_tag: str) -> bool:
+        return self._consuming and not self._stopping
+
+    def _disconnected(self, exc: BaseException | None) -> None:
+        # Unacked deliveries of the dead channel are redelivered by the broker; the owner's
+        # threads still working finish on the next connection, their acks dropped.
+        with self.loop.write_lock:
+            self.channel = None
+        self.forwarder.disconnected()
+        # What no thread has taken yet is back in the queue already: running it now would
+        # only make a duplicate whose ack is dropped.
+        dropped = sum(1 for _ in self.take_unstarted())
+        if dropped:
+            log.info("dropped unstarted messages of the lost connection", count=dropped)
+
+    def _on_message(self, message: amqp.Message) -> None:
+        self.received += 1
+        self.inbox.put((self.loop.generation, message))
+
+    def stop_consuming(self, done: threading.Event, requeue: bool) -> None:
+        """Cancel the consumers (loop thread); after CancelOk nothing more arrives. With
+        ``requeue``, give back what no thread has taken."""
+        try:
+            self._stopping = True
+            if self.channel is not None and self._consuming:
+                self._consuming = False
+                for tag in self._tags:
+                    self.channel.basic_cancel(tag)
+            if requeue:
+                requeued = 0
+                for generation, message in self.take_unstarted():
+                    if generation == self.loop.generation and self.channel is not None:
+                        self.channel.basic_reject(message.delivery_tag, requeue=True)
+                        requeued += 1
+                if requeued:
+                    log.info("requeued prefetched messages", count=requeued)
+        finally:
+            done.set()
+
+    def settle(self, channel: amqp.Channel, generation: int, message: amqp.Message, forward: Forward | None,
+               bared: Callable[[], None] | None = None) -> None:
+        """Ack ``message``, or publish ``forward`` and ack once it is confirmed (loop
+        thread, or any thread under the write lock for a plain ack). A delivery of an
+        earlier connection is dropped: the broker has requeued it already. When the copy
+        cannot be encoded, a bare dead letter (``UnencodableCopy``) goes instead and
+        ``bared()`` is called (the owner counts a dead letter where it counted a retry)."""
+        if generation != self.loop.generation:
+            return
+        if forward is None:
+            channel.basic_ack(message.delivery_tag)
+            return
+
+        def bare(reason: str) -> Forward:
+            if bared is not None:
+                bared()
+            return self.redelivery.dead_letter(message, forward.queue, reason, "UnencodableCopy", keep_headers=False)
+
+        self.forwarder.forward(channel, message.delivery_tag, forward, bare)
+
+    # --- any thread --------------------------------------------------------------------
+    def take_unstarted(self) -> Iterator[tuple[int, amqp.Message]]:
+        """Empty the inbox of the deliveries no thread has taken; STOP sentinels stay."""
+        taken, sentinels = [], 0
+        while True:
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is STOP:
+                sentinels += 1
+            else:
+                taken.append(item)
+        for _ in range(sentinels):  # still owed to the owner's threads
+            self.inbox.put(STOP)
+        return iter(taken)
+
+    def start(self, broker_wait: float, on_connect_retry: Callable[[int, float, BaseException], None] | None) -> None:
+        self.loop.startup_wait = broker_wait
+        self.loop.on_connect_retry = on_connect_retry
+        self.loop.start()
+
+    def flush(self, timeout: float) -> None:
+        """Let what the loop was handed run, then the forwarder's confirms arrive (retries
+        and dead letters acked), for at most ``timeout`` seconds (at least one)."""
+        flushed = threading.Event()
+        self.loop.call_soon(flushed.set)
+        if flushed.wait(5.0):
+            self.forwarder.idle.wait(max(1.0, timeout))

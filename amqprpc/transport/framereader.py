@@ -1,0 +1,119 @@
+"""Buffered, non-blocking frame reads for the loop thread of a py-amqp connection.
+
+py-amqp's ``drain_events(timeout=0)`` costs, for every frame set it reads, two
+``settimeout()`` syscalls (to non-blocking and back) and two ``recv()`` per frame (a
+7-byte header, then the payload): a reply or a delivery is three frames, so about nine
+syscalls, plus a ``socket.timeout`` raised through a context manager to learn that
+nothing more is waiting. :class:`FrameReader` replaces the transport's ``_read``: it
+reads whatever the kernel holds (up to 64 KiB) in one ``recv`` into its own buffer and
+serves frames from there, always with ``MSG_DONTWAIT`` (the socket's own mode stays
+blocking, for py-amqp). In :meth:`FrameReader.drain`, at a frame boundary with nothing
+buffered, it stops (:class:`Idle`).
+
+Every other read that finds nothing there (the rest of a frame, or a channel method
+waiting for its reply on the loop thread, e.g. ``queue_declare``) calls the ``wait``
+it was given, which returns once the socket is readable and raises when the broker
+stays silent too long (:class:`amqprpc.transport.link.Link.wait_readable`): no read waits without
+a bound. Frames such a wait read past its reply stay in the buffer, which the loop
+checks (:attr:`buffered`) before it polls.
+
+Errors keep their meaning: an orderly end of the stream is :class:`LinkClosed`; a reset,
+a refused or a timed-out connection (``ETIMEDOUT``, which is a ``socket.timeout`` since
+Python 3.10) propagates as the ``OSError`` it is, never mistaken for "nothing to read".
+
+Only plain TCP transports are wrapped; TLS keeps py-amqp's reader, whose SSL object does
+its own buffering.
+"""
+from __future__ import annotations
+
+import socket
+from typing import Callable
+
+from amqp.transport import TCPTransport
+
+_CHUNK = 65536
+
+
+class Idle(Exception):
+    """Nothing more to read now (only raised inside :meth:`FrameReader.drain`)."""
+
+
+class LinkClosed(ConnectionError):
+    """The broker (or something between) ended the TCP stream."""
+
+
+class FrameReader:
+    def __init__(self, transport: TCPTransport, wait: Callable[[], None], max_frame: int):
+        self._recv = transport.sock.recv
+        self._buf = bytearray(transport._read_buffer)  # whatever py-amqp had already read
+        transport._read_buffer = b""
+        self._pos = 0
+        self._draining = False
+        self._wait = wait
+        self._max = max_frame + 8  # a frame's payload and end octet: anything larger is not AMQP
+        transport._read = self.read
+
+    @property
+    def buffered(self) -> bool:
+        """True when frames already read wait in the buffer (poll() cannot see them)."""
+        return len(self._buf) > self._pos
+
+    def drain(self, drain_events: Callable[[], None]) -> None:
+        """Dispatch every frame already received, then return (to the loop's ``poll()``).
+
+        One ``recv`` fills the buffer; frames are dispatched from it until it is empty.
+        Stopping there, rather than reading until EAGAIN, saves a syscall and an exception
+        raised through four frames per wake-up: ``poll()`` reports whatever arrived meanwhile.
+        """
+        self._draining = True
+        try:
+            drain_events()
+            while len(self._buf) > self._pos:
+                drain_events()
+        except Idle:
+            pass  # poll() said readable, but nothing was there after all
+        finally:
+            self._draining = False
+
+    def read(self, n: int, initial: bool = False) -> bytes:
+        """Exactly ``n`` bytes (the signature of py-amqp's ``_AbstractTransport._read``)."""
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < n:
+            if n > self._max:
+                raise LinkClosed(f"a frame of {n} bytes announced; frame_max is {self._max - 8}: not AMQP")
+            if pos:
+                del buf[:pos]
+                pos = self._pos = 0
+            while len(buf) < n:
+                try:
+                    chunk = self._recv(max(_CHUNK, n - len(buf)), socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    if initial and not buf and self._draining:
+                        raise Idle() from None
+                    self._wait()
+                    continue
+                if not chunk:
+                    raise LinkClosed("the broker closed the TCP connection")
+                buf += chunk
+        end = pos + n
+        data = bytes(buf[pos:end])
+        if end == len(buf):
+            buf.clear()
+            self._pos = 0
+        else:
+            self._pos = end
+        return data
+
+
+class TimeoutReads:
+    """py-amqp's own reads, for transports FrameReader does not wrap (TLS)."""
+
+    buffered = False
+
+    def drain(self, drain_events: Callable[..., None]) -> None:
+        try:
+            while True:
+                drain_events(timeout=0)
+        except socket.timeout as exc:
+            if getattr(exc, "errno", None):  # ETIMEDOUT: the connection, not "nothing to read"
+                raise

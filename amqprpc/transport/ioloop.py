@@ -1,0 +1,414 @@
+"""The one thread that owns an AMQP connection.
+
+py-amqp connections are not thread-safe, so every worker and client has exactly one
+:class:`AmqpLoop`: it connects, reads frames, sets up channels and sends heartbeats.
+Other threads hand it work with :meth:`AmqpLoop.call_soon`, which appends to a deque
+and wakes the loop through a pipe; the loop sleeps in ``poll()`` on the socket and that
+pipe, so nothing on the request/reply path sleeps or polls on a timer.
+
+The one exception, for speed: a publish or an ack may be written by another thread
+while it holds :attr:`AmqpLoop.write_lock`, which every frame written on the connection
+takes (see ``_lock_frames``); a thread that finds it taken hands the write to the loop.
+
+No wait on the loop thread is unbounded (:class:`~amqprpc.transport.link.Link`): writes never
+block (what the socket does not take waits in a backlog the loop sends when it can),
+reads outside the loop's own ``poll()`` give up when the broker is silent too long, a
+link silent for two heartbeat intervals is dead, and a dead link is dropped without a
+close handshake.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import select
+import ssl
+import struct
+import threading
+import time
+from typing import Any, Callable
+
+import amqp
+from amqp import spec
+from amqp.exceptions import FrameSyntaxError
+from kombu import Connection
+
+from amqprpc.transport import framehandler
+from amqprpc import logs
+from amqprpc.transport.backoff import full_jitter
+from amqprpc.config import redact, ssl_options
+from amqprpc.errors import StartCancelled  # re-exported: its home was here
+from amqprpc.transport.link import Link, describe
+
+log = logs.get_logger("amqprpc.ioloop")
+
+_READ = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP  # socket events that mean "read"
+
+# What py-amqp raises for a message it cannot encode (a routing key or short string over 255
+# bytes, a header value it has no type for, a str body with a content_encoding that is no
+# codec): always before any byte of the message is written, so the connection is fine and
+# a retry fails the same.
+UNENCODABLE = (struct.error, UnicodeError, LookupError, ValueError, TypeError, OverflowError, FrameSyntaxError)
+
+
+def publish(channel: amqp.Channel, message: amqp.Message, exchange: str, routing_key: str,
+            mandatory: bool = False) -> None:
+    """``basic_publish`` without py-amqp's per-publish ``drain_events(timeout=0)``.
+
+    py-amqp drains the socket inside every publish when ``connection.blocked`` is
+    negotiated; called from a delivery callback that drain runs the next delivery's
+    callback recursively, and so on without bound while deliveries keep coming. Our loop drains the socket itself, so the
+    publish only needs to write the frames.
+    """
+    channel.send_method(spec.Basic.Publish, "Bssbb", (0, exchange, routing_key, mandatory, False), message)
+
+
+def _broker_not_there_yet(exc: BaseException) -> bool:
+    """Whether a failed first connection may succeed later: refused, reset, timed out, name
+    not resolvable yet, the broker closing connections while it boots. Not bad credentials,
+    a missing vhost, a TLS certificate refused or queues declared with other arguments: those
+    need a person, and a daemon exits for them at once."""
+    if isinstance(exc, ssl.SSLError):
+        return False
+    return isinstance(exc, (OSError, amqp.exceptions.RecoverableConnectionError))
+# A channel whose publishes the broker refuses (nack) is replaced once it is this old: one
+# opened while a quorum queue's leader was being elected stays refused for its whole life,
+# while a fresh one works. Younger ones are kept, so a channel opened during an election
+# is not churned a hundred times a second.
+REFUSED_CHANNEL_MIN_AGE_S = 1.0
+
+
+def channel_refused(opened: float) -> bool:
+    """After a nack: whether the channel opened at monotonic ``opened`` is to be replaced."""
+    return time.monotonic() - opened >= REFUSED_CHANNEL_MIN_AGE_S
+
+
+def open_confirm_channel(connection: Any, on_ack: Callable, on_nack: Callable,
+                         on_return: Callable | None = None) -> amqp.Channel:
+    """A new channel of ``connection`` in publisher-confirm mode, with its handlers of the
+    broker's acks, nacks and (for mandatory publishes) returns."""
+    channel = connection.channel()
+    channel.confirm_select()
+    channel.events["basic_ack"].add(on_ack)
+    channel.events["basic_nack"].add(on_nack)
+    if on_return is not None:
+        channel.events["basic_return"].add(on_return)
+    return channel
+
+
+def close_quietly(channel: amqp.Channel | None) -> None:
+    """Close a channel being replaced; if that fails the connection's fate decides."""
+    if channel is None:
+        return
+    try:
+        channel.close()
+    except Exception:  # noqa: BLE001 - a broken channel or connection: nothing to save
+        pass
+
+
+CONNECT_TIMEOUT = 5.0  # seconds, per connection attempt (TCP, TLS and AMQP handshakes), by default
+
+
+class AmqpLoop:
+    """Owns one kombu connection in one thread; reconnects with jittered backoff.
+
+    Held (not inherited) by the client, the worker and the collector, which pass their
+    callbacks, all run on the loop thread: ``on_connected(connection)`` declares topology
+    and starts consuming (with :meth:`consume`), ``on_disconnected(exc)`` fails or forgets
+    what the dead connection carried (it runs as soon as the link is found dead, before the
+    socket is dropped; ``exc`` None when stopping), ``keep_consuming(tag)`` says whether a
+    consumer the broker cancelled is still wanted (default: until stopping).
+
+    Parameters: ``heartbeat`` and ``connect_timeout`` in seconds; ``reconnect_base`` and
+    ``reconnect_cap`` bound the backoff between reconnect attempts, in seconds.
+
+    At start (daemons): :meth:`start` fails with the first connection error unless
+    ``startup_wait`` (seconds, ``math.inf`` for ever) is set: then an unreachable broker
+    is retried with the same backoff, each attempt logged and passed to
+    ``on_connect_retry(attempt, retry_in, exc)``, until it answers, the wait is over, or
+    :meth:`cancel_start` gives up (``start`` then raises :class:`StartCancelled`).
+    """
+
+    def __init__(self, url: str, *, name: str, heartbeat: float = 30.0, connect_timeout: float = CONNECT_TIMEOUT,
+                 reconnect_base: float = 0.2, reconnect_cap: float = 10.0,
+                 on_connected: Callable[[Connection], None] | None = None,
+                 on_disconnected: Callable[[BaseException | None], None] | None = None,
+                 keep_consuming: Callable[[str], bool] | None = None):
+        self.url = url
+        self.on_connected: Callable[[Connection], None] = on_connected or (lambda connection: None)
+        self.on_disconnected: Callable[[BaseException | None], None] = on_disconnected or (lambda exc: None)
+        self.keep_consuming: Callable[[str], bool] = keep_consuming or (lambda tag: not self._stopping)
+        self.name = name
+        self.heartbeat = heartbeat
+        self.connect_timeout = connect_timeout
+        self.reconnect_base = reconnect_base
+        self.reconnect_cap = reconnect_cap
+        self.connection: Connection | None = None
+        # Held while any frame is written and while a subclass checks-then-uses its
+        # channels from another thread (see :meth:`_lock_frames`). Reentrant: such a
+        # section itself writes frames.
+        self.write_lock = threading.RLock()
+        self.generation = 0  # bumped on every (re)connect; stale delivery tags are dropped
+        # Connections that were set up and served. A set-up that failed and was retried
+        # bumped the generation but counts once here: e.g. the broker still holding a dead
+        # connection's exclusive reply queue (RESOURCE_LOCKED) until its own heartbeat ends it.
+        self.connects = 0
+        self.connected = threading.Event()
+        self._ops: collections.deque = collections.deque()
+        self._signaled = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+        self.link: Link | None = None
+        self.startup_wait = 0.0
+        self.on_connect_retry: Callable[[int, float, BaseException], None] | None = None
+        self._start_cancelled = False
+
+    # --- loop thread: consuming ----------------------------------------------------------
+    def consume(self, channel: amqp.Channel, queue: Any, callback: Callable, *, consumer_tag: str = "",
+                no_ack: bool = False) -> str:
+        """Declare ``queue`` (a kombu Queue) and consume it on ``channel``.
+
+        The broker may cancel a consumer on its own (basic.cancel: the queue was deleted,
+        the node of a classic queue went down, a quorum queue's consumer timed out). Then
+        the queue is declared and consumed again, on this thread, on the same channel (so
+        unacked deliveries can still be acked); if that fails the connection is started
+        afresh (the loop's reconnect, with backoff), never left without a consumer.
+        """
+        queue(channel).declare()
+        generation = self.generation
+
+        def on_cancel(tag: str) -> None:
+            log.warning("broker cancelled a consumer; consuming again", queue=queue.name, consumer_tag=tag)
+            # Not from inside this frame's dispatch: declaring waits for replies.
+            self.call_soon(again, tag)
+
+        def again(tag: str) -> None:
+            if generation == self.generation and channel.is_open and self.keep_consuming(tag):
+                self.consume(channel, queue, callback, consumer_tag=tag, no_ack=no_ack)
+                log.info("consuming again", queue=queue.name, consumer_tag=tag)
+
+        return channel.basic_consume(queue=queue.name, consumer_tag=consumer_tag, no_ack=no_ack, callback=callback,
+                                     on_cancel=on_cancel)
+
+    # --- any thread --------------------------------------------------------------------
+    def call_soon(self, fn: Callable, *args: Any) -> None:
+        """Run ``fn(*args)`` on the loop thread, in order. Safe from any thread."""
+        self._ops.append((fn, args))
+        # One byte per wake-up, not per call: the flag is cleared by the loop *before* it
+        # empties the deque, so an append that sees it set is always drained after.
+        if not self._signaled:
+            self._wake()
+
+    def _wake(self) -> None:
+        """Wake the loop's ``poll()`` (any thread)."""
+        self._signaled = True
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass
+
+    def cork(self) -> Any:
+        """Holding ``write_lock``: collect the frames written from now on and send them in
+        one write at :meth:`uncork`, before the lock is released (e.g. a reply and its ack:
+        one syscall, and the lock held for one send instead of two). Returns a token for it.
+        Never across a wait for the broker: what it waits for would not leave."""
+        link = self.link
+        writer = link.writer if link is not None else None
+        if writer is None or writer.corked:  # TLS, no connection, or already collecting
+            return None
+        writer.cork()
+        return writer
+
+    @staticmethod
+    def uncork(token: Any) -> None:
+        """Holding ``write_lock`` still: send what was collected since :meth:`cork`."""
+        if token is not None:
+            token.uncork()
+
+    def start(self) -> None:
+        """Start the thread and wait for the first connection; raise what prevented it.
+        Once only: a loop is not restarted."""
+        if self._thread is not None:
+            raise RuntimeError(f"{self.name}: already started")
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+        self._started.wait()
+        if self._start_error is not None:
+            self._thread.join()
+            raise self._start_error
+
+    def cancel_start(self) -> None:
+        """Stop waiting for the first connection: :meth:`start` raises StartCancelled.
+        No effect once connected (stop that with :meth:`stop`). Safe from a signal handler."""
+        self._start_cancelled = True
+        self.call_soon(lambda: None)
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Run what is queued, close the connection and end the thread."""
+        self._stopping = True
+        self.call_soon(lambda: None)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # --- loop thread -------------------------------------------------------------------
+    def _connect(self) -> Connection:
+        conn = Connection(self.url, heartbeat=self.heartbeat, connect_timeout=self.connect_timeout,
+                          failover_strategy="round-robin", ssl=ssl_options(self.url))
+        # One attempt per listed host (``amqp://h1;amqp://h2``); our own loop does the backoff.
+        conn.ensure_connection(max_retries=max(len(conn.alt), 1) - 1, interval_start=0, interval_step=0,
+                               interval_max=0, reraise_as_library_errors=False)
+        return conn
+
+    def _lock_frames(self, amqp_conn) -> None:
+        """Serialize every frame written on this connection with :attr:`write_lock`.
+
+        Reading, (re)connecting and channel set-up stay on the loop thread; writing a
+        publish or an ack is safe from any thread once frames cannot interleave. py-amqp
+        >= 5.3 also locks its frame buffer; ours makes it hold for older versions too and
+        lets a caller publish, or a handler thread reply and ack, without waking the loop.
+        """
+        write, lock = amqp_conn.frame_writer, self.write_lock
+
+        def locked_frame_writer(*args):
+            with lock:
+                return write(*args)
+
+        amqp_conn.frame_writer = locked_frame_writer
+
+    def _run(self) -> None:
+        attempt = 0
+        give_up_at = time.monotonic() + self.startup_wait
+        while not self._stopping:
+            try:
+                self._open()
+            except Exception as exc:  # noqa: BLE001 - any failure to connect is retried or reported
+                self._drop(graceful=False)
+                delay = full_jitter(attempt, self.reconnect_base, self.reconnect_cap)
+                starting = not self._started.is_set()
+                if starting and (self._start_cancelled or not _broker_not_there_yet(exc)
+                                 or time.monotonic() + delay > give_up_at):
+                    self._start_error = StartCancelled() if self._start_cancelled else exc
+                    self._started.set()
+                    return
+                attempt += 1
+                log.warning("broker connect failed", url=redact(self.url), error=redact(describe(exc)),
+                            error_type=type(exc).__name__, attempt=attempt, retry_in=round(delay, 3))
+                if starting and self.on_connect_retry is not None:
+                    self.on_connect_retry(attempt, delay, exc)
+                self._idle(delay)
+                continue
+            if self._started.is_set():
+                log.info("broker reconnected", url=redact(self.url), generation=self.generation)
+            attempt = 0
+            self.connects += 1
+            self.connected.set()
+            self._started.set()
+            try:
+                self._serve()
+            except Exception as exc:  # noqa: BLE001 - connection or channel failure: reconnect
+                self.connected.clear()
+                log.warning("broker connection lost", url=redact(self.url), error=redact(describe(exc)),
+                            error_type=type(exc).__name__)
+                # What the dead connection carried fails now; the socket is dropped after,
+                # without a close handshake a dead broker would never answer.
+                self.on_disconnected(exc)
+                self._drop(graceful=False)
+                continue
+        self._run_ops()
+        self.connected.clear()
+        self._drop(graceful=True)
+        self.on_disconnected(None)
+        self._run_ops()
+        if not self._started.is_set():  # stopped while still waiting for the first connection
+            self._start_error = StartCancelled()
+            self._started.set()
+
+    def _open(self) -> None:
+        self.connection = self._connect()
+        amqp_conn = self.connection.connection
+        framehandler.install(amqp_conn)
+        self._lock_frames(amqp_conn)
+        # From here on no read or write on this connection waits without a bound, the
+        # channel set-up below included.
+        self.link = Link(amqp_conn, self.write_lock, self._wake)
+        self.generation += 1
+        self.on_connected(self.connection)
+
+    def _serve(self) -> None:
+        link, connection = self.link, self.connection
+        assert link is not None and connection is not None  # _connect set both before serving
+        drain = connection.connection.drain_events
+        reader = link.reader
+        sock_fd = link.sock.fileno()
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        mask = link.poll_mask()
+        poller.register(sock_fd, mask)
+        while not self._stopping:
+            if link.poll_mask() != mask:  # a write left a backlog (POLLOUT), or it is gone
+                mask = link.poll_mask()
+                poller.modify(sock_fd, mask)
+            due = link.due()
+            timeout_ms = None if due is None else max(0, int((due - time.monotonic()) * 1000) + 1)
+            if reader.buffered:
+                timeout_ms = 0  # a channel method's wait on this thread left frames in the buffer
+            events = poller.poll(timeout_ms)
+            if self._ops or self._signaled:
+                self._run_ops()
+            readable = reader.buffered
+            for fd, event in events:
+                if fd == sock_fd:
+                    if event & select.POLLOUT:
+                        link.flush()
+                    if event & _READ:
+                        readable = True
+            now = time.monotonic()
+            if readable:
+                link.last_received = now
+                # Dispatch every frame already here without waiting.
+                reader.drain(drain)
+            link.check(now)
+
+    def _run_ops(self) -> None:
+        try:
+            os.read(self._wake_r, 4096)
+        except BlockingIOError:
+            pass
+        self._signaled = False
+        ops = self._ops
+        while ops:
+            fn, args = ops.popleft()
+            fn(*args)
+
+    def _idle(self, seconds: float) -> None:
+        """Wait between reconnect attempts, still running queued work (which fails fast
+        while disconnected) and waking at once on stop."""
+        deadline = time.monotonic() + seconds
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        while not self._stopping and not (self._start_cancelled and not self._started.is_set()):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            poller.poll(int(left * 1000) + 1)
+            self._run_ops()
+
+    def _drop(self, graceful: bool) -> None:
+        """Close the connection; ``graceful`` (stopping) waits briefly for the broker's
+        Close-Ok, otherwise the socket just goes (see :meth:`Link.close`)."""
+        conn, link, self.connection, self.link = self.connection, self.link, None, None
+        if link is not None:
+            link.close(graceful)
+        elif conn is not None:  # failed while connecting: nothing to say to the broker
+            try:
+                conn.collect()
+            except Exception:  # noqa: BLE001 - already broken; nothing to save
+                pass
