@@ -63,9 +63,14 @@ def breaker_rejected(name: str) -> None:
     BREAKER_REJECTIONS.labels(name).inc()
 
 
-# Every circuit breaker of this process counts here from now on.
-breaker.change_listeners.append(breaker_changed)
-breaker.rejection_listeners.append(breaker_rejected)
+def count_breakers() -> None:
+    """Every circuit breaker of this process counts in ``amqprpc_breaker_*`` from now on
+    (once, however often it is called). Explicit, not an import side effect:
+    :func:`instrument` and the client metrics call it."""
+    if breaker_changed not in breaker.change_listeners:
+        breaker.change_listeners.append(breaker_changed)
+    if breaker_rejected not in breaker.rejection_listeners:
+        breaker.rejection_listeners.append(breaker_rejected)
 
 
 def dead_letter(service: str, reason: str, count: int = 1) -> None:
@@ -121,7 +126,9 @@ class Metrics(Middleware):
 
 def instrument(worker: Any) -> Metrics:
     """Count every request and event ``worker`` (a :class:`amqprpc.server.worker.Worker`) handles
-    and every message it dead-letters: adds a :class:`Metrics` middleware (before it starts)."""
+    and every message it dead-letters: adds a :class:`Metrics` middleware (before it starts),
+    and counts the process's circuit breakers."""
+    count_breakers()
     metrics = Metrics()
     worker.hooks.add(metrics)
     return metrics
