@@ -1,6 +1,7 @@
 """The FastAPI and Flask modules of the web tier guide (docs/guides/web-tier.md and
-examples/frameworks/), run as written against the shipped shop: its services and a collector on this session's own broker node (the shop's
-service names are not unique, and the shared broker serves other runs' shops).
+examples/frameworks/), run as written against the shipped shop: its services and a collector on
+this session's own broker node (the shop's service names are not unique, and the shared broker
+serves other runs' shops).
 """
 from __future__ import annotations
 
