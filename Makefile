@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test typecheck test-pythons test-rabbitmq4 bench services clean web
+.PHONY: demo test typecheck test-pythons test-rabbitmq4 bench services clean web docs
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,8 +42,18 @@ test-rabbitmq4: $(STAMP) services
 	root=$$(./scripts/rabbitmq4.sh) && $(VENV)/bin/python tests/rabbit_node.py --root "$$root" -- \
 		$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
+# The documentation site from docs/ into site/ (mkdocs.yml): --strict fails on a broken link, anchor
+# or API reference. Its tools are the [docs] extra, installed into .venv once (DOCS_STAMP).
+DOCS_STAMP := $(VENV)/.docs-installed
+$(DOCS_STAMP): $(STAMP) setup.cfg
+	$(VENV)/bin/pip install -q -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
 bench: $(STAMP) services
 	$(VENV)/bin/python -m bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .venv-3.* build *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-3.* build *.egg-info .pytest_cache site

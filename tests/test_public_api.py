@@ -97,12 +97,12 @@ def test_the_shop_modules_do_not_import_each_other_back():
     assert not any(node.level for node in ast.walk(tree) if isinstance(node, ast.ImportFrom))
 
 
-def test_the_readme_layout_names_every_module():
-    readme = (ROOT / "README.md").read_text()
+def test_the_architecture_layout_names_every_module():
+    readme = (ROOT / "docs" / "architecture.md").read_text()
     layout = readme[readme.index("## Layout"):]
     layout = layout[:layout.index("\n```\n", layout.index("```text")) + 4]
     package = ROOT / "amqprpc"
     modules = {path.name for path in package.rglob("*.py")} - {"__init__.py", "__main__.py"}
     folders = {f"{init.parent.name}/" for init in package.glob("*/__init__.py")}
     missing = sorted(name for name in modules | folders if name not in layout)
-    assert not missing, f"README's Layout does not name: {missing}"
+    assert not missing, f"docs/architecture.md's Layout does not name: {missing}"

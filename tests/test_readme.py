@@ -1,5 +1,6 @@
-"""Every code block of the README (and of supervisor/README.md and systemd/README.md) runs here,
-against the shipped shop, so the documentation cannot drift from the code.
+"""Every code block of the README, of the documentation site (docs/**/*.md) and of
+supervisor/README.md and systemd/README.md runs here, against the shipped shop, so the
+documentation cannot drift from the code.
 
 How a block runs depends on its fence's info string (the words after the backticks):
 
@@ -12,9 +13,15 @@ How a block runs depends on its fence's info string (the words after the backtic
 - ``sh daemon``: every command line starts a long-running process (a worker, the collector).
   Each must send ``READY=1`` to the ``NOTIFY_SOCKET`` the test gives it (that is: it consumes)
   within 60 s, and must then exit 0 on SIGTERM.
-- ``<language> norun: <reason>``: not run; the reason is on the fence, where a reader sees it,
-  and pytest reports the block as skipped with it (``pytest -rs``). For what cannot run here:
-  ``sudo``, a system-wide install, systemd as PID 1, minutes of load.
+- ``<language> norun: <reason>``: not run; the reason is on the fence, where a reader of the
+  Markdown sees it, and pytest reports the block as skipped with it (``pytest -rs``). For what
+  cannot run here: ``sudo``, a system-wide install, systemd as PID 1, minutes of load, a
+  third-party library shown as the "before" of a migration. Keep them few.
+- ``<language> warns: <reason>``: run like the others, but the shop is expected to log a
+  warning (a handler refusing on purpose, which its worker logs), so that does not fail it.
+
+The site's build (scripts/mkdocs_hooks.py) cuts ``daemon``, ``norun: ...`` and ``warns: ...``
+off the fences before rendering them.
 - any other language (``text``, ``json``, ``ini``, ...): not code, not run. A fence without
   a language fails ``test_every_block_says_what_it_is``: say what it is.
 
@@ -30,7 +37,8 @@ service is pinged (one handler thread each, so the ping comes after what the blo
 any warning or error the shop logged meanwhile (a cast to an action that does not exist, an
 event its handler cannot take) fails the block.
 
-To cover another document, add it to ``DOCUMENTS``.
+Every Markdown file under docs/ is covered as soon as it exists; another document elsewhere is
+added to ``DOCUMENTS``. A file two documents save (``# myshop/users.py``) must be the same in both.
 """
 from __future__ import annotations
 
@@ -62,7 +70,8 @@ from workers.shop import Shop
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCUMENTS = ["README.md", "supervisor/README.md", "systemd/README.md"]
+DOCUMENTS = ["README.md", "supervisor/README.md", "systemd/README.md",
+             *sorted(str(path.relative_to(ROOT)) for path in (ROOT / "docs").rglob("*.md"))]
 PYTHON, SHELL = {"python", "py"}, {"sh", "bash", "shell"}
 BLOCK_TIMEOUT = 120.0  # seconds a block may run; a daemon gets 60 s to be ready
 FILE_COMMENT = re.compile(r"#\s*([\w./-]+\.py)\s*$")
@@ -111,6 +120,27 @@ def test_every_block_says_what_it_is():
     unlabelled = [block.id for block in ALL_BLOCKS if not block.language]
     assert not unlabelled, f"fences without a language (python, sh, text, ...): {unlabelled}"
     assert len(CODE_BLOCKS) >= 15, "the README lost its examples?"
+
+
+def test_the_site_is_covered():
+    covered = {block.document for block in CODE_BLOCKS}
+    assert {"docs/tutorial.md", "docs/guides/services-and-calls.md"} <= covered
+
+
+def test_a_file_saved_by_several_documents_is_the_same_in_each():
+    saved: dict[str, Block] = {}
+    for block in ALL_BLOCKS:
+        if block.saved_as:
+            first = saved.setdefault(block.saved_as, block)
+            assert first.code == block.code, f"{block.saved_as}: {first.id} and {block.id} differ"
+
+
+def test_only_a_few_blocks_are_not_run():
+    """norun is for what cannot run here (sudo, systemd, minutes of load); everything else runs."""
+    skipped = [block.id for block in CODE_BLOCKS if block.options.startswith("norun:")]
+    assert len(skipped) * 4 <= len(CODE_BLOCKS), skipped
+    options = {block.options.partition(":")[0] for block in CODE_BLOCKS}
+    assert options <= {"", "daemon", "norun", "warns"}, options
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +215,8 @@ def test_block(block: Block, request):
     result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=BLOCK_TIMEOUT)
     assert result.returncode == 0, failure(block, f"exit {result.returncode}", result.stdout + result.stderr)
     complained = complaints()
-    assert not complained, failure(block, "the shop logged warnings", "\n".join(map(str, complained)))
+    if not block.options.startswith("warns:"):
+        assert not complained, failure(block, "the shop logged warnings", "\n".join(map(str, complained)))
 
 
 def run_daemon(block: Block, line: str, folder: Path, env: dict) -> None:
