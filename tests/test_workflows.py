@@ -175,7 +175,6 @@ def test_a_thousand_chords_leave_no_key_behind_after_their_ttl(prefix, monkeypat
 CHORD_APP = textwrap.dedent('''
     import os, time
     import redis
-from click.testing import CliRunner
     from amqprpc import Service
 
     COUNTS = redis.Redis.from_url(os.environ["AMQPRPC_REDIS_URL"])
