@@ -54,7 +54,10 @@ def preview(body: bytes | str, limit: int = PREVIEW_CHARS) -> str:
     (undecodable bytes replaced), cut at ``limit`` characters."""
     raw = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
     try:
-        shown = json.dumps(redact_value(json.loads(raw)), indent=2, ensure_ascii=False)
+        doc = json.loads(raw)
+        if isinstance(doc, dict) and "payload" in doc:  # what the operator looks for first
+            doc = {"payload": doc["payload"], **{key: value for key, value in doc.items() if key != "payload"}}
+        shown = json.dumps(redact_value(doc), indent=2, ensure_ascii=False)
     except (ValueError, RecursionError):
         shown = raw
     shown = redact(shown)

@@ -133,8 +133,14 @@ async function browse(service) {
   browsing = service;
   const box = document.getElementById("dead-browser");
   box.innerHTML = '<p class="muted">loading…</p>';
-  const answer = await fetch(`/api/dead-letters/${encodeURIComponent(service)}?limit=20`, {credentials: "same-origin"});
-  const data = await answer.json();
+  let answer, data;
+  try {
+    answer = await fetch(`/api/dead-letters/${encodeURIComponent(service)}?limit=20`, {credentials: "same-origin"});
+    data = await answer.json();
+  } catch (error) {
+    box.innerHTML = `<p class="result bad">cannot load the dead letters: ${esc(error)}</p>`;
+    return;
+  }
   if (!answer.ok) { box.innerHTML = `<p class="result bad">${esc(data.detail)}</p>`; return; }
   box.innerHTML = `<h3>${esc(data.queue)}: ${data.count} dead letter(s)${data.count > data.messages.length ?
     `, the first ${data.messages.length} shown` : ""}</h3>
