@@ -269,3 +269,13 @@ def test_merge_adds_instances_and_skips_junk():
     merged = merge(wire + [{"a": "junk"}, {"b": {"succeeded": "x", "latency": {"999": 1, "z": 2}}}, []])  # type: ignore[list-item]
     assert merged["a"]["succeeded"] == 1 and merged["a"]["failed"] == 1 and merged["a"]["runs"] == 2
     assert merged["a"]["p95"] >= 1.0 and merged["b"]["runs"] == 0
+
+
+def test_an_outcome_kind_added_later_counts_under_its_own_name():
+    class Later:  # stands for a kind a feature adds to OutcomeKind (revoked, duplicate...)
+        value = "revoked"
+
+    stats = ActionStats()
+    stats.record("a", Outcome(Later(), None, 0.001))  # type: ignore[arg-type]
+    summary = stats.summary()
+    assert summary["a"]["revoked"] == 1 and merge([summary, summary])["a"]["revoked"] == 2

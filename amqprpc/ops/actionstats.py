@@ -68,8 +68,8 @@ class ActionStats:
         """Count one delivery's outcome; a handler that ran adds its duration to the sketch."""
         with self._lock:
             slot = self._slot(action)
-            for key in _COUNTERS[outcome.kind]:
-                slot.counts[key] += 1
+            for key in _counters(outcome):
+                slot.counts[key] = slot.counts.get(key, 0) + 1
             if outcome.kind is not OutcomeKind.RECOUNTED:
                 index = min(bisect.bisect_left(BUCKETS, outcome.duration), len(BUCKETS) - 1)
                 slot.latency[index] = slot.latency.get(index, 0) + 1
@@ -78,10 +78,10 @@ class ActionStats:
         """An outcome that was corrected after the fact (dead-lettered instead of replied)."""
         with self._lock:
             slot = self._slot(action)
-            for key in _COUNTERS[old.kind]:
-                slot.counts[key] -= 1
-            for key in _COUNTERS[new.kind]:
-                slot.counts[key] += 1
+            for key in _counters(old):
+                slot.counts[key] = slot.counts.get(key, 0) - 1
+            for key in _counters(new):
+                slot.counts[key] = slot.counts.get(key, 0) + 1
 
     def summary(self) -> dict[str, dict[str, Any]]:
         """``{action: {succeeded, failed, retried, dead_lettered, expired, refused, runs,
@@ -90,6 +90,11 @@ class ActionStats:
         readers can merge instances with :func:`merge`."""
         with self._lock:
             return {name: _describe(dict(slot.counts), dict(slot.latency)) for name, slot in self._actions.items()}
+
+
+def _counters(outcome: Outcome) -> tuple[str, ...]:
+    # A kind added later (a feature's own: revoked, duplicate...) counts under its own name.
+    return _COUNTERS.get(outcome.kind, (str(getattr(outcome.kind, "value", outcome.kind)),))
 
 
 def quantile(latency: dict[int, int], q: float) -> float | None:
@@ -117,10 +122,9 @@ def merge(summaries: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any
             if not isinstance(entry, dict):
                 continue
             total = counts.setdefault(str(name), dict.fromkeys(COUNTERS, 0))
-            for key in COUNTERS:
-                value = entry.get(key)
-                if isinstance(value, int) and not isinstance(value, bool):
-                    total[key] += value
+            for key, value in entry.items():  # the known counters and any kind added later
+                if key != "runs" and isinstance(value, int) and not isinstance(value, bool):
+                    total[key] = total.get(key, 0) + value
             buckets = latencies.setdefault(str(name), {})
             for index, runs in (entry.get("latency") or {}).items():
                 try:
