@@ -279,3 +279,46 @@ def test_an_outcome_kind_added_later_counts_under_its_own_name():
     stats.record("a", Outcome(Later(), None, 0.001))  # type: ignore[arg-type]
     summary = stats.summary()
     assert summary["a"]["revoked"] == 1 and merge([summary, summary])["a"]["revoked"] == 2
+
+
+def test_the_management_api_gives_unacked_and_rates_for_every_queue_of_a_service():
+    """A stand-in for RabbitMQ's management API (this machine's broker may not enable it)."""
+    import http.server
+
+    from amqprpc.dashboard.queues import ManagementQueues
+
+    seen: list[tuple[str, str]] = []
+
+    class Api(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            seen.append((self.path, self.headers.get("Authorization", "")))
+            body = json.dumps([
+                {"name": "service.shop.request", "messages_ready": 7, "messages_unacknowledged": 3, "consumers": 2,
+                 "message_stats": {"publish_details": {"rate": 12.5}, "deliver_get_details": {"rate": 11.0}}},
+                {"name": "service.shop.event.on_order", "messages_ready": 0, "messages_unacknowledged": 0,
+                 "consumers": 1},
+                {"name": "service.other.request", "messages_ready": 1, "messages_unacknowledged": 0, "consumers": 0},
+            ]).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Api)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        source = ManagementQueues(f"http://127.0.0.1:{server.server_port}", "amqp://ops:pw@rabbit:5672/shop")
+        rows = {row["name"]: row for row in source.queues(["shop"])}
+        assert "pw" not in repr(source)
+    finally:
+        server.shutdown()
+    assert set(rows) == {"service.shop.request", "service.shop.event.on_order"}
+    request = rows["service.shop.request"]
+    assert (request["ready"], request["unacked"], request["consumers"], request["publish_rate"],
+            request["deliver_rate"], request["kind"]) == (7, 3, 2, 12.5, 11.0, "request")
+    assert rows["service.shop.event.on_order"]["kind"] == "event"
+    path, authorization = seen[0]
+    assert path.startswith("/api/queues/shop?columns=") and authorization == "Basic " + base64.b64encode(b"ops:pw").decode()
