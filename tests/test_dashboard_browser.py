@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 
 from amqprpc import RpcClient, Service
-from amqprpc.testing import unique_name, wait_for
+from amqprpc.testing import delete_queues, unique_name, wait_for
 from amqprpc.wire.topology import DEFAULT_TOPOLOGY
 
+from procs import AMQPRPC, Proc
 from test_dashboard_live import Dashboard, forget_breaker, make_shop, open_breaker, start_dashboard, worker_for
 
 pytestmark = pytest.mark.integration
@@ -132,3 +133,36 @@ def test_the_page_follows_workers_queues_breakers_and_replays_a_dead_letter(brow
     assert control["charged"] == ["o-1001"]  # replayed once, from the page
     for name in ("queues", "breakers", "actions", "services", "dead-letters", "dead-letters-replayed", "all"):
         assert (shots / f"dashboard-{name}.png").stat().st_size > 5000
+
+
+SHOP = ("user-service", "order-service", "payment-service", "inventory-service", "notification-service")
+
+
+def test_the_shops_services_show_live(browser, shots, own_broker):
+    """The demo shop's five services as `amqprpc worker NAME` processes (on a broker node of
+    this session's own: their queue names are fixed), and the dashboard showing them live."""
+    prefix = unique_name("dash-registry")
+    env = {"AMQPRPC_BROKER_URL": own_broker.url, "AMQPRPC_REGISTRY_PREFIX": prefix,
+           "AMQPRPC_SHOP_PREFIX": unique_name("dash-shop") + ":", "AMQPRPC_REGISTRY_INTERVAL": "1",
+           "AMQPRPC_LOG_FORMAT": "json"}
+    workers = [Proc(AMQPRPC + ["worker", name, "--concurrency", "4"], env=env) for name in SHOP]
+    proc, base = start_dashboard("--broker", own_broker.url, prefix=prefix)
+    try:
+        for worker in workers:
+            worker.wait_for_line("worker ready", timeout=60)
+        with RpcClient("dashboard-tests", broker_url=own_broker.url) as client:
+            for _ in range(20):
+                client.call("user-service", "get_user", {"user_id": "user_001"}, timeout=10)
+        page = browser.open(f"{base}/#services")
+        wait_for(lambda: all(text_of(page, f'[data-service="{name}"] tr[data-instance] .badge') == "live"
+                             for name in SHOP), timeout=15)
+        page.screenshot(shots / "dashboard-shop.png", height=1000)
+        page.eval("location.hash = '#actions'")
+        wait_for(lambda: "get_user" in (text_of(page, "#actions-body") or ""), timeout=10)
+        page.eval("location.hash = '#all'")
+        page.screenshot(shots / "dashboard-shop-all.png", height=1600)
+    finally:
+        for worker in workers:
+            assert worker.stop() == 0, worker.output
+        assert proc.stop() == 0, proc.output
+        delete_queues(*(f"service.{name}.request" for name in SHOP), broker_url=own_broker.url)
