@@ -307,3 +307,25 @@ def test_with_redis_down_the_page_says_so_and_still_shows_the_queues(dashboard):
         assert "redis" in snapshot["errors"] and "broker" not in snapshot["errors"]
     finally:
         assert proc.stop() == 0
+
+
+def test_a_retry_waiting_in_a_delay_queue_is_shown(dashboard):
+    from amqprpc.retry import Retry
+
+    service = Service(unique_name("dash-svc"))
+    attempts: list[float] = []
+
+    @service.handler(retry=Retry(max_attempts=2, base_delay=30, max_delay=30, jitter=False))
+    def flaky(payload: dict) -> None:
+        attempts.append(time.monotonic())
+        raise ConnectionError("not yet")
+
+    with worker_for(dashboard, service), RpcClient("dashboard-tests") as client:
+        client.cast(service.name, "flaky", {})
+        wait_for(lambda: attempts)
+        delayed = wait_for(lambda: next((q for q in dashboard.get("/api/queues")
+                                         if q["service"] == service.name and q["kind"] == "delay"), None), timeout=10)
+        assert delayed["name"].endswith(".delay.30000") and delayed["ready"] == 1
+        retried = wait_for(lambda: next((a for a in dashboard.get("/api/actions")
+                                         if a["service"] == service.name and a["retried"] == 1), None))
+        assert retried["action"] == "flaky"
