@@ -30,6 +30,8 @@ DEFAULT_MAX_ACTIONS = 50
 # Upper bounds in seconds: 0.1 ms .. ~100 s, each ~1.26x the one before (10 per decade).
 BUCKETS: tuple[float, ...] = tuple(round(1e-4 * 10 ** (i / 10), 7) for i in range(61))
 
+_LAST = len(BUCKETS) - 1
+
 # Which counters an outcome adds to (as worker.stats counts them).
 _COUNTERS: dict[OutcomeKind, tuple[str, ...]] = {
     OutcomeKind.REPLIED: ("succeeded",), OutcomeKind.DONE: ("succeeded",), OutcomeKind.FAILED: ("failed",),
@@ -66,13 +68,19 @@ class ActionStats:
 
     def record(self, action: str | None, outcome: Outcome) -> None:
         """Count one delivery's outcome; a handler that ran adds its duration to the sketch."""
+        keys = _COUNTERS.get(outcome.kind) or _counters(outcome)
+        timed = outcome.kind is not OutcomeKind.RECOUNTED
+        index = min(bisect.bisect_left(BUCKETS, outcome.duration), _LAST) if timed else 0
         with self._lock:
-            slot = self._slot(action)
-            for key in _counters(outcome):
-                slot.counts[key] = slot.counts.get(key, 0) + 1
-            if outcome.kind is not OutcomeKind.RECOUNTED:
-                index = min(bisect.bisect_left(BUCKETS, outcome.duration), len(BUCKETS) - 1)
-                slot.latency[index] = slot.latency.get(index, 0) + 1
+            slot = self._actions.get(action) if action else None
+            if slot is None:
+                slot = self._slot(action)
+            counts = slot.counts
+            for key in keys:
+                counts[key] = counts.get(key, 0) + 1
+            if timed:
+                latency = slot.latency
+                latency[index] = latency.get(index, 0) + 1
 
     def amend(self, action: str | None, old: Outcome, new: Outcome) -> None:
         """An outcome that was corrected after the fact (dead-lettered instead of replied)."""
@@ -94,7 +102,8 @@ class ActionStats:
 
 def _counters(outcome: Outcome) -> tuple[str, ...]:
     # A kind added later (a feature's own: revoked, duplicate...) counts under its own name.
-    return _COUNTERS.get(outcome.kind, (str(getattr(outcome.kind, "value", outcome.kind)),))
+    found = _COUNTERS.get(outcome.kind)
+    return found if found is not None else (str(getattr(outcome.kind, "value", outcome.kind)),)
 
 
 def quantile(latency: dict[int, int], q: float) -> float | None:
