@@ -2,8 +2,9 @@
 
 Each service has one hash ``{prefix}:{service}`` (``service:registry:user-service`` by
 default, as the seed article has it) mapping instance id -> a JSON object: instance id,
-service, host, pid, start time, concurrency, version, the worker's counters and
-``heartbeat_at`` (epoch seconds). A worker's :class:`Presence` thread writes its entry every
+service, host, pid, start time, concurrency, version, the worker's counters, its per-action
+outcome counts and latency sketch (``actions``, see :mod:`amqprpc.ops.actionstats`: at most
+50 actions, a few KB) and ``heartbeat_at`` (epoch seconds). A worker's :class:`Presence` thread writes its entry every
 ``interval`` seconds and deletes it on a graceful stop; an instance that died without
 stopping (kill -9, lost host) stops heartbeating, and readers ignore and prune entries older
 than ``stale_after`` seconds (60 by default).
