@@ -137,8 +137,7 @@ def create_app(collector: Collector, operations: Operations, auth: Auth, *, brok
             raise HTTPException(400, str(exc)) from None
         except DuplicateAction:
             raise HTTPException(409, "this action is already being carried out") from None
-        collector_refresh = run_in_threadpool(collector.refresh)
-        await collector_refresh
+        await run_in_threadpool(collector.refresh)  # the page sees the change now, not at the next poll
         return JSONResponse(result, status_code=200 if result.get("ok") else 502)
 
     @app.post("/api/dead-letters/{service}/replay")
