@@ -77,3 +77,12 @@ class Page:
         """The value of a JavaScript expression in the page."""
         result = self.browser.send("Runtime.evaluate", self.session, expression=expression, returnByValue=True)
         return result["result"].get("value")
+
+    def screenshot(self, path: "str | pathlib.Path", width: int = 1280, height: int = 800) -> None:
+        """Save what the page shows (``width`` x ``height`` CSS pixels) as a PNG."""
+        import base64
+
+        self.browser.send("Emulation.setDeviceMetricsOverride", self.session, width=width, height=height,
+                          deviceScaleFactor=1, mobile=False)
+        shot = self.browser.send("Page.captureScreenshot", self.session, format="png")
+        pathlib.Path(path).write_bytes(base64.b64decode(shot["data"]))

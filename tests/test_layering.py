@@ -32,9 +32,12 @@ LAYERS = [
      "server.events", "middleware.ping", "middleware.shared_client", "middleware.otel", "middleware.observability"},
     # operations
     {"ops", "ops.daemon", "ops.collector", "ops.dlq", "ops.registry", "middleware.metrics",
-     "middleware.clientmetrics", "ops.loading", "ops.demo", "testing", "asyncapi"},
+     "middleware.clientmetrics", "ops.loading", "ops.demo", "testing", "asyncapi", "ops.actionstats"},
+    # the dashboard (amqprpc dashboard): reads the operations' data, serves it over HTTP
+    {"dashboard", "dashboard.auth", "dashboard.queues", "dashboard.collect", "dashboard.deadletters",
+     "dashboard.app", "dashboard.server"},
     # the command line, and the package's public face
-    {"cli", "cli.workflow", "__main__", "__init__"},
+    {"cli", "cli.workflow", "cli.dashboard", "__main__", "__init__"},
 ]
 
 

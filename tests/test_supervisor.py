@@ -25,7 +25,8 @@ from amqprpc.testing import delete_queues, unique_name, wait_for
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parent.parent
-PROGRAM_FILES = sorted((ROOT / "supervisor").glob("*.conf"))
+DASHBOARD_FILE = ROOT / "supervisor" / "amqprpc-dashboard.conf"  # not a worker: tests/test_dashboard_deploy.py
+PROGRAM_FILES = sorted(path for path in (ROOT / "supervisor").glob("*.conf") if path != DASHBOARD_FILE)
 BIN = Path(sys.executable).parent
 
 
