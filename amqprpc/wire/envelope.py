@@ -129,7 +129,8 @@ class Request:
     __slots__ = ("message_id", "correlation_id", "reply_to", "source", "target", "action",
                  "payload", "headers")
 
-    def __init__(self, message_id, correlation_id, reply_to, source, target, action, payload, headers):
+    def __init__(self, message_id: str, correlation_id: str | None, reply_to: str | None, source: str | None,
+                 target: str | None, action: str, payload: Any, headers: dict[str, Any]) -> None:
         self.message_id = message_id
         self.correlation_id = correlation_id
         self.reply_to = reply_to
