@@ -1,4 +1,5 @@
 """amqprpc: calls and events between microservices over RabbitMQ, built on kombu."""
+from amqprpc.caller import AsyncCaller, Caller
 from amqprpc.client.breaker import CircuitBreaker
 from amqprpc.client.rpc import RpcClient, ServiceProxy
 from amqprpc.client.aio import AsyncRpcClient
@@ -19,7 +20,7 @@ __all__ = [
     "AsyncResponseStore", "Worker", "Topology", "current_call", "CallContext",
     "RpcError", "RemoteError", "CallTimeout", "ServiceUnavailable", "ConnectionLost", "CircuitOpen", "PublishRefused",
     "ReplyTooLarge", "ServiceNotFound", "TopologyMismatch", "StartupError", "StartCancelled", "PidFileError",
-    "ValidationError", "RemoteValidationError", "ContractError",
+    "ValidationError", "RemoteValidationError", "ContractError", "Caller", "AsyncCaller",
 ]
 # The one place the version is written: amqprpc/version.py (setup.cfg reads it there).
 from amqprpc.version import __version__

@@ -31,7 +31,7 @@ class Sent(NamedTuple):
     kind: str  # "call", "cast", "event" or "submit"
     service: Optional[str]  # None for events
     action: str  # the action, or the event's name
-    payload: dict  # as the receiver sees it (after a JSON round trip)
+    payload: dict[str, Any]  # as the receiver sees it (after a JSON round trip)
 
 
 def plain(payload: Any) -> Any:
@@ -60,8 +60,8 @@ class Recorder:
         self.sent: List[Sent] = []
         self._lock = threading.Lock()
 
-    def _record(self, kind: str, service: Optional[str], action: str, payload: Mapping[str, Any] | None) -> dict:
-        sent = wire(plain(payload))
+    def _record(self, kind: str, service: Optional[str], action: str, payload: Mapping[str, Any] | None) -> dict[str, Any]:
+        sent: dict[str, Any] = wire(plain(payload))
         with self._lock:
             self.sent.append(Sent(kind, service, action, sent))
         return sent
@@ -86,12 +86,12 @@ class Recorder:
         return self._of("submit")
 
     def proxy(self, service: str, *, timeout: float | None = None) -> ServiceProxy:
-        return ServiceProxy(self, service, timeout)  # type: ignore[arg-type]  # duck-typed: it only calls .call
+        return ServiceProxy(self, service, timeout)  # type: ignore[arg-type]  # a Recorder has no call; its subclasses do
 
     def call_async(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
-                   callback: Callable[[Future], Any] | None = None, returns: Any = None) -> Future:
+                   callback: Callable[[Future[Any]], Any] | None = None, returns: Any = None) -> Future[Any]:
         """The call, made now; a Future already done (``callback`` runs at once, on this thread)."""
-        future: Future = Future()
+        future: Future[Any] = Future()
         try:
             future.set_result(self.call(service, action, payload, timeout=timeout,  # type: ignore[attr-defined]
                                         returns=returns))
@@ -190,7 +190,7 @@ class Harness:
                       wire(body))
         return len(matching)
 
-    def _run(self, call: CallContext, function: Callable[[dict], Any], payload: dict) -> Any:
+    def _run(self, call: CallContext, function: Callable[[dict[str, Any]], Any], payload: dict[str, Any]) -> Any:
         def run() -> Any:
             current.set(call)
             logs.bind_request(service=call.service, action=call.action, correlation_id=call.correlation_id,
