@@ -32,6 +32,9 @@ if TYPE_CHECKING:  # mypy proves that every client a handler may be given offers
 
     _CALLERS: tuple[type[Caller], ...] = (RpcClient, FakeClient, InMemoryClient)
     _ASYNC_CALLERS: tuple[type[AsyncCaller], ...] = (AsyncRpcClient,)
+    from amqprpc.middleware.view import WorkerView
+
+    _WORKER: type[WorkerView] = Worker  # what lifecycle hooks are handed
 
 __all__ = [
     "worker_factory", "FakeClient", "InMemoryClient", "Harness", "Sent", "DeadLetter",
