@@ -31,7 +31,7 @@ from amqprpc.errors import RemoteError
 from amqprpc.server.events import service_queue_names, topic_matches
 from amqprpc.ops.loading import ENTRY_POINT_GROUP, service_entry_points
 from amqprpc.service import Service
-from amqprpc.wire.topology import DEFAULT_TOPOLOGY, delete
+from amqprpc.wire.topology import DEFAULT_TOPOLOGY, Topology, delete
 from amqprpc.server.worker import Worker
 
 _WAIT = 10.0  # seconds the events get to fan out before the demo says what is missing
@@ -43,7 +43,7 @@ class DemoUnavailable(Exception):
     """The broker or Redis does not answer: the demo cannot run (exit 4), and says how to fix it."""
 
 
-def _show(label: str, value) -> None:
+def _show(label: str, value: Any) -> None:
     click.echo(f"  {label:<44} -> {value}")
 
 
@@ -65,7 +65,7 @@ def run_demo(broker_url: str) -> None:
     topology = DEFAULT_TOPOLOGY.namespaced(namespace)
     services, shop = load_shop(namespace + ":")
     _check_redis(shop)
-    seen: queue.SimpleQueue = queue.SimpleQueue()
+    seen: queue.SimpleQueue[Any] = queue.SimpleQueue()
     observer = Service("demo-observer")  # a broadcast subscriber to every event: what fans out
     observer.event("#", broadcast=True)(lambda payload: seen.put((_current_event(), payload)))
 
@@ -94,7 +94,7 @@ def run_demo(broker_url: str) -> None:
     click.echo("Demo finished: every call answered, every event delivered, workers stopped cleanly.")
 
 
-def _delete(services: list[Service], topology, shop, broker_url: str) -> None:
+def _delete(services: list[Service], topology: Topology, shop: Any, broker_url: str) -> None:
     """Delete what the demo declared and stored."""
     delete(broker_url, queues=[name for service in services for name in service_queue_names(service, topology)],
            exchanges=[topology.service_exchange, topology.event_exchange])
@@ -113,9 +113,9 @@ def _calls(client: RpcClient) -> None:
     except RemoteError as exc:
         _show("validate_token(token='short')", f"RemoteError {exc.error_type}: {exc.message}")
     done = threading.Event()
-    answers: list = []
+    answers: list[Any] = []
 
-    def on_done(future: Future) -> None:
+    def on_done(future: Future[Any]) -> None:
         answers.append(future.result())
         done.set()
 
@@ -124,7 +124,7 @@ def _calls(client: RpcClient) -> None:
     _show("call_async(get_user user_003) callback", answers[0] if answers else "no answer")
 
 
-def _order(client: RpcClient, shop, services: list[Service], seen: queue.SimpleQueue) -> None:
+def _order(client: RpcClient, shop: Any, services: list[Service], seen: queue.SimpleQueue[Any]) -> None:
     click.echo("A customer orders 2 x prod_001; order-service calls, then events fan out:")
     _show("inventory check_stock(prod_001)", f"{_stock(client)} in stock")
     order = client.call("order-service", "create_order", {
@@ -134,7 +134,7 @@ def _order(client: RpcClient, shop, services: list[Service], seen: queue.SimpleQ
     redis, key = shop.redis, shop.key
 
     def settled() -> bool:
-        return (redis.hget(key("order", order_id), "status") == "paid"
+        return bool(redis.hget(key("order", order_id), "status") == "paid"
                 and redis.hget(key("reservation", order_id), "status") == "committed"
                 and redis.llen(key("notifications", order_id)) >= 2)
 
@@ -168,7 +168,8 @@ def _order(client: RpcClient, shop, services: list[Service], seen: queue.SimpleQ
 
 
 def _stock(client: RpcClient) -> int:
-    return client.call("inventory-service", "check_stock", {"product_id": "prod_001"})["stock"]
+    stock: int = client.call("inventory-service", "check_stock", {"product_id": "prod_001"})["stock"]
+    return stock
 
 
 def _current_event() -> str:
@@ -176,7 +177,7 @@ def _current_event() -> str:
     return call.action if call is not None else ""
 
 
-def _check_redis(shop) -> None:
+def _check_redis(shop: Any) -> None:
     import redis
 
     try:

@@ -13,9 +13,10 @@ import importlib
 import os
 import sys
 import traceback
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any, Iterable
 
-from amqprpc.errors import ServiceNotFound  # re-exported: its home was here
+from amqprpc.errors import ServiceNotFound as ServiceNotFound  # re-exported: its home was here
 from amqprpc.service import Service
 
 ENTRY_POINT_GROUP = "amqprpc.services"
@@ -71,12 +72,13 @@ def known_services() -> list[str]:
     return sorted({entry.name for entry in service_entry_points()})
 
 
-def service_entry_points():
+def service_entry_points() -> Iterable[EntryPoint]:
     """The ``amqprpc.services`` entry points of every installed package."""
     try:
         return entry_points(group=ENTRY_POINT_GROUP)
     except TypeError:  # Python 3.9: no selection by group, a dict of every group instead
-        return entry_points().get(ENTRY_POINT_GROUP, ())
+        found: Iterable[EntryPoint] = entry_points().get(ENTRY_POINT_GROUP, ())
+        return found
 
 
 def _where(exc: BaseException) -> str:
@@ -88,7 +90,7 @@ def _where(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}{where}"
 
 
-def _check(obj, ref: str) -> Service:
+def _check(obj: Any, ref: str) -> Service:
     if not isinstance(obj, Service):
         found = "nothing" if obj is None else f"a {type(obj).__name__}"
         raise ServiceNotFound(f"{ref} is {found}, not an amqprpc.Service")

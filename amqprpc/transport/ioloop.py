@@ -36,7 +36,7 @@ from amqprpc.transport import framehandler
 from amqprpc import logs
 from amqprpc.transport.backoff import full_jitter
 from amqprpc.config import redact, ssl_options
-from amqprpc.errors import StartCancelled  # re-exported: its home was here
+from amqprpc.errors import StartCancelled as StartCancelled  # re-exported: its home was here
 from amqprpc.transport.link import Link, describe
 
 log = logs.get_logger("amqprpc.ioloop")
@@ -56,8 +56,8 @@ def publish(channel: amqp.Channel, message: amqp.Message, exchange: str, routing
 
     py-amqp drains the socket inside every publish when ``connection.blocked`` is
     negotiated; called from a delivery callback that drain runs the next delivery's
-    callback recursively, and so on without bound while deliveries keep coming. Our loop drains the socket itself, so the
-    publish only needs to write the frames.
+    callback recursively, and so on without bound while deliveries keep coming. Our loop
+    drains the socket itself, so the publish only needs to write the frames.
     """
     channel.send_method(spec.Basic.Publish, "Bssbb", (0, exchange, routing_key, mandatory, False), message)
 
