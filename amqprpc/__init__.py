@@ -6,7 +6,8 @@ from amqprpc.client.aio import AsyncRpcClient
 from amqprpc.context import CallContext, current_call
 from amqprpc.errors import (
     CallTimeout, CircuitOpen, ConnectionLost, ContractError, PidFileError, PublishRefused, RemoteError,
-    RemoteValidationError, ReplyTooLarge, RpcError, ServiceNotFound, ServiceUnavailable, StartCancelled, StartupError, TopologyMismatch, ValidationError,
+    RemoteValidationError, ReplyTooLarge, RpcError, ServiceNotFound, ServiceUnavailable, StartCancelled, StartupError,
+    TopologyMismatch, ValidationError,
 )
 from amqprpc.retry import Retry
 from amqprpc.client.responses import AsyncResponseStore, ResponseStore

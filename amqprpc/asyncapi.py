@@ -168,7 +168,8 @@ class Schemas:
         return candidate
 
 
-def document(service: Service, *, broker_url: str | None = None, topology: Topology = DEFAULT_TOPOLOGY) -> dict[str, Any]:
+def document(service: Service, *, broker_url: str | None = None,
+             topology: Topology = DEFAULT_TOPOLOGY) -> dict[str, Any]:
     """The AsyncAPI 3.0 document of ``service`` (a dict, ready for ``json.dumps``).
     Raises ContractError for annotations that cannot be described (as the worker would)."""
     service.check()
@@ -237,7 +238,8 @@ def document(service: Service, *, broker_url: str | None = None, topology: Topol
                 "address": {"location": "$message.header#/reply_to",
                             "description": "The request's reply_to property: the caller's reply queue."},
                 "channel": {"$ref": "#/channels/reply"},
-                "messages": [{"$ref": f"#/channels/reply/messages/{reply_id}"}, {"$ref": "#/channels/reply/messages/error"}],
+                "messages": [{"$ref": f"#/channels/reply/messages/{reply_id}"},
+                             {"$ref": "#/channels/reply/messages/error"}],
             },
             "bindings": {"amqp": {"ack": True, "deliveryMode": 2, "mandatory": True, "bindingVersion": AMQP_BINDING}},
         }
@@ -391,7 +393,8 @@ def _envelope(action: str | None, payload: dict[str, Any], event: str | None = N
     return {"allOf": [{"$ref": _SCHEMAS + "RequestEnvelope"}, {"type": "object", "properties": properties}]}
 
 
-def _event_channel(address: str, description: str, messages: dict[str, Any], topology: Topology, vhost: str) -> dict[str, Any]:
+def _event_channel(address: str, description: str, messages: dict[str, Any], topology: Topology,
+                   vhost: str) -> dict[str, Any]:
     """A channel on the event exchange (topic) with routing key or pattern ``address``."""
     return {
         "address": address,

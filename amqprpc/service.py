@@ -87,7 +87,8 @@ class Service:
     #: event pydantic could not describe yet: :meth:`check` retries them.
     _unchecked: Dict[Tuple[str, str], Any] = field(default_factory=dict, repr=False)
 
-    def handler(self, action: str | Callable[..., Any] | None = None, *, retry: Retry | None = None) -> Callable[..., Any]:
+    def handler(self, action: str | Callable[..., Any] | None = None, *,
+                retry: Retry | None = None) -> Callable[..., Any]:
         """Register a function as the handler of ``action`` (default: the function's name).
 
         Usable bare (``@service.handler``) or with a name (``@service.handler("get_user")``).
@@ -218,7 +219,8 @@ class Service:
     def client(self) -> Caller:
         """The RpcClient (typed as the :class:`~amqprpc.caller.Caller` it offers) this service's
         handlers use for nested calls and events: one per process, created on first use,
-        closed when the last worker of the service here stops (see :mod:`amqprpc.middleware.shared_client`). Calls and events made with it inside a
+        closed when the last worker of the service here stops (see
+        :mod:`amqprpc.middleware.shared_client`). Calls and events made with it inside a
         handler carry the handler's trace id and what is left of its deadline. A client
         installed with :func:`client_installed` (as :mod:`amqprpc.testing` does) comes first."""
         installed = _installed.get()

@@ -507,7 +507,8 @@ class _RedisStore:
         return bool(allowed), text(state), int(failures), int(left) / 1000.0
 
     def record(self, name: str, outcome: str) -> tuple[str, int, float]:
-        local = (lambda: self.b._local.read(name)) if outcome == "read" else (lambda: self.b._local.record(name, outcome))
+        local = ((lambda: self.b._local.read(name)) if outcome == "read"
+                 else (lambda: self.b._local.record(name, outcome)))
         result = self._run(self._record, name, [outcome, self.b.failure_threshold], local)
         if isinstance(result, tuple):
             return result

@@ -27,7 +27,9 @@ from amqprpc.config import redact
 from amqprpc.transport.deadlines import Timer
 from amqprpc.errors import CallTimeout, CircuitOpen, ConnectionLost, PublishRefused, RemoteError, ServiceUnavailable
 from amqprpc.transport.framehandler import UndecodableMessage
-from amqprpc.transport.ioloop import UNENCODABLE, AmqpLoop, channel_refused, close_quietly, open_confirm_channel, publish
+from amqprpc.transport.ioloop import (
+    UNENCODABLE, AmqpLoop, channel_refused, close_quietly, open_confirm_channel, publish,
+)
 from amqprpc.transport.link import describe
 from amqprpc.middleware import Hooks, Middleware, Outgoing
 from amqprpc.middleware.observability import automatic
@@ -128,7 +130,8 @@ class RpcClient:
         try:
             return future.result(timeout + _GRACE)
         except FutureTimeout:
-            raise CallTimeout(f"{service}.{action}: no answer within {timeout}s (its deadline timer was late)") from None
+            raise CallTimeout(
+                f"{service}.{action}: no answer within {timeout}s (its deadline timer was late)") from None
 
     def call_async(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
                    callback: Callable[[Future[Any]], Any] | None = None, returns: Any = None) -> Future[Any]:
@@ -398,7 +401,8 @@ class RpcClient:
         """Requests go out confirmed: a request the broker refuses (nack) fails its call at
         once instead of at its timeout, and tells that the channel needs replacing. The
         broker's acks cost the loop thread one small frame per call, no caller waits on them."""
-        channel = open_confirm_channel(self._loop.connection, self._on_call_ack, self._on_call_nack, self._on_call_returned)
+        channel = open_confirm_channel(self._loop.connection, self._on_call_ack, self._on_call_nack,
+                                       self._on_call_returned)
         with self._write_lock:
             old, self._call_channel = self._call_channel, channel
             self._call_tags, self._call_seq, self._call_opened = {}, 0, time.monotonic()

@@ -7,8 +7,9 @@ worker's own metrics); an application with its own Prometheus endpoint adds it w
 Imported only then: prometheus_client is the [metrics] extra, never imported by ``import amqprpc``.
 
 The circuit breakers' state and rejections are counted by every breaker itself
-(``amqprpc_breaker_*`` in :mod:`amqprpc.middleware.metrics`, imported with this module). Labels are bounded by the caller's own
-code (the services, actions and events it names), never by what arrives from the wire.
+(``amqprpc_breaker_*`` in :mod:`amqprpc.middleware.metrics`, imported with this module).
+Labels are bounded by the caller's own code (the services, actions and events it names),
+never by what arrives from the wire.
 """
 from __future__ import annotations
 

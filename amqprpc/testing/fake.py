@@ -60,7 +60,8 @@ class Recorder:
         self.sent: List[Sent] = []
         self._lock = threading.Lock()
 
-    def _record(self, kind: str, service: Optional[str], action: str, payload: Mapping[str, Any] | None) -> dict[str, Any]:
+    def _record(self, kind: str, service: Optional[str], action: str,
+                payload: Mapping[str, Any] | None) -> dict[str, Any]:
         sent: dict[str, Any] = wire(plain(payload))
         with self._lock:
             self.sent.append(Sent(kind, service, action, sent))
@@ -86,7 +87,8 @@ class Recorder:
         return self._of("submit")
 
     def proxy(self, service: str, *, timeout: float | None = None) -> ServiceProxy:
-        return ServiceProxy(self, service, timeout)  # type: ignore[arg-type]  # a Recorder has no call; its subclasses do
+        # A Recorder has no call of its own; the subclasses that are ever proxied do.
+        return ServiceProxy(self, service, timeout)  # type: ignore[arg-type]
 
     def call_async(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
                    callback: Callable[[Future[Any]], Any] | None = None, returns: Any = None) -> Future[Any]:

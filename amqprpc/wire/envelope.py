@@ -186,7 +186,8 @@ def reply_address(properties: Mapping[str, Any], body: bytes | str) -> tuple[str
         return reply_to, correlation_id
     if isinstance(doc, dict):
         reply_to = reply_to or _str_or_none(doc.get("reply_to"))
-        correlation_id = correlation_id or _str_or_none(doc.get("correlation_id")) or _str_or_none(doc.get("message_id"))
+        correlation_id = (correlation_id or _str_or_none(doc.get("correlation_id"))
+                          or _str_or_none(doc.get("message_id")))
     if reply_to is not None and shortstr_problem("reply_to", reply_to):
         reply_to = None
     return reply_to, correlation_id

@@ -78,7 +78,8 @@ class Topology:
             queue_arguments=self.queue_arguments(service, queue_type, delivery_limit),
         )
 
-    def queue_arguments(self, service: str, queue_type: str = "classic", delivery_limit: int = 10) -> dict[str, Any] | None:
+    def queue_arguments(self, service: str, queue_type: str = "classic",
+                        delivery_limit: int = 10) -> dict[str, Any] | None:
         """x-arguments of a durable queue consumed by ``service``'s workers."""
         if queue_type == "classic":
             return None
