@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test typecheck test-pythons test-rabbitmq4 bench services clean web
+.PHONY: demo test typecheck lint test-pythons test-rabbitmq4 bench services clean web
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,9 +25,13 @@ web: $(STAMP) services
 test: $(STAMP) services
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
-# mypy over amqprpc/ and workers/ (the settings are in setup.cfg); CI runs it before the suites.
+# mypy --strict over amqprpc/ and workers/ (the settings are in setup.cfg); CI runs it before the suites.
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
+
+# ruff over the package and the shop (rules in pyproject.toml); CI runs it beside mypy.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check amqprpc workers
 
 # Python 3.9-3.13: the unit tests and a worker/call/event smoke on every version but $(PYTHON)'s,
 # each in its own .venv-3.X installed from a wheel of this checkout (PYTHONS="3.9 3.13" for some).

@@ -24,4 +24,4 @@ __all__ = [
     "ValidationError", "RemoteValidationError", "ContractError", "Caller", "AsyncCaller",
 ]
 # The one place the version is written: amqprpc/version.py (setup.cfg reads it there).
-from amqprpc.version import __version__
+from amqprpc.version import __version__ as __version__

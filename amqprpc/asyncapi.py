@@ -152,7 +152,7 @@ class Schemas:
             renames[name] = self._place(name, definition)
         if renames:
             schema = _rename_refs(schema, renames)
-            for old, new in renames.items():
+            for new in renames.values():
                 self.found[new] = _rename_refs(self.found[new], renames)
         title = schema.get("title")
         if schema.get("type") == "object" and isinstance(title, str) and title.isidentifier():

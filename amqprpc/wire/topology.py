@@ -16,7 +16,7 @@ from kombu import Connection, Exchange, Queue
 
 from amqprpc import logs
 from amqprpc.config import DEFAULT_COLLECTOR_QUEUE, ssl_options
-from amqprpc.errors import TopologyMismatch  # re-exported: its home was here
+from amqprpc.errors import TopologyMismatch as TopologyMismatch  # re-exported: its home was here
 
 log = logs.get_logger("amqprpc.topology")
 
