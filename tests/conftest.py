@@ -9,12 +9,20 @@ message, never skips silently.
 from __future__ import annotations
 
 import socket
+import sys
+from pathlib import Path
 
 import pytest
 
 from amqprpc import Service
 from amqprpc.config import broker_url as configured_broker_url
 from amqprpc.testing import unique_name
+
+# The example shop (workers/) is not installed with amqprpc: tests import it from the checkout.
+# Appended, so that an installed amqprpc (make test-pythons' wheel) still comes before the checkout's.
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
 
 
 def _port_open(port: int, host: str = "127.0.0.1") -> bool:

@@ -15,8 +15,15 @@ from amqprpc.testing import unique_name
 SHOP = ["inventory-service", "notification-service", "order-service", "payment-service", "user-service"]
 
 
-def test_the_shipped_services_are_entry_points_on_this_python():
+def test_the_shop_is_found_in_the_checkout_and_not_installed():
+    """workers/ is not in the wheel (a top-level ``workers`` would collide with a user's own)
+    and registers no entry point; the checkout's copy is found by name."""
+    from importlib import metadata
+
     assert set(SHOP) <= set(known_services())
+    assert not [entry for entry in metadata.entry_points(group="amqprpc.services")
+                if entry.value.startswith("workers.")]
+    assert "workers" not in (metadata.distribution("amqprpc").read_text("top_level.txt") or "").split()
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ def test_registering_an_action_twice_is_an_error():
         service.handler("x")(lambda p: 2)
 
 
-def test_user_service_resolves_through_its_entry_point_with_no_flags():
+def test_user_service_resolves_from_the_checkout_with_no_flags():
     assert load_service("user-service").name == "user-service"
 
 

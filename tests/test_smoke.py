@@ -5,6 +5,7 @@ Python: the installed ``amqprpc`` command in real processes, on this session's o
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from procs import Proc
 pytestmark = [pytest.mark.integration, pytest.mark.smoke]
 
 AMQPRPC = str(Path(sys.executable).parent / "amqprpc")
+ROOT = Path(__file__).resolve().parent.parent
 
 AUDIT = """
 import json
@@ -40,6 +42,7 @@ def echo(payload: dict) -> dict:
 
 def test_worker_call_cast_and_event_from_the_installed_command(own_broker, tmp_path):
     own_broker.ensure_running()
+    shutil.copytree(ROOT / "workers", tmp_path / "workers")  # a checkout's shop (not in the wheel)
     (tmp_path / "myshop").mkdir()
     (tmp_path / "myshop" / "audit.py").write_text(AUDIT)
     env = {"AMQPRPC_BROKER_URL": own_broker.url, "AMQPRPC_REGISTRY_INTERVAL": "0"}

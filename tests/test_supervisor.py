@@ -67,7 +67,7 @@ def template(path: Path, tmp: Path, broker_url: str, shop_prefix: str) -> Path:
         words = shlex.split(program["command"])
         words[0] = str(BIN / "amqprpc")
         program["command"] = shlex.join(words)
-        program["directory"] = str(tmp)
+        program["directory"] = str(ROOT)  # /opt/amqprpc: the checkout, where the shop's workers/ is found
         program.pop("user", None)
         program["environment"] = re.sub(r'AMQPRPC_BROKER_URL="[^"]*"', f'AMQPRPC_BROKER_URL="{broker_url}"',
                                         program["environment"])

@@ -113,7 +113,8 @@ def test_exit_codes_against_the_units_restart_rules(tmp_path):
     usage = subprocess.run(exec_start("no-such-service"), env=as_systemd_would(tmp_path, "amqp://127.0.0.1:1//"),
                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert usage.returncode == 2 and not restarted(usage.returncode), usage.stderr  # not restarted in a loop
-    gave_up = subprocess.run(exec_start("user-service"), cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    # cwd: the unit's WorkingDirectory, a checkout holding the shop (workers/ is not installed)
+    gave_up = subprocess.run(exec_start("user-service"), cwd=ROOT, capture_output=True, text=True, timeout=60,
                              env=as_systemd_would(tmp_path, "amqp://127.0.0.1:1//", AMQPRPC_BROKER_WAIT="0"))
     assert gave_up.returncode == 4 and restarted(gave_up.returncode), gave_up.stderr
 
@@ -144,7 +145,7 @@ def test_the_units_worker_waits_for_a_late_broker_and_tells_systemd(own_broker, 
     own_broker.stop_app()
     try:
         with open(log, "w") as output:
-            worker = subprocess.Popen(exec_start("user-service"), cwd=tmp_path, stdout=output, stderr=output,
+            worker = subprocess.Popen(exec_start("user-service"), cwd=ROOT, stdout=output, stderr=output,
                                       env=as_systemd_would(tmp_path, own_broker.url, AMQPRPC_RECONNECT_CAP="1"))
         read_until(lambda: count("EXTEND_TIMEOUT_USEC=") >= 3, timeout=30)
     finally:

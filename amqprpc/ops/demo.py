@@ -5,11 +5,12 @@ namespace of its own (``Topology.namespaced`` exchanges and queues, its own Redi
 so the demo never meets real workers or other runs on the same broker, and it deletes
 everything it declared and stored when it is done.
 
-The shop is found as ``amqprpc worker`` finds a service: through the ``amqprpc.services``
-entry points (the shipped ``workers/`` package registers them in setup.cfg). Each entry
-point's module builds its service afresh with ``build(shop)``, for a ``Shop`` (the module's
-own: where the shop keeps its state) under the demo's prefix. amqprpc imports no shop
-module by name.
+The shop is found as ``amqprpc worker`` finds a service: an ``amqprpc.services`` entry
+point, else the module ``workers.<name>`` from the current folder (the checkout's
+``workers/``, which is not installed with amqprpc: ``make demo`` runs in the checkout). Each
+module builds its service afresh with ``build(shop)``, for a ``Shop`` (the module's own:
+where the shop keeps its state) under the demo's prefix. amqprpc imports no shop module by
+name.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from amqprpc.config import redact
 from amqprpc.context import current_call
 from amqprpc.errors import RemoteError
 from amqprpc.server.events import service_queue_names, topic_matches
-from amqprpc.ops.loading import ENTRY_POINT_GROUP, service_entry_points
+from amqprpc.ops.loading import SHOP_PACKAGE, missing_dependency, service_module
 from amqprpc.service import Service
 from amqprpc.wire.topology import DEFAULT_TOPOLOGY, Topology, delete
 from amqprpc.server.worker import Worker
@@ -50,12 +51,13 @@ def _show(label: str, value: Any) -> None:
 def load_shop(prefix: str) -> tuple[list[Service], Any]:
     """The shop's services, each built by its entry point's module for a shop state under
     ``prefix``, and that state (the ``Shop``: its Redis client and key names)."""
-    entries = {entry.name: entry for entry in service_entry_points() if entry.name in SHOP}
-    missing = [name for name in SHOP if name not in entries]
-    if missing:
-        raise DemoUnavailable(f"the shop is not installed: no {ENTRY_POINT_GROUP!r} entry point for "
-                              f"{', '.join(missing)} (pip install the amqprpc checkout, which ships it)")
-    modules = [importlib.import_module(entries[name].value.partition(":")[0]) for name in SHOP]
+    try:
+        modules = [importlib.import_module(service_module(name)) for name in SHOP]
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] == SHOP_PACKAGE:
+            raise DemoUnavailable(f"the shop is not here: no {SHOP_PACKAGE}/ in {os.getcwd()} (run amqprpc demo "
+                                  f"in an amqprpc checkout, as make demo does)") from None
+        raise DemoUnavailable(missing_dependency("the shop", exc)) from None
     shop = modules[SHOP.index("order-service")].Shop(prefix=prefix)
     return [module.build(shop) for module in modules], shop
 
