@@ -47,8 +47,15 @@ def broker_url() -> str:
 
 @pytest.fixture(scope="session")
 def redis_available() -> None:
-    if not _port_open(6379):
-        pytest.fail("Redis does not answer on 127.0.0.1:6379: run ./scripts/services.sh (or make test)")
+    from urllib.parse import urlsplit
+
+    from amqprpc.config import redis_url
+
+    where = urlsplit(redis_url())
+    host, port = where.hostname or "127.0.0.1", where.port or 6379
+    if not _port_open(port, host):
+        pytest.fail(f"Redis does not answer on {host}:{port} (AMQPRPC_REDIS_URL): run ./scripts/services.sh "
+                    "(or make test)")
 
 
 @pytest.fixture

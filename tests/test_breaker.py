@@ -12,10 +12,11 @@ from kombu import Connection
 
 from amqprpc import CallTimeout, CircuitBreaker, CircuitOpen, RemoteError, RpcClient, Service, ServiceUnavailable
 from amqprpc.client.breaker import CLOSED, HALF_OPEN, OPEN
+from amqprpc.config import redis_url
 from amqprpc.testing import capture_logs, running_worker, unique_name, wait_for
 from amqprpc.wire.topology import DEFAULT_TOPOLOGY
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
+REDIS_URL = redis_url()
 
 
 @pytest.fixture
@@ -152,6 +153,7 @@ def test_fallback_answers_instead_of_circuit_open_and_of_counted_failures():
 
 
 # --- shared through Redis --------------------------------------------------------------
+@pytest.mark.integration
 def test_processes_share_the_state_through_redis(prefix):
     one, other = (CircuitBreaker(failure_threshold=3, reset_timeout=1.0, key_prefix=prefix, redis_url=REDIS_URL,
                                  sync_interval=0.2) for _ in range(2))
@@ -168,6 +170,7 @@ def test_processes_share_the_state_through_redis(prefix):
     assert one.state("svc") == CLOSED
 
 
+@pytest.mark.integration
 def test_concurrent_failures_are_counted_atomically(prefix):
     breakers = [CircuitBreaker(failure_threshold=1000, key_prefix=prefix, redis_url=REDIS_URL) for _ in range(4)]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -176,6 +179,7 @@ def test_concurrent_failures_are_counted_atomically(prefix):
     assert int(stored) == 200
 
 
+@pytest.mark.integration
 def test_a_closed_breaker_does_not_ask_redis_on_every_successful_call(prefix):
     breaker = CircuitBreaker(key_prefix=prefix, redis_url=REDIS_URL, sync_interval=60)
     calls = []

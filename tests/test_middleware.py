@@ -69,6 +69,7 @@ def test_before_hooks_run_in_order_and_after_hooks_in_reverse_and_only_overrides
     assert len(hooks.before_handle) == 2 and not Hooks([Middleware()], defaults=False).after_settle
 
 
+@pytest.mark.integration
 def test_a_default_middleware_joins_every_worker_and_client_created_after(service, broker_url):
     recorder = Recorder()
     middleware.add_default(recorder)
@@ -82,6 +83,7 @@ def test_a_default_middleware_joins_every_worker_and_client_created_after(servic
     assert not Hooks().middleware or recorder not in Hooks().middleware
 
 
+@pytest.mark.integration
 def test_every_delivery_gets_one_outcome_and_the_client_sees_each_settle(service, broker_url):
     worker_side, client_side = Recorder(), Recorder()
     service.handler("echo")(lambda payload: payload)
@@ -133,6 +135,7 @@ def test_every_delivery_gets_one_outcome_and_the_client_sees_each_settle(service
     ]
 
 
+@pytest.mark.integration
 def test_a_failing_hook_is_logged_and_never_fails_the_call_or_delivery(service, broker_url):
     service.handler("echo")(lambda payload: payload)
     with capture_logs("amqprpc.middleware") as records, running_worker(service, middleware=[Broken()]), \
@@ -143,6 +146,7 @@ def test_a_failing_hook_is_logged_and_never_fails_the_call_or_delivery(service, 
         ("Broken", "before_publish"), ("Broken", "before_handle"), ("Broken", "after_handle")}
 
 
+@pytest.mark.integration
 def test_a_bad_message_and_an_expired_request_get_their_outcome(service, broker_url):
     import amqp
     from kombu import Connection
@@ -191,6 +195,7 @@ def test_metrics_count_what_the_outcome_says_and_nothing_from_the_wire():
     assert sample("amqprpc_redeliveries_total") == 3 and sample("amqprpc_requests_in_flight") == 0
 
 
+@pytest.mark.integration
 def test_a_call_the_open_breaker_refuses_settles_as_circuit_open_for_hooks_and_client_metrics(broker_url):
     from prometheus_client import REGISTRY
 
@@ -222,6 +227,7 @@ def test_a_call_the_open_breaker_refuses_settles_as_circuit_open_for_hooks_and_c
     assert refused_calls() == 2
 
 
+@pytest.mark.integration
 def test_a_refused_call_the_fallback_answers_still_settles_as_circuit_open(broker_url):
     from amqprpc import CircuitBreaker
     from amqprpc.testing import unique_name

@@ -46,6 +46,7 @@ def notifications(shop, order_id):
     return [json.loads(n) for n in shop.redis.lrange(shop.key("notifications", order_id), 0, -1)]
 
 
+@pytest.mark.integration
 def test_an_order_is_paid_committed_and_notified_under_one_trace_id_once_the_call_returns(shop, client):
     before = stock(client, "prod_001")
     created = order(client, ("prod_001", 2))
@@ -65,6 +66,7 @@ def test_an_order_is_paid_committed_and_notified_under_one_trace_id_once_the_cal
     assert not client.dead_letters
 
 
+@pytest.mark.integration
 def test_a_refused_token_or_suspended_user_creates_nothing(shop, client):
     with pytest.raises(RemoteError) as refused:
         order(client, ("prod_001", 1), token="short", order_id="o-bad-token")
@@ -76,6 +78,7 @@ def test_a_refused_token_or_suspended_user_creates_nothing(shop, client):
     assert not client.events
 
 
+@pytest.mark.integration
 def test_concurrent_orders_never_oversell(client):
     available = stock(client, "prod_003")
     with ThreadPoolExecutor(8) as pool:
@@ -94,6 +97,7 @@ def _outcome(client):
     return None
 
 
+@pytest.mark.integration
 def test_a_failed_payment_gives_the_stock_back(shop, client):
     before = stock(client, "prod_002")
     created = order(client, ("prod_002", 30))  # 597.00, over this shop's limit
@@ -103,6 +107,7 @@ def test_a_failed_payment_gives_the_stock_back(shop, client):
     assert any("over the limit" in note["message"] for note in notifications(shop, created["order_id"]))
 
 
+@pytest.mark.integration
 def test_create_order_is_idempotent_per_order_id(client):
     before = stock(client, "prod_001")
     first = order(client, ("prod_001", 1), order_id="o-idem")
@@ -120,6 +125,7 @@ def users_answering(status="active"):
             .answer("user-service", "get_user", lambda payload: {"id": payload["user_id"], "status": status}))
 
 
+@pytest.mark.integration
 def test_create_order_asks_user_service_then_reserves_then_announces(shop):
     fake = users_answering().answer("inventory-service", "reserve", lambda payload: {
         "order_id": payload["order_id"], "total": 9.5, "status": "reserved",
@@ -134,6 +140,7 @@ def test_create_order_asks_user_service_then_reserves_then_announces(shop):
     assert worker.get_order(order_id=created["order_id"])["status"] == "created"
 
 
+@pytest.mark.integration
 def test_create_order_turns_refusals_into_its_own_errors(shop):
     worker = worker_factory(order_service.build, client=users_answering("suspended"), shop=shop)
     with pytest.raises(order_service.Unauthorized, match="is suspended"):
@@ -145,6 +152,7 @@ def test_create_order_turns_refusals_into_its_own_errors(shop):
     assert not fake.events
 
 
+@pytest.mark.integration
 def test_payment_charges_an_order_once_and_says_the_same_again(shop):
     worker = worker_factory(payment_service.build, shop=shop, limit=100.0)
     assert worker.event("order.created", {"order_id": "o-1", "user_id": "u", "total": 99.0}) == 1
@@ -155,6 +163,7 @@ def test_payment_charges_an_order_once_and_says_the_same_again(shop):
     assert first == again and "over the limit" in failed["reason"]
 
 
+@pytest.mark.integration
 def test_a_notification_is_recorded_once_per_order_and_event(shop):
     worker = worker_factory(notification_service.build, shop=shop)
     worker.event("order.created", {"order_id": "o-1", "total": 5})
@@ -172,6 +181,7 @@ def test_user_service_handlers_are_plain_functions():
         inventory_service.wanted_units([OrderLine(product_id="nope")])
 
 
+@pytest.mark.integration
 def test_a_payload_that_does_not_fit_the_shops_models_is_refused_before_any_handler_runs(client):
     with pytest.raises(RemoteError) as refused:
         order(client, ("prod_001", 0), user_id=7)
