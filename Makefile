@@ -40,10 +40,10 @@ test-pythons: $(STAMP) services
 	BUILD_PYTHON=$(VENV)/bin/python ./scripts/test-pythons.sh $(PYTHONS)
 
 # The same suite against a RabbitMQ 4.x node of its own (scripts/rabbitmq4.sh installs 4.x once
-# per machine into a cached folder, a few minutes; tests/rabbit_node.py runs the node beside the
+# per machine into a cached folder, a few minutes; tests/apps/rabbit_node.py runs the node beside the
 # system's, on free ports). own_broker and the cluster tests then run 4.x nodes too.
 test-rabbitmq4: $(STAMP) services
-	root=$$(./scripts/rabbitmq4.sh) && $(VENV)/bin/python tests/rabbit_node.py --root "$$root" -- \
+	root=$$(./scripts/rabbitmq4.sh) && $(VENV)/bin/python tests/apps/rabbit_node.py --root "$$root" -- \
 		$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP) services

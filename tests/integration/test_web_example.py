@@ -33,7 +33,7 @@ from procs import Proc, collector
 
 pytestmark = pytest.mark.integration
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 SERVER = ROOT / "examples" / "web" / "server.py"
 TESTS = pathlib.Path(__file__).resolve().parent
 WS_WAIT = 2.0  # the server's --ws-wait: short, so that a socket's "pending, open another" is exercised
@@ -427,7 +427,8 @@ def test_one_command_with_services_runs_collector_and_worker_in_process(broker_u
     queue, prefix, name = unique_name("responses"), unique_name("test-response") + ":", unique_name("web-orders")
     server, base = start_server("--with-services", "--service", name, "--app", "test_web_example:order_service",
                                 "--queue", queue, "--key-prefix", prefix,
-                                env={"PYTHONPATH": str(TESTS), "WEB_TEST_ORDER_SERVICE": name})
+                                env={"PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent / "apps")]),
+                                     "WEB_TEST_ORDER_SERVICE": name})
     try:
         cid = http("POST", f"{base}/api/orders", ORDER)[1]["correlation_id"]
         with connect(f"{'ws' + base[len('http'):]}/ws?cid={cid}", open_timeout=20) as socket:

@@ -21,7 +21,7 @@ from amqprpc.errors import BadMessage
 from amqprpc.testing import delete_queues, wait_for
 from amqprpc.wire.topology import DEFAULT_TOPOLOGY
 
-TESTS = os.path.dirname(__file__)
+TESTS = os.path.join(os.path.dirname(__file__), "..", "apps")  # the helper apps
 LIMIT = 64 * 1024  # --max-message-bytes for the soak: oversized bodies stay cheap to send
 
 

@@ -20,7 +20,7 @@ from websockets.sync.client import connect
 
 from procs import Proc
 
-SETUP = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "chromium.sh"
+SETUP = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "chromium.sh"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--disable-extensions", "--disable-default-apps",
          "--metrics-recording-only", "--mute-audio"]

@@ -12,7 +12,7 @@ import pytest
 
 from amqprpc.testing import delete_queues, unique_name
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # Run with the daemon extras made unimportable, as in a venv that installed plain "amqprpc".
 WITHOUT_EXTRAS = "import sys; sys.modules['prometheus_client'] = sys.modules['setproctitle'] = None\n"

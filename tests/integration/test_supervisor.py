@@ -24,7 +24,7 @@ from amqprpc.testing import delete_queues, unique_name, wait_for
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROGRAM_FILES = sorted((ROOT / "supervisor").glob("*.conf"))
 BIN = Path(sys.executable).parent
 

@@ -408,7 +408,7 @@ def _spans_in(text: str) -> list[dict]:
     return found
 
 
-DROP_IN = pathlib.Path(__file__).resolve().parent.parent / "systemd" / "amqprpc-worker@.service.d"
+DROP_IN = pathlib.Path(__file__).resolve().parents[2] / "systemd" / "amqprpc-worker@.service.d"
 DROP_IN /= "opentelemetry.conf"
 
 

@@ -25,7 +25,7 @@ from amqprpc import RpcClient, ServiceUnavailable
 from amqprpc.ops.loading import load_service  # noqa: F401 - the services named below must load
 from amqprpc.testing import delete_queues, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "systemd"
 TEMPLATE = UNITS / "amqprpc-worker@.service"
 SHIPPED_SERVICES = sorted(path.stem for path in (ROOT / "supervisor").glob("*.conf"))

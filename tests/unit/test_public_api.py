@@ -12,7 +12,7 @@ import pytest
 import amqprpc
 from amqprpc import errors
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_exception_a_caller_catches_lives_in_errors_and_is_exported():

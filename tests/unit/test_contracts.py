@@ -16,7 +16,7 @@ from amqprpc.contracts import parse, to_payload
 
 import contract_app
 
-HERE = os.path.dirname(__file__)
+HERE = os.path.join(os.path.dirname(__file__), "..", "apps")  # the helper apps
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from amqprpc.testing import delete_exchanges, delete_queues, running_worker, uni
 
 pytestmark = pytest.mark.integration
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).parent.parent / "apps"  # the helper apps
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = ("sequential", "pipelined_32", "threads_8", "aio_32", "casts", "payload_1k", "payload_64k", "payload_1m",
              "workers_1", "workers_2", "workers_3", "workers_4")
 

@@ -15,7 +15,7 @@ log directories, and HOME (so its own Erlang cookie; the nodes of a cluster shar
 
 Run as a script, it starts a node and runs a command against it (``make test-rabbitmq4``)::
 
-    python tests/rabbit_node.py --root /var/cache/amqprpc/rabbitmq-4.x -- python -m pytest -q
+    python tests/apps/rabbit_node.py --root /var/cache/amqprpc/rabbitmq-4.x -- python -m pytest -q
 
 A node can outlive the process that started it: :meth:`RabbitNode.save` writes what finds it
 again to a file, and a test session with ``AMQPRPC_TEST_RABBIT_NODE=<that file>`` uses it as

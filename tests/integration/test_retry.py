@@ -20,7 +20,7 @@ from amqprpc.server.worker import Worker
 
 pytestmark = pytest.mark.integration
 
-TESTS = os.path.dirname(__file__)
+TESTS = os.path.join(os.path.dirname(__file__), "..", "apps")  # the helper apps
 
 
 @pytest.fixture

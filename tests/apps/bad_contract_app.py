@@ -1,5 +1,5 @@
 """Services whose handler annotations cannot be validated with: `amqprpc worker` must exit 2
-at start with a one-line reason (tests/test_contracts.py)."""
+at start with a one-line reason (tests/unit/test_contracts.py)."""
 from __future__ import annotations
 
 from amqprpc import Service

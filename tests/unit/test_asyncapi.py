@@ -22,8 +22,8 @@ from amqprpc.wire.topology import Topology
 
 import contract_app
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DOCS = os.path.join(HERE, "..", "docs", "asyncapi")
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "apps")  # the helper apps
+DOCS = os.path.join(HERE, "..", "..", "docs", "asyncapi")
 # The committed documents name this broker (the default one, without credentials).
 DOCS_BROKER = "amqp://localhost:5672//"
 REGENERATE = f"amqprpc asyncapi --all --out docs/asyncapi --broker {DOCS_BROKER}"

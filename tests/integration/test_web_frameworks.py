@@ -27,7 +27,7 @@ from procs import Proc, free_port
 
 pytestmark = pytest.mark.integration
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 FRAMEWORKS = ROOT / "examples" / "frameworks"
 ORDER = {"user_id": "user_001", "token": "a-long-valid-token", "items": [{"product_id": "prod_001", "quantity": 1}]}
 

@@ -61,7 +61,7 @@ from workers.shop import Shop
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTS = ["README.md", "supervisor/README.md", "systemd/README.md"]
 PYTHON, SHELL = {"python", "py"}, {"sh", "bash", "shell"}
 BLOCK_TIMEOUT = 120.0  # seconds a block may run; a daemon gets 60 s to be ready

@@ -10,7 +10,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from amqprpc.middleware import clientmetrics, metrics
 
-DASHBOARD = pathlib.Path(__file__).parent.parent / "docs" / "grafana" / "amqprpc.json"
+DASHBOARD = pathlib.Path(__file__).resolve().parents[2] / "docs" / "grafana" / "amqprpc.json"
 SUFFIXES = {Counter: ("_total", "_created"), Gauge: ("",), Histogram: ("_bucket", "_count", "_sum", "_created")}
 SELECTOR = re.compile(r"\b(amqprpc_[a-z0-9_]+)\s*(\{[^}]*\})?")
 

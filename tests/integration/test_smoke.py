@@ -19,7 +19,7 @@ from procs import Proc
 pytestmark = [pytest.mark.integration, pytest.mark.smoke]
 
 AMQPRPC = str(Path(sys.executable).parent / "amqprpc")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 AUDIT = """
 import json
