@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -119,6 +120,8 @@ def shop_env(own_broker, tmp_path_factory):
     broker, a work folder holding the documents' files, and the environment blocks run in."""
     own_broker.ensure_running()
     folder = tmp_path_factory.mktemp("readme")
+    # A reader runs the blocks in a checkout: the shop's workers/ is there, not installed with amqprpc.
+    shutil.copytree(ROOT / "workers", folder / "workers")
     for block in ALL_BLOCKS:
         if block.saved_as:
             (folder / block.saved_as).parent.mkdir(parents=True, exist_ok=True)
