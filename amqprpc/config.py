@@ -26,7 +26,7 @@ def redis_url(url: str | None = None) -> str:
     return url or os.environ.get("AMQPRPC_REDIS_URL") or DEFAULT_REDIS_URL
 
 
-def redis_client(url: str, timeout: float):
+def redis_client(url: str, timeout: float) -> Any:
     """A ``redis.Redis`` that gives up after ``timeout`` seconds (connect and read) and never
     retries on its own: each caller decides what an unreachable Redis means (the breaker and
     the registry carry on without it)."""

@@ -16,6 +16,8 @@ whose name a caller sees as the ``error_type`` of a :class:`RemoteError`.
 """
 from __future__ import annotations
 
+from typing import Any
+
 
 class RpcError(Exception):
     """Base class of every error amqprpc raises to a caller."""
@@ -47,7 +49,7 @@ class WorkflowFailed(RpcError):
     workflow); ``results`` the results that did arrive, by step id."""
 
     def __init__(self, workflow: str, step: str, service: str, action: str, error: str, error_type: str,
-                 results: dict | None = None) -> None:
+                 results: dict[str, Any] | None = None) -> None:
         super().__init__(f"workflow {workflow} failed at step {step} ({service}.{action}): {error_type}: {error}")
         self.workflow = workflow
         self.step = step
@@ -132,7 +134,7 @@ class ValidationError(RpcError):
 
     retryable = False
 
-    def __init__(self, message: str, errors: list | None = None):
+    def __init__(self, message: str, errors: list[Any] | None = None):
         super().__init__(message)
         self.message = message
         self.errors = errors or []
@@ -145,7 +147,7 @@ class RemoteValidationError(RemoteError, ValidationError):
     ``{"loc", "msg", "type"}``, at most :data:`amqprpc.wire.envelope.MAX_REPLY_ERRORS`; empty
     when the peer sent none)."""
 
-    def __init__(self, message: str, errors: list | None = None, message_id: str | None = None):
+    def __init__(self, message: str, errors: list[Any] | None = None, message_id: str | None = None):
         RemoteError.__init__(self, message, "ValidationError", message_id)
         self.errors = errors or []
 

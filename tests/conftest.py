@@ -3,18 +3,42 @@ on 127.0.0.1:5672) and the real Redis on 127.0.0.1:6379.
 
 `make test` starts them when installed but not running (scripts/services.sh); `make
 test-rabbitmq4` runs the same suite against a RabbitMQ 4.x node of its own
-(tests/rabbit_node.py). A test needing a broker that does not answer fails with a clear
+(tests/apps/rabbit_node.py). A test needing a broker that does not answer fails with a clear
 message, never skips silently.
 """
 from __future__ import annotations
 
 import socket
+import sys
+from pathlib import Path
 
 import pytest
 
 from amqprpc import Service
 from amqprpc.config import broker_url as configured_broker_url
 from amqprpc.testing import unique_name
+
+# tests/unit/: no broker, no Redis; tests/integration/: files with tests that need them (each
+# such test marked integration); tests/apps/: what tests run or import (apps, processes, nodes),
+# importable by module name (``from procs import Proc``) from any test.
+APPS = Path(__file__).resolve().parent / "apps"
+if str(APPS) not in sys.path:
+    sys.path.insert(0, str(APPS))
+# The example shop (workers/) is not installed with amqprpc: tests import it from the checkout.
+# Appended, so that an installed amqprpc (make test-pythons' wheel) still comes before the checkout's.
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list) -> None:
+    """Keep the folders truthful: a test in tests/unit/ that needs the broker or Redis (marked
+    integration) belongs in tests/integration/."""
+    misplaced = [item.nodeid for item in items if item.get_closest_marker("integration")
+                 and Path(str(item.path)).relative_to(ROOT).parts[1:2] == ("unit",)]
+    if misplaced:
+        raise pytest.UsageError(f"integration tests in tests/unit/ (move them to tests/integration/): {misplaced}")
 
 
 def _port_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -39,8 +63,15 @@ def broker_url() -> str:
 
 @pytest.fixture(scope="session")
 def redis_available() -> None:
-    if not _port_open(6379):
-        pytest.fail("Redis does not answer on 127.0.0.1:6379: run ./scripts/services.sh (or make test)")
+    from urllib.parse import urlsplit
+
+    from amqprpc.config import redis_url
+
+    where = urlsplit(redis_url())
+    host, port = where.hostname or "127.0.0.1", where.port or 6379
+    if not _port_open(port, host):
+        pytest.fail(f"Redis does not answer on {host}:{port} (AMQPRPC_REDIS_URL): run ./scripts/services.sh "
+                    "(or make test)")
 
 
 @pytest.fixture

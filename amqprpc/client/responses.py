@@ -82,11 +82,11 @@ class _Names:
         return Lookup(PENDING if pending is not None else UNKNOWN)
 
     @staticmethod
-    def _is_confirmation(message: Optional[dict]) -> bool:
+    def _is_confirmation(message: Optional[dict[str, Any]]) -> bool:
         return message is not None and message["type"] == "subscribe"
 
     @staticmethod
-    def _announced(message: Optional[dict]) -> Optional[bytes]:
+    def _announced(message: Optional[dict[str, Any]]) -> Optional[bytes]:
         return message["data"] if message is not None and message["type"] == "message" else None
 
 

@@ -20,13 +20,16 @@ import amqp
 
 from amqprpc import context, logs
 from amqprpc.wire import envelope
+from amqprpc.caller import Caller
 from amqprpc.client.breaker import CircuitBreaker
 from amqprpc.config import broker_url as default_broker_url
 from amqprpc.config import redact
 from amqprpc.transport.deadlines import Timer
 from amqprpc.errors import CallTimeout, CircuitOpen, ConnectionLost, PublishRefused, RemoteError, ServiceUnavailable
 from amqprpc.transport.framehandler import UndecodableMessage
-from amqprpc.transport.ioloop import UNENCODABLE, AmqpLoop, channel_refused, close_quietly, open_confirm_channel, publish
+from amqprpc.transport.ioloop import (
+    UNENCODABLE, AmqpLoop, channel_refused, close_quietly, open_confirm_channel, publish,
+)
 from amqprpc.transport.link import describe
 from amqprpc.middleware import Hooks, Middleware, Outgoing
 from amqprpc.middleware.observability import automatic
@@ -81,11 +84,11 @@ class RpcClient:
         self._confirm_channel: amqp.Channel | None = None
         self._confirm_opened = 0.0
         self.channels_replaced = {"call": 0, "confirm": 0}  # after the broker kept refusing them
-        self._pending: dict[str, tuple[Future, str, str, float]] = {}  # correlation id -> call
+        self._pending: dict[str, tuple[Future[Any], str, str, float]] = {}  # correlation id -> call
         self._deadlines: list[tuple[float, str]] = []  # heap of (monotonic deadline, correlation id)
         self._calls_lock = threading.Lock()  # the two above, between callers, loop and timer
         self._timer = Timer(self._expire, name=f"amqprpc-deadlines-{source}")
-        self._confirms: dict[int, tuple[Future, str, str]] = {}  # delivery tag -> publish
+        self._confirms: dict[int, tuple[Future[Any], str, str]] = {}  # delivery tag -> publish
         self._unroutable: set[str] = set()
         self._publish_seq = 0
         self._declared: dict[str, int] = {}  # queue name -> connection generation it was declared on
@@ -127,10 +130,11 @@ class RpcClient:
         try:
             return future.result(timeout + _GRACE)
         except FutureTimeout:
-            raise CallTimeout(f"{service}.{action}: no answer within {timeout}s (its deadline timer was late)") from None
+            raise CallTimeout(
+                f"{service}.{action}: no answer within {timeout}s (its deadline timer was late)") from None
 
     def call_async(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
-                   callback: Callable[[Future], Any] | None = None, returns: Any = None) -> Future:
+                   callback: Callable[[Future[Any]], Any] | None = None, returns: Any = None) -> Future[Any]:
         """Send a call and return a Future of its ``data`` at once.
 
         ``callback(future)`` runs when it resolves, on a separate callback thread (so a
@@ -150,11 +154,11 @@ class RpcClient:
             future.add_done_callback(self._run_callback(callback))
         return future
 
-    def _parsed(self, future: Future, returns: Any, service: str, action: str) -> Future:
+    def _parsed(self, future: Future[Any], returns: Any, service: str, action: str) -> Future[Any]:
         """A Future of ``future``'s data parsed into ``returns``."""
-        parsed: Future = Future()
+        parsed: Future[Any] = Future()
 
-        def parse(done: Future) -> None:
+        def parse(done: Future[Any]) -> None:
             error = done.exception()
             if error is not None:
                 _settle(parsed, exception=error)
@@ -168,7 +172,7 @@ class RpcClient:
         return parsed
 
     def _call_async(self, service: str, action: str, payload: Any,
-                    timeout: float | None) -> Future:
+                    timeout: float | None) -> Future[Any]:
         timeout, headers = self._deadline(timeout)
         message_id = envelope.new_id()
         hooks = self.hooks
@@ -187,7 +191,7 @@ class RpcClient:
         message = amqp.Message(body, content_type=envelope.CONTENT_TYPE, message_id=message_id,
                                correlation_id=message_id, reply_to=self.reply_queue.name, delivery_mode=2,
                                expiration=str(max(1, int(timeout * 1000))))
-        future: Future = Future()
+        future: Future[Any] = Future()
         if outgoing is not None:
             if outgoing.headers:
                 message.properties["application_headers"] = outgoing.headers
@@ -306,11 +310,11 @@ class RpcClient:
     def __enter__(self) -> "RpcClient":
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     # --- caller thread helpers -------------------------------------------------------
-    def _deadline(self, timeout: float | None, with_deadline: bool = True) -> tuple[float, dict]:
+    def _deadline(self, timeout: float | None, with_deadline: bool = True) -> tuple[float, dict[str, Any]]:
         """The effective timeout (bounded by an enclosing handler's deadline) and the
         headers that carry the deadline and the trace id onwards."""
         timeout = self.timeout if timeout is None else timeout
@@ -374,7 +378,7 @@ class RpcClient:
             message.properties["application_headers"] = outgoing.headers
 
         def attempt(left: float) -> None:
-            future: Future = Future()
+            future: Future[Any] = Future()
             self._send_confirmed(exchange, routing_key, message, message_id, what, mandatory, future)
             try:
                 future.result(left)
@@ -393,18 +397,18 @@ class RpcClient:
         if outgoing is not None and self.hooks.after_settle:
             self._settled(outgoing, None)
 
-    def _run_callback(self, callback: Callable[[Future], Any]) -> Callable[[Future], None]:
+    def _run_callback(self, callback: Callable[[Future[Any]], Any]) -> Callable[[Future[Any]], None]:
         if self._callbacks is None:
             self._callbacks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="amqprpc-callback")
         executor = self._callbacks
 
-        def run(future: Future) -> None:
+        def run(future: Future[Any]) -> None:
             executor.submit(callback, future)
 
         return run
 
     # --- loop thread -------------------------------------------------------------------
-    def _on_connected(self, connection) -> None:
+    def _on_connected(self, connection: Any) -> None:
         replies = connection.channel()
         self.topology.request_exchange()(replies).declare()
         self.topology.events_exchange()(replies).declare()
@@ -416,7 +420,8 @@ class RpcClient:
         """Requests go out confirmed: a request the broker refuses (nack) fails its call at
         once instead of at its timeout, and tells that the channel needs replacing. The
         broker's acks cost the loop thread one small frame per call, no caller waits on them."""
-        channel = open_confirm_channel(self._loop.connection, self._on_call_ack, self._on_call_nack, self._on_call_returned)
+        channel = open_confirm_channel(self._loop.connection, self._on_call_ack, self._on_call_nack,
+                                       self._on_call_returned)
         with self._write_lock:
             old, self._call_channel = self._call_channel, channel
             self._call_tags, self._call_seq, self._call_opened = {}, 0, time.monotonic()
@@ -445,7 +450,7 @@ class RpcClient:
         self.channels_replaced[which] += 1
         (self._open_call_channel if which == "call" else self._open_confirm_channel)()
 
-    def _on_disconnected(self, exc) -> None:
+    def _on_disconnected(self, exc: BaseException | None) -> None:
         with self._write_lock:  # no caller may publish on the dead channels after this
             self._call_channel = self._confirm_channel = None
             self._call_tags = {}
@@ -460,14 +465,14 @@ class RpcClient:
             _settle(future, exception=ConnectionLost(f"{what}: {reason}; not confirmed"))
         self._unroutable.clear()
 
-    def _declare_once(self, queue) -> None:
+    def _declare_once(self, queue: Any) -> None:
         # Declared by the sender too, so that replies wait in the queue even before the
         # first collector ever ran (a reply to a missing queue is dropped by the broker).
         if self._confirm_channel is not None and self._declared.get(queue.name) != self._loop.generation:
             queue(self._confirm_channel).declare()
             self._declared[queue.name] = self._loop.generation
 
-    def _register(self, message_id: str, future: Future, service: str, action: str, timeout: float) -> None:
+    def _register(self, message_id: str, future: Future[Any], service: str, action: str, timeout: float) -> None:
         """Pending from now on, with its deadline on the timer thread (:mod:`amqprpc.transport.deadlines`):
         it holds even if the loop thread publishes the call late, or never (a reconnect)."""
         due = time.monotonic() + timeout
@@ -485,7 +490,7 @@ class RpcClient:
             self._timer.arm(due)
 
     def _send_call(self, message_id: str, message: amqp.Message, service: str, action: str,
-                   future: Future) -> None:
+                   future: Future[Any]) -> None:
         """Publish from the caller's thread (any thread): no hop to the loop thread and
         back. But never wait for the lock: when another thread is writing, the loop thread
         publishes this call (in one go with whatever else piled up) rather than callers
@@ -499,7 +504,7 @@ class RpcClient:
             self._loop.call_soon(self._publish_call, message_id, message, service, action, future)
 
     def _publish_call(self, message_id: str, message: amqp.Message, service: str, action: str,
-                      future: Future) -> None:
+                      future: Future[Any]) -> None:
         """Under ``write_lock`` the channel cannot be swapped by a reconnect between the
         check and the publish."""
         if future.done():  # timed out, or failed with its connection, before its turn came
@@ -569,7 +574,7 @@ class RpcClient:
         else:
             _settle(future, exception=envelope.remote_error(doc))
 
-    def _undecodable_reply(self, message: UndecodableMessage, entry: tuple | None) -> None:
+    def _undecodable_reply(self, message: UndecodableMessage, entry: tuple[Any, ...] | None) -> None:
         """A reply whose properties did not decode (a hostile or broken peer): the call it
         names (by what did decode, or its body's message_id) fails with BadReply; otherwise
         it is dropped (the reply queue is no_ack). Either way the connection stays up."""
@@ -599,7 +604,7 @@ class RpcClient:
         if channel_refused(self._call_opened):
             self._loop.call_soon(self._replace_channel, "call")
 
-    def _on_call_returned(self, exc, exchange: str, routing_key: str, message: amqp.Message) -> None:
+    def _on_call_returned(self, exc: Exception, exchange: str, routing_key: str, message: amqp.Message) -> None:
         entry = self._pending.pop(message.properties.get("correlation_id"), None)
         if entry is not None:
             future, service, action, _ = entry
@@ -607,7 +612,7 @@ class RpcClient:
                 f"{service}.{action}: no queue is bound for {routing_key!r} (is {service} deployed?)"))
 
     def _send_confirmed(self, exchange: str, routing_key: str, message: amqp.Message, message_id: str, what: str,
-                        mandatory: bool, future: Future) -> None:
+                        mandatory: bool, future: Future[Any]) -> None:
         """From the caller's thread, like _send_call: the confirm's delivery tag is the
         channel's publish count, so numbering and publishing happen under write_lock."""
         with self._write_lock:
@@ -625,7 +630,7 @@ class RpcClient:
                     self._publish_seq -= 1  # nothing was sent: the broker's confirm numbers stay ours
                 _settle(future, exception=_publish_error(what, exc))
 
-    def _on_confirm_returned(self, exc, exchange: str, routing_key: str, message: amqp.Message) -> None:
+    def _on_confirm_returned(self, exc: Exception, exchange: str, routing_key: str, message: amqp.Message) -> None:
         # basic.return precedes the basic.ack of the same message.
         self._unroutable.add(message.properties.get("message_id"))
 
@@ -643,7 +648,7 @@ class RpcClient:
         if channel_refused(self._confirm_opened):
             self._loop.call_soon(self._replace_channel, "confirm")
 
-    def _take_confirms(self, delivery_tag: int, multiple: bool) -> list:
+    def _take_confirms(self, delivery_tag: int, multiple: bool) -> list[Any]:
         if not multiple:
             entry = self._confirms.pop(delivery_tag, None)
             return [entry] if entry else []
@@ -658,7 +663,7 @@ class ServiceProxy:
     payload (dict or model) and/or fields as keywords, and ``returns=`` as for ``call``
     (so ``returns`` is no payload field name here)."""
 
-    def __init__(self, client: RpcClient, service: str, timeout: float | None = None):
+    def __init__(self, client: Caller, service: str, timeout: float | None = None) -> None:
         self._client = client
         self._service = service
         self._timeout = timeout
@@ -718,7 +723,7 @@ def _take_tags(tags: dict[int, str], up_to: int) -> list[str]:
     return taken
 
 
-def _failure_of(future: Future) -> BaseException | None:
+def _failure_of(future: Future[Any]) -> BaseException | None:
     return CallTimeout("cancelled") if future.cancelled() else future.exception()
 
 
@@ -741,7 +746,7 @@ def _call_outcome(exc: BaseException | None, duration: float) -> CallOutcome:
     return CallOutcome(kind, type(exc).__name__, duration)
 
 
-def _settle(future: Future, *, result: Any = None, exception: BaseException | None = None) -> None:
+def _settle(future: Future[Any], *, result: Any = None, exception: BaseException | None = None) -> None:
     if future.done():
         return
     if exception is not None:

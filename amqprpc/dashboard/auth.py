@@ -53,7 +53,8 @@ def bind_refusal(host: str, user_password: str | None, token: str | None) -> str
                                       or not user_password.split(":", 1)[1]):
         return "--auth must be USER:PASSWORD (both non-empty)"
     if token is not None and len(token) < 16:
-        return "--token must be at least 16 characters (e.g. python -c 'import secrets; print(secrets.token_urlsafe())')"
+        return ("--token must be at least 16 characters "
+                "(e.g. python -c 'import secrets; print(secrets.token_urlsafe())')")
     if not is_loopback(host) and user_password is None and token is None:
         return (f"refusing to serve the dashboard on {host} without authentication: "
                 f"add --auth USER:PASSWORD or --token TOKEN (or bind 127.0.0.1)")

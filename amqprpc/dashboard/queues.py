@@ -138,7 +138,8 @@ class ManagementQueues:
         password = urllib.parse.unquote(parts.password or broker.password or "guest")
         host = parts.hostname or "localhost"
         netloc = f"[{host}]" if ":" in host else host
-        self.base = f"{parts.scheme or 'http'}://{netloc}{f':{parts.port}' if parts.port else ''}{parts.path.rstrip('/')}"
+        port = f":{parts.port}" if parts.port else ""
+        self.base = f"{parts.scheme or 'http'}://{netloc}{port}{parts.path.rstrip('/')}"
         vhost = urllib.parse.unquote(broker.path[1:]) if broker.path not in ("", "/") else "/"
         self.vhost = vhost
         self._authorization = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()

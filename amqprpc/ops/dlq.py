@@ -39,7 +39,8 @@ def _count(broker_url: str | None, queue: str) -> int:
     passive declare of a missing queue closes the channel it ran on."""
     with _channel(broker_url) as channel:
         try:
-            return channel.queue_declare(queue, passive=True).message_count
+            count: int = channel.queue_declare(queue, passive=True).message_count
+            return count
         except amqp.exceptions.NotFound:
             return 0
 

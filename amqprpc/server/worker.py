@@ -276,7 +276,8 @@ class Worker:
                 log.error("reply cannot be encoded; request dead-lettered", error=repr(exc)[:500])
                 self._amend(decision, "UnsendableReply")
                 self._loop.call_soon(self._finish, generation, message, Decision(forward=self.redelivery.dead_letter(
-                    message, decision.delivery.queue if decision.delivery else self.queue_name, f"Reply could not be sent: {exc!r}", "UnsendableReply"),
+                    message, decision.delivery.queue if decision.delivery else self.queue_name,
+                    f"Reply could not be sent: {exc!r}", "UnsendableReply"),
                     outcome=decision.outcome, delivery=decision.delivery))
                 return
         if decision.discard:

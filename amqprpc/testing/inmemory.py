@@ -56,7 +56,7 @@ class DeadLetter(NamedTuple):
     service: str
     kind: str  # "cast" or "event"
     action: str
-    payload: dict
+    payload: dict[str, Any]
     error_type: str
     error: str
 
@@ -80,7 +80,7 @@ class InMemoryClient(Recorder):
         self._dispatchers: Dict[str, Tuple[Dispatcher, Dict[str, str]]] = {}
         self.services: Dict[str, Service] = {}
         self.dead_letters: List[DeadLetter] = []
-        self.replies: Dict[str, dict] = {}
+        self.replies: Dict[str, dict[str, Any]] = {}
         self._started = time.time()
         self._local = threading.local()
         for service in services:
@@ -165,7 +165,7 @@ class InMemoryClient(Recorder):
                                      f"'request.{service}' (is {service} deployed?)")
         return target
 
-    def _headers(self, timeout: float | None, *, with_deadline: bool) -> Tuple[float, dict]:
+    def _headers(self, timeout: float | None, *, with_deadline: bool) -> Tuple[float, dict[str, Any]]:
         """As RpcClient does: inside a handler, the trace id goes on and the deadline is
         the earlier of the handler's and this call's own."""
         timeout = self.timeout if timeout is None else timeout
@@ -190,8 +190,8 @@ class InMemoryClient(Recorder):
     def _outermost(self) -> "_Outermost":
         return _Outermost(self._local)
 
-    def _deliver(self, service: Service, kind: str, action: str, payload: dict, headers: dict,
-                 subscription: Any = None, message_id: str | None = None) -> dict | None:
+    def _deliver(self, service: Service, kind: str, action: str, payload: dict[str, Any], headers: dict[str, Any],
+                 subscription: Any = None, message_id: str | None = None) -> dict[str, Any] | None:
         """One message through the envelope and the worker's own dispatcher (with this
         client's middleware); the reply envelope (as a dict) for calls and submits, None
         when there is none to send. What the dispatcher forwards is carried out here: a
@@ -219,7 +219,8 @@ class InMemoryClient(Recorder):
                 service, self.hooks, self, {"ping": functools.partial(self._ping, service)})
         return made
 
-    def _dead_letter(self, service: Service, kind: str, action: str, payload: dict, message: amqp.Message) -> None:
+    def _dead_letter(self, service: Service, kind: str, action: str, payload: dict[str, Any],
+                     message: amqp.Message) -> None:
         headers = message.properties.get("application_headers") or {}
         error_type, error = str(headers.get(ERROR_TYPE)), str(headers.get(ERROR))
         log.warning("in-memory delivery dead-lettered", service=service.name, kind=kind, action=action,
@@ -227,7 +228,7 @@ class InMemoryClient(Recorder):
         with self._lock:
             self.dead_letters.append(DeadLetter(service.name, kind, action, payload, error_type, error))
 
-    def _ping(self, service: Service, payload: Any) -> dict:
+    def _ping(self, service: Service, payload: Any) -> dict[str, Any]:
         return {"instance_id": "in-memory", "service": service.name, "host": socket.gethostname(),
                 "pid": os.getpid(), "time": time.time(), "uptime": round(time.time() - self._started, 3)}
 

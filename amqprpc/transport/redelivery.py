@@ -270,7 +270,7 @@ class Forwarder:
         # Replaced before the next send (not from inside this frame's dispatch).
         self._refused = self._refused or channel_refused(self._opened)
 
-    def _take(self, delivery_tag: int, multiple: bool) -> list:
+    def _take(self, delivery_tag: int, multiple: bool) -> list[Any]:
         if not multiple:
             entry = self._pending.pop(delivery_tag, None)
             taken = [entry] if entry else []
@@ -281,7 +281,7 @@ class Forwarder:
         return taken
 
 
-def _origin(message: amqp.Message, queue: str) -> dict:
+def _origin(message: amqp.Message, queue: str) -> dict[str, Any]:
     """Where the message first came from; kept from an earlier forward if there was one."""
     headers = h.headers_of(message)
     info = message.delivery_info or {}
@@ -290,7 +290,7 @@ def _origin(message: amqp.Message, queue: str) -> dict:
             h.ORIGINAL_QUEUE: headers.get(h.ORIGINAL_QUEUE, queue)}
 
 
-def _copy(message: amqp.Message, update: dict, keep_headers: bool = True) -> amqp.Message:
+def _copy(message: amqp.Message, update: dict[str, Any], keep_headers: bool = True) -> amqp.Message:
     """The same body and properties (ids kept), persistent, with ``update`` merged into
     the headers. ``expiration`` is dropped: the copy waits in a delay or dead queue and
     must not vanish there (the deadline in the envelope still guards calls). ``user_id``

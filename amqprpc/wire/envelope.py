@@ -129,7 +129,8 @@ class Request:
     __slots__ = ("message_id", "correlation_id", "reply_to", "source", "target", "action",
                  "payload", "headers")
 
-    def __init__(self, message_id, correlation_id, reply_to, source, target, action, payload, headers):
+    def __init__(self, message_id: str, correlation_id: str | None, reply_to: str | None, source: str | None,
+                 target: str | None, action: str, payload: Any, headers: dict[str, Any]) -> None:
         self.message_id = message_id
         self.correlation_id = correlation_id
         self.reply_to = reply_to
@@ -185,7 +186,8 @@ def reply_address(properties: Mapping[str, Any], body: bytes | str) -> tuple[str
         return reply_to, correlation_id
     if isinstance(doc, dict):
         reply_to = reply_to or _str_or_none(doc.get("reply_to"))
-        correlation_id = correlation_id or _str_or_none(doc.get("correlation_id")) or _str_or_none(doc.get("message_id"))
+        correlation_id = (correlation_id or _str_or_none(doc.get("correlation_id"))
+                          or _str_or_none(doc.get("message_id")))
     if reply_to is not None and shortstr_problem("reply_to", reply_to):
         reply_to = None
     return reply_to, correlation_id
