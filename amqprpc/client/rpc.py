@@ -327,7 +327,11 @@ class RpcClient:
         else:
             headers["trace_id"] = envelope.new_id()
         if with_deadline:
+            # Both: the absolute deadline for peers that read only that (the seed's PHP
+            # services), the time left for a reader that counts it from arrival on its own
+            # clock (envelope.Request.deadline), so that skewed clocks drop no calls.
             headers["deadline"] = round(deadline, 6)
+            headers[envelope.TIMEOUT_MS_HEADER] = max(0, int(timeout * 1000))
         extra = context.outgoing_headers.get()
         if extra:
             headers.update(extra)
