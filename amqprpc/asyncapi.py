@@ -70,7 +70,11 @@ _REQUEST_ENVELOPE = {
                 "trace_id": {"type": "string", "description": "Shared by every hop of one request."},
                 "parent_id": {"type": "string", "description": "correlation_id of the request that made this one."},
                 "deadline": {"type": "number",
-                             "description": "Epoch seconds after which nobody waits: the request is dropped unrun."},
+                             "description": "Epoch seconds (sender's clock) after which nobody waits: the request "
+                                            "is dropped unrun. Read only when timeout_ms is absent."},
+                "timeout_ms": {"type": "integer",
+                               "description": "Milliseconds the sender had left when it sent the request; the "
+                                              "receiver counts them from arrival on its own clock."},
             },
         },
         "payload": {"type": "object", "description": "The action's input: see each operation's message."},

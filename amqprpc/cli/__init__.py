@@ -42,7 +42,9 @@ def logging_options(default_level: str = "info") -> Callable[..., Any]:
 
 def redis_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--redis", "redis_url", envvar="AMQPRPC_REDIS_URL", default=DEFAULT_REDIS_URL,
-                        show_default=True, show_envvar=True, help="Redis URL.")(fn)
+                        show_default=True, show_envvar=True,
+                        help="Redis URL: redis://[:password@]HOST:PORT/DB, or through Sentinel "
+                             "redis+sentinel://[:password@]HOST:PORT[,HOST:PORT...]/MASTER_NAME[/DB].")(fn)
 
 
 def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:

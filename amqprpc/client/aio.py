@@ -161,10 +161,11 @@ class AsyncRpcClient:
         await self._off_loop(self.client.publish_event, name, payload, timeout=timeout)
 
     async def submit(self, service: str, action: str, payload: Any = None, *,
-                     timeout: float | None = None) -> str:
+                     timeout: float | None = None, correlation_id: str | None = None) -> str:
         """As ``RpcClient.submit``: returns the correlation id once the broker confirmed."""
-        correlation_id: str = await self._off_loop(self.client.submit, service, action, payload, timeout=timeout)
-        return correlation_id
+        correlation_id = await self._off_loop(self.client.submit, service, action, payload, timeout=timeout,
+                                              correlation_id=correlation_id)
+        return str(correlation_id)
 
     async def run(self, workflow: Any) -> Any:
         """:meth:`RpcClient.run <amqprpc.client.rpc.RpcClient.run>` off the event loop; the

@@ -240,7 +240,7 @@ class RpcClient:
                         outgoing=outgoing)
 
     def submit(self, service: str, action: str, payload: Any = None, *,
-               timeout: float | None = None) -> str:
+               timeout: float | None = None, correlation_id: str | None = None) -> str:
         """Accept-then-poll: send a request whose reply goes to the shared collector queue
         (``topology.collector_queue``) and return its correlation id.
 
@@ -250,9 +250,19 @@ class RpcClient:
         broker did not confirm within ``timeout`` seconds. The request carries no deadline:
         it runs whenever a worker gets to it. ``amqprpc collector`` stores the reply in
         Redis; read it with :class:`amqprpc.ResponseStore`.
+
+        ``correlation_id``: an id of the caller's own instead of a new one (at most 255
+        ASCII characters), for a caller that must know it before sending (to mark the
+        request pending first) or hand out an unguessable one (``secrets.token_hex(16)``:
+        the ids amqprpc makes are unique, not secret).
         """
         timeout, headers = self._deadline(timeout, with_deadline=False)
-        message_id = envelope.new_id()
+        if correlation_id is not None:
+            problem = (envelope.shortstr_problem("correlation_id", correlation_id) if correlation_id
+                       else "correlation_id is empty")
+            if problem:
+                raise ValueError(problem)
+        message_id = correlation_id or envelope.new_id()
         collector = self.topology.responses_queue()
         deadline = time.monotonic() + timeout
         if self._declared.get(collector.name) != self._loop.generation:
@@ -331,7 +341,11 @@ class RpcClient:
         else:
             headers["trace_id"] = envelope.new_id()
         if with_deadline:
+            # Both: the absolute deadline for peers that read only that (the seed's PHP
+            # services), the time left for a reader that counts it from arrival on its own
+            # clock (envelope.Request.deadline), so that skewed clocks drop no calls.
             headers["deadline"] = round(deadline, 6)
+            headers[envelope.TIMEOUT_MS_HEADER] = max(0, int(timeout * 1000))
         extra = context.outgoing_headers.get()
         if extra:
             headers.update(extra)

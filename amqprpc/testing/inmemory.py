@@ -181,6 +181,7 @@ class InMemoryClient(Recorder):
             headers["trace_id"] = envelope.new_id()
         if with_deadline:
             headers["deadline"] = round(deadline, 6)
+            headers[envelope.TIMEOUT_MS_HEADER] = max(0, int(timeout * 1000))
         headers.update(outgoing_headers.get() or {})
         return timeout, headers
 

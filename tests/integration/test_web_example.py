@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from http.cookiejar import CookieJar
 
 import pytest
 import redis
@@ -39,6 +40,8 @@ TESTS = pathlib.Path(__file__).resolve().parent
 WS_WAIT = 2.0  # the server's --ws-wait: short, so that a socket's "pending, open another" is exercised
 
 HOLDS: dict[str, threading.Event] = {}
+RAN: set[str] = set()  # the "note" of every order create_order started
+SESSION = CookieJar()  # this module's browser session: the shop_session cookie the server sets
 
 
 def hold(name: str) -> threading.Event:
@@ -55,6 +58,8 @@ def make_order_service(name: str) -> Service:
 
     @service.handler
     def create_order(payload: dict) -> dict:
+        if payload.get("note"):
+            RAN.add(payload["note"])
         if payload.get("hold"):
             hold(payload["hold"]).wait(30)
         items = payload.get("items") or []
@@ -86,8 +91,9 @@ def start_server(*args: str, env: dict | None = None) -> tuple[Proc, str]:
 class Shop:
     """The module's server, its collector (which a test may stop and start again) and names."""
 
-    def __init__(self, server: Proc, base: str, queue: str, prefix: str, redis_name: str):
+    def __init__(self, server: Proc, base: str, queue: str, prefix: str, redis_name: str, service: str = ""):
         self.server, self.base, self.queue, self.prefix, self.redis_name = server, base, queue, prefix, redis_name
+        self.service = service
         self.collector = collector(queue, prefix)
 
     @property
@@ -116,7 +122,7 @@ def shop(broker_url, redis_available):
                                 "--redis", f"redis://127.0.0.1:6379/0?client_name={redis_name}")
     state = None
     try:
-        state = Shop(server, base, queue, prefix, redis_name)
+        state = Shop(server, base, queue, prefix, redis_name, orders.name)
         with running_worker(orders):
             try:
                 yield state
@@ -135,21 +141,31 @@ def shop(broker_url, redis_available):
             store.delete(key)
 
 
-def http(method: str, url: str, body: object = None, headers: dict | None = None) -> tuple[int, dict]:
+def http(method: str, url: str, body: object = None, headers: dict | None = None,
+         jar: CookieJar = SESSION) -> tuple[int, dict]:
+    """One request in the session of ``jar`` (the module's own unless given): it sends the
+    cookies the server set there, and keeps those it sets."""
     data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body  # else bytes, chunks or None
     request = urllib.request.Request(url, data=data, method=method,
                                      headers={"Content-Type": "application/json", **(headers or {})})
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
     try:
-        with urllib.request.urlopen(request, timeout=20) as response:
+        with opener.open(request, timeout=20) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
 
 
-def refused(url: str) -> tuple[int, dict]:
+def ws_connect(url: str, jar: CookieJar = SESSION, open_timeout: float = 20):
+    """A WebSocket in the session of ``jar``: its cookies go with the upgrade, as a browser's."""
+    cookies = "; ".join(f"{cookie.name}={cookie.value}" for cookie in jar)
+    return connect(url, open_timeout=open_timeout, additional_headers={"Cookie": cookies} if cookies else None)
+
+
+def refused(url: str, jar: CookieJar = SESSION) -> tuple[int, dict]:
     """The HTTP status and JSON body with which the server refused a WebSocket upgrade."""
     with pytest.raises(InvalidStatus) as refusal:
-        connect(url, open_timeout=20)
+        ws_connect(url, jar)
     response = refusal.value.response
     return response.status_code, json.loads(bytes(response.body))
 
@@ -173,7 +189,7 @@ def test_the_socket_sends_the_result_the_moment_the_collector_stores_it(shop):
         name = unique_name("hold")
         cid = place(shop, hold=name)
         announced = watch_announcement(shop.prefix + cid)
-        with connect(f"{shop.ws}/ws?cid={cid}", open_timeout=20) as socket:
+        with ws_connect(f"{shop.ws}/ws?cid={cid}") as socket:
             wait_for(lambda: shop.waiting(cid))
             hold(name).set()
             message = json.loads(socket.recv(20))
@@ -205,7 +221,7 @@ def watch_announcement(channel: str) -> dict:
 
 def test_a_refused_order_arrives_as_failed_on_the_socket_and_the_poll(shop):
     cid = place(shop, items=[])
-    with connect(f"{shop.ws}/ws?cid={cid}", open_timeout=20) as socket:
+    with ws_connect(f"{shop.ws}/ws?cid={cid}") as socket:
         message = json.loads(socket.recv(20))
     assert message == {"status": "failed", "correlation_id": cid, "error": "an order needs items",
                        "error_type": "ValueError"}
@@ -227,7 +243,7 @@ def test_a_socket_with_no_reply_yet_answers_pending_after_its_wait(shop):
     name = unique_name("hold")
     cid = place(shop, hold=name)
     try:
-        with connect(f"{shop.ws}/ws?cid={cid}", open_timeout=20) as socket:
+        with ws_connect(f"{shop.ws}/ws?cid={cid}") as socket:
             assert json.loads(socket.recv(WS_WAIT * 10)) == {"status": "pending", "correlation_id": cid}
     finally:
         hold(name).set()
@@ -264,32 +280,52 @@ def test_the_synchronous_endpoint_maps_timeouts_to_504_and_remote_errors(shop):
                                                                    "error_type": "OrderNotFound"})
 
 
-def test_sockets_whose_clients_leave_mid_wait_give_back_their_redis_subscriptions(shop):
-    """20 sockets wait on held orders; their clients go away. Every subscription and every
-    Redis connection they took is released (counted on the Redis side)."""
+def server_connections(redis_name: str) -> list[dict]:
+    """The Redis connections of the server process named ``redis_name`` (CLIENT LIST)."""
+    return [client for client in redis.Redis().client_list() if client.get("name") == redis_name]
+
+
+def test_waiting_sockets_share_one_redis_subscription_and_leave_nothing_behind(shop):
+    """20 sockets wait on held orders, then their clients go away. All of them wait through
+    the server's one pattern subscription (no connection, no channel of their own), and each
+    stops waiting at once (the server logs it)."""
     names = [unique_name("hold") for _ in range(20)]
     cids = [place(shop, hold=name) for name in names]
     store = redis.Redis()
-
-    def subscribed() -> int:
-        return sum(count for _, count in store.pubsub_numsub(*(shop.prefix + cid for cid in cids)))
-
-    def connections() -> int:
-        return sum(1 for client in store.client_list() if client.get("name") == shop.redis_name)
-
-    before = connections()
+    before = len(server_connections(shop.redis_name))
     with contextlib.ExitStack() as sockets:
         for cid in cids:
-            sockets.enter_context(connect(f"{shop.ws}/ws?cid={cid}", open_timeout=20))
-        wait_for(lambda: subscribed() == 20)
-        during = connections()
-        assert during >= 20
-    wait_for(lambda: subscribed() == 0)
-    wait_for(lambda: connections() <= before)
-    print(f"20 sockets: {during} Redis connections while they waited, {connections()} after they left "
-          f"({before} before)")
+            sockets.enter_context(ws_connect(f"{shop.ws}/ws?cid={cid}"))
+        wait_for(lambda: all(shop.waiting(cid) for cid in cids))
+        during = server_connections(shop.redis_name)
+        assert sum(int(client["sub"]) for client in during) == 0  # no per-socket channel...
+        assert [int(client["psub"]) for client in during if int(client["psub"])] == [1]  # ...one pattern
+        assert sum(count for _, count in store.pubsub_numsub(*(shop.prefix + cid for cid in cids))) == 0
+        assert len(during) <= before + 2
+    wait_for(lambda: sum(1 for line in list(shop.server.lines) if '"websocket gone while waiting"' in line
+                         and any(f'"{cid}"' in line for cid in cids)) == 20)
+    print(f"20 sockets: {len(during)} Redis connections while they waited ({before} before), 1 subscription")
     for name in names:
         hold(name).set()
+
+
+def test_only_the_session_that_placed_an_order_can_read_it(shop):
+    """A correlation id alone (guessed, leaked) reads nothing: another session, or a forged
+    cookie, gets the 404 of an unknown order from the poll and the socket."""
+    cid = place(shop)
+    done = http("GET", f"{shop.base}/api/status?cid={cid}&wait=10")
+    assert done == (200, {"status": "done", "correlation_id": cid, "result": CREATED})
+    stranger = CookieJar()
+    assert http("GET", f"{shop.base}/api/status?cid={cid}", jar=stranger)[0] == 404
+    assert refused(f"{shop.ws}/ws?cid={cid}", stranger)[0] == 404
+    status, doc = http("GET", f"{shop.base}/api/status?cid={cid}", jar=stranger,
+                       headers={"Cookie": "shop_session=" + "A" * 43})
+    assert status == 404 and doc["error"] == "unknown or expired correlation id"
+    # The stranger's own order is theirs alone, and does not change the first session's.
+    other = http("POST", f"{shop.base}/api/orders", ORDER, jar=stranger)[1]["correlation_id"]
+    assert http("GET", f"{shop.base}/api/status?cid={other}&wait=10", jar=stranger)[0] == 200
+    assert http("GET", f"{shop.base}/api/status?cid={other}")[0] == 404
+    assert http("GET", f"{shop.base}/api/status?cid={cid}")[0] == 200
 
 
 def test_many_sockets_wait_at_once_and_all_get_their_own_result(shop):
@@ -297,7 +333,7 @@ def test_many_sockets_wait_at_once_and_all_get_their_own_result(shop):
     cids = [place(shop, hold=name, user_id=f"user_{n}") for n, name in enumerate(names)]
 
     def wait_on(cid: str) -> dict:
-        with connect(f"{shop.ws}/ws?cid={cid}", open_timeout=20) as socket:
+        with ws_connect(f"{shop.ws}/ws?cid={cid}") as socket:
             return json.loads(socket.recv(WS_WAIT * 10))
 
     with ThreadPoolExecutor(30) as pool:
@@ -307,6 +343,75 @@ def test_many_sockets_wait_at_once_and_all_get_their_own_result(shop):
             hold(name).set()
         answers = [future.result(60) for future in futures]
     assert [answer["result"]["order_id"] for answer in answers] == [f"order-user_{n}-1" for n in range(30)]
+
+
+@pytest.fixture(scope="module")
+def patient(shop, tmp_path_factory):
+    """A second server on the shop's service, queue and key prefix (its collector stores the
+    replies), whose sockets wait 30 s; in its process Python's ``random`` is pinned
+    (``random.getrandbits`` returns 0, by a sitecustomize), so any id it made with ``random``
+    would be all zeros, and every one the same."""
+    hook = tmp_path_factory.mktemp("pinned-random")
+    (hook / "sitecustomize.py").write_text("import random\nrandom.getrandbits = lambda bits: 0\n")
+    redis_name = unique_name("shop-web-patient")
+    server, base = start_server("--service", shop.service, "--queue", shop.queue, "--key-prefix", shop.prefix,
+                                "--ws-wait", "30", "--redis", f"redis://127.0.0.1:6379/0?client_name={redis_name}",
+                                env={"PYTHONPATH": os.pathsep.join([str(hook), str(ROOT)])})
+    try:
+        yield server, base, redis_name
+        assert server.stop() == 0, server.output
+    finally:
+        if server.process.poll() is None:
+            server.stop(signal.SIGKILL)
+
+
+def test_correlation_ids_come_from_secrets_not_from_random(patient):
+    _, base, _ = patient
+    cids = [http("POST", f"{base}/api/orders", ORDER)[1]["correlation_id"] for _ in range(3)]
+    assert len(set(cids)) == 3 and all(len(cid) == 32 and cid != "0" * 32 for cid in cids), cids
+
+
+def test_150_open_sockets_and_orders_and_polls_still_answer(shop, patient):
+    """150 sockets wait on held orders at once (each used to hold a Redis connection of its
+    own: past 100, redis-py's pool was empty and every order and poll answered 503). Now they
+    share one subscription; a new order is accepted and polled to its result meanwhile, the
+    synchronous endpoint answers, and each socket then gets its own result."""
+    server, base, redis_name = patient
+    ws = "ws" + base[len("http"):]
+    names = [unique_name("hold") for _ in range(150)]
+    cids = []
+    for n, name in enumerate(names):
+        status, accepted = http("POST", f"{base}/api/orders", {**ORDER, "hold": name, "user_id": f"user_{n}"})
+        assert status == 202, accepted
+        cids.append(accepted["correlation_id"])
+    try:
+        with contextlib.ExitStack() as stack:
+            sockets = [stack.enter_context(ws_connect(f"{ws}/ws?cid={cid}")) for cid in cids]
+
+            def waiting() -> int:
+                return sum(1 for line in list(server.lines) if '"websocket open"' in line and '"pending"' in line)
+
+            wait_for(lambda: waiting() >= 150, timeout=60)
+            # The order service's threads are all held: a new order queues behind them.
+            started = time.perf_counter()
+            status, accepted = http("POST", f"{base}/api/orders", ORDER)
+            assert status == 202, accepted
+            cid = accepted["correlation_id"]
+            assert http("GET", f"{base}/api/status?cid={cid}") == (200, {"status": "pending", "correlation_id": cid})
+            took = time.perf_counter() - started
+            connections = server_connections(redis_name)
+            assert [int(client["psub"]) for client in connections if int(client["psub"])] == [1]
+            for name in names:
+                hold(name).set()
+            answers = [json.loads(socket.recv(30)) for socket in sockets]
+            polled = http("GET", f"{base}/api/status?cid={cid}&wait=20")
+            assert polled == (200, {"status": "done", "correlation_id": cid, "result": CREATED})
+        assert [answer["result"]["order_id"] for answer in answers] == [f"order-user_{n}-1" for n in range(150)]
+        print(f"150 sockets open: an order accepted and polled in {took * 1000:.0f} ms, "
+              f"{len(connections)} Redis connections, 1 subscription")
+    finally:
+        for name in names:
+            hold(name).set()
 
 
 @pytest.fixture(scope="module")
@@ -399,11 +504,19 @@ def test_broker_or_redis_down_and_a_service_nobody_serves_are_503_with_a_reason(
             cid = http("POST", f"{base}/api/orders", ORDER)[1]["correlation_id"]
             redis_process.terminate()
             redis_process.wait(10)
-            status, doc = http("POST", f"{base}/api/orders", ORDER)
+            refused_note, later_note = unique_name("refused-order"), unique_name("later-order")
+            status, doc = http("POST", f"{base}/api/orders", {**ORDER, "note": refused_note})
             assert status == 503 and doc["error"].startswith("Redis: ") and "\n" not in doc["error"], doc
             assert http("GET", f"{base}/api/status?cid={cid}")[0] == 503
             status, doc = refused(f"{ws}/ws?cid={cid}")
             assert status == 503 and doc["error"].startswith("Redis: "), doc
+            # An order answered 503 never runs (a customer who retries pays once): once Redis
+            # is back, an order placed after it runs, and the refused one still has not.
+            redis_server(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+            assert wait_for(lambda: http("POST", f"{base}/api/orders", {**ORDER, "note": later_note})[0] == 202,
+                            timeout=20)
+            wait_for(lambda: later_note in RAN, timeout=20)
+            assert refused_note not in RAN
         status, doc = http("POST", f"{base}/api/orders", ORDER)  # the worker is gone, its queue deleted
         assert status == 503 and orders.name in doc["error"], doc
         assert http("GET", f"{base}/api/orders/o-1")[0] == 503
@@ -431,7 +544,7 @@ def test_one_command_with_services_runs_collector_and_worker_in_process(broker_u
                                      "WEB_TEST_ORDER_SERVICE": name})
     try:
         cid = http("POST", f"{base}/api/orders", ORDER)[1]["correlation_id"]
-        with connect(f"{'ws' + base[len('http'):]}/ws?cid={cid}", open_timeout=20) as socket:
+        with ws_connect(f"{'ws' + base[len('http'):]}/ws?cid={cid}") as socket:
             assert json.loads(socket.recv(20))["result"]["order_id"] == "order-user_001-1"
         assert server.stop() == 0, server.output
     finally:
