@@ -447,5 +447,10 @@ def demo(broker: str, log_format: str, log_level: str) -> None:
              f"(or set AMQPRPC_BROKER_URL), then run 'amqprpc demo' again.")
 
 
+from amqprpc.cli.revoke import revoke  # noqa: E402 - commands in modules of their own register here
+
+main.add_command(revoke)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
