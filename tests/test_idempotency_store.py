@@ -23,9 +23,11 @@ def delivery(service: str, key: str | None, kind: str = "call", message_id: str 
     headers: dict[str, Any] = {} if key is None else {"idempotency_key": key}
     if deadline is not None:
         headers["deadline"] = deadline
-    return SimpleNamespace(service=service, kind=kind, action="work", handler="work",
-                           message_id=message_id or envelope.new_id(), reply_to="amq.reply" if kind == "call" else None,
-                           body_headers=headers, decide=Decisions(), started=time.perf_counter())
+    message_id = message_id or envelope.new_id()
+    return SimpleNamespace(service=service, kind=kind, action="work", handler="work", correlation_id=message_id,
+                           message_id=message_id, reply_to="amq.reply" if kind == "call" else None,
+                           body_headers=headers, decide=Decisions(), started=time.perf_counter(),
+                           deadline=headers.get("deadline"))
 
 
 class Handler:

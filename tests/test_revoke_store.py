@@ -34,15 +34,21 @@ class Decisions:
         return SimpleNamespace(verdict="error", body=body, forward=None, outcome=Outcome(OutcomeKind.FAILED,
                                                                                          type(exc).__name__))
 
+    def error_reply(self, delivery: Any, error: str, error_type: str, kind: OutcomeKind = OutcomeKind.FAILED) -> Any:
+        return SimpleNamespace(verdict="error", body=envelope.error_reply(error, error_type, delivery.message_id),
+                               forward=None, outcome=Outcome(kind, error_type))
+
     def reply(self, delivery: Any, result: Any) -> Any:
         return SimpleNamespace(verdict="reply", body=envelope.ok_reply(result, delivery.message_id), forward=None,
                                outcome=Outcome(OutcomeKind.REPLIED))
 
 
 def delivery(service: str, kind: str = "cast", message_id: str | None = None, **headers: Any) -> Any:
-    return SimpleNamespace(service=service, kind=kind, action="work", handler="work",
-                           message_id=message_id or envelope.new_id(), reply_to="amq.reply" if kind == "call" else None,
-                           body_headers=headers, decide=Decisions(), started=time.perf_counter())
+    message_id = message_id or envelope.new_id()
+    return SimpleNamespace(service=service, kind=kind, action="work", handler="work", correlation_id=message_id,
+                           message_id=message_id, reply_to="amq.reply" if kind == "call" else None,
+                           body_headers=headers, decide=Decisions(), started=time.perf_counter(),
+                           deadline=headers.get("deadline"))
 
 
 def ran(result: Any = "ran") -> Any:

@@ -195,7 +195,7 @@ def worker(service: str, app: str | None, concurrency: int, prefetch: int | None
     instance = Worker(svc, broker_url=broker, concurrency=concurrency, prefetch=prefetch, heartbeat=heartbeat,
                       registry=registry, registry_interval=registry_interval or 5.0,
                       max_message_bytes=max_message_bytes, queue_type=queue_type, max_redeliveries=max_redeliveries,
-                      reconnect_cap=reconnect_cap)
+                      reconnect_cap=reconnect_cap, redis_url=redis_url)
     try:
         code = run_worker(instance, shutdown_timeout, pidfile=pidfile, metrics_port=metrics_port,
                           broker_wait=broker_wait)

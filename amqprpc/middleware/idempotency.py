@@ -28,6 +28,7 @@ from amqprpc import context, logs
 from amqprpc.middleware import Delivery, Middleware
 from amqprpc.middleware.redisstate import REDIS_TIMEOUT_S, RedisHealth, RedisState
 from amqprpc.outcome import Outcome, OutcomeKind
+from amqprpc.server.dispatcher import Decision
 from amqprpc.service import DEFAULT_DEDUP_WINDOW
 from amqprpc.wire import envelope
 
@@ -105,7 +106,7 @@ class Idempotency(Middleware):
     def worker_starting(self, worker: Any) -> None:
         self.service = worker.service
 
-    def consume_scope(self, call_next: Callable[[Delivery], Any], delivery: Delivery) -> Any:
+    def consume_scope(self, call_next: Callable[[Delivery], Decision], delivery: Delivery) -> Decision:
         key = delivery.body_headers.get(HEADER)
         if not key or not isinstance(key, str):
             return call_next(delivery)
@@ -122,7 +123,7 @@ class Idempotency(Middleware):
         window: float = service.dedup_window_of(delivery.handler or delivery.action or "")
         return window
 
-    def _once(self, call_next: Callable[[Delivery], Any], delivery: Delivery, key: str) -> Any:
+    def _once(self, call_next: Callable[[Delivery], Decision], delivery: Delivery, key: str) -> Decision:
         window = self.window_of(delivery)
         claim = _claim_of(delivery)
         now = time.monotonic()
@@ -138,25 +139,25 @@ class Idempotency(Middleware):
             return self._duplicate(call_next, delivery, key, held, window)
         return self._run(call_next, delivery, key, window)
 
-    def _run(self, call_next: Callable[[Delivery], Any], delivery: Delivery, key: str, window: float) -> Any:
+    def _run(self, call_next: Callable[[Delivery], Decision], delivery: Delivery, key: str, window: float) -> Decision:
         decision = call_next(delivery)
-        outcome = getattr(decision, "outcome", None)
-        if outcome is not None and outcome.kind in FINAL:
+        outcome = decision.outcome
+        if outcome.kind in FINAL:
             try:
                 self.store.finish(delivery.service, key, delivery.message_id, _reply_of(decision, outcome), window)
             except Exception as exc:  # noqa: BLE001 - the key stays claimed by this message; duplicates wait
                 self.health.failed(exc, time.monotonic())
         return decision
 
-    def _duplicate(self, call_next: Callable[[Delivery], Any], delivery: Delivery, key: str,
-                   held: dict[str, Any], window: float) -> Any:
+    def _duplicate(self, call_next: Callable[[Delivery], Decision], delivery: Delivery, key: str,
+                   held: dict[str, Any], window: float) -> Decision:
         """A message whose key another message holds: a cast is acked; a call gets the
         stored reply, waiting while the holder runs."""
         log.info("duplicate idempotency key", idempotency_key=key, message_id=delivery.message_id,
                  holder=held.get("message_id"), state=held.get("state"), kind=delivery.kind)
         if delivery.kind != "call" or not delivery.reply_to:
             return delivery.decide.ack(delivery, OutcomeKind.DEDUPLICATED)
-        deadline = _deadline_of(delivery)
+        deadline = delivery.deadline
         give_up = time.time() + MAX_WAIT_S if deadline is None else deadline
         pause = WAIT_POLL_S[0]
         current: dict[str, Any] | None = held
@@ -202,13 +203,8 @@ def _parse(raw: bytes | str) -> dict[str, Any]:
     return doc
 
 
-def _deadline_of(delivery: Delivery) -> float | None:
-    value = delivery.body_headers.get("deadline")
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
 def _claim_of(delivery: Delivery) -> dict[str, Any]:
-    deadline = _deadline_of(delivery)
+    deadline = delivery.deadline
     return {"state": "running", "message_id": delivery.message_id, "until": deadline}
 
 
@@ -217,10 +213,10 @@ def _ours(held: dict[str, Any], delivery: Delivery) -> bool:
     return held.get("state") == "running" and bool(delivery.message_id) and held.get("message_id") == delivery.message_id
 
 
-def _reply_of(decision: Any, outcome: Outcome) -> dict[str, Any]:
+def _reply_of(decision: Decision, outcome: Outcome) -> dict[str, Any]:
     """What is replayed to duplicates: the reply document without its message_id (a cast's
     outcome as one, for the record)."""
-    body = getattr(decision, "body", None)
+    body = decision.body
     if body:
         try:
             doc = json.loads(body)
@@ -234,15 +230,12 @@ def _reply_of(decision: Any, outcome: Outcome) -> dict[str, Any]:
     return {"success": False, "error": outcome.error_type or "failed", "error_type": outcome.error_type or "Error"}
 
 
-def _answer(delivery: Delivery, reply: dict[str, Any], kind: OutcomeKind) -> Any:
+def _answer(delivery: Delivery, reply: dict[str, Any], kind: OutcomeKind) -> Decision:
     """The Decision answering ``delivery`` with the stored ``reply`` document."""
     if reply.get("success"):
-        body = envelope.ok_reply(reply.get("data"), delivery.message_id)
+        body, error_type = envelope.ok_reply(reply.get("data"), delivery.message_id), None
     else:
-        body = envelope.error_reply(str(reply.get("error")), str(reply.get("error_type") or "RemoteError"),
-                                    delivery.message_id, reply.get("errors"))
-    decision = delivery.decide.reply(delivery, None)
-    decision.body = body
-    decision.outcome = Outcome(kind, None if reply.get("success") else str(reply.get("error_type")),
-                               time.perf_counter() - delivery.started)
-    return decision
+        error_type = str(reply.get("error_type") or "RemoteError")
+        body = envelope.error_reply(str(reply.get("error")), error_type, delivery.message_id, reply.get("errors"))
+    return Decision(delivery.reply_to, delivery.correlation_id, body,
+                    outcome=Outcome(kind, error_type, time.perf_counter() - delivery.started))

@@ -33,10 +33,11 @@ import time
 from typing import Any, Callable, Iterable, Sequence
 
 from amqprpc import context, logs
-from amqprpc.errors import Revoked, ServiceUnavailable
+from amqprpc.errors import ServiceUnavailable
 from amqprpc.middleware import Delivery, Middleware
 from amqprpc.middleware.redisstate import REDIS_TIMEOUT_S, RedisHealth, RedisState
-from amqprpc.outcome import Outcome, OutcomeKind
+from amqprpc.outcome import OutcomeKind
+from amqprpc.server.dispatcher import Decision
 
 log = logs.get_logger("amqprpc.revoke")
 
@@ -128,7 +129,7 @@ class RevokeChecks(Middleware):
         self._stopping = False
 
     # --- per delivery (handler thread) -------------------------------------------------
-    def consume_scope(self, call_next: Callable[[Delivery], Any], delivery: Delivery) -> Any:
+    def consume_scope(self, call_next: Callable[[Delivery], Decision], delivery: Delivery) -> Decision:
         message_id = delivery.message_id
         if not message_id:
             return call_next(delivery)
@@ -144,8 +145,7 @@ class RevokeChecks(Middleware):
         finally:
             self._ended(message_id, cancel)
             context.scope.reset(token)
-        outcome = getattr(decision, "outcome", None)
-        if cancel.is_set() and outcome is not None and outcome.error_type == "Revoked":
+        if cancel.is_set() and decision.outcome.error_type == "Revoked":
             # The handler saw `cancelled` and raised Revoked: counted as revoked, a cast is not dead-lettered.
             return revoked_decision(delivery)
         return decision
@@ -239,14 +239,12 @@ class RevokeChecks(Middleware):
             poller.join(2.0)
 
 
-def revoked_decision(delivery: Delivery) -> Any:
+def revoked_decision(delivery: Delivery) -> Decision:
     """The Decision for a revoked message: acked unrun, counted as revoked; a call also gets
-    a :class:`Revoked` error reply."""
+    a :class:`~amqprpc.errors.Revoked` error reply (never a retry or a dead letter: it was
+    called off)."""
     decide = delivery.decide
     if delivery.kind == "call" and delivery.reply_to:
-        decision = decide.error(delivery, Revoked(f"{delivery.action}: message {delivery.message_id} was revoked",
-                                                  message_id=delivery.message_id))
-        decision.forward = None  # answered, never dead-lettered: it was called off
-        decision.outcome = Outcome(OutcomeKind.REVOKED, "Revoked", decision.outcome.duration)
-        return decision
+        return decide.error_reply(delivery, f"{delivery.action}: message {delivery.message_id} was revoked",
+                                  "Revoked", OutcomeKind.REVOKED)
     return decide.ack(delivery, OutcomeKind.REVOKED, "Revoked")
