@@ -19,7 +19,6 @@ Redis down: the handler runs (at-least-once, as without a key), one warning per 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from typing import Any, Callable
@@ -110,7 +109,7 @@ class Idempotency(Middleware):
         key = delivery.body_headers.get(HEADER)
         if not key or not isinstance(key, str):
             return call_next(delivery)
-        token = context.scope.set(dataclasses.replace(context.scope.get(), idempotency_key=key))
+        token = context.scope.set(context.RunScope(context.scope.get().cancel, key))
         try:
             return self._once(call_next, delivery, key[:MAX_KEY_LENGTH])
         finally:

@@ -27,7 +27,6 @@ A revoke that cannot be stored raises :class:`~amqprpc.errors.ServiceUnavailable
 """
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
@@ -37,7 +36,6 @@ from amqprpc.errors import ServiceUnavailable
 from amqprpc.middleware import Delivery, Middleware
 from amqprpc.middleware.redisstate import REDIS_TIMEOUT_S, RedisHealth, RedisState
 from amqprpc.outcome import OutcomeKind
-from amqprpc.server.dispatcher import Decision
 
 log = logs.get_logger("amqprpc.revoke")
 
@@ -129,7 +127,9 @@ class RevokeChecks(Middleware):
         self._stopping = False
 
     # --- per delivery (handler thread) -------------------------------------------------
-    def consume_scope(self, call_next: Callable[[Delivery], Decision], delivery: Delivery) -> Decision:
+    # Decisions are typed Any here: the client imports this module (for RevocationStore), and
+    # naming amqprpc.server.dispatcher would make client -> server an import circle.
+    def consume_scope(self, call_next: Callable[[Delivery], Any], delivery: Delivery) -> Any:
         message_id = delivery.message_id
         if not message_id:
             return call_next(delivery)
@@ -138,7 +138,7 @@ class RevokeChecks(Middleware):
                      kind=delivery.kind)
             return revoked_decision(delivery)
         cancel = threading.Event()
-        token = context.scope.set(dataclasses.replace(context.scope.get(), cancel=cancel))
+        token = context.scope.set(context.RunScope(cancel, context.scope.get().idempotency_key))
         self._started(delivery.service, message_id, cancel)
         try:
             decision = call_next(delivery)
@@ -239,7 +239,7 @@ class RevokeChecks(Middleware):
             poller.join(2.0)
 
 
-def revoked_decision(delivery: Delivery) -> Decision:
+def revoked_decision(delivery: Delivery) -> Any:
     """The Decision for a revoked message: acked unrun, counted as revoked; a call also gets
     a :class:`~amqprpc.errors.Revoked` error reply (never a retry or a dead letter: it was
     called off)."""
