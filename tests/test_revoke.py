@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from amqprpc import Revoked, RpcClient, Service, current_call
+from amqprpc import Retry, Revoked, RpcClient, current_call
+from amqprpc.middleware import Middleware
 from amqprpc.middleware.revoke import RevocationStore, RevokeChecks
 from amqprpc.testing import running_worker, wait_for
 from amqprpc.outcome import OutcomeKind
@@ -143,3 +144,50 @@ def test_with_redis_down_a_worker_runs_everything_and_warns_once(service, broker
         assert worker.stats["revoked"] == 0
     unreachable = [line for line in logs if "Redis unreachable" in str(line.get("event"))]
     assert len(unreachable) == 1
+
+
+class PutOffOnce(Middleware):
+    """Stands in for a countdown/ETA middleware: the first time a message passes, it goes
+    back through a delay bucket (decide.later) instead of running."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.seen: set[str] = set()
+        self.put_off = threading.Event()
+
+    def consume_scope(self, call_next: Any, delivery: Any) -> Any:
+        if delivery.message_id not in self.seen:
+            self.seen.add(delivery.message_id)
+            self.put_off.set()
+            return delivery.decide.later(delivery, self.delay, OutcomeKind.RETRIED)
+        return call_next(delivery)
+
+
+def test_a_message_revoked_while_it_waits_on_a_countdown_never_runs(service, broker_url, revocations):
+    ran: list[int] = []
+    service.handler("work")(lambda payload: ran.append(1))
+    countdown = PutOffOnce(1.0)
+    with running_worker(service, broker_url=broker_url, middleware=[countdown]) as worker, \
+            RpcClient("tests", broker_url=broker_url) as client:
+        message_id = client.cast(service.name, "work", {})
+        assert countdown.put_off.wait(10)
+        client.revoke(service.name, message_id)
+        wait_for(lambda: worker.stats["revoked"] == 1, timeout=15)
+        assert ran == []
+
+
+def test_a_cast_revoked_while_its_retry_waits_is_not_retried(service, broker_url, revocations):
+    attempts: list[int] = []
+
+    @service.handler("flaky", retry=Retry(max_attempts=3, base_delay=1.0, jitter=False))
+    def flaky(payload: dict) -> None:
+        attempts.append(1)
+        raise ConnectionError("downstream hiccup")
+
+    with running_worker(service, broker_url=broker_url) as worker, \
+            RpcClient("tests", broker_url=broker_url) as client:
+        message_id = client.cast(service.name, "flaky", {})
+        wait_for(lambda: worker.stats["retried"] == 1)
+        client.revoke(service.name, message_id)
+        wait_for(lambda: worker.stats["revoked"] == 1, timeout=15)
+        assert attempts == [1] and worker.stats["dead_lettered"] == 0
