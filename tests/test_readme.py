@@ -1,4 +1,4 @@
-"""Every code block of the README (and of supervisor/README.md and systemd/README.md) runs here,
+"""Every code block of the README (and of supervisor/README.md, systemd/README.md and the guides in DOCUMENTS) runs here,
 against the shipped shop, so the documentation cannot drift from the code.
 
 How a block runs depends on its fence's info string (the words after the backticks):
@@ -62,7 +62,7 @@ from workers.shop import Shop
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCUMENTS = ["README.md", "supervisor/README.md", "systemd/README.md"]
+DOCUMENTS = ["README.md", "supervisor/README.md", "systemd/README.md", "docs/guides/cancel-and-idempotency.md"]
 PYTHON, SHELL = {"python", "py"}, {"sh", "bash", "shell"}
 BLOCK_TIMEOUT = 120.0  # seconds a block may run; a daemon gets 60 s to be ready
 FILE_COMMENT = re.compile(r"#\s*([\w./-]+\.py)\s*$")
