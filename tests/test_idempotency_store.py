@@ -172,3 +172,16 @@ def test_with_redis_down_every_copy_runs_with_one_warning():
     assert handler.runs == 3  # at-least-once, as without a key
     assert handler.keys == ["k-1"] * 3
     assert len([line for line in logs if line["log_level"] == "warning"]) == 1
+
+
+def test_the_in_memory_client_runs_the_same_middleware(middleware):
+    from amqprpc.testing import InMemoryClient
+
+    service = middleware.service
+    runs: list[int] = []
+    service.handler("charge")(lambda payload: runs.append(1) or {"charged": len(runs)})
+    client = InMemoryClient(service, middleware=[middleware])
+    replies = [client.call(service.name, "charge", {}, idempotency_key="k-1") for _ in range(3)]
+    assert replies == [{"charged": 1}] * 3 and runs == [1]
+    assert isinstance(client.cast(service.name, "charge", {}, idempotency_key="k-1"), str)
+    assert runs == [1]  # the repeated cast was acked unrun
