@@ -199,3 +199,27 @@ def test_a_running_handler_sees_cancelled_within_a_second(store):
     assert seen["after"] - revoked_at < 1.0
     wait_for(lambda: not checks._running)
     checks.worker_stopped(None)
+
+
+@pytestmark_redis
+def test_a_busy_worker_looks_up_twice_a_second_at_most_not_per_message(store):
+    checks = RevokeChecks(store)
+    service = unique_name("svc")
+    round_trips = []
+    for name in ("any_revoked", "is_revoked", "revoked_of"):
+        real = getattr(store, name)
+        setattr(store, name, lambda *args, _real=real, _name=name: round_trips.append(_name) or _real(*args))
+
+    def quick(delivery: Any) -> Any:
+        time.sleep(0.01)
+        return ran()(delivery)
+
+    began = time.monotonic()
+    for _ in range(100):
+        checks.consume_scope(quick, delivery(service))
+    elapsed = time.monotonic() - began
+    checks.worker_stopped(None)
+    # The flag read by handler threads (every flag_cache s) and the poller (every poll_interval s
+    # while something runs): bounded by time, not by the 100 messages.
+    assert len(round_trips) <= 2 * (elapsed / 0.5 + 1), (round_trips, elapsed)
+    assert "is_revoked" not in round_trips

@@ -124,6 +124,7 @@ class RevokeChecks(Middleware):
         self._running: dict[str, tuple[str, list[threading.Event]]] = {}  # message id -> (service, events)
         self._lock = threading.Condition()
         self._poller: threading.Thread | None = None
+        self._idle = False  # the poller sleeps until something runs
         self._stopping = False
 
     # --- per delivery (handler thread) -------------------------------------------------
@@ -180,7 +181,8 @@ class RevokeChecks(Middleware):
             if self._poller is None and not self._stopping:
                 self._poller = threading.Thread(target=self._poll, name="amqprpc-revoke-poller", daemon=True)
                 self._poller.start()
-            self._lock.notify()
+            elif self._idle:  # wake it only from its idle sleep, never from its interval
+                self._lock.notify()
 
     def _ended(self, message_id: str, cancel: threading.Event) -> None:
         with self._lock:
@@ -193,11 +195,17 @@ class RevokeChecks(Middleware):
                     del self._running[message_id]
 
     def _poll(self) -> None:
-        """Every poll_interval while handlers run: one round trip per service for their ids."""
+        """Every poll_interval while handlers run: one round trip per service for the ids of
+        those running then. It waits an interval before each look-up, the first included, so
+        handlers shorter than that are never looked up; asleep while nothing runs."""
         while True:
             with self._lock:
                 while not self._running and not self._stopping:
+                    self._idle = True
                     self._lock.wait()
+                self._idle = False
+                if not self._stopping:
+                    self._lock.wait(self.poll_interval)  # only worker_stopped wakes it early
                 if self._stopping:
                     return
                 by_service: dict[str, list[str]] = {}
@@ -207,10 +215,6 @@ class RevokeChecks(Middleware):
             if self.health.usable(now):
                 for service, ids in by_service.items():
                     self._check_running(service, ids, now)
-            with self._lock:
-                if self._stopping:
-                    return
-                self._lock.wait(self.poll_interval)
 
     def _check_running(self, service: str, ids: list[str], now: float) -> None:
         try:
