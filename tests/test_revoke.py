@@ -13,6 +13,7 @@ import pytest
 from amqprpc import Retry, Revoked, RpcClient, current_call
 from amqprpc.middleware import Middleware
 from amqprpc.middleware.revoke import RevocationStore, RevokeChecks
+from amqprpc.ops.registry import describe_worker
 from amqprpc.testing import running_worker, wait_for
 from amqprpc.outcome import OutcomeKind
 
@@ -43,6 +44,7 @@ def test_50_casts_revoked_while_queued_never_run_and_are_counted(service, broker
         with running_worker(service, broker_url=broker_url, concurrency=4) as worker:
             wait_for(lambda: worker.stats["revoked"] == 50 and ran == ["kept"], timeout=20)
             assert worker.stats["succeeded"] == 1
+            assert describe_worker(worker)["stats"]["revoked"] == 50  # what the registry announces
     assert ran == ["kept"]
 
 
