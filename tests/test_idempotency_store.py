@@ -185,3 +185,13 @@ def test_the_in_memory_client_runs_the_same_middleware(middleware):
     assert replies == [{"charged": 1}] * 3 and runs == [1]
     assert isinstance(client.cast(service.name, "charge", {}, idempotency_key="k-1"), str)
     assert runs == [1]  # the repeated cast was acked unrun
+
+
+def test_long_keys_that_share_a_beginning_are_different_keys(middleware):
+    handler, service = Handler(), middleware.service.name
+    first, second = "x" * 300 + "-1", "x" * 300 + "-2"
+    middleware.consume_scope(handler, delivery(service, first))
+    middleware.consume_scope(handler, delivery(service, second))
+    repeat = middleware.consume_scope(handler, delivery(service, second))
+    assert handler.runs == 2 and data_of(repeat) == {"run": 2}
+    assert handler.keys == [first, second]  # the handler sees the key as sent

@@ -19,6 +19,7 @@ Redis down: the handler runs (at-least-once, as without a key), one warning per 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from typing import Any, Callable
@@ -35,7 +36,7 @@ log = logs.get_logger("amqprpc.idempotency")
 
 HEADER = "idempotency_key"  # in the envelope's headers
 KEY_PREFIX = "amqprpc:idem"
-MAX_KEY_LENGTH = 256
+MAX_KEY_LENGTH = 200  # longer keys are stored by their SHA-256 (never cut: two keys must not collide)
 ABANDON_MARGIN_S = 1.0  # after its holder's deadline, a running claim is taken over
 WAIT_POLL_S = (0.02, 0.25)  # a waiting duplicate polls from the first to the second, doubling
 MAX_WAIT_S = 60.0  # a duplicate without a deadline (submit) waits at most this long
@@ -107,11 +108,13 @@ class Idempotency(Middleware):
 
     def consume_scope(self, call_next: Callable[[Delivery], Decision], delivery: Delivery) -> Decision:
         key = delivery.body_headers.get(HEADER)
-        if not key or not isinstance(key, str):
+        # Events are not de-duplicated: each of a service's event handlers gets its own copy of
+        # one message (same id), which a key per service would take for repeats.
+        if not key or not isinstance(key, str) or delivery.kind == "event":
             return call_next(delivery)
         token = context.scope.set(context.RunScope(context.scope.get().cancel, key))
         try:
-            return self._once(call_next, delivery, key[:MAX_KEY_LENGTH])
+            return self._once(call_next, delivery, _stored_key(key))
         finally:
             context.scope.reset(token)
 
@@ -155,7 +158,8 @@ class Idempotency(Middleware):
         log.info("duplicate idempotency key", idempotency_key=key, message_id=delivery.message_id,
                  holder=held.get("message_id"), state=held.get("state"), kind=delivery.kind)
         if delivery.kind != "call" or not delivery.reply_to:
-            return delivery.decide.ack(delivery, OutcomeKind.DEDUPLICATED)
+            acked: Decision = delivery.decide.ack(delivery, OutcomeKind.DEDUPLICATED)
+            return acked
         deadline = delivery.deadline
         give_up = time.time() + MAX_WAIT_S if deadline is None else deadline
         pause = WAIT_POLL_S[0]
@@ -185,6 +189,12 @@ class Idempotency(Middleware):
             except Exception as exc:  # noqa: BLE001 - redis went down while waiting: run (at-least-once)
                 self.health.failed(exc, time.monotonic())
                 return call_next(delivery)
+
+
+def _stored_key(key: str) -> str:
+    if len(key) <= MAX_KEY_LENGTH:
+        return key
+    return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _ms(seconds: float) -> int:
