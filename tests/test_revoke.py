@@ -193,3 +193,35 @@ def test_a_cast_revoked_while_its_retry_waits_is_not_retried(service, broker_url
         client.revoke(service.name, message_id)
         wait_for(lambda: worker.stats["revoked"] == 1, timeout=15)
         assert attempts == [1] and worker.stats["dead_lettered"] == 0
+
+
+def test_the_async_client_makes_ids_known_and_revokes(service, broker_url, revocations):
+    import asyncio
+
+    from amqprpc import AsyncRpcClient
+
+    started = threading.Event()
+    ran: list[int] = []
+
+    @service.handler("crunch")
+    def crunch(payload: dict) -> None:
+        started.set()
+        while not current_call().cancelled:  # type: ignore[union-attr]
+            time.sleep(0.01)
+        raise Revoked("stopped")
+
+    service.handler("note")(lambda payload: ran.append(1))
+
+    async def scenario() -> None:
+        async with AsyncRpcClient("tests", broker_url=broker_url) as client:
+            answer = client.call_async(service.name, "crunch", {}, timeout=15)
+            assert isinstance(answer.message_id, str)  # type: ignore[attr-defined]
+            await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+            await client.revoke(service.name, answer.message_id)  # type: ignore[attr-defined]
+            with pytest.raises(Revoked):
+                await answer
+            assert isinstance(await client.cast(service.name, "note", {}), str)
+
+    with running_worker(service, broker_url=broker_url) as worker:
+        asyncio.run(scenario())
+        wait_for(lambda: worker.stats["revoked"] == 1 and ran == [1])
