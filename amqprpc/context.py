@@ -9,21 +9,31 @@ Handlers read it with :func:`current_call` (exported as ``amqprpc.current_call``
 from __future__ import annotations
 
 import contextvars
-import threading
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 
-@dataclass(frozen=True)
-class RunScope:
+class Cancellation:
+    """A flag the revoke middleware raises for one running handler (``cancelled``): a plain
+    attribute, set from its poller thread, read by the handler (one is made per delivery,
+    so it is cheaper than a ``threading.Event``)."""
+
+    __slots__ = ("cancelled",)
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+
+class RunScope(NamedTuple):
     """What a worker's middleware knows about the run that is about to start on this thread,
     handed to the :class:`CallContext` built for it (see :data:`scope`): ``cancel`` is set
     when the message is revoked while its handler runs (:mod:`amqprpc.middleware.revoke`);
     ``idempotency_key`` the key the request carries (:mod:`amqprpc.middleware.idempotency`)."""
 
-    cancel: Optional[threading.Event] = None
+    cancel: Optional[Cancellation] = None
     idempotency_key: Optional[str] = None
+    # A NamedTuple, not a frozen dataclass: one is made per delivery, on the hot path.
 
 
 _NO_SCOPE = RunScope()
@@ -59,7 +69,7 @@ class CallContext:
         between steps and stops (returning early, or raising :class:`amqprpc.Revoked` so a
         caller gets that error). Always False where revocation is not checked (no Redis)."""
         cancel = self.run.cancel
-        return cancel is not None and cancel.is_set()
+        return cancel is not None and cancel.cancelled
 
     @property
     def idempotency_key(self) -> str | None:

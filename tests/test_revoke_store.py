@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from amqprpc import Revoked, RemoteError, current_call
 from amqprpc.cli import main
-from amqprpc.context import CallContext, RunScope, scope
+from amqprpc.context import CallContext, Cancellation, RunScope, scope
 from amqprpc.middleware.revoke import RevocationStore, RevokeChecks
 from amqprpc.outcome import Outcome, OutcomeKind
 from amqprpc.testing import capture_logs, unique_name, wait_for
@@ -67,14 +67,14 @@ def test_a_revoked_error_reply_is_raised_as_revoked_a_remote_error():
 
 
 def test_cancelled_and_idempotency_key_come_from_the_run_scope_the_middleware_set():
-    cancel = threading.Event()
+    cancel = Cancellation()
     token = scope.set(RunScope(cancel=cancel, idempotency_key="k-1"))
     try:
         call = CallContext("svc", "work", "c-1", "t-1", None)
     finally:
         scope.reset(token)
     assert call.cancelled is False and call.idempotency_key == "k-1"
-    cancel.set()
+    cancel.cancelled = True
     assert call.cancelled is True  # read through the context it was built with, from any thread
     plain = CallContext("svc", "work", "c-2", "t-2", None)
     assert plain.cancelled is False and plain.idempotency_key is None

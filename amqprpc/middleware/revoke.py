@@ -121,7 +121,7 @@ class RevokeChecks(Middleware):
         self.poll_interval = poll_interval
         self.health = RedisHealth("revocation checks")
         self._flags: dict[str, tuple[bool, float]] = {}  # service -> (revocations exist, read at)
-        self._running: dict[str, tuple[str, list[threading.Event]]] = {}  # message id -> (service, events)
+        self._running: dict[context.Cancellation, tuple[str, str]] = {}  # -> (service, message id)
         self._lock = threading.Condition()
         self._poller: threading.Thread | None = None
         self._idle = False  # the poller sleeps until something runs
@@ -138,15 +138,15 @@ class RevokeChecks(Middleware):
             log.info("revoked message acked unrun", message_id=message_id, action=delivery.action,
                      kind=delivery.kind)
             return revoked_decision(delivery)
-        cancel = threading.Event()
+        cancel = context.Cancellation()
         token = context.scope.set(context.RunScope(cancel, context.scope.get().idempotency_key))
         self._started(delivery.service, message_id, cancel)
         try:
             decision = call_next(delivery)
         finally:
-            self._ended(message_id, cancel)
+            self._running.pop(cancel, None)
             context.scope.reset(token)
-        if cancel.is_set() and decision.outcome.error_type == "Revoked":
+        if cancel.cancelled and decision.outcome.error_type == "Revoked":
             # The handler saw `cancelled` and raised Revoked: counted as revoked, a cast is not dead-lettered.
             return revoked_decision(delivery)
         return decision
@@ -171,28 +171,16 @@ class RevokeChecks(Middleware):
         return result
 
     # --- running handlers and the poller -----------------------------------------------
-    def _started(self, service: str, message_id: str, cancel: threading.Event) -> None:
-        with self._lock:
-            entry = self._running.get(message_id)
-            if entry is None:
-                self._running[message_id] = (service, [cancel])
-            else:
-                entry[1].append(cancel)
-            if self._poller is None and not self._stopping:
-                self._poller = threading.Thread(target=self._poll, name="amqprpc-revoke-poller", daemon=True)
-                self._poller.start()
-            elif self._idle:  # wake it only from its idle sleep, never from its interval
-                self._lock.notify()
-
-    def _ended(self, message_id: str, cancel: threading.Event) -> None:
-        with self._lock:
-            entry = self._running.get(message_id)
-            if entry is not None:
-                events = entry[1]
-                if cancel in events:
-                    events.remove(cancel)
-                if not events:
-                    del self._running[message_id]
+    def _started(self, service: str, message_id: str, cancel: context.Cancellation) -> None:
+        # One dict store per delivery (atomic under the GIL); the lock only to start or wake the poller.
+        self._running[cancel] = (service, message_id)
+        if self._poller is None or self._idle:
+            with self._lock:
+                if self._poller is None and not self._stopping:
+                    self._poller = threading.Thread(target=self._poll, name="amqprpc-revoke-poller", daemon=True)
+                    self._poller.start()
+                elif self._idle:  # wake it only from its idle sleep, never from its interval
+                    self._lock.notify()
 
     def _poll(self) -> None:
         """Every poll_interval while handlers run: one round trip per service for the ids of
@@ -209,8 +197,9 @@ class RevokeChecks(Middleware):
                 if self._stopping:
                     return
                 by_service: dict[str, list[str]] = {}
-                for message_id, (service, _) in self._running.items():
+                for service, message_id in self._running.copy().values():  # copy(): atomic, unlike iterating
                     by_service.setdefault(service, []).append(message_id)
+            by_service = {service: list(dict.fromkeys(ids)) for service, ids in by_service.items()}
             now = time.monotonic()
             if self.health.usable(now):
                 for service, ids in by_service.items():
@@ -224,15 +213,14 @@ class RevokeChecks(Middleware):
             return
         self.health.answered()
         self._flags[service] = (exists, now)  # fresh for the handler threads too
-        with self._lock:
-            for message_id, hit in zip(ids, revoked):
-                entry = self._running.get(message_id)
-                if hit and entry is not None:
-                    for event in entry[1]:
-                        if not event.is_set():
-                            log.info("running handler's message revoked: current_call().cancelled is now true",
-                                     message_id=message_id)
-                            event.set()
+        hits = {message_id for message_id, hit in zip(ids, revoked) if hit}
+        if not hits:
+            return
+        for cancel, (of, message_id) in self._running.copy().items():
+            if of == service and message_id in hits and not cancel.cancelled:
+                log.info("running handler's message revoked: current_call().cancelled is now true",
+                         message_id=message_id)
+                cancel.cancelled = True
 
     def worker_stopped(self, worker: Any) -> None:
         with self._lock:
