@@ -48,6 +48,7 @@ WORKER_ERROR_TYPES = {
     "BadMessage": "the request is not a valid envelope (not JSON, no action, payload not an object, ...)",
     "CallTimeout": "the request's deadline passed further down the chain",
     "ReplyTooLarge": "the result is larger than the worker's max_reply_bytes",
+    "Revoked": "the request was revoked (amqprpc revoke) before it ran, or its handler stopped when it saw that",
 }
 
 _REQUEST_ENVELOPE = {
@@ -71,6 +72,9 @@ _REQUEST_ENVELOPE = {
                 "parent_id": {"type": "string", "description": "correlation_id of the request that made this one."},
                 "deadline": {"type": "number",
                              "description": "Epoch seconds after which nobody waits: the request is dropped unrun."},
+                "idempotency_key": {"type": "string",
+                                    "description": "The handler runs at most once per key and service within its "
+                                                   "dedup window (24 h); a repeat gets the first run's reply."},
             },
         },
         "payload": {"type": "object", "description": "The action's input: see each operation's message."},
