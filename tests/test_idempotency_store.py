@@ -195,3 +195,15 @@ def test_long_keys_that_share_a_beginning_are_different_keys(middleware):
     repeat = middleware.consume_scope(handler, delivery(service, second))
     assert handler.runs == 2 and data_of(repeat) == {"run": 2}
     assert handler.keys == [first, second]  # the handler sees the key as sent
+
+
+def test_a_dead_letter_frees_its_key_so_a_replay_runs(middleware):
+    service = middleware.service.name
+    dead = Handler(outcome=OutcomeKind.DEAD_LETTERED)
+    middleware.consume_scope(dead, delivery(service, "k-1", "cast", message_id="m-1"))
+    assert middleware.store.get(service, "k-1") is None
+    replayed = Handler()
+    middleware.consume_scope(replayed, delivery(service, "k-1", "cast", message_id="m-1"))  # dlq --replay
+    assert replayed.runs == 1
+    middleware.consume_scope(replayed, delivery(service, "k-1", "cast"))  # and now it is used
+    assert replayed.runs == 1

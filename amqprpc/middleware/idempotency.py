@@ -6,8 +6,9 @@ language can send one too. Before the handler runs, the worker claims the key in
 (``amqprpc:idem:{service}:{key}``, one atomic script: set it if absent, else return what is
 there). The claim names the message id that holds it, so the same message coming back -- a
 retry through the delay queue, a redelivery after a worker died -- is not taken for a
-duplicate of itself and runs. Once the handler's outcome is final (a reply, an error reply,
-a dead letter) it is stored in the claim, kept for the window:
+duplicate of itself and runs. Once the handler's outcome is final (a reply or an error
+reply) it is stored in the claim, kept for the window (a dead letter frees the key instead,
+so that its replay runs):
 
 - a duplicate cast is acked unrun, counted ``deduplicated``;
 - a duplicate call gets the stored reply (the first call's data, or its error), counted
@@ -42,14 +43,22 @@ WAIT_POLL_S = (0.02, 0.25)  # a waiting duplicate polls from the first to the se
 MAX_WAIT_S = 60.0  # a duplicate without a deadline (submit) waits at most this long
 
 # The outcomes after which a key counts as used; anything else (a retry scheduled, a copy
-# delayed) leaves the claim to the same message, which comes back.
-FINAL = frozenset({OutcomeKind.REPLIED, OutcomeKind.DONE, OutcomeKind.FAILED, OutcomeKind.DEAD_LETTERED})
+# delayed) leaves the claim to the same message, which comes back. A dead letter frees the
+# key instead: it is there to be looked at and replayed (``amqprpc dlq --replay`` keeps the
+# message id), and a replay must run.
+FINAL = frozenset({OutcomeKind.REPLIED, OutcomeKind.DONE, OutcomeKind.FAILED})
 
 _CLAIM = """
 local held = redis.call('GET', KEYS[1])
 if held then return held end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return false
+"""
+
+_RELEASE = """
+local held = redis.call('GET', KEYS[1])
+if held and cjson.decode(held)['message_id'] == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 """
 
 _TAKE_OVER = """
@@ -86,6 +95,10 @@ class IdempotencyStore(RedisState):
         """Replace the claim ``old`` (exactly as read) with ``claim``; False if it changed meanwhile."""
         return bool(self.redis.eval(_TAKE_OVER, 1, self.key(service, idempotency_key), old["_raw"],
                                     json.dumps(claim), _ms(window)))
+
+    def release(self, service: str, idempotency_key: str, message_id: str | None) -> bool:
+        """Free the key if ``message_id`` holds it (its message was dead-lettered)."""
+        return bool(self.redis.eval(_RELEASE, 1, self.key(service, idempotency_key), message_id or ""))
 
     def finish(self, service: str, idempotency_key: str, message_id: str | None, reply: dict[str, Any],
                window: float) -> None:
@@ -144,11 +157,13 @@ class Idempotency(Middleware):
     def _run(self, call_next: Callable[[Delivery], Decision], delivery: Delivery, key: str, window: float) -> Decision:
         decision = call_next(delivery)
         outcome = decision.outcome
-        if outcome.kind in FINAL:
-            try:
+        try:
+            if outcome.kind in FINAL:
                 self.store.finish(delivery.service, key, delivery.message_id, _reply_of(decision, outcome), window)
-            except Exception as exc:  # noqa: BLE001 - the key stays claimed by this message; duplicates wait
-                self.health.failed(exc, time.monotonic())
+            elif outcome.kind is OutcomeKind.DEAD_LETTERED:
+                self.store.release(delivery.service, key, delivery.message_id)
+        except Exception as exc:  # noqa: BLE001 - the key stays claimed by this message; duplicates wait
+            self.health.failed(exc, time.monotonic())
         return decision
 
     def _duplicate(self, call_next: Callable[[Delivery], Decision], delivery: Delivery, key: str,
