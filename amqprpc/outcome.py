@@ -24,6 +24,7 @@ class OutcomeKind(str, Enum):
     DONE = "done"                  # an event (or a cast's) handler returned
     REVOKED = "revoked"            # revoked (client.revoke): acked unrun, a call answered with a Revoked error
     DEDUPLICATED = "deduplicated"  # its idempotency key already ran: acked unrun, a call answered with the stored reply
+    SKIPPED = "skipped"            # acked unrun: a second copy of a workflow step, or a step of a failed/revoked workflow
 
 
 class Outcome(NamedTuple):

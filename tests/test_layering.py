@@ -23,19 +23,19 @@ LAYERS = [
      "transport.backoff", "transport.framereader", "transport.framewriter", "ops.sdnotify", "ops.pidfile"},
     # wire and definitions: envelope, topology, frames; a service's handlers; hooks
     {"wire.envelope", "wire.topology", "transport.framehandler", "transport.link", "transport.deadlines", "retry",
-     "service", "middleware"},
+     "service", "middleware", "workflow", "workflow.canvas", "workflow.state", "workflow.runner", "workflow.handle"},
     # the connection loop and what it carries out
     {"transport", "transport.ioloop", "transport.redelivery", "transport.inbox", "transport.consumer"},
     # client and worker, and the middleware they run
     {"client", "client.rpc", "client.aio", "client.breaker", "client.responses", "server", "server.worker",
-     "server.dispatcher",
+     "server.dispatcher", "middleware.workflow",
      "server.events", "middleware.ping", "middleware.shared_client", "middleware.otel", "middleware.observability",
      "middleware.redisstate", "middleware.revoke", "middleware.idempotency"},
     # operations
     {"ops", "ops.daemon", "ops.collector", "ops.dlq", "ops.registry", "middleware.metrics",
      "middleware.clientmetrics", "ops.loading", "ops.demo", "testing", "asyncapi"},
     # the command line, and the package's public face
-    {"cli", "cli.revoke", "__main__", "__init__"},
+    {"cli", "cli.workflow", "cli.revoke", "__main__", "__init__"},
 ]
 
 

@@ -15,6 +15,8 @@ import click
 from amqprpc import logs
 from amqprpc.config import DEFAULT_BROKER_URL, DEFAULT_COLLECTOR_QUEUE, DEFAULT_REDIS_URL, redact
 from amqprpc.errors import CallTimeout, ContractError, RemoteError, RpcError, ServiceUnavailable
+from amqprpc.cli import revoke as revoke_command
+from amqprpc.cli import workflow as workflow_commands
 
 EXIT_OK, EXIT_REMOTE_ERROR, EXIT_USAGE, EXIT_TIMEOUT, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4
 
@@ -447,10 +449,9 @@ def demo(broker: str, log_format: str, log_level: str) -> None:
              f"(or set AMQPRPC_BROKER_URL), then run 'amqprpc demo' again.")
 
 
-from amqprpc.cli.revoke import revoke  # noqa: E402 - commands in modules of their own register here
 
-main.add_command(revoke)
-
+main.add_command(workflow_commands.workflow)
+main.add_command(revoke_command.revoke)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -308,6 +308,22 @@ class RpcClient:
             self._revocations = RevocationStore(self.redis_url)
         self._revocations.revoke(service, (message_id, *more_ids), DEFAULT_REVOKE_TTL if ttl is None else ttl)
 
+    def run(self, workflow: Any) -> Any:
+        """Start ``workflow`` (:func:`amqprpc.chain`, ``group``, ``chord``, ``task``): its
+        first steps cast (confirmed), its state in Redis (``AMQPRPC_REDIS_URL``); returns at
+        once a :class:`~amqprpc.workflow.WorkflowHandle` (``.id``, ``.status()``,
+        ``.result(timeout=S)``)."""
+        from amqprpc.workflow import start
+
+        return start(self, workflow)
+
+    def revoke_workflow(self, workflow_id: str) -> bool:
+        """Stop a workflow: its steps not yet started are acked unrun; its result raises
+        :class:`~amqprpc.errors.WorkflowFailed`. False when it had ended already."""
+        from amqprpc.workflow import WorkflowHandle, default_state
+
+        return WorkflowHandle(workflow_id, default_state()).revoke()
+
     def proxy(self, service: str, *, timeout: float | None = None) -> "ServiceProxy":
         """An object whose attributes are the service's actions: ``proxy.get_user(user_id=...)``."""
         return ServiceProxy(self, service, timeout)
@@ -350,6 +366,9 @@ class RpcClient:
             headers["deadline"] = round(deadline, 6)
         if idempotency_key is not None:
             headers["idempotency_key"] = str(idempotency_key)
+        extra = context.outgoing_headers.get()
+        if extra:
+            headers.update(extra)
         return timeout, headers
 
     @property

@@ -34,6 +34,14 @@ REDELIVERIES = Counter("amqprpc_redeliveries", "Requests the broker delivered ag
 DEAD_LETTERS = Counter("amqprpc_dead_letters", "Messages given up on and dead-lettered, by reason (the error "
                        "type: an exception class name, BadMessage, ...).", ["service", "reason"])
 
+WORKFLOWS = Counter("amqprpc_workflows", "Workflows started by the clients of this process (started), and ended by "
+                    "its workers (succeeded, failed).", ["outcome"])
+
+
+def workflow(outcome: str) -> None:
+    """Count a workflow started here, or ended by a step that ran here."""
+    WORKFLOWS.labels(outcome).inc()
+
 
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 BREAKER_STATE = Gauge("amqprpc_breaker_state", "Circuit breaker state per target: 0 closed, 1 half-open, 2 open.",

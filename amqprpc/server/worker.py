@@ -44,6 +44,7 @@ from amqprpc.middleware.revoke import RevocationStore, RevokeChecks
 from amqprpc.transport.redelivery import Redelivery
 from amqprpc.service import Handler, Service
 from amqprpc.middleware.shared_client import SharedClient
+from amqprpc.middleware.workflow import Workflows
 from amqprpc.wire.topology import DEFAULT_TOPOLOGY, Topology, TopologyMismatch, declare_queue
 
 log = logs.get_logger("amqprpc.worker")
@@ -139,7 +140,7 @@ class Worker:
         # for every other middleware's hooks too.
         self.hooks = Hooks(given, builtin=(*automatic(given), Ping(), SharedClient(),
                                            RevokeChecks(RevocationStore(redis_url)),
-                                           Idempotency(IdempotencyStore(redis_url))))
+                                           Idempotency(IdempotencyStore(redis_url)), Workflows()))
         self.dispatcher = self._dispatcher()
 
     def _dispatcher(self) -> Dispatcher:
@@ -171,6 +172,12 @@ class Worker:
         after a revoke; deduplicated: a repeated idempotency key, answered from the first run)."""
         with self._counts_lock:
             return {"received": self._consumer.received, **self._counts}
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to the counter ``name`` of :attr:`stats` (for middleware: workflows
+        ended, ...)."""
+        with self._counts_lock:
+            self._counts[name] = self._counts.get(name, 0) + n
 
     def start(self, *, broker_wait: float = 0.0,
               on_connect_retry: Callable[[int, float, BaseException], None] | None = None) -> None:
