@@ -48,6 +48,7 @@ WORKER_ERROR_TYPES = {
     "BadMessage": "the request is not a valid envelope (not JSON, no action, payload not an object, ...)",
     "CallTimeout": "the request's deadline passed further down the chain",
     "ReplyTooLarge": "the result is larger than the worker's max_reply_bytes",
+    "Revoked": "the request was revoked (amqprpc revoke) before it ran, or its handler stopped when it saw that",
 }
 
 _REQUEST_ENVELOPE = {
@@ -75,6 +76,9 @@ _REQUEST_ENVELOPE = {
                 "timeout_ms": {"type": "integer",
                                "description": "Milliseconds the sender had left when it sent the request; the "
                                               "receiver counts them from arrival on its own clock."},
+                "idempotency_key": {"type": "string",
+                                    "description": "The handler runs at most once per key and service within its "
+                                                   "dedup window (24 h); a repeat gets the first run's reply."},
             },
         },
         "payload": {"type": "object", "description": "The action's input: see each operation's message."},

@@ -37,6 +37,18 @@ class RemoteError(RpcError):
         self.message_id = message_id
 
 
+class Revoked(RemoteError):
+    """The request was revoked (``client.revoke`` / ``amqprpc revoke``) before it ran, or its
+    handler stopped when it saw ``current_call().cancelled`` and raised this. A caller gets
+    it as a :class:`RemoteError` whose ``error_type`` is ``"Revoked"``. A handler that raises
+    it is never retried (``retryable = False``): the message was called off."""
+
+    retryable = False
+
+    def __init__(self, message: str = "revoked", error_type: str = "Revoked", message_id: str | None = None):
+        super().__init__(message, error_type, message_id)
+
+
 class CallTimeout(RpcError):
     """No reply arrived before the call's deadline, or a service down the chain (which
     shares the deadline) answered that its own call ran out of it (error_type CallTimeout)."""

@@ -15,6 +15,9 @@ from amqprpc.retry import Retry
 
 Handler = Callable[[dict[str, Any]], Any]
 
+#: Seconds an idempotency key is remembered (:mod:`amqprpc.middleware.idempotency`): 24 h.
+DEFAULT_DEDUP_WINDOW = 86400.0
+
 # Where ``Service.client`` comes from: amqprpc.shared_client installs its ``client_for`` here
 # when it is imported (``import amqprpc`` does), so that this module -- which the client
 # imports -- names no client module and the dependencies stay one way.
@@ -82,21 +85,27 @@ class Service:
     #: CircuitBreaker for the calls this service's handlers make through ``service.client``,
     #: so one dead downstream service fails them fast instead of tying up handler threads.
     breaker: Any = None
+    #: Seconds a request's idempotency key is remembered (a repeat within it does not run the
+    #: handler again); per handler with ``@service.handler(..., dedup_window=...)``.
+    dedup_window: float = DEFAULT_DEDUP_WINDOW
+    dedup_windows: Dict[str, float] = field(default_factory=dict)
     #: (kind, name) -> function of the handlers whose annotations did not resolve at
     #: registration (a model defined further down the module), or the model of a published
     #: event pydantic could not describe yet: :meth:`check` retries them.
     _unchecked: Dict[Tuple[str, str], Any] = field(default_factory=dict, repr=False)
 
-    def handler(self, action: str | Callable[..., Any] | None = None, *,
-                retry: Retry | None = None) -> Callable[..., Any]:
+    def handler(self, action: str | Callable[..., Any] | None = None, *, retry: Retry | None = None,
+                dedup_window: float | None = None) -> Callable[..., Any]:
         """Register a function as the handler of ``action`` (default: the function's name).
 
         Usable bare (``@service.handler``) or with a name (``@service.handler("get_user")``).
         ``retry``: failed attempts are retried through the broker with backoff, then
         dead-lettered (see :class:`~amqprpc.retry.Retry`); calls only while their deadline allows.
+        ``dedup_window``: seconds a request's idempotency key is remembered for this handler
+        (default: the service's ``dedup_window``, 24 h).
         """
         if callable(action):
-            bare: Callable[[Handler], Handler] = self.handler(None, retry=retry)
+            bare: Callable[[Handler], Handler] = self.handler(None, retry=retry, dedup_window=dedup_window)
             return bare(action)
 
         def register(function: Handler) -> Handler:
@@ -106,6 +115,8 @@ class Service:
             self.handlers[name] = self._typed("handler", name, function)
             if retry is not None:
                 self.retries[name] = retry
+            if dedup_window is not None:
+                self.dedup_windows[name] = dedup_window
             return function
 
         return register
@@ -214,6 +225,13 @@ class Service:
     def retry_policy(self, action: str) -> Retry | None:
         """The retry policy of ``action``'s handler (camelCase accepted, as in :meth:`find`)."""
         return self.retries.get(action) or self.retries.get(snake_case(action))
+
+    def dedup_window_of(self, action: str) -> float:
+        """Seconds ``action``'s idempotency keys are remembered (camelCase accepted)."""
+        windows = self.dedup_windows
+        if not windows:
+            return self.dedup_window
+        return windows.get(action) or windows.get(snake_case(action)) or self.dedup_window
 
     @property
     def client(self) -> Caller:

@@ -17,6 +17,7 @@ from amqprpc.config import DEFAULT_BROKER_URL, DEFAULT_COLLECTOR_QUEUE, DEFAULT_
 from amqprpc.caller import Caller
 from amqprpc.errors import CallTimeout, ContractError, RemoteError, RpcError, ServiceNotFound, ServiceUnavailable
 from amqprpc.cli import dashboard as dashboard_commands
+from amqprpc.cli import revoke as revoke_command
 from amqprpc.cli import workflow as workflow_commands
 
 EXIT_OK, EXIT_REMOTE_ERROR, EXIT_USAGE, EXIT_TIMEOUT, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4
@@ -201,7 +202,7 @@ def worker(service: str, app: str | None, concurrency: int, prefetch: int | None
     instance = Worker(svc, broker_url=broker, concurrency=concurrency, prefetch=prefetch, heartbeat=heartbeat,
                       registry=registry, registry_interval=registry_interval or 5.0,
                       max_message_bytes=max_message_bytes, queue_type=queue_type, max_redeliveries=max_redeliveries,
-                      reconnect_cap=reconnect_cap)
+                      reconnect_cap=reconnect_cap, redis_url=redis_url)
     try:
         code = run_worker(instance, shutdown_timeout, pidfile=pidfile, metrics_port=metrics_port,
                           broker_wait=broker_wait)
@@ -456,6 +457,7 @@ def demo(broker: str, log_format: str, log_level: str) -> None:
 
 main.add_command(workflow_commands.workflow)
 main.add_command(dashboard_commands.dashboard)
+main.add_command(revoke_command.revoke)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -52,7 +52,8 @@ class RpcClient:
     ``broker_url`` defaults to ``AMQPRPC_BROKER_URL``; ``timeout`` is the default call
     timeout in seconds; ``heartbeat``, ``connect_timeout`` and ``reconnect_cap`` (the
     longest wait between reconnect attempts) in seconds; ``middleware`` hooks around what it
-    sends (:mod:`amqprpc.middleware`), after the process's defaults.
+    sends (:mod:`amqprpc.middleware`), after the process's defaults; ``redis_url`` where
+    :meth:`revoke` stores revocations (default ``AMQPRPC_REDIS_URL``; used only by it).
     One lifecycle: connects at construction (raises :class:`ServiceUnavailable` if it
     cannot), :meth:`close` (or the ``with`` block) ends it. Its connection is an
     :class:`~amqprpc.transport.ioloop.AmqpLoop` it holds, not one it is.
@@ -61,7 +62,7 @@ class RpcClient:
     def __init__(self, source: str = "amqprpc-client", *, broker_url: str | None = None, timeout: float = 5.0,
                  topology: Topology = DEFAULT_TOPOLOGY, heartbeat: float = 30.0, connect_timeout: float = 5.0,
                  breaker: CircuitBreaker | None = None, middleware: Sequence[Middleware] | None = None,
-                 reconnect_cap: float = 10.0):
+                 reconnect_cap: float = 10.0, redis_url: str | None = None):
         self.hooks = Hooks(middleware, builtin=automatic(middleware or ()))
         self._loop = AmqpLoop(default_broker_url(broker_url), name=f"amqprpc-client-{source}", heartbeat=heartbeat,
                               connect_timeout=connect_timeout, reconnect_cap=reconnect_cap,
@@ -73,6 +74,8 @@ class RpcClient:
         self.timeout = timeout
         self.breaker = breaker
         self.topology = topology
+        self.redis_url = redis_url
+        self._revocations: Any = None  # RevocationStore, made by the first revoke()
         self.reply_queue = topology.reply_queue(source)
         # Publishes go on two confirm channels of their own (calls; casts, events and
         # submits), replies arrive on a third: a channel the broker keeps refusing is
@@ -101,7 +104,7 @@ class RpcClient:
 
     # --- public API --------------------------------------------------------------------
     def call(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
-             retry: Retry | None = None, returns: Any = None) -> Any:
+             retry: Retry | None = None, returns: Any = None, idempotency_key: str | None = None) -> Any:
         """Call ``action`` on ``service`` and return its ``data``.
 
         ``payload``: a dict, or a pydantic model or dataclass (sent as its JSON dump).
@@ -114,19 +117,27 @@ class RpcClient:
         CircuitOpen (the breaker refused; nothing was sent).
         ``retry``: for idempotent actions only, re-send after CallTimeout/ServiceUnavailable
         with backoff (never after CircuitOpen); ``timeout`` then bounds all attempts together.
+        ``idempotency_key``: the service runs the handler at most once per key within its
+        dedup window (24 h); a repeat gets the first call's reply (waiting for it while the
+        first still runs). Every retry attempt carries the same key, which makes ``retry``
+        safe for any action. A Revoked error (:class:`~amqprpc.errors.Revoked`) says the
+        request was revoked before or while it ran.
         """
         timeout = self.timeout if timeout is None else timeout
+        key = idempotency_key
         if retry is not None:
-            data = call_with_retry(lambda left: self.call(service, action, payload, timeout=left), retry, timeout)
+            data = call_with_retry(lambda left: self.call(service, action, payload, timeout=left, idempotency_key=key),
+                                   retry, timeout)
         elif self.breaker is not None:
-            data = self.breaker.call(service, action, payload, lambda: self._call(service, action, payload, timeout),
+            data = self.breaker.call(service, action, payload,
+                                     lambda: self._call(service, action, payload, timeout, key),
                                      on_reject=self._refused if self.hooks.after_settle else None)
         else:
-            data = self._call(service, action, payload, timeout)
+            data = self._call(service, action, payload, timeout, key)
         return data if returns is None else _parse(returns, data, service, action)
 
-    def _call(self, service: str, action: str, payload: Any, timeout: float) -> Any:
-        future = self._call_async(service, action, payload, timeout)
+    def _call(self, service: str, action: str, payload: Any, timeout: float, idempotency_key: str | None = None) -> Any:
+        future = self._call_async(service, action, payload, timeout, idempotency_key)
         try:
             return future.result(timeout + _GRACE)
         except FutureTimeout:
@@ -134,22 +145,28 @@ class RpcClient:
                 f"{service}.{action}: no answer within {timeout}s (its deadline timer was late)") from None
 
     def call_async(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
-                   callback: Callable[[Future[Any]], Any] | None = None, returns: Any = None) -> Future[Any]:
+                   callback: Callable[[Future[Any]], Any] | None = None, returns: Any = None,
+                   idempotency_key: str | None = None) -> Future[Any]:
         """Send a call and return a Future of its ``data`` at once.
 
         ``callback(future)`` runs when it resolves, on a separate callback thread (so a
-        callback may itself make calls). ``payload`` and ``returns`` as for :meth:`call`
-        (the data is parsed on the callback thread, never on the I/O loop's).
+        callback may itself make calls). ``payload``, ``returns`` and ``idempotency_key`` as
+        for :meth:`call` (the data is parsed on the callback thread, never on the I/O loop's).
+        The Future's ``message_id`` attribute is the request's message id (for :meth:`revoke`;
+        None when the circuit breaker refused and nothing was sent).
         """
         if self.breaker is not None:
             future = self.breaker.call_async(service, action, payload,
-                                             lambda: self._call_async(service, action, payload, timeout),
+                                             lambda: self._call_async(service, action, payload, timeout,
+                                                                      idempotency_key),
                                              self._run_callback,
                                              on_reject=self._refused if self.hooks.after_settle else None)
         else:
-            future = self._call_async(service, action, payload, timeout)
+            future = self._call_async(service, action, payload, timeout, idempotency_key)
+        message_id = getattr(future, "message_id", None)
         if returns is not None:
             future = self._parsed(future, returns, service, action)
+        future.message_id = message_id  # type: ignore[attr-defined]  # documented on the Future
         if callback is not None:
             future.add_done_callback(self._run_callback(callback))
         return future
@@ -172,8 +189,8 @@ class RpcClient:
         return parsed
 
     def _call_async(self, service: str, action: str, payload: Any,
-                    timeout: float | None) -> Future[Any]:
-        timeout, headers = self._deadline(timeout)
+                    timeout: float | None, idempotency_key: str | None = None) -> Future[Any]:
+        timeout, headers = self._deadline(timeout, idempotency_key=idempotency_key)
         message_id = envelope.new_id()
         hooks = self.hooks
         outgoing = None
@@ -192,6 +209,7 @@ class RpcClient:
                                correlation_id=message_id, reply_to=self.reply_queue.name, delivery_mode=2,
                                expiration=str(max(1, int(timeout * 1000))))
         future: Future[Any] = Future()
+        future.message_id = message_id  # type: ignore[attr-defined]  # see call_async
         if outgoing is not None:
             if outgoing.headers:
                 message.properties["application_headers"] = outgoing.headers
@@ -205,10 +223,11 @@ class RpcClient:
         return future
 
     def cast(self, service: str, action: str, payload: Any = None, *,
-             timeout: float | None = None) -> None:
-        """Send a request that gets no reply. Returns once the broker confirmed it stored
-        the message; raises ServiceUnavailable if no queue takes it."""
-        timeout, headers = self._deadline(timeout, with_deadline=False)
+             timeout: float | None = None, idempotency_key: str | None = None) -> str:
+        """Send a request that gets no reply. Returns its message id (for :meth:`revoke`) once
+        the broker confirmed it stored the message; raises ServiceUnavailable if no queue
+        takes it. ``idempotency_key`` as for :meth:`call`: a repeat is acked unrun."""
+        timeout, headers = self._deadline(timeout, with_deadline=False, idempotency_key=idempotency_key)
         message_id = envelope.new_id()
         exchange, routing_key = self.topology.service_exchange, self.topology.request_key(service)
         outgoing = self._outgoing("cast", service, action, exchange, routing_key, message_id, None,
@@ -221,6 +240,7 @@ class RpcClient:
             raise
         self._confirmed(exchange, routing_key, body, message_id, f"cast to {service}.{action}", mandatory=True,
                         timeout=timeout, outgoing=outgoing)
+        return message_id
 
     def publish_event(self, name: str, payload: Any = None, *,
                       timeout: float | None = None) -> None:
@@ -240,7 +260,8 @@ class RpcClient:
                         outgoing=outgoing)
 
     def submit(self, service: str, action: str, payload: Any = None, *,
-               timeout: float | None = None, correlation_id: str | None = None) -> str:
+               timeout: float | None = None, correlation_id: str | None = None,
+               idempotency_key: str | None = None) -> str:
         """Accept-then-poll: send a request whose reply goes to the shared collector queue
         (``topology.collector_queue``) and return its correlation id.
 
@@ -249,14 +270,15 @@ class RpcClient:
         ServiceUnavailable at once if no queue is bound for ``service``, CallTimeout if the
         broker did not confirm within ``timeout`` seconds. The request carries no deadline:
         it runs whenever a worker gets to it. ``amqprpc collector`` stores the reply in
-        Redis; read it with :class:`amqprpc.ResponseStore`.
+        Redis; read it with :class:`amqprpc.ResponseStore`. The id returned is also the
+        request's message id (for :meth:`revoke`). ``idempotency_key`` as for :meth:`call`.
 
         ``correlation_id``: an id of the caller's own instead of a new one (at most 255
         ASCII characters), for a caller that must know it before sending (to mark the
         request pending first) or hand out an unguessable one (``secrets.token_hex(16)``:
         the ids amqprpc makes are unique, not secret).
         """
-        timeout, headers = self._deadline(timeout, with_deadline=False)
+        timeout, headers = self._deadline(timeout, with_deadline=False, idempotency_key=idempotency_key)
         if correlation_id is not None:
             problem = (envelope.shortstr_problem("correlation_id", correlation_id) if correlation_id
                        else "correlation_id is empty")
@@ -286,6 +308,20 @@ class RpcClient:
                         timeout=deadline - time.monotonic(), outgoing=outgoing, correlation_id=message_id,
                         reply_to=collector.name)
         return message_id
+
+    def revoke(self, service: str, message_id: str, *more_ids: str, ttl: float | None = None) -> None:
+        """Revoke messages of ``service`` by message id (what :meth:`cast` and :meth:`submit`
+        return, a call_async Future's ``message_id``), for every worker of the service:
+        one not started yet is acked unrun (a call is answered with
+        :class:`~amqprpc.errors.Revoked`), also after a countdown or retry delay; a running
+        handler sees ``current_call().cancelled`` turn true within about a second. Kept in
+        Redis (``redis_url``) for ``ttl`` seconds (default one day). Raises
+        ServiceUnavailable if Redis cannot be reached (nothing was revoked)."""
+        from amqprpc.middleware.revoke import DEFAULT_REVOKE_TTL, RevocationStore
+
+        if self._revocations is None:
+            self._revocations = RevocationStore(self.redis_url)
+        self._revocations.revoke(service, (message_id, *more_ids), DEFAULT_REVOKE_TTL if ttl is None else ttl)
 
     def run(self, workflow: Any) -> Any:
         """Start ``workflow`` (:func:`amqprpc.chain`, ``group``, ``chord``, ``task``): its
@@ -324,9 +360,10 @@ class RpcClient:
         self.close()
 
     # --- caller thread helpers -------------------------------------------------------
-    def _deadline(self, timeout: float | None, with_deadline: bool = True) -> tuple[float, dict[str, Any]]:
+    def _deadline(self, timeout: float | None, with_deadline: bool = True,
+                  idempotency_key: str | None = None) -> tuple[float, dict[str, Any]]:
         """The effective timeout (bounded by an enclosing handler's deadline) and the
-        headers that carry the deadline and the trace id onwards."""
+        headers that carry the deadline, the trace id and the idempotency key onwards."""
         timeout = self.timeout if timeout is None else timeout
         current = context.current.get()
         headers: dict[str, Any] = {}
@@ -346,6 +383,8 @@ class RpcClient:
             # clock (envelope.Request.deadline), so that skewed clocks drop no calls.
             headers["deadline"] = round(deadline, 6)
             headers[envelope.TIMEOUT_MS_HEADER] = max(0, int(timeout * 1000))
+        if idempotency_key is not None:
+            headers["idempotency_key"] = str(idempotency_key)
         extra = context.outgoing_headers.get()
         if extra:
             headers.update(extra)

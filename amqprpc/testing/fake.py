@@ -92,12 +92,15 @@ class Recorder:
         return ServiceProxy(self, service, timeout)  # type: ignore[arg-type]
 
     def call_async(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
-                   callback: Callable[[Future[Any]], Any] | None = None, returns: Any = None) -> Future[Any]:
-        """The call, made now; a Future already done (``callback`` runs at once, on this thread)."""
+                   callback: Callable[[Future[Any]], Any] | None = None, returns: Any = None,
+                   idempotency_key: str | None = None) -> Future[Any]:
+        """The call, made now; a Future already done (``callback`` runs at once, on this
+        thread), with a ``message_id`` as the real one has."""
         future: Future[Any] = Future()
+        future.message_id = envelope.new_id()  # type: ignore[attr-defined]  # as RpcClient.call_async's
         try:
             future.set_result(self.call(service, action, payload, timeout=timeout,  # type: ignore[attr-defined]
-                                        returns=returns))
+                                        returns=returns, idempotency_key=idempotency_key))
         except Exception as exc:  # noqa: BLE001 - the Future carries it, as the real one does
             future.set_exception(exc)
         if callback is not None:
@@ -136,7 +139,7 @@ class FakeClient(Recorder):
         return self
 
     def call(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
-             retry: Retry | None = None, returns: Any = None) -> Any:
+             retry: Retry | None = None, returns: Any = None, idempotency_key: str | None = None) -> Any:
         sent = self._record("call", service, action, payload)
         try:
             answer = self.answers[(service, action)]
@@ -148,15 +151,16 @@ class FakeClient(Recorder):
         return parsed(returns, wire(answer(sent) if callable(answer) else answer), service, action)
 
     def cast(self, service: str, action: str, payload: Mapping[str, Any] | None = None, *,
-             timeout: float | None = None) -> None:
+             timeout: float | None = None, idempotency_key: str | None = None) -> str:
         self._record("cast", service, action, payload)
+        return envelope.new_id()
 
     def publish_event(self, name: str, payload: Mapping[str, Any] | None = None, *,
                       timeout: float | None = None) -> None:
         self._record("event", None, name, payload)
 
     def submit(self, service: str, action: str, payload: Mapping[str, Any] | None = None, *,
-               timeout: float | None = None) -> str:
+               timeout: float | None = None, idempotency_key: str | None = None) -> str:
         self._record("submit", service, action, payload)
         return envelope.new_id()
 

@@ -94,14 +94,15 @@ class InMemoryClient(Recorder):
 
     # --- RpcClient's API ---------------------------------------------------------------
     def call(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
-             retry: Retry | None = None, returns: Any = None) -> Any:
+             retry: Retry | None = None, returns: Any = None, idempotency_key: str | None = None) -> Any:
         timeout = self.timeout if timeout is None else timeout
         if retry is not None:
-            return parsed(returns, call_with_retry(lambda left: self.call(service, action, payload, timeout=left),
+            return parsed(returns, call_with_retry(lambda left: self.call(service, action, payload, timeout=left,
+                                                                          idempotency_key=idempotency_key),
                                                    retry, timeout), service, action)
         sent = self._record("call", service, action, payload)
         target = self._target(service, action)
-        timeout, headers = self._headers(timeout, with_deadline=True)
+        timeout, headers = self._headers(timeout, with_deadline=True, idempotency_key=idempotency_key)
         if timeout <= 0:
             raise CallTimeout(f"{service}.{action}: the deadline had already passed")
         with self._outermost():
@@ -115,12 +116,14 @@ class InMemoryClient(Recorder):
         raise envelope.remote_error(reply)
 
     def cast(self, service: str, action: str, payload: Mapping[str, Any] | None = None, *,
-             timeout: float | None = None) -> None:
+             timeout: float | None = None, idempotency_key: str | None = None) -> str:
         sent = self._record("cast", service, action, payload)
         target = self._target(service, action)
-        _, headers = self._headers(timeout, with_deadline=False)
+        _, headers = self._headers(timeout, with_deadline=False, idempotency_key=idempotency_key)
+        message_id = envelope.new_id()
         with self._outermost():
-            self._later(lambda: self._deliver(target, "cast", action, sent, headers))
+            self._later(lambda: self._deliver(target, "cast", action, sent, headers, message_id=message_id))
+        return message_id
 
     def publish_event(self, name: str, payload: Mapping[str, Any] | None = None, *,
                       timeout: float | None = None) -> None:
@@ -134,10 +137,10 @@ class InMemoryClient(Recorder):
                                                       subscription))
 
     def submit(self, service: str, action: str, payload: Mapping[str, Any] | None = None, *,
-               timeout: float | None = None) -> str:
+               timeout: float | None = None, idempotency_key: str | None = None) -> str:
         sent = self._record("submit", service, action, payload)
         target = self._target(service, action)
-        _, headers = self._headers(timeout, with_deadline=False)
+        _, headers = self._headers(timeout, with_deadline=False, idempotency_key=idempotency_key)
         message_id = envelope.new_id()
 
         def run() -> None:
@@ -165,7 +168,8 @@ class InMemoryClient(Recorder):
                                      f"'request.{service}' (is {service} deployed?)")
         return target
 
-    def _headers(self, timeout: float | None, *, with_deadline: bool) -> Tuple[float, dict[str, Any]]:
+    def _headers(self, timeout: float | None, *, with_deadline: bool,
+                 idempotency_key: str | None = None) -> Tuple[float, dict[str, Any]]:
         """As RpcClient does: inside a handler, the trace id goes on and the deadline is
         the earlier of the handler's and this call's own."""
         timeout = self.timeout if timeout is None else timeout
@@ -182,6 +186,8 @@ class InMemoryClient(Recorder):
         if with_deadline:
             headers["deadline"] = round(deadline, 6)
             headers[envelope.TIMEOUT_MS_HEADER] = max(0, int(timeout * 1000))
+        if idempotency_key is not None:  # enforced by the Idempotency middleware, if given (it needs Redis)
+            headers["idempotency_key"] = str(idempotency_key)
         headers.update(outgoing_headers.get() or {})
         return timeout, headers
 

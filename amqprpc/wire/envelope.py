@@ -12,7 +12,7 @@ import random
 import time
 from typing import Any, Mapping
 
-from amqprpc.errors import BadMessage, RemoteError, RemoteValidationError
+from amqprpc.errors import BadMessage, RemoteError, RemoteValidationError, Revoked
 
 CONTENT_TYPE = "application/json"
 # Peers sometimes send these for JSON; anything else (pickle, yaml, msgpack) is refused.
@@ -340,6 +340,8 @@ def remote_error(doc: Mapping[str, Any]) -> RemoteError:
         doc.get("message_id")
     if error_type == "ValidationError":
         return RemoteValidationError(error, error_list(doc.get("errors")), message_id)
+    if error_type == "Revoked":
+        return Revoked(error, error_type, message_id)
     return RemoteError(error, error_type, message_id)
 
 

@@ -30,7 +30,8 @@ LAYERS = [
     # client and worker, and the middleware they run
     {"client", "client.rpc", "client.aio", "client.breaker", "client.responses", "server", "server.worker",
      "server.dispatcher", "middleware.workflow",
-     "server.events", "middleware.ping", "middleware.shared_client", "middleware.otel", "middleware.observability"},
+     "server.events", "middleware.ping", "middleware.shared_client", "middleware.otel", "middleware.observability",
+     "middleware.redisstate", "middleware.revoke", "middleware.idempotency"},
     # operations
     {"ops", "ops.daemon", "ops.collector", "ops.dlq", "ops.registry", "middleware.metrics",
      "middleware.clientmetrics", "ops.loading", "ops.demo", "testing", "asyncapi", "ops.actionstats"},
@@ -38,7 +39,7 @@ LAYERS = [
     {"dashboard", "dashboard.auth", "dashboard.queues", "dashboard.collect", "dashboard.deadletters",
      "dashboard.app", "dashboard.server"},
     # the command line, and the package's public face
-    {"cli", "cli.workflow", "cli.dashboard", "__main__", "__init__"},
+    {"cli", "cli.workflow", "cli.dashboard", "cli.revoke", "__main__", "__init__"},
 ]
 
 
