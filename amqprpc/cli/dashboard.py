@@ -90,7 +90,7 @@ def dashboard(host: str, port: int, user_password: str | None, token: str | None
     queues: QueueSource = (ManagementQueues(management_url, broker) if management_url else PassiveQueues(broker))
     collector = Collector(Registry(redis_url), queues, interval=interval, stale_after=stale_after)
     auth = Auth(user_password, token, loopback_only=is_loopback(host))
-    app = create_app(collector, Operations(broker), auth, broker_url=broker)
+    app = create_app(collector, Operations(broker, redis_url=redis_url), auth, broker_url=broker)
     daemon = DashboardDaemon(app, collector, host=host, port=port, broker_url=broker, reconnect_cap=reconnect_cap)
     try:
         code = serve(daemon, pidfile=pidfile, broker_wait=broker_wait)

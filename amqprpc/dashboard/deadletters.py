@@ -96,16 +96,26 @@ class DuplicateAction(Exception):
 class Operations:
     """Replay and purge, idempotent per action id and audited (see the module docstring)."""
 
-    def __init__(self, broker_url: str, remember: int = 1000, recent: int = 50):
+    def __init__(self, broker_url: str, remember: int = 1000, recent: int = 50, redis_url: str | None = None):
         self.broker_url = broker_url
+        self.redis_url = redis_url
         self.remember = remember
         self._done: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         self._running: set[str] = set()
         self._lock = threading.Lock()
         self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=recent)
-        # Name -> (service, parameters) -> result: where "revoke" plugs in once cancellation exists.
+        # Name -> (service, parameters) -> result: POST /api/{name}/{service}.
         self.handlers: dict[str, Callable[[str, dict[str, Any]], dict[str, Any]]] = {
-            "replay": self._replay, "purge": self._purge}
+            "replay": self._replay, "purge": self._purge, "revoke": self._revoke}
+
+    def _revoke(self, service: str, parameters: dict[str, Any]) -> dict[str, Any]:
+        """Revoke a message by id for every worker of ``service`` (as ``amqprpc revoke``)."""
+        from amqprpc.middleware.revoke import RevocationStore
+
+        message_id = str(parameters.get("message_id") or "")
+        if not message_id:
+            raise ValueError("revoke needs a message_id")
+        return {"revoked": RevocationStore(self.redis_url).revoke(service, [message_id])}
 
     def _replay(self, service: str, parameters: dict[str, Any]) -> dict[str, Any]:
         message_id = parameters.get("message_id")

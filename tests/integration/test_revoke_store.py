@@ -225,3 +225,22 @@ def test_a_busy_worker_looks_up_twice_a_second_at_most_not_per_message(store):
     # while something runs): bounded by time, not by the 100 messages.
     assert len(round_trips) <= 2 * (elapsed / 0.5 + 1), (round_trips, elapsed)
     assert not any(name == "is_revoked" for name, _ in round_trips)
+
+
+@pytest.mark.integration
+def test_the_dashboard_revokes_a_message_for_every_worker_of_its_service():
+    from amqprpc.config import redis_url
+
+    from amqprpc.dashboard.deadletters import Operations
+    from amqprpc.middleware.revoke import RevocationStore
+    from amqprpc.testing import unique_name
+
+    service, message_id = unique_name("dash-revoke"), unique_name("msg")
+    operations = Operations("amqp://unused", redis_url=redis_url())
+    result = operations.run("revoke", service, unique_name("action").replace(".", "-")[:60], "tester",
+                            {"message_id": message_id})
+    store = RevocationStore(redis_url())
+    try:
+        assert result["ok"] and store.is_revoked(service, message_id)
+    finally:
+        store.forget(service)
