@@ -28,7 +28,8 @@ LAYERS = [
     # the connection loop and what it carries out
     {"transport", "transport.ioloop", "transport.redelivery", "transport.inbox", "transport.consumer"},
     # client and worker, and the middleware they run
-    {"client", "client.rpc", "client.aio", "client.breaker", "client.responses", "server", "server.worker",
+    {"client", "client.rpc", "client.aio", "client.breaker", "client.breaker_state", "client.responses", "server",
+     "server.worker",
      "server.dispatcher", "middleware.workflow",
      "server.events", "middleware.ping", "middleware.shared_client", "middleware.otel", "middleware.observability",
      "middleware.redisstate", "middleware.revoke", "middleware.idempotency"},
@@ -158,3 +159,4 @@ def test_the_package_shows_its_layers():
     assert len(top) <= 20, top
     assert len(packages) >= 4, packages
     assert (PACKAGE / "py.typed").exists()
+
