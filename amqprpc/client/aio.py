@@ -24,6 +24,7 @@ import collections
 import contextvars
 import functools
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime
 from typing import Any, Callable
 
 from amqprpc.client.rpc import _GRACE, RpcClient
@@ -86,13 +87,13 @@ class AsyncRpcClient:
         return self._client
 
     async def call(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
-                   returns: Any = None) -> Any:
+                   returns: Any = None, priority: int | None = None) -> Any:
         """Call ``action`` on ``service`` and return its ``data``; raises as ``RpcClient.call``.
-        ``timeout`` in seconds; ``payload`` and ``returns`` as for ``RpcClient.call``.
+        ``timeout`` in seconds; ``payload``, ``returns`` and ``priority`` as for ``RpcClient.call``.
         Cancelling the awaiting task abandons the call."""
         client = self.client
         timeout = client.timeout if timeout is None else timeout
-        data = await self._answer_of(client.call_async(service, action, payload, timeout=timeout),
+        data = await self._answer_of(client.call_async(service, action, payload, timeout=timeout, priority=priority),
                                      f"{service}.{action}", timeout)
         if returns is None:
             return data
@@ -150,20 +151,24 @@ class AsyncRpcClient:
             else:
                 waiter.set_result(future.result())
 
-    async def cast(self, service: str, action: str, payload: Any = None, *,
-                   timeout: float | None = None) -> None:
-        """As ``RpcClient.cast``: returns once the broker confirmed the request."""
-        await self._off_loop(self.client.cast, service, action, payload, timeout=timeout)
+    async def cast(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
+                   countdown: float | None = None, eta: datetime | None = None,
+                   priority: int | None = None) -> str:
+        """As ``RpcClient.cast``: returns the message id once the broker confirmed the request."""
+        return await self._off_loop(self.client.cast, service, action, payload, timeout=timeout,  # type: ignore[no-any-return]
+                                    countdown=countdown, eta=eta, priority=priority)
 
     async def publish_event(self, name: str, payload: Any = None, *,
                             timeout: float | None = None) -> None:
         """As ``RpcClient.publish_event``: returns once the broker confirmed the event."""
         await self._off_loop(self.client.publish_event, name, payload, timeout=timeout)
 
-    async def submit(self, service: str, action: str, payload: Any = None, *,
-                     timeout: float | None = None) -> str:
+    async def submit(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
+                     countdown: float | None = None, eta: datetime | None = None,
+                     priority: int | None = None) -> str:
         """As ``RpcClient.submit``: returns the correlation id once the broker confirmed."""
-        return await self._off_loop(self.client.submit, service, action, payload, timeout=timeout)
+        return await self._off_loop(self.client.submit, service, action, payload, timeout=timeout,  # type: ignore[no-any-return]
+                                    countdown=countdown, eta=eta, priority=priority)
 
     async def _off_loop(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         # run_in_executor does not carry contextvars over (asyncio.to_thread does, but on
