@@ -44,7 +44,7 @@ from amqprpc.transport.redelivery import UNDECODABLE, Forward, Redelivery
 from amqprpc.retry import ERROR, ERROR_TYPE, Retry, attempts_made
 from amqprpc.service import EventSubscription, Handler, Service, snake_case
 from amqprpc.middleware.shared_client import SharedClient
-from amqprpc.wire.topology import DEFAULT_TOPOLOGY, Topology, TopologyMismatch, declare_queue
+from amqprpc.wire.topology import DEFAULT_TOPOLOGY, Topology, TopologyMismatch, declare_queue, priority_mismatch
 
 log = logs.get_logger("amqprpc.worker")
 
@@ -227,10 +227,13 @@ class Worker:
         try:
             channel, queues[self.consumer_tag] = declare_queue(
                 connection, channel, self.topology.request_queue(self.service.name, self.queue_type,
-                                                                 self.delivery_limit))
+                                                                 self.delivery_limit, self.service.max_priority))
             for tag, consumer in self.event_consumers.items():
                 channel, queues[tag] = declare_queue(connection, channel, consumer.queue)
         except amqp.exceptions.PreconditionFailed as exc:
+            if "x-max-priority" in (exc.reply_text or ""):
+                raise TopologyMismatch(priority_mismatch(self.service.name, self.service.max_priority,
+                                                         exc.reply_text)) from None
             raise TopologyMismatch(
                 f"a queue of {self.service.name} exists with other arguments than --queue-type {self.queue_type} "
                 f"--max-redeliveries {self.redelivery.max_redeliveries} declare ({exc.reply_text}); run with its "

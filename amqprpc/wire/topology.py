@@ -238,6 +238,15 @@ def declare_queue(connection: Any, channel: amqp.Channel, queue: Queue) -> tuple
         return channel, earlier
 
 
+def priority_mismatch(service: str, max_priority: int | None, reply_text: str) -> str:
+    """The one error a worker gives when its request queue exists with other priorities than
+    ``Service(max_priority=...)`` asks for: a queue's arguments cannot change in place."""
+    wanted = f"max_priority={max_priority}" if max_priority else "no max_priority"
+    return (f"{service}'s request queue exists with other priorities than the service declares ({wanted}; "
+            f"broker: {reply_text}). A queue's arguments cannot change: run 'amqprpc migrate-queue {service}' "
+            "(it moves the waiting messages to a queue declared as the service now says), then start the workers")
+
+
 def delete(broker_url: str, *, queues: Iterable[str] = (), exchanges: Iterable[str] = ()) -> None:
     """Delete these queues and exchanges (missing ones are fine): what a namespaced run (the
     demo, a test) declared. Not for a shared topology: a deleted queue takes its messages."""
