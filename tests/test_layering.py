@@ -22,18 +22,18 @@ LAYERS = [
     {"errors", "config", "logs", "version", "outcome", "context", "contracts", "wire", "wire.ids",
      "transport.backoff", "transport.framereader", "transport.framewriter", "ops.sdnotify", "ops.pidfile"},
     # wire and definitions: envelope, topology, frames; a service's handlers; hooks
-    {"wire.envelope", "wire.topology", "transport.framehandler", "transport.link", "transport.deadlines", "retry",
+    {"wire.envelope", "wire.topology", "transport.framehandler", "rate", "schedule", "transport.link", "transport.deadlines", "retry",
      "service", "middleware"},
     # the connection loop and what it carries out
     {"transport", "transport.ioloop", "transport.redelivery", "transport.inbox", "transport.consumer"},
     # client and worker, and the middleware they run
-    {"client", "client.rpc", "client.aio", "client.breaker", "client.responses", "server", "server.worker",
+    {"client", "client.rpc", "client.aio", "client.breaker", "client.responses", "client.countdown", "server", "server.worker",
      "server.events", "middleware.ping", "middleware.shared_client", "middleware.otel", "middleware.observability"},
     # operations
     {"ops", "ops.daemon", "ops.collector", "ops.dlq", "ops.registry", "middleware.metrics",
-     "middleware.clientmetrics", "ops.loading", "ops.demo", "testing", "asyncapi"},
+     "middleware.clientmetrics", "ops.loading", "ops.demo", "ops.beat", "ops.migrate", "testing", "asyncapi"},
     # the command line, and the package's public face
-    {"cli", "__main__", "__init__"},
+    {"cli", "cli.beat", "__main__", "__init__"},
 ]
 
 

@@ -453,5 +453,9 @@ def demo(broker: str, log_format: str, log_level: str) -> None:
              f"(or set AMQPRPC_BROKER_URL), then run 'amqprpc demo' again.")
 
 
+from amqprpc.cli import beat as _beat  # noqa: E402 - the commands of tasks in time (#22), after main exists
+
+_beat.register(main, sys.modules[__name__])
+
 if __name__ == "__main__":  # pragma: no cover
     main()

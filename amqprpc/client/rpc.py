@@ -213,22 +213,26 @@ class RpcClient:
 
     def cast(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
              countdown: float | None = None, eta: datetime | None = None, priority: int | None = None,
-             message_id: str | None = None) -> str:
+             message_id: str | None = None, headers: dict[str, Any] | None = None) -> str:
         """Send a request that gets no reply; return its message id. Returns once the broker
         confirmed it stored the message; raises ServiceUnavailable if no queue takes it.
 
         ``countdown`` seconds or ``eta`` (a timezone-aware datetime): it runs no earlier, at
         most 1 s late up to an hour, 0.5% beyond (up to 30 days); meanwhile it waits in the
         broker, durable (see :mod:`amqprpc.client.countdown`). ``priority``: see :meth:`call`.
-        ``message_id``: one of the caller's own (the beat names each tick so)."""
+        ``message_id``: one of the caller's own (the beat names each tick so); ``headers``:
+        AMQP application headers to send with it."""
         timeout, headers = self._deadline(timeout, with_deadline=False)
         message_id = message_id or envelope.new_id()
         exchange, routing_key = self.topology.service_exchange, self.topology.request_key(service)
         check_priority(priority)
         wait = delay_of(countdown, eta)
         properties: dict[str, Any] = {} if priority is None else {"priority": priority}
+        if headers:
+            properties["application_headers"] = dict(headers)
         if wait is not None and wait > 0:
-            exchange, routing_key, properties["application_headers"] = self._delayed(service, wait, timeout)
+            exchange, routing_key, delayed = self._delayed(service, wait, timeout)
+            properties["application_headers"] = {**(headers or {}), **delayed}
         outgoing = self._outgoing("cast", service, action, exchange, routing_key, message_id, None,
                                   headers) if self._observed else None
         try:
