@@ -1,0 +1,123 @@
+"""Rate limits for a whole service: ``@service.handler("send_email", rate_limit="20/s")``.
+
+Celery's rate limits are per worker: ten workers run ten times the limit. Here every worker of
+the service shares one limit through Redis: a GCRA (generic cell rate algorithm) in one Lua
+script that *reserves* the next free slot for each message -- its "theoretical arrival time"
+moves on by one interval per message, whoever runs it. A message whose slot is now runs; one
+whose slot is later waits for it in the broker (a countdown queue of the request queue, with its
+slot in ``x-eta`` and the reservation in ``x-rate-slot``), is acked here at once, and runs when
+it comes back, without asking Redis again. So nothing over the limit is held unacked or blocks a
+handler thread (other actions of the worker go on), and nothing bounces: each message waits once.
+
+Redis down: each worker keeps the limit alone with the same algorithm in process (N workers,
+up to N times the rate), with one warning; Redis back, the shared limit resumes (one info line).
+A retried message (its ``x-attempts`` moved on) asks for a new slot.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable, Mapping
+
+from amqprpc import logs
+from amqprpc.config import redact, redis_client
+from amqprpc.config import redis_url as default_redis_url
+from amqprpc.rate import Rate
+
+log = logs.get_logger("amqprpc.ratelimit")
+
+# The reservation a delayed message carries: "{attempts}" at the time its slot was taken.
+SLOT_HEADER = "x-rate-slot"
+
+# Waits up to this long are slept in the handler thread rather than sent through the broker.
+SLEEP_AT_MOST = 0.01
+
+# KEYS[1]: the limit's key. ARGV: interval ms, burst tolerance ms. Redis' own clock, so that
+# workers whose clocks differ share one timeline. Returns the ms to wait for the reserved slot.
+_RESERVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local wait = tat - tolerance - now
+if wait < 0 then wait = 0 end
+local new_tat = tat + interval
+redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil(new_tat - now) + 1000)
+return tostring(wait)
+"""
+
+
+class LocalGcra:
+    """The same reservation in process (one worker alone: Redis down, or tests)."""
+
+    def __init__(self) -> None:
+        self._tat: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def reserve(self, key: str, rate: Rate, burst: int = 1) -> float:
+        """Seconds until the slot reserved for one more run of ``key`` at ``rate`` (0: now)."""
+        interval = rate.interval
+        with self._lock:
+            now = time.monotonic()
+            tat = max(self._tat.get(key, now), now)
+            self._tat[key] = tat + interval
+            return max(0.0, tat - (burst - 1) * interval - now)
+
+
+class RateLimiter:
+    """Reserves slots under the limits of one service, in Redis, else in process.
+
+    ``redis_url`` (default ``AMQPRPC_REDIS_URL``); ``prefix`` of the keys
+    (``{prefix}:{service}:{action}``); ``burst`` runs that may go at once after a quiet time
+    (1: evenly spaced); ``redis`` a client to use instead (tests)."""
+
+    def __init__(self, service: str, *, redis_url: str | None = None, prefix: str = "amqprpc:ratelimit",
+                 burst: int = 1, redis: Any = None, timeout: float = 0.5) -> None:
+        self.service = service
+        self.prefix = prefix
+        self.burst = burst
+        self._url = default_redis_url(redis_url)
+        self._redis = redis
+        self._timeout = timeout
+        self._script: Any = None
+        self.local = LocalGcra()
+        self.redis_down = False
+        self._lock = threading.Lock()
+
+    def _reserve_script(self) -> Any:
+        if self._script is None:
+            if self._redis is None:
+                self._redis = redis_client(self._url, self._timeout)
+            self._script = self._redis.register_script(_RESERVE)
+        return self._script
+
+    def reserve(self, action: str, rate: Rate) -> float:
+        """Seconds the next run of ``action`` must wait for its slot (0: run now)."""
+        key = f"{self.prefix}:{self.service}:{action}"
+        interval_ms = rate.interval * 1000.0
+        try:
+            wait_ms = float(self._reserve_script()(keys=[key], args=[interval_ms, (self.burst - 1) * interval_ms]))
+        except Exception as exc:  # noqa: BLE001 - Redis down: this worker keeps the limit alone
+            with self._lock:
+                if not self.redis_down:
+                    self.redis_down = True
+                    log.warning("Redis unreachable: rate limits are kept by each worker alone until it is back",
+                                service=self.service, error=redact(str(exc))[:300])
+            return self.local.reserve(key, rate, self.burst)
+        if self.redis_down:
+            with self._lock:
+                if self.redis_down:
+                    self.redis_down = False
+                    log.info("Redis reachable again: rate limits are shared again", service=self.service)
+        return wait_ms / 1000.0
+
+
+def holds_slot(headers: Mapping[str, Any], attempts: int) -> bool:
+    """Whether a delivery comes back with a slot reserved for this very attempt."""
+    held = headers.get(SLOT_HEADER)
+    return held is not None and str(held) == str(attempts)
+
+
+Reserve = Callable[[str, Rate], float]

@@ -1,0 +1,107 @@
+"""Tasks in time (#22) without a broker: rates, schedules, countdown rounding and validation,
+the GCRA limiter (in process, and in Redis where one runs)."""
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from amqprpc import Service
+from amqprpc.client.countdown import check_priority, delay_of
+from amqprpc.middleware.ratelimit import LocalGcra, RateLimiter
+from amqprpc.rate import parse_rate
+from amqprpc.schedule import Schedule
+from amqprpc.wire.topology import DEFAULT_TOPOLOGY
+
+
+def test_rates_parse_and_refuse():
+    assert parse_rate("20/s").interval == 0.05 and parse_rate("120/m").interval == 0.5
+    assert parse_rate(" 5 / h ").period == 3600
+    for bad in ("20", "0/s", "20/d", "x/s", ""):
+        with pytest.raises(ValueError):
+            parse_rate(bad)
+    with pytest.raises(ValueError):
+        Service("s").handler("a", rate_limit="fast")
+
+
+def test_countdowns_are_rounded_up_into_few_queues():
+    topology = DEFAULT_TOPOLOGY
+    for seconds in (0.01, 0.25, 5, 9.99, 10.2, 59.2, 3599.5, 3601, 86400, 30 * 86400):
+        ms = topology.countdown_ms(seconds)
+        late = ms / 1000 - seconds
+        assert late >= 0  # never early
+        assert late <= (0.1 if seconds <= 10 else 1.0 if seconds <= 3600 else seconds * 0.005 + 1)
+    assert len({topology.countdown_ms(3600 + s) for s in range(0, 3600)}) < 200  # ~0.5% steps above 1 h
+    queue = topology.countdown_queue("service.x.request", 5000)
+    assert queue.name == "service.x.request.countdown.5000"
+    assert queue.queue_arguments["x-dead-letter-routing-key"] == "service.x.request"
+    assert queue.queue_arguments["x-expires"] > 5000
+
+
+def test_delays_are_checked():
+    assert delay_of(None, None) is None and delay_of(5, None) == 5
+    now = time.time()
+    eta = datetime.fromtimestamp(now, timezone.utc) + timedelta(seconds=90)
+    assert delay_of(None, eta, now) == pytest.approx(90)
+    with pytest.raises(ValueError, match="timezone-aware"):
+        delay_of(None, datetime.now())
+    for countdown in (-1, float("nan"), 31 * 86400):
+        with pytest.raises(ValueError):
+            delay_of(countdown, None)
+    with pytest.raises(ValueError):
+        delay_of(1, eta)
+    for priority in (-1, 256, 1.5, True):
+        with pytest.raises(ValueError):
+            check_priority(priority)  # type: ignore[arg-type]
+
+
+def test_max_priority_is_checked_and_declared():
+    for bad in (0, 11, "5"):
+        with pytest.raises(ValueError):
+            Service("s", max_priority=bad)  # type: ignore[arg-type]
+    queue = DEFAULT_TOPOLOGY.request_queue("s", max_priority=5)
+    assert queue.queue_arguments == {"x-max-priority": 5}
+    assert DEFAULT_TOPOLOGY.request_queue("s").queue_arguments is None
+    assert "x-max-priority" not in DEFAULT_TOPOLOGY.request_queue("s", "quorum", 7, 5).queue_arguments
+
+
+def test_schedules_tick_on_shared_times_with_ids():
+    service = Service("reports")
+    every = service.periodic("cleanup", every=2, payload={"deep": True})
+    at = datetime(2026, 1, 1, 12, 0, 1, tzinfo=timezone.utc)
+    assert every.next_after(at) == datetime(2026, 1, 1, 12, 0, 2, tzinfo=timezone.utc)
+    assert len(every.due_between(at, at + timedelta(seconds=10))) == 5
+    assert every.tick_id(every.next_after(at)) == "cleanup@2026-01-01T12:00:02.000+00:00"
+    cron = service.periodic("report", cron="0 9 * * *", tz="Europe/Berlin")
+    cron.check()
+    assert cron.next_after(at) == datetime(2026, 1, 2, 8, 0, tzinfo=timezone.utc)  # 09:00 CET
+    with pytest.raises(ValueError, match="twice"):
+        service.periodic("cleanup", every=5)
+    for kwargs in ({}, {"every": 1, "cron": "* * * * *"}, {"every": 0}, {"cron": "* *"},
+                   {"every": 1, "misfire": "all"}, {"every": 1, "tz": "Mars/Base"}):
+        with pytest.raises(Exception):
+            Schedule("x", "s", "a", **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not a valid cron"):
+        Schedule("x", "s", "a", cron="61 * * * *").check()
+
+
+def test_local_gcra_spaces_runs_at_the_rate():
+    gcra, rate = LocalGcra(), parse_rate("20/s")
+    waits = [gcra.reserve("k", rate) for _ in range(40)]
+    assert waits[0] == 0 and waits[1] == pytest.approx(0.05, abs=0.01)
+    assert waits[-1] == pytest.approx(39 * 0.05, abs=0.02)  # each reserves the next free slot
+
+
+@pytest.mark.integration
+def test_redis_gcra_is_shared_and_falls_back_alone(redis_server):
+    url, process = redis_server()
+    rate = parse_rate("10/s")
+    first, second = RateLimiter("svc", redis_url=url), RateLimiter("svc", redis_url=url)
+    waits = [limiter.reserve("send", rate) for limiter in (first, second) * 10]
+    assert waits[0] == 0 and sorted(waits) == pytest.approx(waits, abs=1e-6)  # one shared timeline
+    assert waits[-1] == pytest.approx(1.9, abs=0.05)
+    process.terminate()
+    process.wait(10)
+    assert first.reserve("send", rate) == 0 and first.redis_down  # alone now: its own timeline
+    assert first.reserve("send", rate) == pytest.approx(0.1, abs=0.02)
