@@ -22,6 +22,9 @@ class OutcomeKind(str, Enum):
     EXPIRED = "expired"            # its deadline had passed: dropped unrun (or answered with the last retry's error)
     RECOUNTED = "recounted"        # redelivered from a classic queue: re-published with its delivery count, runs later
     DONE = "done"                  # an event (or a cast's) handler returned
+    DELAYED = "delayed"            # came before its ETA (another clock): back to wait in the broker, unrun
+    RATE_LIMITED = "rate_limited"  # over its handler's rate limit: waits in the broker for its reserved slot
+    DEDUPLICATED = "deduplicated"  # a periodic tick already run (published twice across a beat failover): acked unrun
 
 
 class Outcome(NamedTuple):

@@ -22,11 +22,16 @@ from typing import Any, Callable, Mapping
 from amqprpc import logs
 from amqprpc.config import redact, redis_client
 from amqprpc.config import redis_url as default_redis_url
+from amqprpc.middleware import Delivery, Middleware
+from amqprpc.middleware.eta import TOLERANCE_S, count, wait_in_broker
+from amqprpc.outcome import OutcomeKind
 from amqprpc.rate import Rate
+from amqprpc.retry import attempts_made
 
 log = logs.get_logger("amqprpc.ratelimit")
 
-# The reservation a delayed message carries: "{attempts}" at the time its slot was taken.
+# The reservation a delayed message carries: "{attempts}:{slot epoch s}" (attempts made when
+# its slot was taken: a retry asks for a new one).
 SLOT_HEADER = "x-rate-slot"
 
 # Waits up to this long are slept in the handler thread rather than sent through the broker.
@@ -114,10 +119,47 @@ class RateLimiter:
         return wait_ms / 1000.0
 
 
-def holds_slot(headers: Mapping[str, Any], attempts: int) -> bool:
-    """Whether a delivery comes back with a slot reserved for this very attempt."""
+def held_slot(headers: Mapping[str, Any]) -> float | None:
+    """The slot (epoch s) a delivery comes back with, reserved for this very attempt; else None."""
     held = headers.get(SLOT_HEADER)
-    return held is not None and str(held) == str(attempts)
+    if held is None:
+        return None
+    attempts, _, slot = str(held).partition(":")
+    try:
+        return float(slot) if int(attempts) == attempts_made(headers) else None
+    except ValueError:
+        return None
 
 
-Reserve = Callable[[str, Rate], float]
+class RateLimit(Middleware):
+    """Keeps the handlers of ``service`` that have a ``rate_limit`` under it (the worker adds it
+    only when one has); ``limiter`` shares the limit (a :class:`RateLimiter` by default)."""
+
+    def __init__(self, service: Any, limiter: RateLimiter | None = None) -> None:
+        self.rates: dict[str, Rate] = dict(service.rate_limits)
+        self.limiter = limiter or RateLimiter(service.name)
+
+    def consume_scope(self, call_next: Callable[[Delivery], Any], delivery: Delivery) -> Any:
+        rate = self.rates.get(delivery.handler or "")
+        if rate is None:
+            return call_next(delivery)
+        slot = held_slot(delivery.headers)
+        if slot is not None:  # back from waiting for its slot: no second reservation
+            early = slot - time.time()
+            if early > TOLERANCE_S:
+                return wait_in_broker(delivery, early, OutcomeKind.RATE_LIMITED)
+            return call_next(delivery)
+        wait = self.limiter.reserve(delivery.handler or "", rate)
+        if wait <= SLEEP_AT_MOST:
+            if wait > 0:
+                time.sleep(wait)
+            return call_next(delivery)
+        if delivery.deadline is not None and time.time() + wait >= delivery.deadline:
+            count(delivery, "rate_limited")
+            return delivery.decide.error_reply(
+                delivery, f"rate limit {rate.text} of {delivery.handler}: its next free slot is after the "
+                          "call's deadline", "RateLimited", OutcomeKind.RATE_LIMITED)
+        count(delivery, "rate_limited")
+        log.debug("over the rate limit; waits for its slot", action=delivery.handler, wait=round(wait, 3))
+        return wait_in_broker(delivery, wait, OutcomeKind.RATE_LIMITED,
+                              {SLOT_HEADER: f"{attempts_made(delivery.headers)}:{time.time() + wait:.3f}"})

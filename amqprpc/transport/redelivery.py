@@ -152,6 +152,16 @@ class Redelivery:
             forward.message.properties["application_headers"][h.RAW_PROPERTIES] = message.raw_properties
         return forward
 
+    def wait(self, message: amqp.Message, queue: str, delay: float, kind: OutcomeKind,
+             update: dict | None = None) -> Forward:
+        """The message back into ``queue`` after ``delay`` seconds, through the countdown queue
+        of that delay (:meth:`Topology.countdown_queue`: rounded up to 100 ms under 10 s, so
+        much closer than the retry buckets), with ``update`` merged into its headers: an ETA
+        not yet due, a rate-limited message waiting for its reserved slot."""
+        waiting = self.topology.countdown_queue(queue, self.topology.countdown_ms(delay))
+        return Forward(waiting.name, _copy(message, {**(update or {}), **_origin(message, queue)}), waiting, kind,
+                       queue)
+
 
 class Forwarder:
     """Carries out :class:`Forward` decisions on the loop thread, over its own confirm
