@@ -27,7 +27,8 @@ LAYERS = [
     # the connection loop and what it carries out
     {"transport", "transport.ioloop", "transport.redelivery", "transport.inbox", "transport.consumer"},
     # client and worker, and the middleware they run
-    {"client", "client.rpc", "client.aio", "client.breaker", "client.responses", "client.countdown", "server", "server.worker",
+    {"client", "client.rpc", "client.aio", "client.breaker", "client.responses", "client.countdown", "server",
+     "server.worker", "server.dispatcher", "middleware.eta", "middleware.ticks", "middleware.ratelimit",
      "server.events", "middleware.ping", "middleware.shared_client", "middleware.otel", "middleware.observability"},
     # operations
     {"ops", "ops.daemon", "ops.collector", "ops.dlq", "ops.registry", "middleware.metrics",
