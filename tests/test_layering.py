@@ -29,6 +29,7 @@ LAYERS = [
     # client and worker, and the middleware they run
     {"client", "client.rpc", "client.aio", "client.breaker", "client.responses", "client.countdown", "server",
      "server.worker", "server.dispatcher", "middleware.eta", "middleware.ticks", "middleware.ratelimit",
+     "middleware.tasks",
      "server.events", "middleware.ping", "middleware.shared_client", "middleware.otel", "middleware.observability"},
     # operations
     {"ops", "ops.daemon", "ops.collector", "ops.dlq", "ops.registry", "middleware.metrics",

@@ -222,7 +222,7 @@ class RpcClient:
         broker, durable (see :mod:`amqprpc.client.countdown`). ``priority``: see :meth:`call`.
         ``message_id``: one of the caller's own (the beat names each tick so); ``headers``:
         AMQP application headers to send with it."""
-        timeout, headers = self._deadline(timeout, with_deadline=False)
+        timeout, body_headers = self._deadline(timeout, with_deadline=False)
         message_id = message_id or envelope.new_id()
         exchange, routing_key = self.topology.service_exchange, self.topology.request_key(service)
         check_priority(priority)
@@ -234,10 +234,10 @@ class RpcClient:
             exchange, routing_key, delayed = self._delayed(service, wait, timeout)
             properties["application_headers"] = {**(headers or {}), **delayed}
         outgoing = self._outgoing("cast", service, action, exchange, routing_key, message_id, None,
-                                  headers) if self._observed else None
+                                  body_headers) if self._observed else None
         try:
             body = envelope.request_body(message_id=message_id, source=self.source, target=service, action=action,
-                                         payload=_payload(payload), reply_to=None, headers=headers)
+                                         payload=_payload(payload), reply_to=None, headers=body_headers)
         except Exception as exc:  # a payload JSON cannot carry: what the hooks began for it ends too
             self._unsent(outgoing, exc)
             raise

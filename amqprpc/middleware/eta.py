@@ -7,7 +7,7 @@ for the rest, in the broker (never held unacked, never a sleeping handler thread
 without ``x-eta`` costs one dict lookup.
 
 :func:`wait_in_broker` is the one way the features of tasks in time put a delivery off:
-through the countdown queue of the delay (100 ms steps under 10 s), headers updated.
+through the countdown queue of the delay (50 ms steps under 10 s), headers updated.
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from amqprpc import logs
 from amqprpc.config import redact, redis_client
 from amqprpc.config import redis_url as default_redis_url
 from amqprpc.middleware import Delivery, Middleware
-from amqprpc.middleware.eta import TOLERANCE_S, count, wait_in_broker
+from amqprpc.middleware.eta import TOLERANCE_S, wait_in_broker
 from amqprpc.outcome import OutcomeKind
 from amqprpc.rate import Rate
 from amqprpc.retry import attempts_made
@@ -155,11 +155,9 @@ class RateLimit(Middleware):
                 time.sleep(wait)
             return call_next(delivery)
         if delivery.deadline is not None and time.time() + wait >= delivery.deadline:
-            count(delivery, "rate_limited")
             return delivery.decide.error_reply(
                 delivery, f"rate limit {rate.text} of {delivery.handler}: its next free slot is after the "
                           "call's deadline", "RateLimited", OutcomeKind.RATE_LIMITED)
-        count(delivery, "rate_limited")
         log.debug("over the rate limit; waits for its slot", action=delivery.handler, wait=round(wait, 3))
         return wait_in_broker(delivery, wait, OutcomeKind.RATE_LIMITED,
                               {SLOT_HEADER: f"{attempts_made(delivery.headers)}:{time.time() + wait:.3f}"})

@@ -41,7 +41,7 @@ class MigrationRefused(RuntimeError):
 @dataclass
 class Migrated:
     queue: str
-    moved: int
+    moved: int  # messages now in the new queue that waited in the old (or a left-over holding) one
     arguments: dict[str, Any] | None
 
 
@@ -62,7 +62,7 @@ def migrate_request_queue(broker_url: str, service: str, topology: Topology, *, 
                 raise MigrationRefused(f"{target.name} has {old} consumer(s): stop {service}'s workers first")
             holding(channel).declare()
             channel.queue_unbind(target.name, target.exchange.name, target.routing_key)
-            moved += _move(channel, target.name, holding.name)
+            _move(channel, target.name, holding.name)
             channel.queue_delete(target.name)
         target(channel).declare()
         if _consumers(conn, holding.name) is not None:

@@ -42,6 +42,7 @@ from amqprpc.middleware.ping import Ping
 from amqprpc.transport.redelivery import Redelivery
 from amqprpc.service import Handler, Service
 from amqprpc.middleware.shared_client import SharedClient
+from amqprpc.middleware.tasks import tasks_in_time
 from amqprpc.wire.topology import DEFAULT_TOPOLOGY, Topology, TopologyMismatch, declare_queue, priority_mismatch
 
 log = logs.get_logger("amqprpc.worker")
@@ -131,7 +132,7 @@ class Worker:
         given = [*(middleware or ()), *([registry.presence(registry_interval)] if registry is not None else ())]
         # OpenTelemetry (when the application configured an SDK) first: the trace is current
         # for every other middleware's hooks too.
-        self.hooks = Hooks(given, builtin=(*automatic(given), Ping(), SharedClient()))
+        self.hooks = Hooks(given, builtin=(*automatic(given), Ping(), SharedClient(), *tasks_in_time(service)))
         self.dispatcher = self._dispatcher()
 
     def _dispatcher(self) -> Dispatcher:
@@ -162,6 +163,12 @@ class Worker:
         dead_lettered included; refused; expired; recounted)."""
         with self._counts_lock:
             return {"received": self._consumer.received, **self._counts}
+
+    def stats_add(self, name: str, n: int = 1) -> None:
+        """Count ``n`` more in ``stats[name]`` (middleware counts what it does: countdown_due,
+        periodic_runs...)."""
+        with self._counts_lock:
+            self._counts[name] = self._counts.get(name, 0) + n
 
     def start(self, *, broker_wait: float = 0.0,
               on_connect_retry: Callable[[int, float, BaseException], None] | None = None) -> None:

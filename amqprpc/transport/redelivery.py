@@ -164,7 +164,7 @@ class Redelivery:
     def wait(self, message: amqp.Message, queue: str, delay: float, kind: OutcomeKind,
              update: dict | None = None) -> Forward:
         """The message back into ``queue`` after ``delay`` seconds, through the countdown queue
-        of that delay (:meth:`Topology.countdown_queue`: rounded up to 100 ms under 10 s, so
+        of that delay (:meth:`Topology.countdown_queue`: rounded up to 50 ms under 10 s, so
         much closer than the retry buckets), with ``update`` merged into its headers: an ETA
         not yet due, a rate-limited message waiting for its reserved slot."""
         waiting = self.topology.countdown_queue(queue, self.topology.countdown_ms(delay))

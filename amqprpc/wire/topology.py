@@ -128,11 +128,12 @@ class Topology:
 
     def countdown_ms(self, seconds: float) -> int:
         """The delay a countdown of ``seconds`` waits, in ms: never shorter than asked, rounded
-        *up* so that few queues serve every delay -- to 100 ms under 10 s, to 1 s under 1 h
+        *up* so that few queues serve every delay -- to 50 ms under 10 s (a rate limit's slots are
+        that close), to 1 s under 1 h
         (so at most 1 s late), beyond that to a step of ~0.5% (at most 0.5% late)."""
         ms = math.ceil(seconds * 1000.0)
         if ms <= 10_000:
-            return max(100, -(-ms // 100) * 100)
+            return max(50, -(-ms // 50) * 50)
         if ms <= 3_600_000:
             return -(-ms // 1000) * 1000
         steps = math.ceil(math.log(ms / 3_600_000) / math.log(COUNTDOWN_STEP) - 1e-9)
