@@ -28,7 +28,7 @@ from amqprpc.testing import delete_queues, wait_for
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
 TEMPLATE = UNITS / "amqprpc-worker@.service"
-SHIPPED_SERVICES = sorted(path.stem for path in (ROOT / "supervisor").glob("*.conf"))
+SHIPPED_SERVICES = sorted(path.stem for path in (ROOT / "supervisor").glob("*.conf") if not path.stem.startswith("amqprpc-"))
 
 
 def unit(path: Path) -> configparser.RawConfigParser:
