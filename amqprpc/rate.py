@@ -13,16 +13,16 @@ _FORM = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*([smh])\s*$")
 
 
 class Rate(NamedTuple):
-    """``count`` runs per ``period`` seconds; ``text`` as written."""
+    """``runs`` per ``period`` seconds; ``text`` as written."""
 
-    count: float
+    runs: float
     period: float
     text: str
 
     @property
     def interval(self) -> float:
         """Seconds between two runs at a steady pace (the GCRA's emission interval)."""
-        return self.period / self.count
+        return self.period / self.runs
 
 
 def parse_rate(text: str) -> Rate:

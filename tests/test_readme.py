@@ -62,7 +62,7 @@ from workers.shop import Shop
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCUMENTS = ["README.md", "supervisor/README.md", "systemd/README.md"]
+DOCUMENTS = ["README.md", "supervisor/README.md", "systemd/README.md", "docs/guides/tasks-in-time.md"]
 PYTHON, SHELL = {"python", "py"}, {"sh", "bash", "shell"}
 BLOCK_TIMEOUT = 120.0  # seconds a block may run; a daemon gets 60 s to be ready
 FILE_COMMENT = re.compile(r"#\s*([\w./-]+\.py)\s*$")

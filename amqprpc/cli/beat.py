@@ -27,7 +27,7 @@ def register(main: click.Group, cli: ModuleType) -> None:
 _cli: Any = None
 
 
-def _load(names: tuple[str, ...], app: str | None) -> list:
+def _load(names: tuple[str, ...], app: str | None) -> list[Any]:
     from amqprpc.ops.loading import load_service
 
     if app and len(names) > 1:

@@ -155,7 +155,7 @@ class AsyncRpcClient:
                    countdown: float | None = None, eta: datetime | None = None,
                    priority: int | None = None) -> str:
         """As ``RpcClient.cast``: returns the message id once the broker confirmed the request."""
-        return await self._off_loop(self.client.cast, service, action, payload, timeout=timeout,  # type: ignore[no-any-return]
+        return await self._off_loop(self.client.cast, service, action, payload, timeout=timeout,
                                     countdown=countdown, eta=eta, priority=priority)
 
     async def publish_event(self, name: str, payload: Any = None, *,
@@ -167,7 +167,7 @@ class AsyncRpcClient:
                      countdown: float | None = None, eta: datetime | None = None,
                      priority: int | None = None) -> str:
         """As ``RpcClient.submit``: returns the correlation id once the broker confirmed."""
-        return await self._off_loop(self.client.submit, service, action, payload, timeout=timeout,  # type: ignore[no-any-return]
+        return await self._off_loop(self.client.submit, service, action, payload, timeout=timeout,
                                     countdown=countdown, eta=eta, priority=priority)
 
     async def _off_loop(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -139,7 +139,7 @@ class Beat:
                 log.warning("broker connect failed", attempt=attempt, retry_in=round(retry_in, 2),
                             error=redact(str(exc)))
                 if self._cancel.wait(retry_in):
-                    raise StartCancelled("beat start cancelled while waiting for the broker") from None
+                    raise StartCancelled() from None
         self._thread = threading.Thread(target=self._run, name="amqprpc-beat", daemon=True)
         self._thread.start()
         log.info("beat ready", services=[s.name for s in self.services], instance=self.instance,
