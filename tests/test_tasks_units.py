@@ -105,3 +105,72 @@ def test_redis_gcra_is_shared_and_falls_back_alone(redis_server):
     process.wait(10)
     assert first.reserve("send", rate) == 0 and first.redis_down  # alone now: its own timeline
     assert first.reserve("send", rate) == pytest.approx(0.1, abs=0.02)
+
+
+def dispatch_one(service: Service, middleware: list, headers: dict, message_id: str = "m-1"):
+    """One cast of ``service``'s action "run" through the worker's own dispatcher."""
+    from amqprpc.middleware import Hooks
+    from amqprpc.testing.dispatch import local_dispatcher, request_message
+
+    dispatcher, _ = local_dispatcher(service, Hooks(middleware, defaults=False), None)
+    message = request_message(message_id=message_id, source="t", service=service.name, kind="cast",
+                              action="run", payload={}, headers={})
+    message.properties["application_headers"] = dict(headers)
+    return dispatcher.dispatch(message)
+
+
+def test_an_early_eta_goes_back_to_wait_in_a_countdown_queue():
+    from amqprpc.middleware.eta import Eta
+    from amqprpc.outcome import OutcomeKind
+
+    service, ran = Service("eta-unit"), []
+    service.handler("run")(lambda payload: ran.append(1))
+    decision = dispatch_one(service, [Eta()], {"x-eta": time.time() + 2.0})
+    assert decision.outcome.kind is OutcomeKind.DELAYED and not ran
+    assert decision.forward.routing_key == "service.eta-unit.request.countdown.2000"
+    assert decision.forward.message.properties["application_headers"]["x-eta"] > time.time()
+    assert dispatch_one(service, [Eta()], {"x-eta": time.time() - 1}).outcome.kind is OutcomeKind.DONE and ran
+
+
+def test_a_rate_limited_message_reserves_its_slot_once():
+    from amqprpc.middleware.ratelimit import SLOT_HEADER, RateLimit, RateLimiter
+    from amqprpc.outcome import OutcomeKind
+
+    service, ran = Service("rate-unit"), []
+    service.handler("run", rate_limit="2/s")(lambda payload: ran.append(1))
+    limiter = RateLimiter("rate-unit", redis_url="redis://127.0.0.1:1/0", timeout=0.05)  # Redis down: alone
+    middleware = [RateLimit(service, limiter)]
+    assert dispatch_one(service, middleware, {}).outcome.kind is OutcomeKind.DONE
+    put_off = dispatch_one(service, middleware, {})
+    assert put_off.outcome.kind is OutcomeKind.RATE_LIMITED and limiter.redis_down and len(ran) == 1
+    slot = put_off.forward.message.properties["application_headers"][SLOT_HEADER]
+    assert put_off.forward.routing_key.endswith(".countdown.500")
+    # Back when its slot came: runs without a second reservation (the limiter would say wait).
+    assert dispatch_one(service, middleware, {SLOT_HEADER: f"0:{time.time()}"}).outcome.kind is OutcomeKind.DONE
+    assert slot.startswith("0:") and len(ran) == 2
+
+
+def test_a_tick_runs_once_and_without_redis_at_least_once():
+    from amqprpc.middleware.ticks import TickOnce
+    from amqprpc.outcome import OutcomeKind
+
+    service, ran = Service("tick-unit"), []
+    service.handler("run")(lambda payload: ran.append(1))
+    claimed: set = set()
+
+    class Claims:  # Redis' SET NX, in a set
+        def set(self, key, value, nx, ex):
+            if key in claimed:
+                return None
+            claimed.add(key)
+            return True
+
+    once = [TickOnce("tick-unit", redis=Claims())]
+    tick = {"x-tick": "run"}
+    kinds = [dispatch_one(service, once, tick, "run@2026-01-01T00:00:00.000+00:00").outcome.kind for _ in range(2)]
+    assert kinds == [OutcomeKind.DONE, OutcomeKind.DEDUPLICATED] and len(ran) == 1
+    # The same copy again after a crash (recounted by the worker: x-deliveries), not a duplicate.
+    recounted = dispatch_one(service, once, {**tick, "x-deliveries": 1}, "run@2026-01-01T00:00:00.000+00:00")
+    assert recounted.outcome.kind is OutcomeKind.DONE and len(ran) == 2
+    down = [TickOnce("tick-unit", redis_url="redis://127.0.0.1:1/0")]
+    assert [dispatch_one(service, down, tick, "run@x").outcome.kind for _ in range(2)] == [OutcomeKind.DONE] * 2
