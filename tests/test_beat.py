@@ -127,3 +127,57 @@ def test_systemd_analyze_verifies_the_beat_unit(tmp_path):
                              str(tmp_path / "amqprpc-shop.target")], capture_output=True, text=True, timeout=60)
     output = result.stdout + result.stderr
     assert result.returncode == 0 and "amqprpc" not in output, output
+
+
+class Casts:
+    """Stands in for the beat's RpcClient: the ticks it would publish."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    def cast(self, service: str, action: str, payload: dict, *, message_id: str, headers: dict,
+             timeout: float) -> str:
+        assert headers == {"x-tick": message_id.split("@")[0]}
+        self.sent.append(message_id)
+        return message_id
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.integration
+def test_missed_ticks_fire_once_or_are_skipped_and_redis_down_fires_nothing(redis_available):
+    from amqprpc import Service
+    from amqprpc.ops.beat import Beat
+
+    name = unique_name("beat-misfire")
+    service = Service(name)
+    service.periodic("run", every=10, name="once")
+    service.periodic("run", every=10, name="skip", misfire="skip")
+    beat = Beat([service], catch_up=10.0)
+    beat._client = casts = Casts()
+    store = redis.Redis.from_url(redis_url(), decode_responses=True)
+    try:
+        beat.tick()  # first sight: each schedule starts from now, nothing fires
+        assert casts.sent == [] and beat.leading == {name}
+        for schedule in ("once", "skip"):  # as if no beat ran for 100 s
+            store.set(f"amqprpc:beat:{name}:{schedule}:last", time.time() - 100)
+        beat.tick()
+        fired = collections.Counter(tick.split("@")[0] for tick in casts.sent)
+        assert fired["once"] in (2, 3) and fired["skip"] in (1, 2)  # missed: 1 run or none; the last 10 s: each
+        assert beat.stats_counts["skipped"] >= 8 and beat.stats_counts["misfired"] >= 7
+        before = list(casts.sent)
+        beat.tick()
+        assert casts.sent == before  # recorded: nothing fires twice
+        other = Beat([service])
+        other._client = Casts()
+        other.tick()
+        assert other.leading == set() and other._client.sent == []  # the lease is held: it waits
+        down = Beat([service], redis_url="redis://127.0.0.1:1/0")
+        down._client = Casts()
+        down.tick()
+        assert down.leading == set() and down._client.sent == [] and down._redis_down
+    finally:
+        beat.shutdown(1)
+        for key in store.keys(f"amqprpc:beat:{name}:*"):
+            store.delete(key)

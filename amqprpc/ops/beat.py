@@ -173,21 +173,25 @@ class Beat:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                for service in self.services:
-                    if service.schedules and self._lead(service.name):
-                        for schedule in service.schedules.values():
-                            self._fire_due(schedule)
-                if self._redis_down:
-                    log.info("Redis reachable again: beat leader election resumes")
-                    self._redis_down = False
-            except Exception as exc:  # noqa: BLE001 - Redis errors: nobody leads until it is back
-                if not self._redis_down:
-                    log.warning("Redis unreachable: this beat replica publishes nothing until it is back",
-                                error=redact(str(exc)))
-                    self._redis_down = True
-                self.leading.clear()
+            self.tick()
             self._stop.wait(self.poll)
+
+    def tick(self) -> None:
+        """One look at the clock: hold the leases, publish what is due where this replica leads."""
+        try:
+            for service in self.services:
+                if service.schedules and self._lead(service.name):
+                    for schedule in service.schedules.values():
+                        self._fire_due(schedule)
+            if self._redis_down:
+                log.info("Redis reachable again: beat leader election resumes")
+                self._redis_down = False
+        except Exception as exc:  # noqa: BLE001 - Redis errors: nobody leads until it is back
+            if not self._redis_down:
+                log.warning("Redis unreachable: this beat replica publishes nothing until it is back",
+                            error=redact(str(exc)))
+                self._redis_down = True
+            self.leading.clear()
 
     def _lead(self, service: str) -> bool:
         """Hold (acquire or renew) the lease of ``service``; whether this replica leads it."""
