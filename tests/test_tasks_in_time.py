@@ -54,6 +54,21 @@ def test_a_countdown_waits_in_the_broker_through_a_worker_restart(service, clien
         delete_queues(waiting, broker_url=broker_url)
 
 
+def test_a_countdown_survives_a_broker_restart(service, own_broker):
+    own_broker.ensure_running()
+    ran: list[float] = []
+    service.handler("remind")(lambda payload: ran.append(time.time()))
+    with running_worker(service, broker_url=own_broker.url, reconnect_cap=0.5), \
+            RpcClient("tests", broker_url=own_broker.url) as client:
+        sent = time.time()
+        client.cast(service.name, "remind", {}, countdown=4)
+        own_broker.stop_app()
+        own_broker.start_app()
+        wait_for(lambda: ran, timeout=30)
+    print(f"\n4 s countdown across a broker restart ran {ran[0] - sent:.2f} s after the cast")
+    assert ran[0] - sent >= 4.0
+
+
 def test_an_early_eta_waits_for_the_rest_and_naive_etas_are_refused(service, client, broker_url):
     ran: list[float] = []
     service.handler("remind")(lambda payload: ran.append(time.time()))
