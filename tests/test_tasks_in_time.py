@@ -143,3 +143,28 @@ def test_two_workers_keep_a_rate_limit_together_and_other_actions_answer(service
     assert latencies[int(len(latencies) * 0.9)] < 0.05
     delete_queues(*[DEFAULT_TOPOLOGY.countdown_queue(request_queue, ms).name for ms in range(50, 3200, 50)],
                   broker_url=broker_url)
+
+
+def test_quorum_queues_on_rabbitmq_4_honour_two_priority_levels(service_name, client, broker_url):
+    with Connection(broker_url) as conn:
+        conn.connect()
+        version = conn.connection.server_properties.get("version", "0")
+    if isinstance(version, bytes):
+        version = version.decode()
+    if int(str(version).split(".")[0]) < 4:
+        pytest.skip(f"RabbitMQ {version}: quorum queues have priorities from 4.0 on")
+    order: list[int] = []
+    service = Service(service_name)
+    service.handler("work")(lambda payload: order.append(payload["n"]))
+    with running_worker(service, broker_url=broker_url, queue_type="quorum", delete=False):
+        pass
+    try:
+        for n in range(50):
+            client.cast(service_name, "work", {"n": n}, priority=0)
+        client.cast(service_name, "work", {"n": -1}, priority=5)  # 5 and above: "high"
+        with running_worker(service, broker_url=broker_url, queue_type="quorum", concurrency=1, prefetch=1):
+            wait_for(lambda: len(order) == 51, timeout=30)
+        print(f"\nquorum (4.x): the priority-5 cast ran at position {order.index(-1)} of 51")
+        assert order.index(-1) <= 2
+    finally:
+        delete_queues(DEFAULT_TOPOLOGY.request_queue_format.format(service=service_name), broker_url=broker_url)

@@ -4,10 +4,12 @@ Celery's rate limits are per worker: ten workers run ten times the limit. Here e
 the service shares one limit through Redis: a GCRA (generic cell rate algorithm) in one Lua
 script that *reserves* the next free slot for each message -- its "theoretical arrival time"
 moves on by one interval per message, whoever runs it. A message whose slot is now runs; one
-whose slot is later waits for it in the broker (a countdown queue of the request queue, with its
-slot in ``x-eta`` and the reservation in ``x-rate-slot``), is acked here at once, and runs when
-it comes back, without asking Redis again. So nothing over the limit is held unacked or blocks a
-handler thread (other actions of the worker go on), and nothing bounces: each message waits once.
+whose slot is later waits for it in the broker (a countdown queue of the request queue, with the
+reservation in ``x-rate-slot``), is acked here at once, and runs when it comes back, without
+asking Redis again. So nothing over the limit is held unacked or blocks a handler thread (other
+actions of the worker go on), and nothing bounces: each message waits once -- unless it comes
+back more than ``LATE_AT_MOST`` after its slot (a stalled broker or worker), when it takes a new
+slot rather than run in a bunch with others that came late.
 
 Redis down: each worker keeps the limit alone with the same algorithm in process (N workers,
 up to N times the rate), with one warning; Redis back, the shared limit resumes (one info line).
@@ -36,6 +38,11 @@ SLOT_HEADER = "x-rate-slot"
 
 # Waits up to this long are slept in the handler thread rather than sent through the broker.
 SLEEP_AT_MOST = 0.01
+
+# A message back from waiting runs in its slot if it is at most this late; later (the broker or
+# this worker stalled, and others came back late with it), it takes a new slot: late ones never
+# run together, so any second holds at most rate x (1 s + this) runs.
+LATE_AT_MOST = 0.1
 
 # KEYS[1]: the limit's key. ARGV: interval ms, burst tolerance ms. Redis' own clock, so that
 # workers whose clocks differ share one timeline. Returns the ms to wait for the reserved slot.
@@ -144,11 +151,12 @@ class RateLimit(Middleware):
         if rate is None:
             return call_next(delivery)
         slot = held_slot(delivery.headers)
-        if slot is not None:  # back from waiting for its slot: no second reservation
+        if slot is not None:  # back from waiting for its slot: no second reservation if on time
             early = slot - time.time()
             if early > TOLERANCE_S:
                 return wait_in_broker(delivery, early, OutcomeKind.RATE_LIMITED)
-            return call_next(delivery)
+            if -early <= LATE_AT_MOST:
+                return call_next(delivery)
         wait = self.limiter.reserve(delivery.handler or "", rate)
         if wait <= SLEEP_AT_MOST:
             if wait > 0:
