@@ -14,8 +14,8 @@ from amqprpc import RpcClient, Service
 from amqprpc.errors import TopologyMismatch
 from amqprpc.ops.migrate import migrate_request_queue
 from amqprpc.server.worker import Worker
-from amqprpc.testing import delete_queues, running_worker, wait_for
-from amqprpc.wire.topology import DEFAULT_TOPOLOGY
+from amqprpc.testing import delete_queues, running_worker, unique_name, wait_for
+from amqprpc.wire.topology import DEFAULT_TOPOLOGY, Topology
 
 pytestmark = pytest.mark.integration
 
@@ -168,3 +168,30 @@ def test_quorum_queues_on_rabbitmq_4_honour_two_priority_levels(service_name, cl
         assert order.index(-1) <= 2
     finally:
         delete_queues(DEFAULT_TOPOLOGY.request_queue_format.format(service=service_name), broker_url=broker_url)
+
+
+def test_async_casts_and_submits_take_a_countdown_too(service, broker_url):
+    import asyncio
+
+    from amqprpc import AsyncRpcClient
+
+    ran: list[float] = []
+    service.handler("remind")(lambda payload: ran.append(time.time()))
+    request_queue = DEFAULT_TOPOLOGY.request_queue_format.format(service=service.name)
+    waiting = DEFAULT_TOPOLOGY.countdown_queue(request_queue, 1000).name
+
+    async def cast() -> str:
+        async with AsyncRpcClient("tests", broker_url=broker_url) as aio:
+            return await aio.cast(service.name, "remind", {}, countdown=1, priority=3)
+
+    replies = unique_name("replies")  # a collector queue of this test's own
+    with running_worker(service, broker_url=broker_url), \
+            RpcClient("tests", broker_url=broker_url, topology=Topology(collector_queue=replies)) as submitter:
+        sent = time.time()
+        assert asyncio.run(cast())
+        correlation_id = submitter.submit(service.name, "remind", {}, countdown=1)
+        assert correlation_id and ready_count(broker_url, waiting) == 2
+        wait_for(lambda: len(ran) == 2, timeout=5)
+        assert min(ran) - sent >= 1.0
+        wait_for(lambda: ready_count(broker_url, replies) == 1)
+    delete_queues(waiting, replies, broker_url=broker_url)
