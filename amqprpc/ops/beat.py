@@ -35,7 +35,7 @@ from amqprpc import logs
 from amqprpc.config import broker_url as default_broker_url
 from amqprpc.config import redact, redis_client
 from amqprpc.config import redis_url as default_redis_url
-from amqprpc.errors import RpcError, StartCancelled, ServiceUnavailable
+from amqprpc.errors import CallTimeout, ConnectionLost, PublishRefused, RpcError, ServiceUnavailable, StartCancelled
 from amqprpc.schedule import TICK_HEADER, Schedule
 from amqprpc.service import Service
 from amqprpc.transport.backoff import full_jitter
@@ -247,8 +247,13 @@ class Beat:
     def _publish(self, schedule: Schedule, tick: datetime) -> bool:
         tick_id = schedule.tick_id(tick)
         try:
+            # Well within the lease: a publish that hangs must not outlive this replica's lead.
             self._client.cast(schedule.service, schedule.action, schedule.payload, message_id=tick_id,
-                              headers={TICK_HEADER: schedule.name}, timeout=5.0)
+                              headers={TICK_HEADER: schedule.name}, timeout=self.lease_ttl / 3)
+        except (ConnectionLost, PublishRefused, CallTimeout) as exc:
+            self.stats_counts["publish_errors"] += 1
+            log.warning("tick not published yet (broker)", tick=tick_id, error=redact(str(exc)))
+            return False
         except ServiceUnavailable as exc:
             # No request queue (service never deployed): counted as fired, or it would be retried
             # forever; the next tick tries again.
