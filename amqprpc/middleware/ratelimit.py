@@ -39,6 +39,9 @@ SLOT_HEADER = "x-rate-slot"
 # Waits up to this long are slept in the handler thread rather than sent through the broker.
 SLEEP_AT_MOST = 0.01
 
+# While Redis is down it is asked again this often (a Redis that does not answer costs a timeout).
+REDIS_RETRY_S = 2.0
+
 # A message back from waiting runs in its slot if it is at most this late; later (the broker or
 # this worker stalled, and others came back late with it), it takes a new slot: late ones never
 # run together, so any second holds at most rate x (1 s + this) runs.
@@ -96,6 +99,7 @@ class RateLimiter:
         self._script: Any = None
         self.local = LocalGcra()
         self.redis_down = False
+        self._retry_at = 0.0  # while Redis is down: when to ask it again (not at every message)
         self._lock = threading.Lock()
 
     def _reserve_script(self) -> Any:
@@ -109,10 +113,13 @@ class RateLimiter:
         """Seconds the next run of ``action`` must wait for its slot (0: run now)."""
         key = f"{self.prefix}:{self.service}:{action}"
         interval_ms = rate.interval * 1000.0
+        if self.redis_down and time.monotonic() < self._retry_at:
+            return self.local.reserve(key, rate, self.burst)
         try:
             wait_ms = float(self._reserve_script()(keys=[key], args=[interval_ms, (self.burst - 1) * interval_ms]))
         except Exception as exc:  # noqa: BLE001 - Redis down: this worker keeps the limit alone
             with self._lock:
+                self._retry_at = time.monotonic() + REDIS_RETRY_S
                 if not self.redis_down:
                     self.redis_down = True
                     log.warning("Redis unreachable: rate limits are kept by each worker alone until it is back",
