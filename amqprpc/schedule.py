@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -68,6 +68,19 @@ class Schedule:
 
         local = moment.astimezone(self.zone)
         found = croniter(str(self.cron), local).get_next(datetime)
+        assert isinstance(found, datetime)
+        return found.astimezone(timezone.utc)
+
+    def latest_until(self, moment: datetime) -> datetime:
+        """The last tick at or before ``moment`` (aware), in UTC: without walking every tick
+        of a long outage."""
+        if self.every is not None:
+            tick = math.floor(moment.timestamp() / self.every) * self.every
+            return datetime.fromtimestamp(tick, timezone.utc)
+        from croniter import croniter
+
+        local = (moment + timedelta(microseconds=1)).astimezone(self.zone)
+        found = croniter(str(self.cron), local).get_prev(datetime)
         assert isinstance(found, datetime)
         return found.astimezone(timezone.utc)
 

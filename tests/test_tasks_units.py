@@ -75,6 +75,9 @@ def test_schedules_tick_on_shared_times_with_ids():
     assert every.tick_id(every.next_after(at)) == "cleanup@2026-01-01T12:00:02.000+00:00"
     cron = service.periodic("report", cron="0 9 * * *", tz="Europe/Berlin")
     cron.check()
+    assert every.latest_until(at) == datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+    assert cron.latest_until(datetime(2026, 1, 2, 8, 0, tzinfo=timezone.utc)) == datetime(
+        2026, 1, 2, 8, 0, tzinfo=timezone.utc)
     assert cron.next_after(at) == datetime(2026, 1, 2, 8, 0, tzinfo=timezone.utc)  # 09:00 CET
     with pytest.raises(ValueError, match="twice"):
         service.periodic("cleanup", every=5)

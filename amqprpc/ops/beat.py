@@ -28,7 +28,7 @@ import math
 import os
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Sequence
 
 from amqprpc import logs
@@ -97,8 +97,7 @@ class Beat:
         self._stop = threading.Event()
         self._cancel = threading.Event()
         self._redis_down = False
-        self.stats_counts = {"published": 0, "caught_up": 0, "misfired": 0, "skipped": 0, "leaderships": 0,
-                             "publish_errors": 0}
+        self.stats_counts = {"published": 0, "caught_up": 0, "misfires": 0, "leaderships": 0, "publish_errors": 0}
 
     # --- the Daemon protocol ---------------------------------------------------------
     @property
@@ -216,23 +215,24 @@ class Beat:
             self._fired(keys=[self._key(schedule.service, "leader"), last_key], args=[self.instance, now.timestamp()])
             return
         last = datetime.fromtimestamp(float(raw), timezone.utc)
-        ticks = schedule.due_between(last, now, limit=100_000)
-        if not ticks:
+        first = schedule.next_after(last)
+        if first > now:
             return
-        recent = [tick for tick in ticks if (now - tick).total_seconds() <= self.catch_up]
-        missed = ticks[:len(ticks) - len(recent)]
+        # Ticks older than catch_up were missed while no beat ran: one run for all of them
+        # ("once") or none ("skip"), found without walking each one of a long outage.
+        cut = now - timedelta(seconds=self.catch_up)
+        missed = schedule.latest_until(cut) if first <= cut else None
+        recent = schedule.due_between(max(last, cut), now)
         fire = recent
-        if missed:
+        if missed is not None:
+            self.stats_counts["misfires"] += 1
             if schedule.misfire == "once":
-                fire = [missed[-1], *recent]
-                self.stats_counts["misfired"] += len(missed) - 1
-            else:
-                self.stats_counts["skipped"] += len(missed)
-            log.warning("ticks missed while no beat ran", schedule=schedule.name, missed=len(missed),
-                        misfire=schedule.misfire, since=missed[0].isoformat())
+                fire = [missed, *recent]
+            log.warning("ticks missed while no beat ran", schedule=schedule.name, since=first.isoformat(),
+                        until=missed.isoformat(), misfire=schedule.misfire)
         if not fire:
             self._fired(keys=[self._key(schedule.service, "leader"), last_key],
-                        args=[self.instance, ticks[-1].timestamp()])
+                        args=[self.instance, (missed or now).timestamp()])
             return
         self.stats_counts["caught_up"] += max(0, len(recent) - 1)
         for tick in fire:
