@@ -119,6 +119,9 @@ class Beat:
         for service in self.services:
             for schedule in service.schedules.values():
                 schedule.check()
+            if not service.schedules:
+                log.warning("service has no schedules (service.periodic): nothing to publish for it",
+                            service=service.name)
         from amqprpc.client.rpc import RpcClient
 
         deadline = time.monotonic() + broker_wait
