@@ -16,6 +16,8 @@ whose name a caller sees as the ``error_type`` of a :class:`RemoteError`.
 """
 from __future__ import annotations
 
+from typing import Any
+
 
 class RpcError(Exception):
     """Base class of every error amqprpc raises to a caller."""
@@ -38,6 +40,24 @@ class RemoteError(RpcError):
 class CallTimeout(RpcError):
     """No reply arrived before the call's deadline, or a service down the chain (which
     shares the deadline) answered that its own call ran out of it (error_type CallTimeout)."""
+
+
+class WorkflowFailed(RpcError):
+    """A workflow ended without its result: a step failed for good (after its retries), or
+    the workflow was revoked. ``step`` the failing step's id (``"0.1"``), ``service`` and
+    ``action`` it ran, ``error`` and ``error_type`` what it raised (``"Revoked"`` for a revoked
+    workflow); ``results`` the results that did arrive, by step id."""
+
+    def __init__(self, workflow: str, step: str, service: str, action: str, error: str, error_type: str,
+                 results: dict[str, Any] | None = None) -> None:
+        super().__init__(f"workflow {workflow} failed at step {step} ({service}.{action}): {error_type}: {error}")
+        self.workflow = workflow
+        self.step = step
+        self.service = service
+        self.action = action
+        self.error = error
+        self.error_type = error_type
+        self.results = results or {}
 
 
 class ServiceUnavailable(RpcError):
@@ -114,7 +134,7 @@ class ValidationError(RpcError):
 
     retryable = False
 
-    def __init__(self, message: str, errors: list | None = None):
+    def __init__(self, message: str, errors: list[Any] | None = None):
         super().__init__(message)
         self.message = message
         self.errors = errors or []
@@ -127,7 +147,7 @@ class RemoteValidationError(RemoteError, ValidationError):
     ``{"loc", "msg", "type"}``, at most :data:`amqprpc.wire.envelope.MAX_REPLY_ERRORS`; empty
     when the peer sent none)."""
 
-    def __init__(self, message: str, errors: list | None = None, message_id: str | None = None):
+    def __init__(self, message: str, errors: list[Any] | None = None, message_id: str | None = None):
         RemoteError.__init__(self, message, "ValidationError", message_id)
         self.errors = errors or []
 

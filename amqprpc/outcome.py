@@ -25,6 +25,7 @@ class OutcomeKind(str, Enum):
     DELAYED = "delayed"            # came before its ETA (another clock): back to wait in the broker, unrun
     RATE_LIMITED = "rate_limited"  # over its handler's rate limit: waits in the broker for its reserved slot
     DEDUPLICATED = "deduplicated"  # a periodic tick already run (published twice across a beat failover): acked unrun
+    SKIPPED = "skipped"            # acked unrun: a workflow step's second copy, or a step of a failed/revoked workflow
 
 
 class Outcome(NamedTuple):

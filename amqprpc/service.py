@@ -6,36 +6,34 @@ import contextvars
 import functools
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Tuple
 
-if TYPE_CHECKING:
-    from amqprpc.client.rpc import RpcClient
-
+from amqprpc.caller import Caller
 from amqprpc.errors import ContractError
 from amqprpc.rate import Rate, parse_rate
 from amqprpc.schedule import Schedule
 from amqprpc.wire.ids import snake_case
 from amqprpc.retry import Retry
 
-Handler = Callable[[dict], Any]
+Handler = Callable[[dict[str, Any]], Any]
 
 # Where ``Service.client`` comes from: amqprpc.shared_client installs its ``client_for`` here
 # when it is imported (``import amqprpc`` does), so that this module -- which the client
 # imports -- names no client module and the dependencies stay one way.
-client_provider: Callable[[str, Any], "RpcClient"] | None = None
+client_provider: Callable[[str, Any], Caller] | None = None
 
 
 # Clients installed ahead of the shared one, by service name, for this thread or asyncio
 # task only (a ContextVar: a test thread's fake never reaches a real worker's handler
 # threads in the same process). How amqprpc.testing runs handlers without a broker.
-_installed: contextvars.ContextVar[Optional[Mapping[str, Any]]] = contextvars.ContextVar(
+_installed: contextvars.ContextVar[Optional[Mapping[str, Caller]]] = contextvars.ContextVar(
     "amqprpc_installed_clients", default=None)
 
 
 @contextlib.contextmanager
-def client_installed(names: Iterable[str], client: Any) -> Iterator[None]:
-    """While inside, ``service.client`` of the services called ``names`` is ``client`` (any
-    object with RpcClient's methods: :class:`amqprpc.testing.FakeClient`,
+def client_installed(names: Iterable[str], client: Caller) -> Iterator[None]:
+    """While inside, ``service.client`` of the services called ``names`` is ``client`` (a
+    :class:`~amqprpc.caller.Caller`: :class:`amqprpc.testing.FakeClient`,
     :class:`amqprpc.testing.InMemoryClient`) in this thread or task, and in contexts
     copied from it. Nests; the previous clients come back on exit."""
     token = _installed.set({**(_installed.get() or {}), **{name: client for name in names}})
@@ -48,7 +46,7 @@ def client_installed(names: Iterable[str], client: Any) -> Iterator[None]:
 @dataclass
 class EventSubscription:
     pattern: str
-    function: Callable[[dict], None]
+    function: Callable[[dict[str, Any]], None]
     name: str
     broadcast: bool = False
     retry: Retry | None = None
@@ -104,8 +102,8 @@ class Service:
                                               or not 1 <= self.max_priority <= 10):
             raise ValueError(f"{self.name}: max_priority must be an int from 1 to 10, not {self.max_priority!r}")
 
-    def handler(self, action: str | Callable | None = None, *, retry: Retry | None = None,
-                rate_limit: str | None = None) -> Callable:
+    def handler(self, action: str | Callable[..., Any] | None = None, *,
+                retry: Retry | None = None, rate_limit: str | None = None) -> Callable[..., Any]:
         """Register a function as the handler of ``action`` (default: the function's name).
 
         Usable bare (``@service.handler``) or with a name (``@service.handler("get_user")``).
@@ -115,7 +113,8 @@ class Service:
         all its workers (:mod:`amqprpc.middleware.ratelimit`); what is over waits in the broker.
         """
         if callable(action):
-            return self.handler(None, retry=retry, rate_limit=rate_limit)(action)
+            bare: Callable[[Handler], Handler] = self.handler(None, retry=retry, rate_limit=rate_limit)
+            return bare(action)
         rate = parse_rate(rate_limit) if rate_limit is not None else None
 
         def register(function: Handler) -> Handler:
@@ -132,11 +131,11 @@ class Service:
         return register
 
     def event(self, pattern: str, *, name: str | None = None, broadcast: bool = False,
-              retry: Retry | None = None) -> Callable:
+              retry: Retry | None = None) -> Callable[..., Any]:
         """Register a function for events whose name matches the topic ``pattern``.
         ``retry`` as for :meth:`handler`."""
 
-        def register(function: Callable[[dict], None]) -> Callable[[dict], None]:
+        def register(function: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
             key = name or function.__name__
             if key in self.events:
                 raise ValueError(f"{self.name}: event handler {key!r} is registered twice")
@@ -188,7 +187,7 @@ class Service:
         except ContractError:
             self._unchecked[("publishes", name)] = model  # check() says why, at the worker's start
 
-    def _typed(self, kind: str, name: str, function: Callable) -> Callable:
+    def _typed(self, kind: str, name: str, function: Callable[..., Any]) -> Callable[..., Any]:
         """What the worker runs for ``function``: itself when it has no annotations (no
         import, no wrapper), else what :func:`amqprpc.contracts.typed` makes of them."""
         target = function
@@ -254,10 +253,11 @@ class Service:
         return self.retries.get(action) or self.retries.get(snake_case(action))
 
     @property
-    def client(self) -> "RpcClient":
-        """The RpcClient this service's handlers use for nested calls and events: one per
-        process, created on first use, closed when the last worker of the service here
-        stops (see :mod:`amqprpc.middleware.shared_client`). Calls and events made with it inside a
+    def client(self) -> Caller:
+        """The RpcClient (typed as the :class:`~amqprpc.caller.Caller` it offers) this service's
+        handlers use for nested calls and events: one per process, created on first use,
+        closed when the last worker of the service here stops (see
+        :mod:`amqprpc.middleware.shared_client`). Calls and events made with it inside a
         handler carry the handler's trace id and what is left of its deadline. A client
         installed with :func:`client_installed` (as :mod:`amqprpc.testing` does) comes first."""
         installed = _installed.get()

@@ -47,14 +47,14 @@ class AsyncRpcClient:
         self._client: RpcClient | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._answered: collections.deque = collections.deque()  # (concurrent future, asyncio future)
+        self._answered: collections.deque[Any] = collections.deque()  # (concurrent future, asyncio future)
         self._wake_scheduled = False
 
     async def __aenter__(self) -> "AsyncRpcClient":
         await self.connect()
         return self
 
-    async def __aexit__(self, *exc_info) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
     async def connect(self) -> None:
@@ -101,7 +101,7 @@ class AsyncRpcClient:
 
         return parse(returns, data, f"{service}.{action}")
 
-    async def _answer_of(self, future: Future, what: str, timeout: float) -> Any:
+    async def _answer_of(self, future: Future[Any], what: str, timeout: float) -> Any:
         """The data of a call's concurrent future, awaited on this event loop."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # used from another event loop than it connected on
@@ -121,7 +121,7 @@ class AsyncRpcClient:
         finally:
             late.cancel()
 
-    def _answer(self, future: Future, waiter: asyncio.Future) -> None:
+    def _answer(self, future: Future[Any], waiter: asyncio.Future[Any]) -> None:
         """A call's concurrent future is done (the client's loop or timer thread, or this one)."""
         self._answered.append((future, waiter))
         assert self._loop is not None  # wired only for calls made on self._loop
@@ -155,20 +155,34 @@ class AsyncRpcClient:
                    countdown: float | None = None, eta: datetime | None = None,
                    priority: int | None = None) -> str:
         """As ``RpcClient.cast``: returns the message id once the broker confirmed the request."""
-        return await self._off_loop(self.client.cast, service, action, payload, timeout=timeout,
-                                    countdown=countdown, eta=eta, priority=priority)
+        message_id = await self._off_loop(self.client.cast, service, action, payload, timeout=timeout,
+                                          countdown=countdown, eta=eta, priority=priority)
+        return str(message_id)
 
     async def publish_event(self, name: str, payload: Any = None, *,
                             timeout: float | None = None) -> None:
         """As ``RpcClient.publish_event``: returns once the broker confirmed the event."""
         await self._off_loop(self.client.publish_event, name, payload, timeout=timeout)
 
-    async def submit(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
+    async def submit(self, service: str, action: str, payload: Any = None, *,
+                     timeout: float | None = None, correlation_id: str | None = None,
                      countdown: float | None = None, eta: datetime | None = None,
                      priority: int | None = None) -> str:
         """As ``RpcClient.submit``: returns the correlation id once the broker confirmed."""
-        return await self._off_loop(self.client.submit, service, action, payload, timeout=timeout,
-                                    countdown=countdown, eta=eta, priority=priority)
+        correlation_id = await self._off_loop(self.client.submit, service, action, payload, timeout=timeout,
+                                              correlation_id=correlation_id, countdown=countdown, eta=eta,
+                                              priority=priority)
+        return str(correlation_id)
+
+    async def run(self, workflow: Any) -> Any:
+        """:meth:`RpcClient.run <amqprpc.client.rpc.RpcClient.run>` off the event loop; the
+        handle's ``result()`` and ``status()`` are awaitables."""
+        from amqprpc.workflow import AsyncWorkflowHandle
+
+        return AsyncWorkflowHandle(await self._off_loop(self.client.run, workflow))
+
+    async def revoke_workflow(self, workflow_id: str) -> bool:
+        return bool(await self._off_loop(self.client.revoke_workflow, workflow_id))
 
     async def _off_loop(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         # run_in_executor does not carry contextvars over (asyncio.to_thread does, but on
@@ -177,6 +191,6 @@ class AsyncRpcClient:
         return await asyncio.get_running_loop().run_in_executor(self._executor, run)
 
 
-def _too_late(waiter: asyncio.Future, what: str, timeout: float) -> None:
+def _too_late(waiter: asyncio.Future[Any], what: str, timeout: float) -> None:
     if not waiter.done():
         waiter.set_exception(CallTimeout(f"{what}: no answer within {timeout}s (its deadline timer was late)"))

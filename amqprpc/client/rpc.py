@@ -15,12 +15,13 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before Python 3.11
 from datetime import datetime
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import amqp
 
 from amqprpc import context, logs
 from amqprpc.wire import envelope
+from amqprpc.caller import Caller
 from amqprpc.client.breaker import CircuitBreaker
 from amqprpc.client.countdown import ETA_HEADER, CountdownQueues, check_priority, delay_of
 from amqprpc.config import broker_url as default_broker_url
@@ -28,7 +29,9 @@ from amqprpc.config import redact
 from amqprpc.transport.deadlines import Timer
 from amqprpc.errors import CallTimeout, CircuitOpen, ConnectionLost, PublishRefused, RemoteError, ServiceUnavailable
 from amqprpc.transport.framehandler import UndecodableMessage
-from amqprpc.transport.ioloop import UNENCODABLE, AmqpLoop, channel_refused, close_quietly, open_confirm_channel, publish
+from amqprpc.transport.ioloop import (
+    UNENCODABLE, AmqpLoop, channel_refused, close_quietly, open_confirm_channel, publish,
+)
 from amqprpc.transport.link import describe
 from amqprpc.middleware import Hooks, Middleware, Outgoing
 from amqprpc.middleware.observability import automatic
@@ -83,11 +86,11 @@ class RpcClient:
         self._confirm_channel: amqp.Channel | None = None
         self._confirm_opened = 0.0
         self.channels_replaced = {"call": 0, "confirm": 0}  # after the broker kept refusing them
-        self._pending: dict[str, tuple[Future, str, str, float]] = {}  # correlation id -> call
+        self._pending: dict[str, tuple[Future[Any], str, str, float]] = {}  # correlation id -> call
         self._deadlines: list[tuple[float, str]] = []  # heap of (monotonic deadline, correlation id)
         self._calls_lock = threading.Lock()  # the two above, between callers, loop and timer
         self._timer = Timer(self._expire, name=f"amqprpc-deadlines-{source}")
-        self._confirms: dict[int, tuple[Future, str, str]] = {}  # delivery tag -> publish
+        self._confirms: dict[int, tuple[Future[Any], str, str]] = {}  # delivery tag -> publish
         self._unroutable: set[str] = set()
         self._publish_seq = 0
         self._declared: dict[str, int] = {}  # queue name -> connection generation it was declared on
@@ -134,11 +137,12 @@ class RpcClient:
         try:
             return future.result(timeout + _GRACE)
         except FutureTimeout:
-            raise CallTimeout(f"{service}.{action}: no answer within {timeout}s (its deadline timer was late)") from None
+            raise CallTimeout(
+                f"{service}.{action}: no answer within {timeout}s (its deadline timer was late)") from None
 
     def call_async(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
-                   callback: Callable[[Future], Any] | None = None, returns: Any = None,
-                   priority: int | None = None) -> Future:
+                   callback: Callable[[Future[Any]], Any] | None = None, returns: Any = None,
+                   priority: int | None = None) -> Future[Any]:
         """Send a call and return a Future of its ``data`` at once.
 
         ``callback(future)`` runs when it resolves, on a separate callback thread (so a
@@ -158,11 +162,11 @@ class RpcClient:
             future.add_done_callback(self._run_callback(callback))
         return future
 
-    def _parsed(self, future: Future, returns: Any, service: str, action: str) -> Future:
+    def _parsed(self, future: Future[Any], returns: Any, service: str, action: str) -> Future[Any]:
         """A Future of ``future``'s data parsed into ``returns``."""
-        parsed: Future = Future()
+        parsed: Future[Any] = Future()
 
-        def parse(done: Future) -> None:
+        def parse(done: Future[Any]) -> None:
             error = done.exception()
             if error is not None:
                 _settle(parsed, exception=error)
@@ -176,7 +180,7 @@ class RpcClient:
         return parsed
 
     def _call_async(self, service: str, action: str, payload: Any,
-                    timeout: float | None, priority: int | None = None) -> Future:
+                    timeout: float | None, priority: int | None = None) -> Future[Any]:
         check_priority(priority)
         timeout, headers = self._deadline(timeout)
         message_id = envelope.new_id()
@@ -198,7 +202,7 @@ class RpcClient:
                                expiration=str(max(1, int(timeout * 1000))))
         if priority is not None:
             message.properties["priority"] = priority
-        future: Future = Future()
+        future: Future[Any] = Future()
         if outgoing is not None:
             if outgoing.headers:
                 message.properties["application_headers"] = outgoing.headers
@@ -213,7 +217,7 @@ class RpcClient:
 
     def cast(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
              countdown: float | None = None, eta: datetime | None = None, priority: int | None = None,
-             message_id: str | None = None, headers: dict[str, Any] | None = None) -> str:
+             message_id: str | None = None, headers: Mapping[str, Any] | None = None) -> str:
         """Send a request that gets no reply; return its message id. Returns once the broker
         confirmed it stored the message; raises ServiceUnavailable if no queue takes it.
 
@@ -253,7 +257,7 @@ class RpcClient:
         queue = self.topology.countdown_queue(target, self.topology.countdown_ms(wait))
         generation = self._loop.generation
         if self._countdowns.due(queue.name, generation):
-            declared: Future = Future()
+            declared: Future[None] = Future()
 
             def declare() -> None:
                 try:
@@ -290,7 +294,8 @@ class RpcClient:
         self._confirmed(exchange, name, body, message_id, f"event {name}", mandatory=False, timeout=timeout,
                         outgoing=outgoing)
 
-    def submit(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
+    def submit(self, service: str, action: str, payload: Any = None, *,
+               timeout: float | None = None, correlation_id: str | None = None,
                countdown: float | None = None, eta: datetime | None = None, priority: int | None = None) -> str:
         """Accept-then-poll: send a request whose reply goes to the shared collector queue
         (``topology.collector_queue``) and return its correlation id.
@@ -300,11 +305,21 @@ class RpcClient:
         ServiceUnavailable at once if no queue is bound for ``service``, CallTimeout if the
         broker did not confirm within ``timeout`` seconds. The request carries no deadline:
         it runs whenever a worker gets to it. ``amqprpc collector`` stores the reply in
-        Redis; read it with :class:`amqprpc.ResponseStore`. ``countdown``, ``eta`` and
-        ``priority`` as for :meth:`cast`.
+        Redis; read it with :class:`amqprpc.ResponseStore`.
+
+        ``correlation_id``: an id of the caller's own instead of a new one (at most 255
+        ASCII characters), for a caller that must know it before sending (to mark the
+        request pending first) or hand out an unguessable one (``secrets.token_hex(16)``:
+        the ids amqprpc makes are unique, not secret).
+        ``countdown``, ``eta`` and ``priority`` as for :meth:`cast`.
         """
         timeout, headers = self._deadline(timeout, with_deadline=False)
-        message_id = envelope.new_id()
+        if correlation_id is not None:
+            problem = (envelope.shortstr_problem("correlation_id", correlation_id) if correlation_id
+                       else "correlation_id is empty")
+            if problem:
+                raise ValueError(problem)
+        message_id = correlation_id or envelope.new_id()
         collector = self.topology.responses_queue()
         deadline = time.monotonic() + timeout
         check_priority(priority)
@@ -335,6 +350,22 @@ class RpcClient:
                         reply_to=collector.name, **properties)
         return message_id
 
+    def run(self, workflow: Any) -> Any:
+        """Start ``workflow`` (:func:`amqprpc.chain`, ``group``, ``chord``, ``task``): its
+        first steps cast (confirmed), its state in Redis (``AMQPRPC_REDIS_URL``); returns at
+        once a :class:`~amqprpc.workflow.WorkflowHandle` (``.id``, ``.status()``,
+        ``.result(timeout=S)``)."""
+        from amqprpc.workflow import start
+
+        return start(self, workflow)
+
+    def revoke_workflow(self, workflow_id: str) -> bool:
+        """Stop a workflow: its steps not yet started are acked unrun; its result raises
+        :class:`~amqprpc.errors.WorkflowFailed`. False when it had ended already."""
+        from amqprpc.workflow import WorkflowHandle, default_state
+
+        return WorkflowHandle(workflow_id, default_state()).revoke()
+
     def proxy(self, service: str, *, timeout: float | None = None) -> "ServiceProxy":
         """An object whose attributes are the service's actions: ``proxy.get_user(user_id=...)``."""
         return ServiceProxy(self, service, timeout)
@@ -352,11 +383,11 @@ class RpcClient:
     def __enter__(self) -> "RpcClient":
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     # --- caller thread helpers -------------------------------------------------------
-    def _deadline(self, timeout: float | None, with_deadline: bool = True) -> tuple[float, dict]:
+    def _deadline(self, timeout: float | None, with_deadline: bool = True) -> tuple[float, dict[str, Any]]:
         """The effective timeout (bounded by an enclosing handler's deadline) and the
         headers that carry the deadline and the trace id onwards."""
         timeout = self.timeout if timeout is None else timeout
@@ -373,7 +404,14 @@ class RpcClient:
         else:
             headers["trace_id"] = envelope.new_id()
         if with_deadline:
+            # Both: the absolute deadline for peers that read only that (the seed's PHP
+            # services), the time left for a reader that counts it from arrival on its own
+            # clock (envelope.Request.deadline), so that skewed clocks drop no calls.
             headers["deadline"] = round(deadline, 6)
+            headers[envelope.TIMEOUT_MS_HEADER] = max(0, int(timeout * 1000))
+        extra = context.outgoing_headers.get()
+        if extra:
+            headers.update(extra)
         return timeout, headers
 
     @property
@@ -418,7 +456,7 @@ class RpcClient:
                                                          **outgoing.headers}
 
         def attempt(left: float) -> None:
-            future: Future = Future()
+            future: Future[Any] = Future()
             self._send_confirmed(exchange, routing_key, message, message_id, what, mandatory, future)
             try:
                 future.result(left)
@@ -437,18 +475,18 @@ class RpcClient:
         if outgoing is not None and self.hooks.after_settle:
             self._settled(outgoing, None)
 
-    def _run_callback(self, callback: Callable[[Future], Any]) -> Callable[[Future], None]:
+    def _run_callback(self, callback: Callable[[Future[Any]], Any]) -> Callable[[Future[Any]], None]:
         if self._callbacks is None:
             self._callbacks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="amqprpc-callback")
         executor = self._callbacks
 
-        def run(future: Future) -> None:
+        def run(future: Future[Any]) -> None:
             executor.submit(callback, future)
 
         return run
 
     # --- loop thread -------------------------------------------------------------------
-    def _on_connected(self, connection) -> None:
+    def _on_connected(self, connection: Any) -> None:
         replies = connection.channel()
         self.topology.request_exchange()(replies).declare()
         self.topology.events_exchange()(replies).declare()
@@ -460,7 +498,8 @@ class RpcClient:
         """Requests go out confirmed: a request the broker refuses (nack) fails its call at
         once instead of at its timeout, and tells that the channel needs replacing. The
         broker's acks cost the loop thread one small frame per call, no caller waits on them."""
-        channel = open_confirm_channel(self._loop.connection, self._on_call_ack, self._on_call_nack, self._on_call_returned)
+        channel = open_confirm_channel(self._loop.connection, self._on_call_ack, self._on_call_nack,
+                                       self._on_call_returned)
         with self._write_lock:
             old, self._call_channel = self._call_channel, channel
             self._call_tags, self._call_seq, self._call_opened = {}, 0, time.monotonic()
@@ -489,7 +528,7 @@ class RpcClient:
         self.channels_replaced[which] += 1
         (self._open_call_channel if which == "call" else self._open_confirm_channel)()
 
-    def _on_disconnected(self, exc) -> None:
+    def _on_disconnected(self, exc: BaseException | None) -> None:
         with self._write_lock:  # no caller may publish on the dead channels after this
             self._call_channel = self._confirm_channel = None
             self._call_tags = {}
@@ -504,14 +543,14 @@ class RpcClient:
             _settle(future, exception=ConnectionLost(f"{what}: {reason}; not confirmed"))
         self._unroutable.clear()
 
-    def _declare_once(self, queue) -> None:
+    def _declare_once(self, queue: Any) -> None:
         # Declared by the sender too, so that replies wait in the queue even before the
         # first collector ever ran (a reply to a missing queue is dropped by the broker).
         if self._confirm_channel is not None and self._declared.get(queue.name) != self._loop.generation:
             queue(self._confirm_channel).declare()
             self._declared[queue.name] = self._loop.generation
 
-    def _register(self, message_id: str, future: Future, service: str, action: str, timeout: float) -> None:
+    def _register(self, message_id: str, future: Future[Any], service: str, action: str, timeout: float) -> None:
         """Pending from now on, with its deadline on the timer thread (:mod:`amqprpc.transport.deadlines`):
         it holds even if the loop thread publishes the call late, or never (a reconnect)."""
         due = time.monotonic() + timeout
@@ -529,7 +568,7 @@ class RpcClient:
             self._timer.arm(due)
 
     def _send_call(self, message_id: str, message: amqp.Message, service: str, action: str,
-                   future: Future) -> None:
+                   future: Future[Any]) -> None:
         """Publish from the caller's thread (any thread): no hop to the loop thread and
         back. But never wait for the lock: when another thread is writing, the loop thread
         publishes this call (in one go with whatever else piled up) rather than callers
@@ -543,7 +582,7 @@ class RpcClient:
             self._loop.call_soon(self._publish_call, message_id, message, service, action, future)
 
     def _publish_call(self, message_id: str, message: amqp.Message, service: str, action: str,
-                      future: Future) -> None:
+                      future: Future[Any]) -> None:
         """Under ``write_lock`` the channel cannot be swapped by a reconnect between the
         check and the publish."""
         if future.done():  # timed out, or failed with its connection, before its turn came
@@ -613,7 +652,7 @@ class RpcClient:
         else:
             _settle(future, exception=envelope.remote_error(doc))
 
-    def _undecodable_reply(self, message: UndecodableMessage, entry: tuple | None) -> None:
+    def _undecodable_reply(self, message: UndecodableMessage, entry: tuple[Any, ...] | None) -> None:
         """A reply whose properties did not decode (a hostile or broken peer): the call it
         names (by what did decode, or its body's message_id) fails with BadReply; otherwise
         it is dropped (the reply queue is no_ack). Either way the connection stays up."""
@@ -643,7 +682,7 @@ class RpcClient:
         if channel_refused(self._call_opened):
             self._loop.call_soon(self._replace_channel, "call")
 
-    def _on_call_returned(self, exc, exchange: str, routing_key: str, message: amqp.Message) -> None:
+    def _on_call_returned(self, exc: Exception, exchange: str, routing_key: str, message: amqp.Message) -> None:
         entry = self._pending.pop(message.properties.get("correlation_id"), None)
         if entry is not None:
             future, service, action, _ = entry
@@ -651,7 +690,7 @@ class RpcClient:
                 f"{service}.{action}: no queue is bound for {routing_key!r} (is {service} deployed?)"))
 
     def _send_confirmed(self, exchange: str, routing_key: str, message: amqp.Message, message_id: str, what: str,
-                        mandatory: bool, future: Future) -> None:
+                        mandatory: bool, future: Future[Any]) -> None:
         """From the caller's thread, like _send_call: the confirm's delivery tag is the
         channel's publish count, so numbering and publishing happen under write_lock."""
         with self._write_lock:
@@ -669,7 +708,7 @@ class RpcClient:
                     self._publish_seq -= 1  # nothing was sent: the broker's confirm numbers stay ours
                 _settle(future, exception=_publish_error(what, exc))
 
-    def _on_confirm_returned(self, exc, exchange: str, routing_key: str, message: amqp.Message) -> None:
+    def _on_confirm_returned(self, exc: Exception, exchange: str, routing_key: str, message: amqp.Message) -> None:
         # basic.return precedes the basic.ack of the same message.
         self._unroutable.add(message.properties.get("message_id"))
 
@@ -687,7 +726,7 @@ class RpcClient:
         if channel_refused(self._confirm_opened):
             self._loop.call_soon(self._replace_channel, "confirm")
 
-    def _take_confirms(self, delivery_tag: int, multiple: bool) -> list:
+    def _take_confirms(self, delivery_tag: int, multiple: bool) -> list[Any]:
         if not multiple:
             entry = self._confirms.pop(delivery_tag, None)
             return [entry] if entry else []
@@ -702,7 +741,7 @@ class ServiceProxy:
     payload (dict or model) and/or fields as keywords, and ``returns=`` as for ``call``
     (so ``returns`` is no payload field name here)."""
 
-    def __init__(self, client: RpcClient, service: str, timeout: float | None = None):
+    def __init__(self, client: Caller, service: str, timeout: float | None = None) -> None:
         self._client = client
         self._service = service
         self._timeout = timeout
@@ -762,7 +801,7 @@ def _take_tags(tags: dict[int, str], up_to: int) -> list[str]:
     return taken
 
 
-def _failure_of(future: Future) -> BaseException | None:
+def _failure_of(future: Future[Any]) -> BaseException | None:
     return CallTimeout("cancelled") if future.cancelled() else future.exception()
 
 
@@ -785,7 +824,7 @@ def _call_outcome(exc: BaseException | None, duration: float) -> CallOutcome:
     return CallOutcome(kind, type(exc).__name__, duration)
 
 
-def _settle(future: Future, *, result: Any = None, exception: BaseException | None = None) -> None:
+def _settle(future: Future[Any], *, result: Any = None, exception: BaseException | None = None) -> None:
     if future.done():
         return
     if exception is not None:

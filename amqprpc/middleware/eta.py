@@ -32,7 +32,7 @@ TIMING = "amqprpc.timing"
 
 def count(delivery: Delivery, name: str) -> None:
     """Add one to the worker's ``stats[name]`` (when the delivery has a worker that counts)."""
-    add = getattr(delivery.worker, "stats_add", None)
+    add = getattr(delivery.worker, "count", None)
     if add is not None:
         add(name)
 

@@ -43,6 +43,7 @@ from amqprpc.transport.redelivery import Redelivery
 from amqprpc.service import Handler, Service
 from amqprpc.middleware.shared_client import SharedClient
 from amqprpc.middleware.tasks import tasks_in_time
+from amqprpc.middleware.workflow import Workflows
 from amqprpc.wire.topology import DEFAULT_TOPOLOGY, Topology, TopologyMismatch, declare_queue, priority_mismatch
 
 log = logs.get_logger("amqprpc.worker")
@@ -132,7 +133,8 @@ class Worker:
         given = [*(middleware or ()), *([registry.presence(registry_interval)] if registry is not None else ())]
         # OpenTelemetry (when the application configured an SDK) first: the trace is current
         # for every other middleware's hooks too.
-        self.hooks = Hooks(given, builtin=(*automatic(given), Ping(), SharedClient(), *tasks_in_time(service)))
+        self.hooks = Hooks(given, builtin=(*automatic(given), Ping(), SharedClient(), *tasks_in_time(service),
+                                           Workflows()))
         self.dispatcher = self._dispatcher()
 
     def _dispatcher(self) -> Dispatcher:
@@ -164,9 +166,9 @@ class Worker:
         with self._counts_lock:
             return {"received": self._consumer.received, **self._counts}
 
-    def stats_add(self, name: str, n: int = 1) -> None:
-        """Count ``n`` more in ``stats[name]`` (middleware counts what it does: countdown_due,
-        periodic_runs...)."""
+    def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to the counter ``name`` of :attr:`stats` (for middleware: workflows
+        ended, ...)."""
         with self._counts_lock:
             self._counts[name] = self._counts.get(name, 0) + n
 
@@ -279,7 +281,8 @@ class Worker:
                 log.error("reply cannot be encoded; request dead-lettered", error=repr(exc)[:500])
                 self._amend(decision, "UnsendableReply")
                 self._loop.call_soon(self._finish, generation, message, Decision(forward=self.redelivery.dead_letter(
-                    message, decision.delivery.queue if decision.delivery else self.queue_name, f"Reply could not be sent: {exc!r}", "UnsendableReply"),
+                    message, decision.delivery.queue if decision.delivery else self.queue_name,
+                    f"Reply could not be sent: {exc!r}", "UnsendableReply"),
                     outcome=decision.outcome, delivery=decision.delivery))
                 return
         if decision.discard:

@@ -33,7 +33,7 @@ class Sent(NamedTuple):
     kind: str  # "call", "cast", "event" or "submit"
     service: Optional[str]  # None for events
     action: str  # the action, or the event's name
-    payload: dict  # as the receiver sees it (after a JSON round trip)
+    payload: dict[str, Any]  # as the receiver sees it (after a JSON round trip)
 
 
 def plain(payload: Any) -> Any:
@@ -62,8 +62,9 @@ class Recorder:
         self.sent: List[Sent] = []
         self._lock = threading.Lock()
 
-    def _record(self, kind: str, service: Optional[str], action: str, payload: Mapping[str, Any] | None) -> dict:
-        sent = wire(plain(payload))
+    def _record(self, kind: str, service: Optional[str], action: str,
+                payload: Mapping[str, Any] | None) -> dict[str, Any]:
+        sent: dict[str, Any] = wire(plain(payload))
         with self._lock:
             self.sent.append(Sent(kind, service, action, sent))
         return sent
@@ -88,12 +89,13 @@ class Recorder:
         return self._of("submit")
 
     def proxy(self, service: str, *, timeout: float | None = None) -> ServiceProxy:
-        return ServiceProxy(self, service, timeout)  # type: ignore[arg-type]  # duck-typed: it only calls .call
+        # A Recorder has no call of its own; the subclasses that are ever proxied do.
+        return ServiceProxy(self, service, timeout)  # type: ignore[arg-type]
 
     def call_async(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
-                   callback: Callable[[Future], Any] | None = None, returns: Any = None) -> Future:
+                   callback: Callable[[Future[Any]], Any] | None = None, returns: Any = None) -> Future[Any]:
         """The call, made now; a Future already done (``callback`` runs at once, on this thread)."""
-        future: Future = Future()
+        future: Future[Any] = Future()
         try:
             future.set_result(self.call(service, action, payload, timeout=timeout,  # type: ignore[attr-defined]
                                         returns=returns))
@@ -203,7 +205,7 @@ class Harness:
             self._dispatch("event", name, payload, {"trace_id": message_id}, subscription.name, message_id)
         return len(matching)
 
-    def _dispatch(self, kind: str, action: str, payload: Mapping[str, Any] | None, headers: dict,
+    def _dispatch(self, kind: str, action: str, payload: Mapping[str, Any] | None, headers: dict[str, Any],
                   handler: str | None = None, message_id: str | None = None) -> Decision:
         """Through the worker's own dispatcher; the handler's own exception, once its retry
         policy gave up, is raised here (not turned into an error reply)."""

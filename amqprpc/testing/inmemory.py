@@ -34,9 +34,10 @@ import amqp
 
 from amqprpc import logs
 from amqprpc.client.countdown import check_priority, delay_of
-from amqprpc.context import current
+from amqprpc.context import current, outgoing_headers
 from amqprpc.errors import CallTimeout, ServiceUnavailable
 from amqprpc.middleware import Hooks, Middleware
+from amqprpc.middleware.workflow import Workflows
 from amqprpc.retry import ERROR, ERROR_TYPE, Retry, call_with_retry
 from amqprpc.server.dispatcher import Decision, Dispatcher
 from amqprpc.testing.dispatch import carry_out, local_dispatcher, request_message
@@ -56,7 +57,7 @@ class DeadLetter(NamedTuple):
     service: str
     kind: str  # "cast" or "event"
     action: str
-    payload: dict
+    payload: dict[str, Any]
     error_type: str
     error: str
 
@@ -76,11 +77,11 @@ class InMemoryClient(Recorder):
         super().__init__(source, timeout)
         # The worker's per-delivery hooks and scopes, as a worker runs them (not the
         # process-wide defaults: --metrics-port and OpenTelemetry are the worker's).
-        self.hooks = Hooks(middleware, defaults=False)
+        self.hooks = Hooks(middleware, defaults=False, builtin=(Workflows(),))
         self._dispatchers: Dict[str, Tuple[Dispatcher, Dict[str, str]]] = {}
         self.services: Dict[str, Service] = {}
         self.dead_letters: List[DeadLetter] = []
-        self.replies: Dict[str, dict] = {}
+        self.replies: Dict[str, dict[str, Any]] = {}
         self._started = time.time()
         self._local = threading.local()
         for service in services:
@@ -159,6 +160,14 @@ class InMemoryClient(Recorder):
             self._later(run)
         return message_id
 
+    def run(self, workflow: Any) -> Any:
+        """Start a workflow as :meth:`RpcClient.run <amqprpc.client.rpc.RpcClient.run>` does
+        (its state in the real Redis); its steps have run when this returns."""
+        from amqprpc.workflow import start
+
+        with self._outermost():
+            return start(self, workflow)
+
     # --- routing -----------------------------------------------------------------------
     def _target(self, service: str, action: str) -> Service:
         target = self.services.get(service)
@@ -167,7 +176,7 @@ class InMemoryClient(Recorder):
                                      f"'request.{service}' (is {service} deployed?)")
         return target
 
-    def _headers(self, timeout: float | None, *, with_deadline: bool) -> Tuple[float, dict]:
+    def _headers(self, timeout: float | None, *, with_deadline: bool) -> Tuple[float, dict[str, Any]]:
         """As RpcClient does: inside a handler, the trace id goes on and the deadline is
         the earlier of the handler's and this call's own."""
         timeout = self.timeout if timeout is None else timeout
@@ -183,6 +192,8 @@ class InMemoryClient(Recorder):
             headers["trace_id"] = envelope.new_id()
         if with_deadline:
             headers["deadline"] = round(deadline, 6)
+            headers[envelope.TIMEOUT_MS_HEADER] = max(0, int(timeout * 1000))
+        headers.update(outgoing_headers.get() or {})
         return timeout, headers
 
     def _later(self, delivery: Callable[[], Any]) -> None:
@@ -191,8 +202,8 @@ class InMemoryClient(Recorder):
     def _outermost(self) -> "_Outermost":
         return _Outermost(self._local)
 
-    def _deliver(self, service: Service, kind: str, action: str, payload: dict, headers: dict,
-                 subscription: Any = None, message_id: str | None = None) -> dict | None:
+    def _deliver(self, service: Service, kind: str, action: str, payload: dict[str, Any], headers: dict[str, Any],
+                 subscription: Any = None, message_id: str | None = None) -> dict[str, Any] | None:
         """One message through the envelope and the worker's own dispatcher (with this
         client's middleware); the reply envelope (as a dict) for calls and submits, None
         when there is none to send. What the dispatcher forwards is carried out here: a
@@ -220,7 +231,8 @@ class InMemoryClient(Recorder):
                 service, self.hooks, self, {"ping": functools.partial(self._ping, service)})
         return made
 
-    def _dead_letter(self, service: Service, kind: str, action: str, payload: dict, message: amqp.Message) -> None:
+    def _dead_letter(self, service: Service, kind: str, action: str, payload: dict[str, Any],
+                     message: amqp.Message) -> None:
         headers = message.properties.get("application_headers") or {}
         error_type, error = str(headers.get(ERROR_TYPE)), str(headers.get(ERROR))
         log.warning("in-memory delivery dead-lettered", service=service.name, kind=kind, action=action,
@@ -228,7 +240,7 @@ class InMemoryClient(Recorder):
         with self._lock:
             self.dead_letters.append(DeadLetter(service.name, kind, action, payload, error_type, error))
 
-    def _ping(self, service: Service, payload: Any) -> dict:
+    def _ping(self, service: Service, payload: Any) -> dict[str, Any]:
         return {"instance_id": "in-memory", "service": service.name, "host": socket.gethostname(),
                 "pid": os.getpid(), "time": time.time(), "uptime": round(time.time() - self._started, 3)}
 
