@@ -14,7 +14,8 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before Python 3.11
-from typing import Any, Callable, Sequence
+from datetime import datetime
+from typing import Any, Callable, Mapping, Sequence
 
 import amqp
 
@@ -22,6 +23,7 @@ from amqprpc import context, logs
 from amqprpc.wire import envelope
 from amqprpc.caller import Caller
 from amqprpc.client.breaker import CircuitBreaker
+from amqprpc.client.countdown import ETA_HEADER, CountdownQueues, check_priority, delay_of
 from amqprpc.config import broker_url as default_broker_url
 from amqprpc.config import redact
 from amqprpc.transport.deadlines import Timer
@@ -95,6 +97,7 @@ class RpcClient:
         self._unroutable: set[str] = set()
         self._publish_seq = 0
         self._declared: dict[str, int] = {}  # queue name -> connection generation it was declared on
+        self._countdowns = CountdownQueues()
         self._callbacks: ThreadPoolExecutor | None = None
         self._closed = False
         try:
@@ -104,7 +107,8 @@ class RpcClient:
 
     # --- public API --------------------------------------------------------------------
     def call(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
-             retry: Retry | None = None, returns: Any = None, idempotency_key: str | None = None) -> Any:
+             retry: Retry | None = None, returns: Any = None, idempotency_key: str | None = None,
+             priority: int | None = None) -> Any:
         """Call ``action`` on ``service`` and return its ``data``.
 
         ``payload``: a dict, or a pydantic model or dataclass (sent as its JSON dump).
@@ -122,22 +126,25 @@ class RpcClient:
         first still runs). Every retry attempt carries the same key, which makes ``retry``
         safe for any action. A Revoked error (:class:`~amqprpc.errors.Revoked`) says the
         request was revoked before or while it ran.
+        ``priority``: the message's priority (a service with ``max_priority`` takes its
+        higher ones first; see docs/guides/tasks-in-time.md).
         """
         timeout = self.timeout if timeout is None else timeout
         key = idempotency_key
         if retry is not None:
-            data = call_with_retry(lambda left: self.call(service, action, payload, timeout=left, idempotency_key=key),
-                                   retry, timeout)
+            data = call_with_retry(lambda left: self.call(service, action, payload, timeout=left, idempotency_key=key,
+                                                          priority=priority), retry, timeout)
         elif self.breaker is not None:
             data = self.breaker.call(service, action, payload,
-                                     lambda: self._call(service, action, payload, timeout, key),
+                                     lambda: self._call(service, action, payload, timeout, key, priority),
                                      on_reject=self._refused if self.hooks.after_settle else None)
         else:
-            data = self._call(service, action, payload, timeout, key)
+            data = self._call(service, action, payload, timeout, key, priority)
         return data if returns is None else _parse(returns, data, service, action)
 
-    def _call(self, service: str, action: str, payload: Any, timeout: float, idempotency_key: str | None = None) -> Any:
-        future = self._call_async(service, action, payload, timeout, idempotency_key)
+    def _call(self, service: str, action: str, payload: Any, timeout: float, idempotency_key: str | None = None,
+              priority: int | None = None) -> Any:
+        future = self._call_async(service, action, payload, timeout, idempotency_key, priority)
         try:
             return future.result(timeout + _GRACE)
         except FutureTimeout:
@@ -146,23 +153,23 @@ class RpcClient:
 
     def call_async(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
                    callback: Callable[[Future[Any]], Any] | None = None, returns: Any = None,
-                   idempotency_key: str | None = None) -> Future[Any]:
+                   idempotency_key: str | None = None, priority: int | None = None) -> Future[Any]:
         """Send a call and return a Future of its ``data`` at once.
 
         ``callback(future)`` runs when it resolves, on a separate callback thread (so a
-        callback may itself make calls). ``payload``, ``returns`` and ``idempotency_key`` as
-        for :meth:`call` (the data is parsed on the callback thread, never on the I/O loop's).
-        The Future's ``message_id`` attribute is the request's message id (for :meth:`revoke`;
-        None when the circuit breaker refused and nothing was sent).
+        callback may itself make calls). ``payload``, ``returns``, ``idempotency_key`` and
+        ``priority`` as for :meth:`call` (the data is parsed on the callback thread, never on
+        the I/O loop's). The Future's ``message_id`` attribute is the request's message id
+        (for :meth:`revoke`; None when the circuit breaker refused and nothing was sent).
         """
         if self.breaker is not None:
             future = self.breaker.call_async(service, action, payload,
                                              lambda: self._call_async(service, action, payload, timeout,
-                                                                      idempotency_key),
+                                                                      idempotency_key, priority),
                                              self._run_callback,
                                              on_reject=self._refused if self.hooks.after_settle else None)
         else:
-            future = self._call_async(service, action, payload, timeout, idempotency_key)
+            future = self._call_async(service, action, payload, timeout, idempotency_key, priority)
         message_id = getattr(future, "message_id", None)
         if returns is not None:
             future = self._parsed(future, returns, service, action)
@@ -189,7 +196,9 @@ class RpcClient:
         return parsed
 
     def _call_async(self, service: str, action: str, payload: Any,
-                    timeout: float | None, idempotency_key: str | None = None) -> Future[Any]:
+                    timeout: float | None, idempotency_key: str | None = None,
+                    priority: int | None = None) -> Future[Any]:
+        check_priority(priority)
         timeout, headers = self._deadline(timeout, idempotency_key=idempotency_key)
         message_id = envelope.new_id()
         hooks = self.hooks
@@ -208,6 +217,8 @@ class RpcClient:
         message = amqp.Message(body, content_type=envelope.CONTENT_TYPE, message_id=message_id,
                                correlation_id=message_id, reply_to=self.reply_queue.name, delivery_mode=2,
                                expiration=str(max(1, int(timeout * 1000))))
+        if priority is not None:
+            message.properties["priority"] = priority
         future: Future[Any] = Future()
         future.message_id = message_id  # type: ignore[attr-defined]  # see call_async
         if outgoing is not None:
@@ -222,25 +233,69 @@ class RpcClient:
         self._send_call(message_id, message, service, action, future)
         return future
 
-    def cast(self, service: str, action: str, payload: Any = None, *,
-             timeout: float | None = None, idempotency_key: str | None = None) -> str:
-        """Send a request that gets no reply. Returns its message id (for :meth:`revoke`) once
-        the broker confirmed it stored the message; raises ServiceUnavailable if no queue
-        takes it. ``idempotency_key`` as for :meth:`call`: a repeat is acked unrun."""
-        timeout, headers = self._deadline(timeout, with_deadline=False, idempotency_key=idempotency_key)
-        message_id = envelope.new_id()
+    def cast(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
+             idempotency_key: str | None = None, countdown: float | None = None, eta: datetime | None = None,
+             priority: int | None = None, message_id: str | None = None,
+             headers: Mapping[str, Any] | None = None) -> str:
+        """Send a request that gets no reply; return its message id (for :meth:`revoke`).
+        Returns once the broker confirmed it stored the message; raises ServiceUnavailable if
+        no queue takes it. ``idempotency_key`` as for :meth:`call`: a repeat is acked unrun.
+
+        ``countdown`` seconds or ``eta`` (a timezone-aware datetime): it runs no earlier, at
+        most 1 s late up to an hour, 0.5% beyond (up to 30 days); meanwhile it waits in the
+        broker, durable (see :mod:`amqprpc.client.countdown`). ``priority``: see :meth:`call`.
+        ``message_id``: one of the caller's own (the beat names each tick so); ``headers``:
+        AMQP application headers to send with it."""
+        timeout, body_headers = self._deadline(timeout, with_deadline=False, idempotency_key=idempotency_key)
+        message_id = message_id or envelope.new_id()
         exchange, routing_key = self.topology.service_exchange, self.topology.request_key(service)
+        check_priority(priority)
+        wait = delay_of(countdown, eta)
+        properties: dict[str, Any] = {} if priority is None else {"priority": priority}
+        if headers:
+            properties["application_headers"] = dict(headers)
+        if wait is not None and wait > 0:
+            exchange, routing_key, delayed = self._delayed(service, wait, timeout)
+            properties["application_headers"] = {**(headers or {}), **delayed}
         outgoing = self._outgoing("cast", service, action, exchange, routing_key, message_id, None,
-                                  headers) if self._observed else None
+                                  body_headers) if self._observed else None
         try:
             body = envelope.request_body(message_id=message_id, source=self.source, target=service, action=action,
-                                         payload=_payload(payload), reply_to=None, headers=headers)
+                                         payload=_payload(payload), reply_to=None, headers=body_headers)
         except Exception as exc:  # a payload JSON cannot carry: what the hooks began for it ends too
             self._unsent(outgoing, exc)
             raise
         self._confirmed(exchange, routing_key, body, message_id, f"cast to {service}.{action}", mandatory=True,
-                        timeout=timeout, outgoing=outgoing)
+                        timeout=timeout, outgoing=outgoing, **properties)
         return message_id
+
+    def _delayed(self, service: str, wait: float, timeout: float) -> tuple[str, str, dict[str, Any]]:
+        """Exchange, routing key and headers of a cast that waits ``wait`` seconds in the
+        broker: its countdown queue is declared first (on the loop thread)."""
+        due = time.time() + wait
+        target = self.topology.request_queue_format.format(service=service)
+        queue = self.topology.countdown_queue(target, self.topology.countdown_ms(wait))
+        generation = self._loop.generation
+        if self._countdowns.due(queue.name, generation):
+            declared: Future[None] = Future()
+
+            def declare() -> None:
+                try:
+                    if self._loop.connection is None:
+                        raise ConnectionLost(f"cast to {service}: not connected to the broker")
+                    self._countdowns.declare(self._loop.connection, generation, queue, target)
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    declared.set_exception(exc)
+                else:
+                    declared.set_result(None)
+
+            self._loop.call_soon(declare)
+            try:
+                declared.result(timeout)
+            except FutureTimeout:
+                raise CallTimeout(f"cast to {service}: its countdown queue was not declared within {timeout}s; "
+                                  "nothing was sent") from None
+        return "", queue.name, {ETA_HEADER: round(due, 3)}
 
     def publish_event(self, name: str, payload: Any = None, *,
                       timeout: float | None = None) -> None:
@@ -261,7 +316,8 @@ class RpcClient:
 
     def submit(self, service: str, action: str, payload: Any = None, *,
                timeout: float | None = None, correlation_id: str | None = None,
-               idempotency_key: str | None = None) -> str:
+               idempotency_key: str | None = None, countdown: float | None = None, eta: datetime | None = None,
+               priority: int | None = None) -> str:
         """Accept-then-poll: send a request whose reply goes to the shared collector queue
         (``topology.collector_queue``) and return its correlation id.
 
@@ -277,6 +333,7 @@ class RpcClient:
         ASCII characters), for a caller that must know it before sending (to mark the
         request pending first) or hand out an unguessable one (``secrets.token_hex(16)``:
         the ids amqprpc makes are unique, not secret).
+        ``countdown``, ``eta`` and ``priority`` as for :meth:`cast`.
         """
         timeout, headers = self._deadline(timeout, with_deadline=False, idempotency_key=idempotency_key)
         if correlation_id is not None:
@@ -287,6 +344,9 @@ class RpcClient:
         message_id = correlation_id or envelope.new_id()
         collector = self.topology.responses_queue()
         deadline = time.monotonic() + timeout
+        check_priority(priority)
+        wait = delay_of(countdown, eta)
+        properties: dict[str, Any] = {} if priority is None else {"priority": priority}
         if self._declared.get(collector.name) != self._loop.generation:
             # _confirmed publishes from this thread: let the loop thread declare first.
             declared = threading.Event()
@@ -296,6 +356,9 @@ class RpcClient:
                 raise CallTimeout(f"submit to {service}.{action}: the collector queue was not declared within "
                                   f"{timeout}s; nothing was sent")
         exchange, routing_key = self.topology.service_exchange, self.topology.request_key(service)
+        if wait is not None and wait > 0:
+            exchange, routing_key, properties["application_headers"] = self._delayed(
+                service, wait, deadline - time.monotonic())
         outgoing = self._outgoing("submit", service, action, exchange, routing_key, message_id, message_id,
                                   headers) if self._observed else None
         try:
@@ -306,7 +369,7 @@ class RpcClient:
             raise
         self._confirmed(exchange, routing_key, body, message_id, f"submit to {service}.{action}", mandatory=True,
                         timeout=deadline - time.monotonic(), outgoing=outgoing, correlation_id=message_id,
-                        reply_to=collector.name)
+                        reply_to=collector.name, **properties)
         return message_id
 
     def revoke(self, service: str, message_id: str, *more_ids: str, ttl: float | None = None) -> None:
@@ -428,7 +491,8 @@ class RpcClient:
         message = amqp.Message(body, content_type=envelope.CONTENT_TYPE, message_id=message_id, delivery_mode=2,
                                **properties)
         if outgoing is not None and outgoing.headers:
-            message.properties["application_headers"] = outgoing.headers
+            message.properties["application_headers"] = {**(properties.get("application_headers") or {}),
+                                                         **outgoing.headers}
 
         def attempt(left: float) -> None:
             future: Future[Any] = Future()
