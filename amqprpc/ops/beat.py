@@ -24,6 +24,7 @@ publishes the due ticks once the broker is back (same ids).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import threading
@@ -44,6 +45,7 @@ from amqprpc.wire.topology import DEFAULT_TOPOLOGY, Topology
 log = logs.get_logger("amqprpc.beat")
 
 DEFAULT_PREFIX = "amqprpc:beat"
+ANNOUNCE_EVERY_S = 2.0  # how often a leading replica writes its schedules' next runs (for the dashboard)
 
 # Extend the lease only while we still hold it (another replica may have taken an expired one).
 _RENEW = """
@@ -97,6 +99,7 @@ class Beat:
         self._stop = threading.Event()
         self._cancel = threading.Event()
         self._redis_down = False
+        self._announced = 0.0  # monotonic: when the schedules were last written for the dashboard
         self.stats_counts = {"published": 0, "caught_up": 0, "misfires": 0, "leaderships": 0, "publish_errors": 0}
 
     # --- the Daemon protocol ---------------------------------------------------------
@@ -185,6 +188,8 @@ class Beat:
                 if service.schedules and self._lead(service.name):
                     for schedule in service.schedules.values():
                         self._fire_due(schedule)
+            if self.leading and time.monotonic() - self._announced >= ANNOUNCE_EVERY_S:
+                self._announce()
             if self._redis_down:
                 log.info("Redis reachable again: beat leader election resumes")
                 self._redis_down = False
@@ -194,6 +199,23 @@ class Beat:
                             error=redact(str(exc)))
                 self._redis_down = True
             self.leading.clear()
+
+    def _announce(self) -> None:
+        """Write what the schedules this replica leads run next, for ``amqprpc dashboard``
+        (:func:`announced_schedules`): one hash, kept a minute after the last leader wrote it."""
+        now = datetime.now(timezone.utc)
+        rows = {f"{service.name}/{schedule.name}": json.dumps({
+                    "name": schedule.name, "service": service.name, "action": schedule.action,
+                    "next_run": schedule.next_after(now).isoformat()})
+                for service in self.services if service.name in self.leading
+                for schedule in service.schedules.values()}
+        if rows:
+            key = ":".join((self.prefix, "schedules"))
+            pipe = self.redis.pipeline()
+            pipe.hset(key, mapping=rows)
+            pipe.expire(key, 60)
+            pipe.execute()
+        self._announced = time.monotonic()
 
     def _lead(self, service: str) -> bool:
         """Hold (acquire or renew) the lease of ``service``; whether this replica leads it."""
@@ -298,3 +320,10 @@ def describe_schedules(services: Sequence[Service], redis_url: str | None = None
                 "last": None if fired is None or math.isnan(fired)
                 else datetime.fromtimestamp(fired, timezone.utc).isoformat()})
     return rows
+
+
+def announced_schedules(redis: Any, prefix: str = DEFAULT_PREFIX) -> list[dict[str, Any]]:
+    """The schedules the running beat replicas lead and their next runs (what ``amqprpc
+    dashboard`` shows): ``[{name, service, action, next_run}]``, by service and name."""
+    rows = [json.loads(value) for value in redis.hgetall(":".join((prefix, "schedules"))).values()]
+    return sorted(rows, key=lambda row: (row["service"], row["name"]))

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -169,6 +169,11 @@ def test_missed_ticks_fire_once_or_are_skipped_and_redis_down_fires_nothing(redi
         before = list(casts.sent)
         beat.tick()
         assert casts.sent == before  # recorded: nothing fires twice
+        from amqprpc.ops.beat import announced_schedules  # what amqprpc dashboard shows
+
+        mine = [row for row in announced_schedules(store) if row["service"] == name]
+        assert [(row["name"], row["action"]) for row in mine] == [("once", "run"), ("skip", "run")]
+        assert all(row["next_run"] > datetime.now(timezone.utc).isoformat() for row in mine)
         other = Beat([service])
         other._client = Casts()
         other.tick()
@@ -181,3 +186,4 @@ def test_missed_ticks_fire_once_or_are_skipped_and_redis_down_fires_nothing(redi
         beat.shutdown(1)
         for key in store.keys(f"amqprpc:beat:{name}:*"):
             store.delete(key)
+        store.hdel("amqprpc:beat:schedules", f"{name}/once", f"{name}/skip")
