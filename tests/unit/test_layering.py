@@ -28,7 +28,7 @@ LAYERS = [
     # the connection loop and what it carries out
     {"transport", "transport.ioloop", "transport.redelivery", "transport.inbox", "transport.consumer"},
     # client and worker, and the middleware they run
-    {"client", "client.rpc", "client.aio", "client.breaker", "client.breaker_state", "client.responses", "server",
+    {"client", "client.rpc", "client.connection", "client.aio", "client.breaker", "client.breaker_state", "client.responses", "server",
      "server.worker", "server.dispatcher", "middleware.workflow", "client.countdown", "middleware.eta",
      "middleware.ticks", "middleware.ratelimit", "middleware.tasks",
      "server.events", "middleware.ping", "middleware.shared_client", "middleware.otel", "middleware.observability",
@@ -161,3 +161,10 @@ def test_the_package_shows_its_layers():
     assert len(packages) >= 4, packages
     assert (PACKAGE / "py.typed").exists()
 
+
+
+def test_no_module_is_longer_than_one_sitting():
+    """At most 500 lines a module (#21): a file a newcomer reads in one sitting."""
+    long = {str(path.relative_to(PACKAGE)): n for path in PACKAGE.rglob("*.py")
+            if (n := len(path.read_text().splitlines())) > 500}
+    assert long == {}, long
