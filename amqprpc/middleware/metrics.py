@@ -19,6 +19,7 @@ from amqprpc.client import breaker
 from amqprpc.middleware import Delivery, Middleware
 from amqprpc.middleware.eta import TIMING
 from amqprpc.outcome import Outcome, OutcomeKind
+from amqprpc.middleware.view import WorkerView
 
 UNKNOWN_ACTION = "<unknown>"
 
@@ -96,7 +97,7 @@ class Metrics(Middleware):
     requests and events by handler and outcome, their durations, those in flight, the
     redeliveries and the dead letters (by reason)."""
 
-    def worker_starting(self, worker: Any) -> None:
+    def worker_starting(self, worker: WorkerView) -> None:
         # Pre-create the series of every known action so dashboards see zeros, not gaps.
         service = worker.service
         for action in service.handlers:
