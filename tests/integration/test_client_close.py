@@ -51,6 +51,8 @@ def test_closing_500_clients_leaves_no_descriptor_and_no_thread(broker_url):
     took = time.monotonic() - began
     # Threads end just after close() returns (the timer and the callback runner are not joined).
     wait_for(lambda: _amqprpc_threads() == 0, timeout=10)
-    assert _descriptors() - descriptors == 0, f"{CLIENTS} clients left {_descriptors() - descriptors} descriptors"
+    # A leak is 2 per client (1000 here); a long test session may close or open one or two of
+    # its own meanwhile (a collected socket of an earlier test).
+    assert _descriptors() - descriptors <= 2, f"{CLIENTS} clients left {_descriptors() - descriptors} descriptors"
     assert threading.active_count() - threads == 0
     print(f"{CLIENTS} clients opened and closed in {took:.1f}s")
