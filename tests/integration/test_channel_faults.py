@@ -146,3 +146,33 @@ def test_a_body_the_broker_refuses_fails_at_once_with_its_reason_and_is_not_re_s
         assert client.channels_replaced == {"call": 1, "confirm": 1}  # one attempt each: not re-sent
         assert client.call(service.name, "echo", {"n": 1}, timeout=10) == {"n": 1}
         client.cast(service.name, "echo", {"n": 2}, timeout=10)
+
+
+def test_a_consumer_timeout_policy_lets_a_long_handler_finish_once(strict_broker):
+    """What docs/guides/long-tasks.md advises: a ``consumer-timeout`` policy on the queues
+    of long tasks (RabbitMQ 3.12 and later) lets a handler outlive the broker-wide timeout:
+    it runs once, nothing is closed. Skipped on older brokers, which have only the setting."""
+    version = tuple(int(part) for part in strict_broker.version().split(".")[:2])
+    if version < (3, 12):
+        pytest.skip(f"RabbitMQ {strict_broker.version()} has no per-queue consumer-timeout")
+    url = strict_broker.url
+    service = Service(unique_name("policy-task"))
+    runs: list[float] = []
+
+    @service.handler("work")
+    def work(payload: dict) -> str:
+        runs.append(time.monotonic())
+        time.sleep(CONSUMER_TIMEOUT_S * 2)
+        return "done"
+
+    queue = f"service.{service.name}.request"
+    strict_broker.ctl("set_policy", "long-tasks", f"^{queue}$".replace(".", r"\."), '{"consumer-timeout": 60000}',
+                      "--apply-to", "queues")
+    try:
+        with capture_logs() as logged, running_worker(service, broker_url=url) as worker, \
+                RpcClient("long-tasks", broker_url=url) as client:
+            assert client.call(service.name, "work", {}, timeout=20) == "done"
+            assert len(runs) == 1 and worker.stats["channels_lost"] == 0
+            assert not _closes(logged, 406)
+    finally:
+        strict_broker.ctl("clear_policy", "long-tasks")
