@@ -16,6 +16,7 @@ from typing import Any
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from amqprpc.client import breaker
+from amqprpc.transport import channels
 from amqprpc.middleware import Delivery, Middleware
 from amqprpc.middleware.eta import TIMING
 from amqprpc.outcome import Outcome, OutcomeKind
@@ -55,6 +56,8 @@ BREAKER_TRANSITIONS = Counter("amqprpc_breaker_transitions", "Circuit breaker st
                               ["breaker", "old", "new", "origin"])
 BREAKER_REJECTIONS = Counter("amqprpc_breaker_rejections", "Calls refused with CircuitOpen (nothing published).",
                              ["breaker"])
+CHANNELS_CLOSED = Counter("amqprpc_broker_channel_closes", "Channels the broker closed (406: a delivery held past "
+                          "consumer_timeout; 403: a permission missing), by reply code.", ["reply_code"])
 
 
 def breaker_changed(change: Any) -> None:
@@ -77,6 +80,20 @@ def count_breakers() -> None:
         breaker.change_listeners.append(breaker_changed)
     if breaker_rejected not in breaker.rejection_listeners:
         breaker.rejection_listeners.append(breaker_rejected)
+
+
+def channel_closed(reply_code: int) -> None:
+    """A channel the broker closed (:mod:`amqprpc.transport.channels`), by reply code:
+    406 for a handler past consumer_timeout, 403 for a missing permission."""
+    CHANNELS_CLOSED.labels(str(reply_code)).inc()
+
+
+def count_channel_closes() -> None:
+    """Every channel the broker closes in this process counts in
+    ``amqprpc_broker_channel_closes_total`` from now on (once, however often it is called;
+    :func:`instrument` and the client metrics call it)."""
+    if channel_closed not in channels.close_listeners:
+        channels.close_listeners.append(channel_closed)
 
 
 def dead_letter(service: str, reason: str, count: int = 1) -> None:
@@ -136,8 +153,9 @@ class Metrics(Middleware):
 def instrument(worker: Any) -> Metrics:
     """Count every request and event ``worker`` (a :class:`amqprpc.server.worker.Worker`) handles
     and every message it dead-letters: adds a :class:`Metrics` middleware (before it starts),
-    and counts the process's circuit breakers."""
+    and counts the process's circuit breakers and the channels the broker closes."""
     count_breakers()
+    count_channel_closes()
     metrics = Metrics()
     worker.hooks.add(metrics)
     return metrics

@@ -170,9 +170,11 @@ class Worker:
         """What it did so far: received, and the counts of the outcomes (succeeded: replied
         or done; failed: any other end of a handler run or request, retried and
         dead_lettered included; refused; expired; recounted; revoked: acked unrun or stopped
-        after a revoke; deduplicated: a repeated idempotency key, answered from the first run)."""
+        after a revoke; deduplicated: a repeated idempotency key, answered from the first run;
+        channels_lost: consuming channels the broker closed, e.g. for a handler past its
+        consumer_timeout)."""
         with self._counts_lock:
-            return {"received": self._consumer.received, **self._counts}
+            return {"received": self._consumer.received, "channels_lost": self._consumer.channel_losses, **self._counts}
 
     def count(self, name: str, n: int = 1) -> None:
         """Add ``n`` to the counter ``name`` of :attr:`stats` (for middleware: workflows

@@ -22,13 +22,14 @@ LAYERS = [
     {"errors", "config", "logs", "version", "outcome", "context", "contracts", "wire", "wire.ids",
      "transport.backoff", "transport.framereader", "transport.framewriter", "ops.sdnotify", "ops.pidfile"},
     # wire and definitions: envelope, topology, frames; a service's handlers; hooks
-    {"wire.envelope", "wire.topology", "transport.framehandler", "transport.link", "transport.deadlines", "retry",
+    {"wire.envelope", "wire.topology", "transport.framehandler", "transport.channels", "transport.link", "transport.deadlines", "retry",
      "rate", "schedule", "service", "caller", "middleware", "middleware.view", "workflow", "workflow.canvas", "workflow.state",
      "workflow.runner", "workflow.handle"},
     # the connection loop and what it carries out
     {"transport", "transport.ioloop", "transport.redelivery", "transport.inbox", "transport.consumer"},
     # client and worker, and the middleware they run
-    {"client", "client.rpc", "client.connection", "client.aio", "client.breaker", "client.breaker_state", "client.responses", "server",
+    {"client", "client.rpc", "client.connection", "client.aio", "client.breaker", "client.breaker_state", "client.responses", "client.confirms",
+     "server",
      "server.worker", "server.dispatcher", "middleware.workflow", "client.countdown", "middleware.eta",
      "middleware.ticks", "middleware.ratelimit", "middleware.tasks",
      "server.events", "middleware.ping", "middleware.shared_client", "middleware.otel", "middleware.observability",
