@@ -5,7 +5,8 @@ from amqprpc.client.aio import AsyncRpcClient
 from amqprpc.context import CallContext, current_call
 from amqprpc.errors import (
     CallTimeout, CircuitOpen, ConnectionLost, ContractError, PidFileError, PublishRefused, RemoteError,
-    RemoteValidationError, ReplyTooLarge, RpcError, ServiceNotFound, ServiceUnavailable, StartCancelled, StartupError, TopologyMismatch, ValidationError,
+    RemoteValidationError, ReplyTooLarge, RpcError, ServiceNotFound, ServiceUnavailable, StartCancelled, StartupError, TimeLimitExceeded, TopologyMismatch,
+    ValidationError,
 )
 from amqprpc.retry import Retry
 from amqprpc.client.responses import AsyncResponseStore, ResponseStore
@@ -19,7 +20,7 @@ __all__ = [
     "AsyncResponseStore", "Worker", "Topology", "current_call", "CallContext",
     "RpcError", "RemoteError", "CallTimeout", "ServiceUnavailable", "ConnectionLost", "CircuitOpen", "PublishRefused",
     "ReplyTooLarge", "ServiceNotFound", "TopologyMismatch", "StartupError", "StartCancelled", "PidFileError",
-    "ValidationError", "RemoteValidationError", "ContractError",
+    "ValidationError", "RemoteValidationError", "ContractError", "TimeLimitExceeded",
 ]
 # The one place the version is written: amqprpc/version.py (setup.cfg reads it there).
 from amqprpc.version import __version__

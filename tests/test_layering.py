@@ -28,10 +28,12 @@ LAYERS = [
     {"transport", "transport.ioloop", "transport.redelivery", "transport.inbox", "transport.consumer"},
     # client and worker, and the middleware they run
     {"client", "client.rpc", "client.aio", "client.breaker", "client.responses", "server", "server.worker",
-     "server.events", "middleware.ping", "middleware.shared_client", "middleware.otel", "middleware.observability"},
+     "server.events", "middleware.ping", "middleware.shared_client", "middleware.otel", "middleware.observability",
+     "middleware.timelimit"},
     # operations
     {"ops", "ops.daemon", "ops.collector", "ops.dlq", "ops.registry", "middleware.metrics",
-     "middleware.clientmetrics", "ops.loading", "ops.demo", "testing", "asyncapi"},
+     "middleware.clientmetrics", "ops.loading", "ops.demo", "testing", "asyncapi",
+     "ops.prefork"},
     # the command line, and the package's public face
     {"cli", "__main__", "__init__"},
 ]
