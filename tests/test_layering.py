@@ -33,7 +33,7 @@ LAYERS = [
     # operations
     {"ops", "ops.daemon", "ops.collector", "ops.dlq", "ops.registry", "middleware.metrics",
      "middleware.clientmetrics", "ops.loading", "ops.demo", "testing", "asyncapi",
-     "ops.prefork"},
+     "ops.prefork", "ops.taskcontrol"},
     # the command line, and the package's public face
     {"cli", "__main__", "__init__"},
 ]

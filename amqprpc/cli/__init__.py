@@ -61,6 +61,33 @@ def daemon_options(fn: Callable) -> Callable:
     return fn
 
 
+def task_control_options(fn: Callable) -> Callable:
+    """``worker`` options of time limits and worker processes (#23), passed on as ``control``."""
+    options = [
+        ("--time-limit", dict(default=None, type=click.FloatRange(min=0.001, min_open=False), metavar="SECONDS",
+                              help="Default time limit of every handler without its own time_limit=: "
+                                   "TimeLimitExceeded is raised inside it (then its retry policy applies).")),
+        ("--hard-time-limit", dict(default=10.0, show_default=True, type=click.FloatRange(min=0), metavar="SECONDS",
+                                   help="Grace after the time limit before a handler that ignores it is "
+                                        "abandoned: its message dead-lettered, its thread replaced (its process, "
+                                        "with --processes).")),
+        ("--max-abandoned", dict(default=3, show_default=True, type=click.IntRange(min=0),
+                                 help="Abandoned handler threads a worker takes before it exits 1 for its "
+                                      "supervisor to restart it.")),
+        ("--processes", dict(default=0, show_default=True, type=click.IntRange(min=0),
+                             help="Child worker processes under one parent (each with --concurrency threads), "
+                                  "for CPU-bound handlers; 0: this process is the worker.")),
+        ("--max-tasks-per-child", dict(default=None, type=click.IntRange(min=1), metavar="N",
+                                       help="With --processes: recycle a child warmly after N deliveries.")),
+        ("--max-memory-per-child", dict(default=None, type=click.FloatRange(min=1), metavar="MB",
+                                        help="With --processes: recycle a child warmly above this resident memory.")),
+    ]
+    for name, settings in reversed(options):
+        envvar = "AMQPRPC_" + name.lstrip("-").replace("-", "_").upper()
+        fn = click.option(name, envvar=envvar, show_envvar=True, **settings)(fn)  # type: ignore[arg-type]
+    return fn
+
+
 def timeout_option(what: str = "Seconds to wait for the answer.") -> Callable:
     return click.option("--timeout", envvar="AMQPRPC_TIMEOUT", default=5.0, show_default=True, show_envvar=True,
                         type=click.FloatRange(min=0.001), help=what)
@@ -153,12 +180,13 @@ def main() -> None:
               show_envvar=True, type=click.IntRange(min=0),
               help="A message redelivered more often than this (its handler keeps killing the worker) is "
                    "dead-lettered unrun.")
+@task_control_options
 @broker_option
 @logging_options("info")
 def worker(service: str, app: str | None, concurrency: int, prefetch: int | None, shutdown_timeout: float,
            heartbeat: float, registry_interval: float, redis_url: str, max_message_bytes: int, queue_type: str,
            max_redeliveries: int, pidfile: str | None, metrics_port: int | None, reconnect_cap: float,
-           broker_wait: float, broker: str, log_format: str, log_level: str) -> None:
+           broker_wait: float, broker: str, log_format: str, log_level: str, **control: Any) -> None:
     """Run SERVICE's handlers in the foreground until a stop signal.
 
     \b
@@ -173,6 +201,11 @@ def worker(service: str, app: str | None, concurrency: int, prefetch: int | None
     down at start is waited for (--broker-wait); a lost connection is retried forever with
     capped, jittered backoff. Exit 0 after a clean warm stop, 1 after a cold stop, 2 for
     usage errors, 4 when the broker stayed unreachable for --broker-wait.
+
+    \b
+    --processes N: a parent and N child workers; it restarts one that dies, recycles
+    one after --max-tasks-per-child / above --max-memory-per-child, forwards the stop
+    signals and exits as above (docs/guides/processes-and-time-limits.md).
     """
     from amqprpc.ops.daemon import run_worker
     from amqprpc.errors import ServiceNotFound, StartupError, TopologyMismatch
@@ -191,19 +224,34 @@ def worker(service: str, app: str | None, concurrency: int, prefetch: int | None
         svc.check()  # a handler annotation that cannot be validated: exit 2 now, not on the first call
     except ContractError as exc:
         fail(EXIT_USAGE, str(exc))
-    registry = Registry(redis_url) if registry_interval > 0 else None
-    instance = Worker(svc, broker_url=broker, concurrency=concurrency, prefetch=prefetch, heartbeat=heartbeat,
-                      registry=registry, registry_interval=registry_interval or 5.0,
-                      max_message_bytes=max_message_bytes, queue_type=queue_type, max_redeliveries=max_redeliveries,
-                      reconnect_cap=reconnect_cap)
-    try:
-        code = run_worker(instance, shutdown_timeout, pidfile=pidfile, metrics_port=metrics_port,
-                          broker_wait=broker_wait)
-    except (StartupError, TopologyMismatch) as exc:
-        fail(EXIT_USAGE, str(exc))
-    except Exception as exc:  # noqa: BLE001 - connection failures at start: one line, no traceback
-        fail(EXIT_UNAVAILABLE, f"cannot connect to broker {broker}: {exc}")
-    sys.exit(code)
+    from amqprpc.ops import taskcontrol
+
+    def serve(child: Any = None) -> int:
+        """This process as one worker (``child``: a --processes child's link to its parent)."""
+        registry = Registry(redis_url) if registry_interval > 0 else None
+        instance = Worker(svc, broker_url=broker, concurrency=concurrency, prefetch=prefetch, heartbeat=heartbeat,
+                          registry=registry, registry_interval=registry_interval or 5.0,
+                          max_message_bytes=max_message_bytes, queue_type=queue_type,
+                          max_redeliveries=max_redeliveries, reconnect_cap=reconnect_cap,
+                          middleware=taskcontrol.worker_middleware(svc, control, child))
+        try:
+            return run_worker(instance, shutdown_timeout, pidfile=None if child else pidfile,
+                              metrics_port=taskcontrol.metrics_port_of(metrics_port, child),
+                              broker_wait=broker_wait, title=taskcontrol.title_of(svc.name, child))
+        except (StartupError, TopologyMismatch) as exc:
+            fail(EXIT_USAGE, str(exc))
+        except Exception as exc:  # noqa: BLE001 - connection failures at start: one line, no traceback
+            fail(EXIT_UNAVAILABLE, f"cannot connect to broker {broker}: {exc}")
+        return EXIT_UNAVAILABLE  # (fail exits)
+
+    if control["processes"]:
+        try:
+            sys.exit(taskcontrol.run_processes(serve, svc.name, control, shutdown_timeout, pidfile))
+        except StartupError as exc:
+            fail(EXIT_USAGE, str(exc))
+    elif control["max_tasks_per_child"] or control["max_memory_per_child"]:
+        fail(EXIT_USAGE, "--max-tasks-per-child and --max-memory-per-child need --processes")
+    sys.exit(serve())
 
 
 @main.command()

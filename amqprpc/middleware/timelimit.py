@@ -180,20 +180,25 @@ class TimeLimit(Middleware):
 
     ``default`` seconds for handlers without their own ``time_limit`` (None: those run
     unbounded); ``hard_grace`` seconds after the exception before a handler still running is
-    abandoned (None: never abandoned, only logged); ``on_abandon(watch)`` what abandoning does
-    (the worker's write-off; ``amqprpc worker`` wires it, see :mod:`amqprpc.ops.timelimits`).
-    ``limit_of(delivery)`` may replace how a delivery's limit is found.
-    Counts: ``counts["timed_out"]`` handlers that reached their limit, ``counts["abandoned"]``
-    those written off after the grace.
+    abandoned (None: never abandoned, only logged). Abandoning writes the thread off through
+    the worker (``Worker.write_off``: its message dead-lettered with the reason, a new
+    handler thread in its place) and calls ``on_abandon(watch)``; once more than
+    ``max_abandoned`` were, ``on_too_many()`` (``amqprpc worker`` exits 1 then, see
+    :mod:`amqprpc.ops.taskcontrol`). ``limit_of(delivery)`` may replace how a delivery's
+    limit is found. Counts: ``counts["timed_out"]`` handlers that reached their limit,
+    ``counts["abandoned"]`` those written off after the grace (also in ``worker.stats``).
     """
 
     def __init__(self, default: float | None = None, *, hard_grace: float | None = 10.0,
+                 max_abandoned: int = 3, on_too_many: Callable[[], None] | None = None,
                  on_abandon: Callable[[Watch], None] | None = None,
                  limit_of: Callable[[Delivery], float | None] | None = None) -> None:
         if default is not None and default <= 0:
             raise ValueError("a time limit must be positive seconds")
         self.default = default
         self.hard_grace = hard_grace
+        self.max_abandoned = max_abandoned
+        self.on_too_many = on_too_many
         self.on_abandon = on_abandon
         self._limit_of = limit_of
         self.counts = {"timed_out": 0, "abandoned": 0}
@@ -245,21 +250,30 @@ class TimeLimit(Middleware):
                     message_id=delivery.message_id if delivery else None, hard_grace=self.hard_grace)
 
     def _abandoned(self, watch: Watch) -> None:
-        self._count("abandoned", watch)
+        abandoned = self._count("abandoned", watch)
         delivery = watch.delivery
         log.error("handler ignored its time limit: abandoned", limit=watch.limit, hard_grace=self.hard_grace,
                   thread=watch.thread_name, action=delivery.action if delivery else None,
-                  message_id=delivery.message_id if delivery else None)
+                  message_id=delivery.message_id if delivery else None, abandoned=abandoned,
+                  max_abandoned=self.max_abandoned)
+        write_off = getattr(getattr(delivery, "worker", None), "write_off", None)
+        if write_off is not None:
+            write_off(watch.ident, f"Handler ignored its time limit of {watch.limit:g} s and was abandoned "
+                                   f"{self.hard_grace:g} s later", "TimeLimitExceeded")
         if self.on_abandon is not None:
             self.on_abandon(watch)
+        if abandoned > self.max_abandoned and self.on_too_many is not None:
+            self.on_too_many()
 
-    def _count(self, name: str, watch: Watch) -> None:
+    def _count(self, name: str, watch: Watch) -> int:
         with self._counts_lock:
             self.counts[name] += 1
+            count = self.counts[name]
         worker = getattr(watch.delivery, "worker", None)
         stats_add = getattr(worker, "stats_add", None)
         if stats_add is not None:
             stats_add(name)
+        return count
 
 
 def _own_limit(delivery: Delivery) -> float | None:
