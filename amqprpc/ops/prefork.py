@@ -284,6 +284,8 @@ class Prefork:
         if first:
             sdnotify.notify("STOPPING=1", f"STATUS={self.title}: stopping")
         for child in list(self._children.values()):
+            if child.retiring and not cold:
+                continue  # already stopping warmly: a second SIGTERM would make it a cold stop
             self._signal(child, signal.SIGQUIT if cold else signal.SIGTERM)
             child.kill_at = min(child.kill_at, time.monotonic() + (2.0 if cold else self.shutdown_timeout + 10.0))
 

@@ -205,8 +205,13 @@ class Heartbeat:
 
 
 def describe_worker(worker: Any) -> dict[str, Any]:
-    """A worker's registry entry (without ``heartbeat_at``, which :meth:`Registry.announce` adds)."""
-    return {
+    """A worker's registry entry (without ``heartbeat_at``, which :meth:`Registry.announce` adds).
+    A ``--processes`` child's also has ``process``: its slot, its parent's pid and the parent's
+    counts (child_restarts, recycled, killed)."""
+    from amqprpc.ops.prefork import current_child
+
+    child = current_child()
+    entry = {
         "instance_id": worker.instance_id,
         "service": worker.service.name,
         "host": socket.gethostname(),
@@ -217,6 +222,9 @@ def describe_worker(worker: Any) -> dict[str, Any]:
         "amqprpc_version": __version__,
         "stats": dict(worker.stats),
     }
+    if child is not None:
+        entry["process"] = child.describe()
+    return entry
 
 
 def format_table(snapshot: dict[str, list[dict[str, Any]]]) -> str:
