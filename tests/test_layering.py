@@ -28,6 +28,7 @@ LAYERS = [
     {"transport", "transport.ioloop", "transport.redelivery", "transport.inbox", "transport.consumer"},
     # client and worker, and the middleware they run
     {"client", "client.rpc", "client.aio", "client.breaker", "client.responses", "server", "server.worker",
+     "server.dispatcher",
      "server.events", "middleware.ping", "middleware.shared_client", "middleware.otel", "middleware.observability",
      "middleware.timelimit"},
     # operations

@@ -22,6 +22,11 @@ The interface (stable: other features build on these names and fields)::
         # the retry's copy could not be encoded) and the delivery was dead-lettered instead
         # (loop or handler thread)
         def outcome_amended(self, delivery: Delivery, old: Outcome, new: Outcome) -> None
+        # worker, around-middleware (FastStream's consume_scope, a call_next chain), handler thread:
+        # around what happens to a decoded delivery whose handler was found -> its Decision
+        def consume_scope(self, call_next, delivery: Delivery) -> Decision
+        # right around the handler, inside its retry policy -> the handler's result (or raise)
+        def handle_scope(self, call_next, delivery: Delivery) -> Any
         # client, on the calling thread, before the message is written
         def before_publish(self, message: Outgoing) -> None
         # client, once a call has its answer / error / timeout (loop, timer or calling thread)
@@ -62,6 +67,18 @@ delivery is dead-lettered instead (error type ``UnsendableReply`` or ``Unencodab
 the worker's stats count it as dead-lettered, and ``outcome_amended`` tells middleware so,
 after ``after_handle`` (the metrics count the dead letter).
 
+The scopes: every delivery goes through one pipeline,
+:class:`~amqprpc.server.dispatcher.Dispatcher` (its module doc draws it): screening (bad
+and poisoned messages), deadline expiry and routing (unknown actions) first, then each
+middleware's ``consume_scope`` in list order (the first given is the outermost), then the
+retry policy, each ``handle_scope``, and the handler. Both chains are composed once per
+worker: a worker whose middleware overrides no scope pays only for the built-in stages. A
+scope returns ``call_next(delivery)`` or its own Decision, made with ``delivery.decide``
+(``reply``, ``error``, ``error_reply``, ``ack``, ``later``, ``dead_letter``). A scope that
+raises is logged and the delivery is dead-lettered (``WorkerError``): it never kills the
+handler thread. The in-memory client (:mod:`amqprpc.testing.inmemory`) runs the same
+dispatcher with the same middleware.
+
 Validation of payloads needs no middleware: it wraps the handler where it is registered.
 
 The response Collector runs no middleware: it has no service, handlers or deliveries in
@@ -101,7 +118,8 @@ class Delivery:
 
     __slots__ = ("service", "kind", "action", "handler", "message_id", "correlation_id", "reply_to", "exchange",
                  "routing_key", "queue", "redelivered", "headers", "body_headers", "payload", "body_size",
-                 "started", "state", "trace_id")
+                 "started", "state", "trace_id", "message", "request", "function", "retry", "deadline", "worker",
+                 "result", "decide")
 
     def __init__(self, service: str, kind: str, queue: str, properties: Mapping[str, Any],
                  delivery_info: Mapping[str, Any], body_size: int, started: float) -> None:
@@ -123,6 +141,15 @@ class Delivery:
         self.started = started
         self.state: dict[str, Any] = {}
         self.trace_id: str | None = None
+        # What the dispatcher (amqprpc.server.dispatcher) fills in for the scopes.
+        self.message: Any = None
+        self.request: Any = None
+        self.function: Callable[[Any], Any] | None = None
+        self.retry: Any = None
+        self.deadline: float | None = None
+        self.worker: Any = None
+        self.result: Any = None
+        self.decide: Any = None
 
     def __repr__(self) -> str:
         return f"<Delivery {self.kind} {self.service}.{self.action} {self.message_id}>"
@@ -185,6 +212,17 @@ class Middleware:
     def outcome_amended(self, delivery: Delivery, old: Outcome, new: Outcome) -> None:
         pass
 
+    def consume_scope(self, call_next: Callable[[Delivery], Any], delivery: Delivery) -> Any:
+        """Around everything that happens to a decoded delivery whose handler was found:
+        return ``call_next(delivery)`` (its Decision), or a Decision of your own from
+        ``delivery.decide`` without calling on (revoked, duplicate, over a rate limit)."""
+        return call_next(delivery)
+
+    def handle_scope(self, call_next: Callable[[Delivery], Any], delivery: Delivery) -> Any:
+        """Right around the handler, inside its retry policy: return its result or raise
+        (what you raise follows the retry policy, as the handler's own exceptions do)."""
+        return call_next(delivery)
+
     def before_publish(self, message: Outgoing) -> None:
         pass
 
@@ -193,7 +231,7 @@ class Middleware:
 
 
 HOOKS = ("worker_starting", "worker_started", "worker_stopping", "worker_stopped", "before_handle", "after_handle",
-         "outcome_amended", "before_publish", "after_settle")
+         "outcome_amended", "consume_scope", "handle_scope", "before_publish", "after_settle")
 _AFTER = frozenset({"worker_stopping", "worker_stopped", "after_handle", "outcome_amended", "after_settle"})
 
 #: Added to every Worker and RpcClient created from now on, before their own (see :func:`add_default`).
@@ -224,6 +262,8 @@ class Hooks:
     before_handle: tuple[Callable[[Delivery], None], ...]
     after_handle: tuple[Callable[[Delivery, Outcome], None], ...]
     outcome_amended: tuple[Callable[[Delivery, Outcome, Outcome], None], ...]
+    consume_scope: tuple[Callable[[Callable[[Delivery], Any], Delivery], Any], ...]
+    handle_scope: tuple[Callable[[Callable[[Delivery], Any], Delivery], Any], ...]
     before_publish: tuple[Callable[[Outgoing], None], ...]
     after_settle: tuple[Callable[[Outgoing, CallOutcome], None], ...]
 

@@ -1,28 +1,29 @@
 """Testing one service's handlers without a broker: :func:`worker_factory` and :class:`FakeClient`.
 
-As nameko's ``worker_factory`` does for a service class: the handlers run directly, as
-their worker would run them (JSON in and out, the call context set), with ``service.client``
-replaced by a :class:`FakeClient` that records the calls, casts and events the handler
-sends and answers calls from canned answers. The handler's own exception reaches the test.
-Nothing else runs; :mod:`amqprpc.testing.inmemory` wires several services together.
+As nameko's ``worker_factory`` does for a service class: the handlers run through the
+worker's own dispatcher (JSON in and out, the call context set, retry policies, expiry),
+with ``service.client`` replaced by a :class:`FakeClient` that records the calls, casts and
+events the handler sends and answers calls from canned answers. The handler's own
+exception reaches the test. :mod:`amqprpc.testing.inmemory` wires several services together.
 """
 from __future__ import annotations
 
-import contextvars
 import threading
 import time
 from concurrent.futures import Future
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 from amqprpc.wire import envelope
-from amqprpc import logs
 from amqprpc.client.rpc import ServiceProxy
-from amqprpc.context import CallContext, current
 from amqprpc.contracts import parse, to_payload
-from amqprpc.errors import RemoteError
+from amqprpc.errors import CallTimeout
+from amqprpc.middleware import Delivery, Hooks, Middleware
+from amqprpc.outcome import OutcomeKind
+from amqprpc.server.dispatcher import Decision
 from amqprpc.server.events import topic_matches
 from amqprpc.retry import Retry
 from amqprpc.service import Service, client_installed
+from amqprpc.testing.dispatch import carry_out, local_dispatcher, request_message
 
 class Sent(NamedTuple):
     """One message a client was asked to send. Compares equal to a plain tuple:
@@ -173,37 +174,60 @@ class Harness:
     def __init__(self, service: Service, client: Any) -> None:
         self.service = service
         self.client = client
+        self._source = f"worker-factory.{service.name}"
 
     def call(self, action: str, payload: Mapping[str, Any] | None = None, *, timeout: float = 5.0) -> Any:
-        handler = self.service.find(action)
-        if handler is None:
-            raise RemoteError(f"Unknown action: {action}", "UnknownAction")
-        call = CallContext(self.service.name, action, envelope.new_id(), envelope.new_id(), time.time() + timeout)
-        return wire(self._run(call, handler, wire(plain(payload))))
+        headers = {"trace_id": envelope.new_id(), "deadline": round(time.time() + timeout, 6)}
+        decision = self._dispatch("call", action, payload, headers)
+        if decision.body is None:
+            raise CallTimeout(f"{self.service.name}.{action}: the deadline passed before it ran")
+        reply = envelope.loads(decision.body)
+        if reply.get("success"):
+            return reply.get("data")
+        raise envelope.remote_error(reply)
 
     def event(self, name: str, payload: Mapping[str, Any] | None = None) -> int:
         matching = [sub for sub in self.service.events.values() if topic_matches(sub.pattern, name)]
-        body = wire(plain(payload))
         message_id = envelope.new_id()
         for subscription in matching:
-            self._run(CallContext(self.service.name, name, message_id, message_id, None), subscription.function,
-                      wire(body))
+            self._dispatch("event", name, payload, {"trace_id": message_id}, subscription.name, message_id)
         return len(matching)
 
-    def _run(self, call: CallContext, function: Callable[[dict], Any], payload: dict) -> Any:
-        def run() -> Any:
-            current.set(call)
-            logs.bind_request(service=call.service, action=call.action, correlation_id=call.correlation_id,
-                              trace_id=call.trace_id)
-            with client_installed([self.service.name], self.client):
-                return function(payload)
+    def _dispatch(self, kind: str, action: str, payload: Mapping[str, Any] | None, headers: dict,
+                  handler: str | None = None, message_id: str | None = None) -> Decision:
+        """Through the worker's own dispatcher; the handler's own exception, once its retry
+        policy gave up, is raised here (not turned into an error reply)."""
+        dispatcher, tags = local_dispatcher(self.service, Hooks([_Raised()], defaults=False), self)
+        message = request_message(message_id=message_id or envelope.new_id(), source=self._source,
+                                  service=self.service.name, kind=kind, action=action, payload=plain(payload),
+                                  headers=headers, consumer_tag=tags.get(handler) if handler else None)
+        decision = carry_out(dispatcher, message, self._installed)
+        raised = decision.delivery.state.get(_Raised.KEY) if decision.delivery is not None else None
+        if raised is not None and decision.outcome.kind in (OutcomeKind.FAILED, OutcomeKind.DEAD_LETTERED):
+            raise raised
+        return decision
 
-        return contextvars.copy_context().run(run)  # nothing set here outlives the handler
+    def _installed(self, dispatch: Callable[[], Decision]) -> Decision:
+        with client_installed([self.service.name], self.client):
+            return dispatch()
 
     def __getattr__(self, action: str) -> Callable[..., Any]:
         if action.startswith("_") or self.service.find(action) is None:
             raise AttributeError(f"{self.service.name} has no action {action!r}")
         return lambda payload=None, **kwargs: self.call(action, {**plain(payload), **kwargs} if kwargs else payload)
+
+
+class _Raised(Middleware):
+    """Keeps what the handler raised, for :class:`Harness` to raise it in the test."""
+
+    KEY = "amqprpc.testing.raised"
+
+    def handle_scope(self, call_next: Callable[[Delivery], Any], delivery: Delivery) -> Any:
+        try:
+            return call_next(delivery)
+        except Exception as exc:
+            delivery.state[self.KEY] = exc
+            raise
 
 
 def worker_factory(service: Service | Callable[..., Service], client: Any = None, **deps: Any) -> Harness:

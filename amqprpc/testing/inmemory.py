@@ -22,29 +22,30 @@ with its calls answered by canned answers, see :mod:`amqprpc.testing.fake`.
 """
 from __future__ import annotations
 
-import contextvars
 import functools
-import itertools
 import os
 import socket
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Mapping, NamedTuple, Tuple
+from typing import Any, Callable, Deque, Dict, List, Mapping, NamedTuple, Sequence, Tuple
 
-from amqprpc.wire import envelope
+import amqp
+
 from amqprpc import logs
-from amqprpc.context import CallContext, current
-from amqprpc.errors import BadMessage, CallTimeout, ReplyTooLarge, ServiceUnavailable, ValidationError
+from amqprpc.context import current
+from amqprpc.errors import CallTimeout, ServiceUnavailable
+from amqprpc.middleware import Hooks, Middleware
+from amqprpc.retry import ERROR, ERROR_TYPE, Retry, call_with_retry
+from amqprpc.server.dispatcher import Decision, Dispatcher
+from amqprpc.testing.dispatch import carry_out, local_dispatcher, request_message
 from amqprpc.server.events import topic_matches
-from amqprpc.retry import Retry, call_with_retry
 from amqprpc.service import Service, client_installed
+from amqprpc.wire import envelope
 from amqprpc.testing.fake import Recorder, parsed
 
 log = logs.get_logger("amqprpc.testing")
 
-MAX_MESSAGE_BYTES = 1 << 20
-MAX_REPLY_BYTES = 16 << 20
 
 
 class DeadLetter(NamedTuple):
@@ -69,8 +70,13 @@ class InMemoryClient(Recorder):
     by correlation id, as the collector would store them).
     """
 
-    def __init__(self, *services: Service, source: str = "in-memory-client", timeout: float = 5.0) -> None:
+    def __init__(self, *services: Service, source: str = "in-memory-client", timeout: float = 5.0,
+                 middleware: Sequence[Middleware] = ()) -> None:
         super().__init__(source, timeout)
+        # The worker's per-delivery hooks and scopes, as a worker runs them (not the
+        # process-wide defaults: --metrics-port and OpenTelemetry are the worker's).
+        self.hooks = Hooks(middleware, defaults=False)
+        self._dispatchers: Dict[str, Tuple[Dispatcher, Dict[str, str]]] = {}
         self.services: Dict[str, Service] = {}
         self.dead_letters: List[DeadLetter] = []
         self.replies: Dict[str, dict] = {}
@@ -99,7 +105,7 @@ class InMemoryClient(Recorder):
             raise CallTimeout(f"{service}.{action}: the deadline had already passed")
         with self._outermost():
             reply = self._deliver(target, "call", action, sent, headers)
-        if reply is None:  # the deadline passed before or while the handler ran
+        if reply is None or time.time() > headers["deadline"]:  # dropped unrun, or the caller stopped waiting
             raise CallTimeout(f"{service}.{action}: no answer within {timeout:g}s")
         if reply.get("success"):
             return parsed(returns, reply.get("data"), service, action)
@@ -176,82 +182,44 @@ class InMemoryClient(Recorder):
 
     def _deliver(self, service: Service, kind: str, action: str, payload: dict, headers: dict,
                  subscription: Any = None, message_id: str | None = None) -> dict | None:
-        """One message through the envelope to its handler, as the worker runs it; the reply
-        envelope (as a dict) for calls and submits, None when there is none to send."""
-        message_id = message_id or envelope.new_id()
-        body = envelope.request_body(message_id=message_id, source=self.source, target=service.name,
-                                     action=action, payload=payload, reply_to=None if kind in ("cast", "event")
-                                     else "in-memory", headers=headers)
-        try:
-            request = envelope.decode_request(body, {"content_type": envelope.CONTENT_TYPE}, MAX_MESSAGE_BYTES)
-        except BadMessage as exc:
-            return self._failed(service, kind, action, payload, "BadMessage", exc.reason, message_id)
-        trace_id = request.trace_id or message_id
-        if kind == "event":
-            function, policy = subscription.function, subscription.retry
-            call = CallContext(service.name, action, message_id, trace_id, None)
-        else:
-            function, policy = service.find(action) or self._builtin(service, action), service.retry_policy(action)
-            call = CallContext(service.name, action, message_id, trace_id, request.deadline)
-            if function is None:
-                return self._failed(service, kind, action, payload, "UnknownAction", f"Unknown action: {action}",
-                                    message_id)
-        for attempt in itertools.count(1):
-            if call.deadline is not None and time.time() > call.deadline:
-                return None  # the worker drops a request whose deadline passed; the caller timed out
-            try:
-                result = self._run(service, call, function, request.payload, kind, subscription)
-            except Exception as exc:  # noqa: BLE001 - every handler error becomes an error reply
-                if policy is not None and policy.retries(exc, attempt):
-                    continue
-                return self._failed(service, kind, action, payload, type(exc).__name__, str(exc), message_id,
-                                    exc.errors if isinstance(exc, ValidationError) else None)
-            if call.deadline is not None and time.time() > call.deadline:
-                return None
-            if kind in ("cast", "event"):
-                return None
-            try:
-                reply = envelope.ok_reply(result, message_id)
-            except (TypeError, ValueError) as exc:
-                return self._failed(service, kind, action, payload, "TypeError",
-                                    f"Result is not JSON serializable: {exc}", message_id)
-            if len(reply) > MAX_REPLY_BYTES:
-                return self._failed(service, kind, action, payload, ReplyTooLarge.__name__,
-                                    f"Result is {len(reply)} bytes of JSON; replies are limited to {MAX_REPLY_BYTES}",
-                                    message_id)
-            return envelope.loads(reply)
-        raise AssertionError("unreachable")
+        """One message through the envelope and the worker's own dispatcher (with this
+        client's middleware); the reply envelope (as a dict) for calls and submits, None
+        when there is none to send. What the dispatcher forwards is carried out here: a
+        retry (or a recount) runs again at once, without the backoff wait; a message put
+        off (rate limit, ETA) runs again after its delay; a dead letter lands in
+        :attr:`dead_letters`."""
+        dispatcher, tags = self._dispatcher(service)
+        message = request_message(message_id=message_id or envelope.new_id(), source=self.source,
+                                  service=service.name, kind=kind, action=action, payload=payload, headers=headers,
+                                  consumer_tag=tags.get(subscription.name) if subscription is not None else None)
+        decision = carry_out(dispatcher, message, self._installed)
+        if decision.forward is not None:  # a dead letter
+            self._dead_letter(service, kind, action, payload, decision.forward.message)
+        return envelope.loads(decision.body) if decision.body is not None and decision.reply_to else None
 
-    def _run(self, service: Service, call: CallContext, function: Callable[[dict], Any], payload: dict, kind: str,
-             subscription: Any) -> Any:
-        fields = {"handler": subscription.name} if subscription is not None else {}
+    def _installed(self, dispatch: Callable[[], Decision]) -> Decision:
+        with client_installed(self.services, self):  # service.client in its handlers: this client
+            return dispatch()
 
-        def run() -> Any:
-            current.set(call)
-            logs.clear_request()
-            logs.bind_request(service=call.service, action=call.action, correlation_id=call.correlation_id,
-                              trace_id=call.trace_id, **fields)
-            with client_installed(self.services, self):
-                return function(payload)
+    def _dispatcher(self, service: Service) -> Tuple[Dispatcher, Dict[str, str]]:
+        """The service's dispatcher (made once) and its event handlers' consumer tags."""
+        made = self._dispatchers.get(service.name)
+        if made is None or made[0].service is not service:
+            made = self._dispatchers[service.name] = local_dispatcher(
+                service, self.hooks, self, {"ping": functools.partial(self._ping, service)})
+        return made
 
-        return contextvars.copy_context().run(run)  # nothing a handler sets outlives it
+    def _dead_letter(self, service: Service, kind: str, action: str, payload: dict, message: amqp.Message) -> None:
+        headers = message.properties.get("application_headers") or {}
+        error_type, error = str(headers.get(ERROR_TYPE)), str(headers.get(ERROR))
+        log.warning("in-memory delivery dead-lettered", service=service.name, kind=kind, action=action,
+                    error_type=error_type, error=error)
+        with self._lock:
+            self.dead_letters.append(DeadLetter(service.name, kind, action, payload, error_type, error))
 
-    def _failed(self, service: Service, kind: str, action: str, payload: dict, error_type: str, error: str,
-                message_id: str, errors: list | None = None) -> dict | None:
-        if kind in ("cast", "event"):  # nobody hears the error: dead-lettered, as the worker does
-            log.warning("in-memory delivery dead-lettered", service=service.name, kind=kind, action=action,
-                        error_type=error_type, error=error)
-            with self._lock:
-                self.dead_letters.append(DeadLetter(service.name, kind, action, payload, error_type, error))
-            return None
-        return envelope.loads(envelope.error_reply(error, error_type, message_id, errors))
-
-    def _builtin(self, service: Service, action: str) -> Callable[[dict], Any] | None:
-        if action != "ping":
-            return None
-        return lambda payload: {"instance_id": "in-memory", "service": service.name, "host": socket.gethostname(),
-                                "pid": os.getpid(), "time": time.time(),
-                                "uptime": round(time.time() - self._started, 3)}
+    def _ping(self, service: Service, payload: Any) -> dict:
+        return {"instance_id": "in-memory", "service": service.name, "host": socket.gethostname(),
+                "pid": os.getpid(), "time": time.time(), "uptime": round(time.time() - self._started, 3)}
 
 
 class _Outermost:

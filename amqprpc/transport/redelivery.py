@@ -126,6 +126,15 @@ class Redelivery:
                   h.ERROR: _text(exc), h.ERROR_TYPE: type(exc).__name__, **_origin(message, queue)}
         return Forward(delay_queue.name, _copy(message, update), delay_queue, OutcomeKind.RETRIED, queue)
 
+    def later(self, message: amqp.Message, queue: str, delay: float, kind: OutcomeKind) -> Forward:
+        """The message back into ``queue`` after about ``delay`` seconds, through the
+        smallest delay bucket not shorter (the longest one at most): for middleware that
+        puts a message off (rate limit, an ETA not yet due). Headers kept, attempts not
+        counted; nothing waits unacked in the worker meanwhile."""
+        ms = self.topology.delay_bucket_ms(delay)
+        delay_queue = self.topology.delay_queue(queue, ms, self.queue_type)
+        return Forward(delay_queue.name, _copy(message, _origin(message, queue)), delay_queue, kind, queue)
+
     def dead_letter(self, message: amqp.Message, queue: str, error: str, error_type: str,
                     keep_headers: bool = True) -> Forward:
         """The message, to ``service.{svc}.dead``, with why and where from in its headers.
@@ -248,7 +257,7 @@ class Forwarder:
 
     def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
         for consume_channel, original, what in self._take(delivery_tag, multiple):
-            self.stats[what] += 1
+            self.stats[what] = self.stats.get(what, 0) + 1  # features forward kinds of their own (delayed...)
             if consume_channel.is_open:
                 consume_channel.basic_ack(original)
 
