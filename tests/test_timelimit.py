@@ -166,3 +166,45 @@ class _Delivery:
 
 def _delivery():  # what handle_scope reads of a delivery when limit_of is given
     return _Delivery()
+
+
+def test_through_the_dispatcher_a_time_limit_is_the_handlers_error_and_follows_its_retry_policy():
+    """The same pipeline a worker runs (InMemoryClient): the time limit raises inside the
+    handler, the caller gets TimeLimitExceeded, a retry policy retries it, a cast that keeps
+    timing out is dead-lettered."""
+    from amqprpc import RemoteError, Retry
+    from amqprpc.testing import InMemoryClient
+
+    service = Service("tl-dispatch")
+    runs = {"spin": 0, "retried": 0}
+
+    @service.handler(time_limit=0.2)
+    def spin(payload: dict) -> None:
+        runs["spin"] += 1
+        while True:
+            pass
+
+    @service.handler(time_limit=0.2, retry=Retry(max_attempts=2, base_delay=0.01, jitter=False))
+    def flaky(payload: dict) -> str:
+        runs["retried"] += 1
+        if runs["retried"] == 1:
+            while True:
+                pass
+        return "second time lucky"
+
+    @service.handler
+    def quick(payload: dict) -> str:
+        return "ok"
+
+    limit = TimeLimit(default=5, hard_grace=None)
+    client = InMemoryClient(service, middleware=[limit])
+    started = time.monotonic()
+    with pytest.raises(RemoteError) as caught:
+        client.call("tl-dispatch", "spin", {})
+    assert caught.value.error_type == "TimeLimitExceeded" and time.monotonic() - started < 1.5
+    assert client.call("tl-dispatch", "flaky", {}) == "second time lucky" and runs["retried"] == 2
+    assert client.call("tl-dispatch", "quick", {}) == "ok"
+    client.cast("tl-dispatch", "spin", {})
+    assert [letter.error_type for letter in client.dead_letters] == ["TimeLimitExceeded"]
+    assert limit.counts["timed_out"] == 3
+    limit.watchdog.stop()

@@ -278,7 +278,7 @@ class TimeLimit(Middleware):
 
 def _own_limit(delivery: Delivery) -> float | None:
     """The ``time_limit`` the running handler was registered with, if any."""
-    service = getattr(getattr(delivery, "worker", None), "service", None)
+    service = getattr(getattr(delivery, "decide", None), "service", None)  # the dispatcher's
     if service is None or delivery.handler is None:
         return None
     limit: float | None = service.time_limit(delivery.handler, delivery.kind == "event")
