@@ -15,6 +15,7 @@ from amqprpc import RpcClient
 from amqprpc.config import redis_url
 from amqprpc.testing import delete_queues, unique_name, wait_for
 from rabbit_node import free_port
+from test_daemon import _scrape
 from workerproc import WorkerProcess
 
 pytestmark = pytest.mark.integration
@@ -137,10 +138,11 @@ def test_a_child_that_cannot_start_for_good_stops_the_parent_with_its_exit_code(
     assert worker.events("child cannot start; giving up")
 
 
-def test_registry_entries_of_children_show_the_parent_and_its_restarts(svc, tmp_path, r):
-    prefix = unique_name("amqprpc-test-registry")
+def test_registry_and_metrics_of_children_show_the_parent_and_its_restarts(svc, tmp_path, r):
+    prefix, port = unique_name("amqprpc-test-registry"), free_port()
     worker = WorkerProcess(svc, str(tmp_path / "w.log"), "--processes", "2", "--concurrency", "2", app=APP,
-                           env={"AMQPRPC_REGISTRY_INTERVAL": "0.2", "AMQPRPC_REGISTRY_PREFIX": prefix})
+                           env={"AMQPRPC_REGISTRY_INTERVAL": "0.2", "AMQPRPC_REGISTRY_PREFIX": prefix,
+                                "AMQPRPC_METRICS_PORT": str(port)})
     from amqprpc.ops.registry import Registry
 
     registry = Registry(prefix=prefix)
@@ -150,12 +152,16 @@ def test_registry_entries_of_children_show_the_parent_and_its_restarts(svc, tmp_
         wait_for(lambda: len(children(worker)) >= 3, timeout=10)
 
         def restarts_shown() -> bool:
-            found = registry.instances(svc)
+            # (the killed child's entry stays until it is stale: it never withdrew it)
+            found = [entry for entry in registry.instances(svc) if entry["pid"] in children(worker)[1:]]
             return len(found) == 2 and all(entry["process"]["child_restarts"] == 1 for entry in found)
 
         wait_for(restarts_shown, timeout=10)
         entry = registry.instances(svc)[0]
         assert entry["process"]["parent_pid"] == worker.pid and entry["process"]["processes"] == 2
+        # Child K serves /metrics on --metrics-port + K; each shows its parent's restarts.
+        for slot in (0, 1):
+            assert _scrape(port + slot)[("amqprpc_child_restarts_total", ())] == 1
         worker.process.send_signal(signal.SIGTERM)
         assert worker.wait(30) == 0
     finally:

@@ -15,6 +15,8 @@ from amqprpc import RemoteError, RpcClient
 from amqprpc.config import redis_url
 from amqprpc.ops import dlq
 from amqprpc.testing import delete_queues, unique_name, wait_for
+from rabbit_node import free_port
+from test_daemon import _scrape
 from workerproc import WorkerProcess
 
 pytestmark = pytest.mark.integration
@@ -53,7 +55,8 @@ def start(svc, tmp_path, *args, ready="worker ready") -> WorkerProcess:
 
 def test_a_busy_loop_with_time_limit_1_ends_within_1_5_s_and_the_worker_keeps_serving(svc, client, r, tmp_path):
     started_key, stopped_key, done = r.test_key("started"), r.test_key("stopped"), r.test_key("done")
-    worker = start(svc, tmp_path, "--concurrency", "2")
+    port = free_port()
+    worker = start(svc, tmp_path, "--concurrency", "2", "--metrics-port", str(port))
     try:
         began = time.monotonic()
         with pytest.raises(RemoteError) as caught:
@@ -64,6 +67,8 @@ def test_a_busy_loop_with_time_limit_1_ends_within_1_5_s_and_the_worker_keeps_se
         assert 0.9 <= ran_for <= 1.5 and answered_in <= 1.5 + 0.5
         for n in range(5):  # every handler thread still serves
             assert client.call(svc, "work", {"n": n, "done": done}, timeout=10)["n"] == n
+        scraped = _scrape(port)
+        assert scraped[("amqprpc_timed_out_total", ())] == 1 and scraped[("amqprpc_abandoned_total", ())] == 0
         worker.process.send_signal(signal.SIGTERM)
         assert worker.wait(20) == 0
     finally:

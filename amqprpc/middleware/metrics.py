@@ -11,9 +11,11 @@ Label cardinality is bounded: ``action`` is one of the service's own handlers or
 """
 from __future__ import annotations
 
-from typing import Any
+import weakref
+from typing import Any, Iterator
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from amqprpc.client import breaker
 from amqprpc.middleware import Delivery, Middleware
@@ -41,6 +43,56 @@ BREAKER_TRANSITIONS = Counter("amqprpc_breaker_transitions", "Circuit breaker st
                               ["breaker", "old", "new", "origin"])
 BREAKER_REJECTIONS = Counter("amqprpc_breaker_rejections", "Calls refused with CircuitOpen (nothing published).",
                              ["breaker"])
+
+
+# Counts a worker keeps in its stats (features count there: Worker.stats_add), exported as
+# they are at each scrape: stats key -> (metric name, help).
+STATS_COUNTERS = {
+    "timed_out": ("amqprpc_timed_out", "Handler runs stopped at their time limit (TimeLimitExceeded raised in them)."),
+    "abandoned": ("amqprpc_abandoned", "Handler runs that ignored their time limit past the hard limit: their "
+                                       "message dead-lettered, their thread (or child process) replaced."),
+}
+# A --processes child's parent's counts (amqprpc.ops.prefork), the same in every child.
+PARENT_COUNTERS = {
+    "child_restarts": ("amqprpc_child_restarts", "Child worker processes that died and were started again."),
+    "recycled": ("amqprpc_children_recycled", "Child worker processes replaced warmly (max tasks, max memory, "
+                                              "an abandoned handler)."),
+    "killed": ("amqprpc_children_killed", "Child worker processes the parent had to SIGKILL."),
+}
+
+
+class _StatsCollector:
+    """Reads the counters of STATS_COUNTERS from every instrumented worker's stats, and its
+    parent's counts in a --processes child, when Prometheus scrapes (nothing on the hot path)."""
+
+    def __init__(self) -> None:
+        self.workers: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+    def collect(self) -> Iterator[Metric]:
+        families = {key: CounterMetricFamily(name, text, labels=["service"])
+                    for key, (name, text) in STATS_COUNTERS.items()}
+        services = []
+        for worker in list(self.workers):
+            stats = worker.stats
+            services.append(worker.service.name)
+            for key, family in families.items():
+                family.add_metric([worker.service.name], stats.get(key, 0))
+        yield from families.values()
+        from amqprpc.ops.prefork import current_child
+
+        child = current_child()
+        if child is None:
+            return
+        counts = child.counters.read()
+        for key, (name, text) in PARENT_COUNTERS.items():
+            family = CounterMetricFamily(name, text, labels=["service"])
+            for service in services:
+                family.add_metric([service], counts[key])
+            yield family
+
+
+_STATS = _StatsCollector()
+REGISTRY.register(_STATS)
 
 
 def breaker_changed(change: Any) -> None:
@@ -116,4 +168,5 @@ def instrument(worker: Any) -> Metrics:
     and every message it dead-letters: adds a :class:`Metrics` middleware (before it starts)."""
     metrics = Metrics()
     worker.hooks.add(metrics)
+    _STATS.workers.add(worker)
     return metrics
