@@ -12,7 +12,7 @@ Label cardinality is bounded: ``action`` is one of the service's own handlers or
 from __future__ import annotations
 
 import weakref
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -67,6 +67,7 @@ class _StatsCollector:
 
     def __init__(self) -> None:
         self.workers: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        self.parent: Callable[[], dict[str, int]] | None = None
 
     def collect(self) -> Iterator[Metric]:
         families = {key: CounterMetricFamily(name, text, labels=["service"])
@@ -78,12 +79,9 @@ class _StatsCollector:
             for key, family in families.items():
                 family.add_metric([worker.service.name], stats.get(key, 0))
         yield from families.values()
-        from amqprpc.ops.prefork import current_child
-
-        child = current_child()
-        if child is None:
+        if self.parent is None:
             return
-        counts = child.counters.read()
+        counts = self.parent()
         for key, (name, text) in PARENT_COUNTERS.items():
             family = CounterMetricFamily(name, text, labels=["service"])
             for service in services:
@@ -93,6 +91,12 @@ class _StatsCollector:
 
 _STATS = _StatsCollector()
 REGISTRY.register(_STATS)
+
+
+def count_parent(read: Callable[[], dict[str, int]]) -> None:
+    """Export the counts ``read()`` returns (child_restarts, recycled, killed) as this
+    process's parent's: a ``--processes`` child (:mod:`amqprpc.ops.prefork`) calls it."""
+    _STATS.parent = read
 
 
 def breaker_changed(change: Any) -> None:

@@ -113,6 +113,13 @@ class ChildLink(Middleware):
         return {"mode": "child", "slot": self.slot, "processes": self.processes, "parent_pid": self.parent_pid,
                 **self.counters.read()}
 
+    def worker_starting(self, worker: Any) -> None:
+        # With --metrics-port the metrics module is loaded by now: it exports the parent's
+        # counts too. (Looked up, not imported: Prometheus stays optional.)
+        metrics = sys.modules.get("amqprpc.middleware.metrics")
+        if metrics is not None:
+            metrics.count_parent(self.counters.read)
+
     def worker_started(self, worker: Any) -> None:
         self._worker = worker
         self.report("ready")
