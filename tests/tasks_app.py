@@ -57,3 +57,13 @@ def block(payload: dict) -> None:
     if payload.get("started"):
         _redis.incr(payload["started"])
     time.sleep(float(payload.get("sleep", 30)))
+
+
+_leaked: list = []
+
+
+@service.handler
+def leak(payload: dict) -> int:
+    """Keeps ``mb`` more megabytes for good (touched, so resident): a leaking handler."""
+    _leaked.append(bytearray(int(payload["mb"]) << 20))
+    return os.getpid()

@@ -113,6 +113,25 @@ def test_max_tasks_per_child_recycles_warmly_with_nothing_lost(svc, client, r, t
           f"{r.scard(pids)} processes served, 0 lost, 0 duplicates")
 
 
+def test_a_child_above_max_memory_is_recycled_warmly(svc, client, tmp_path):
+    worker = start(svc, tmp_path, "--processes", "1", "--concurrency", "1", "--max-memory-per-child", "150")
+    try:
+        first = client.call(svc, "leak", {"mb": 0}, timeout=20)
+        for _ in range(4):  # 160 MB more, kept: above the limit
+            assert client.call(svc, "leak", {"mb": 40}, timeout=20) == first
+        worker.wait_event("child recycled", timeout=15)
+        wait_for(lambda: len(children(worker)) == 2, timeout=15)
+        assert client.call(svc, "leak", {"mb": 0}, timeout=20) == children(worker)[1]  # the replacement serves
+        worker.wait_event("recycled child exited", timeout=15)
+        worker.process.send_signal(signal.SIGTERM)
+        assert worker.wait(30) == 0, worker.text()
+    finally:
+        worker.kill()
+    recycled = worker.events("child recycled")
+    assert recycled[0]["reason"] == "max-memory-per-child" and recycled[0]["rss_mb"] > 150
+    assert recycled[0]["child_pid"] == first
+
+
 def test_second_signal_is_a_cold_stop_and_the_parent_exits_1(svc, tmp_path):
     worker = start(svc, tmp_path, "--processes", "2", "--concurrency", "2")
     try:
