@@ -9,28 +9,16 @@ import signal
 import time
 
 import pytest
-import redis
 
 from amqprpc import RpcClient
-from amqprpc.config import redis_url
 from amqprpc.testing import delete_queues, unique_name, wait_for
 from rabbit_node import free_port
-from test_daemon import _scrape
+from test_daemon import _scrape, r  # noqa: F401 - r: the Redis fixture with test keys
 from workerproc import WorkerProcess
 
 pytestmark = pytest.mark.integration
 
 APP = "tasks_app:service"
-
-
-@pytest.fixture
-def r(redis_available):
-    client = redis.Redis.from_url(redis_url(), decode_responses=True)
-    keys: list[str] = []
-    client.test_key = lambda kind: keys.append(unique_name(f"amqprpc-test-{kind}")) or keys[-1]
-    yield client
-    if keys:
-        client.delete(*keys)
 
 
 @pytest.fixture

@@ -9,42 +9,18 @@ import signal
 import time
 
 import pytest
-import redis
 
-from amqprpc import RemoteError, RpcClient
-from amqprpc.config import redis_url
+from amqprpc import RemoteError
 from amqprpc.ops import dlq
-from amqprpc.testing import delete_queues, unique_name, wait_for
+from amqprpc.testing import wait_for
 from rabbit_node import free_port
 from test_daemon import _scrape
+from test_prefork import client, r, svc  # noqa: F401 - fixtures
 from workerproc import WorkerProcess
 
 pytestmark = pytest.mark.integration
 
 APP = "tasks_app:service"
-
-
-@pytest.fixture
-def r(redis_available):
-    client = redis.Redis.from_url(redis_url(), decode_responses=True)
-    keys: list[str] = []
-    client.test_key = lambda kind: keys.append(unique_name(f"amqprpc-test-{kind}")) or keys[-1]
-    yield client
-    if keys:
-        client.delete(*keys)
-
-
-@pytest.fixture
-def svc(broker_url):
-    name = unique_name("timelimit")
-    yield name
-    delete_queues(f"service.{name}.request", f"service.{name}.dead")
-
-
-@pytest.fixture
-def client(broker_url):
-    with RpcClient("timelimit-test", timeout=20) as rpc:
-        yield rpc
 
 
 def start(svc, tmp_path, *args, ready="worker ready") -> WorkerProcess:

@@ -121,11 +121,7 @@ def run_worker(worker: Daemon, shutdown_timeout: float = 30.0, *, pidfile: str |
             signal.signal(signum, on_stop_signal)
     signal.signal(signal.SIGHUP, on_hangup)
     _set_process_title(title)
-    if lock is not None:
-        try:
-            lock.acquire()
-        except PidFileError as exc:
-            raise StartupError(str(exc)) from None
+    acquire(lock)
     try:
         if metrics_port is not None:
             try:
@@ -172,6 +168,16 @@ def run_worker(worker: Daemon, shutdown_timeout: float = 30.0, *, pidfile: str |
     finally:
         if lock is not None:
             lock.release()
+
+
+def acquire(lock: PidFile | None) -> None:
+    """Take the pidfile (if any); another live process holding it is a StartupError."""
+    if lock is None:
+        return
+    try:
+        lock.acquire()
+    except PidFileError as exc:
+        raise StartupError(str(exc)) from None
 
 
 def _tell_systemd_we_wait(title: str, worker: Daemon, watchdog: float | None):

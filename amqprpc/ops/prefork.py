@@ -49,8 +49,7 @@ from typing import Any, Callable
 from amqprpc import logs
 from amqprpc.middleware import Delivery, Middleware
 from amqprpc.ops import sdnotify
-from amqprpc.errors import PidFileError, StartupError
-from amqprpc.ops.daemon import EXIT_COLD_STOP, EXIT_OK, _set_process_title
+from amqprpc.ops.daemon import EXIT_COLD_STOP, EXIT_OK, _set_process_title, acquire
 from amqprpc.ops.pidfile import PidFile
 
 log = logs.get_logger("amqprpc.prefork")
@@ -226,11 +225,7 @@ class Prefork:
         """Fork the children and look after them until a stop signal; the exit code.
         ``pidfile``: the parent's (refused while another live process holds it: StartupError)."""
         lock = PidFile(pidfile) if pidfile else None
-        if lock is not None:
-            try:
-                lock.acquire()
-            except PidFileError as exc:
-                raise StartupError(str(exc)) from None
+        acquire(lock)
         try:
             return self._run()
         finally:
