@@ -67,3 +67,12 @@ def leak(payload: dict) -> int:
     """Keeps ``mb`` more megabytes for good (touched, so resident): a leaking handler."""
     _leaked.append(bytearray(int(payload["mb"]) << 20))
     return os.getpid()
+
+
+@service.handler
+def hold_gil(payload: dict) -> None:
+    """C code that holds the GIL (libc's sleep through ctypes.PyDLL): no thread of this
+    process runs meanwhile, not even the time limit's watchdog."""
+    import ctypes
+
+    ctypes.PyDLL(None).sleep(int(payload.get("seconds", 60)))

@@ -120,6 +120,31 @@ def test_a_child_above_max_memory_is_recycled_warmly(svc, client, tmp_path):
     assert recycled[0]["child_pid"] == first
 
 
+def test_a_child_whose_interpreter_is_stuck_is_killed_and_replaced(svc, client, tmp_path):
+    """A handler in C code that holds the GIL stops every thread of its child, heartbeats
+    included: the parent kills the silent child (AMQPRPC_CHILD_STALL_TIMEOUT) and starts
+    another; the message comes back redelivered and (--max-redeliveries 0) is dead-lettered
+    unrun instead of stalling the next child."""
+    from amqprpc.ops import dlq
+
+    worker = WorkerProcess(svc, str(tmp_path / "w.log"), "--processes", "1", "--concurrency", "2",
+                           "--max-redeliveries", "0", app=APP, env={"AMQPRPC_CHILD_STALL_TIMEOUT": "2"})
+    try:
+        worker.wait_event("all children ready")
+        stuck = children(worker)[0]
+        client.cast(svc, "hold_gil", {"seconds": 60})
+        killed = worker.wait_event("child killed", timeout=15)
+        assert killed["child_pid"] == stuck and killed["reason"] == "stalled: no heartbeat"
+        wait_for(lambda: len(children(worker)) == 2, timeout=10)
+        assert client.call(svc, "leak", {"mb": 0}, timeout=20) == children(worker)[1]
+        wait_for(lambda: dlq.inspect(svc)[0] == 1, timeout=10)
+        assert dlq.inspect(svc)[1][0]["error_type"] == "TooManyRedeliveries"
+        worker.process.send_signal(signal.SIGTERM)
+        assert worker.wait(30) == 0, worker.text()
+    finally:
+        worker.kill()
+
+
 def test_second_signal_is_a_cold_stop_and_the_parent_exits_1(svc, tmp_path):
     worker = start(svc, tmp_path, "--processes", "2", "--concurrency", "2")
     try:

@@ -196,6 +196,11 @@ def test_through_the_dispatcher_a_time_limit_is_the_handlers_error_and_follows_i
     def quick(payload: dict) -> str:
         return "ok"
 
+    @service.event("tl.happened", time_limit=0.2)
+    def happened(payload: dict) -> None:
+        while True:
+            pass
+
     limit = TimeLimit(default=5, hard_grace=None)
     client = InMemoryClient(service, middleware=[limit])
     started = time.monotonic()
@@ -207,4 +212,8 @@ def test_through_the_dispatcher_a_time_limit_is_the_handlers_error_and_follows_i
     client.cast("tl-dispatch", "spin", {})
     assert [letter.error_type for letter in client.dead_letters] == ["TimeLimitExceeded"]
     assert limit.counts["timed_out"] == 3
+
+    client.publish_event("tl.happened", {})
+    assert [letter.error_type for letter in client.dead_letters] == ["TimeLimitExceeded"] * 2
+    assert limit.counts["timed_out"] == 4
     limit.watchdog.stop()

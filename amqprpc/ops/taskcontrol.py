@@ -8,10 +8,13 @@
   In a plain worker, more than ``--max-abandoned`` of them make it exit 1 for its supervisor
   to restart it (every written-off thread still holds whatever it is stuck in); in a
   ``--processes`` child the first one has the child recycled by its parent;
-- ``--processes N``: :class:`~amqprpc.ops.prefork.Prefork` runs N children.
+- ``--processes N``: :class:`~amqprpc.ops.prefork.Prefork` runs N children; one silent for
+  ``AMQPRPC_CHILD_STALL_TIMEOUT`` seconds (60: its whole interpreter stuck, e.g. C code that
+  holds the GIL) is killed and replaced.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 from amqprpc import logs
@@ -66,5 +69,6 @@ def run_processes(serve: Callable[[ChildLink], int], service: str, control: dict
     """``--processes N``: the parent, until its children stopped; its exit code."""
     parent = Prefork(serve, control["processes"], name=service,
                      max_tasks_per_child=control.get("max_tasks_per_child"),
-                     max_memory_mb=control.get("max_memory_per_child"), shutdown_timeout=shutdown_timeout)
+                     max_memory_mb=control.get("max_memory_per_child"), shutdown_timeout=shutdown_timeout,
+                     stall_timeout=float(os.environ.get("AMQPRPC_CHILD_STALL_TIMEOUT") or 60.0))
     return parent.run(pidfile=pidfile)
