@@ -222,3 +222,15 @@ def test_cpu_bound_calls_run_in_both_processes_at_the_same_time(svc, client, r, 
     overlapping = sum(1 for pid, start, end in spans for other, start2, end2 in spans
                       if pid < other and start < end2 and start2 < end)
     assert overlapping >= 10, spans
+
+
+def test_bench_prefork_runs_end_to_end(broker_url):
+    """Smoke test of the benchmark (its figures are never asserted here)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run = subprocess.run([sys.executable, "-m", "bench.prefork", "--rounds", "1", "--calls", "4", "--ms", "1"],
+                         cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "--processes 1:" in run.stdout and "--processes 2:" in run.stdout and "load average" in run.stdout
