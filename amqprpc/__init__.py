@@ -6,8 +6,9 @@ from amqprpc.context import CallContext, current_call
 from amqprpc.errors import (
     CallTimeout, CircuitOpen, ConnectionLost, ContractError, PidFileError, PublishRefused, RemoteError,
     RemoteValidationError, ReplyTooLarge, RpcError, ServiceNotFound, ServiceUnavailable, StartCancelled, StartupError, TimeLimitExceeded, TopologyMismatch,
-    ValidationError,
+    ValidationError, WorkflowFailed,
 )
+from amqprpc.workflow.canvas import chain, chord, group, task
 from amqprpc.retry import Retry
 from amqprpc.client.responses import AsyncResponseStore, ResponseStore
 from amqprpc.service import Service
@@ -20,7 +21,8 @@ __all__ = [
     "AsyncResponseStore", "Worker", "Topology", "current_call", "CallContext",
     "RpcError", "RemoteError", "CallTimeout", "ServiceUnavailable", "ConnectionLost", "CircuitOpen", "PublishRefused",
     "ReplyTooLarge", "ServiceNotFound", "TopologyMismatch", "StartupError", "StartCancelled", "PidFileError",
-    "ValidationError", "RemoteValidationError", "ContractError", "TimeLimitExceeded",
+    "ValidationError", "RemoteValidationError", "ContractError", "WorkflowFailed", "task", "chain", "group", "chord",
+    "TimeLimitExceeded",
 ]
 # The one place the version is written: amqprpc/version.py (setup.cfg reads it there).
 from amqprpc.version import __version__

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 import time
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,11 @@ class CallContext:
 
 
 current: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar("amqprpc_call", default=None)
+
+#: Envelope headers every message published in this context carries besides its own (a
+#: workflow's steps carry the workflow there); the clients merge them in last.
+outgoing_headers: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar(
+    "amqprpc_outgoing_headers", default=None)
 
 
 def current_call() -> CallContext | None:

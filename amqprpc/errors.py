@@ -40,6 +40,24 @@ class CallTimeout(RpcError):
     shares the deadline) answered that its own call ran out of it (error_type CallTimeout)."""
 
 
+class WorkflowFailed(RpcError):
+    """A workflow ended without its result: a step failed for good (after its retries), or
+    the workflow was revoked. ``step`` the failing step's id (``"0.1"``), ``service`` and
+    ``action`` it ran, ``error`` and ``error_type`` what it raised (``"Revoked"`` for a revoked
+    workflow); ``results`` the results that did arrive, by step id."""
+
+    def __init__(self, workflow: str, step: str, service: str, action: str, error: str, error_type: str,
+                 results: dict | None = None) -> None:
+        super().__init__(f"workflow {workflow} failed at step {step} ({service}.{action}): {error_type}: {error}")
+        self.workflow = workflow
+        self.step = step
+        self.service = service
+        self.action = action
+        self.error = error
+        self.error_type = error_type
+        self.results = results or {}
+
+
 class ServiceUnavailable(RpcError):
     """Nobody can take the request: no queue is bound for the service, or the
     broker cannot be reached, or the connection was lost with the call in flight."""

@@ -61,7 +61,9 @@ def test_consecutive_failures_open_it_and_a_success_resets_the_count():
 def test_state_changes_and_rejections_are_counted_in_prometheus_metrics():
     from prometheus_client import REGISTRY
 
-    import amqprpc.middleware.metrics  # noqa: F401 - once imported (--metrics-port), every breaker counts
+    from amqprpc.middleware import metrics
+
+    metrics.count_breakers()  # what --metrics-port (and ClientMetrics) switch on
 
     name = unique_name("metered")
     breaker = CircuitBreaker(failure_threshold=2, shared=False)
@@ -335,3 +337,16 @@ def test_a_services_breaker_guards_the_calls_its_handlers_make(broker_url, servi
                 client.call(service.name, "relay", {})
             error_types.append(info.value.error_type)
     assert error_types == ["ServiceUnavailable", "ServiceUnavailable", "CircuitOpen", "CircuitOpen"]
+
+
+def test_importing_the_metrics_module_wires_nothing_by_itself():
+    """Explicit wiring (#21): a breaker reports to Prometheus once metrics are switched on
+    (count_breakers, which --metrics-port and ClientMetrics call), never as an import side effect."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", "from amqprpc.client import breaker\n"
+                    "from amqprpc.middleware import metrics\n"
+                    "assert breaker.change_listeners == [] and breaker.rejection_listeners == [], breaker.change_listeners\n"
+                    "metrics.count_breakers(); metrics.count_breakers()\n"
+                    "assert breaker.change_listeners == [metrics.breaker_changed]\n"], check=True, timeout=60)

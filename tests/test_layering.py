@@ -23,12 +23,12 @@ LAYERS = [
      "transport.backoff", "transport.framereader", "transport.framewriter", "ops.sdnotify", "ops.pidfile"},
     # wire and definitions: envelope, topology, frames; a service's handlers; hooks
     {"wire.envelope", "wire.topology", "transport.framehandler", "transport.link", "transport.deadlines", "retry",
-     "service", "middleware"},
+     "service", "middleware", "workflow", "workflow.canvas", "workflow.state", "workflow.runner", "workflow.handle"},
     # the connection loop and what it carries out
     {"transport", "transport.ioloop", "transport.redelivery", "transport.inbox", "transport.consumer"},
     # client and worker, and the middleware they run
     {"client", "client.rpc", "client.aio", "client.breaker", "client.responses", "server", "server.worker",
-     "server.dispatcher",
+     "server.dispatcher", "middleware.workflow",
      "server.events", "middleware.ping", "middleware.shared_client", "middleware.otel", "middleware.observability",
      "middleware.timelimit"},
     # operations
@@ -36,7 +36,7 @@ LAYERS = [
      "middleware.clientmetrics", "ops.loading", "ops.demo", "testing", "asyncapi",
      "ops.prefork", "ops.taskcontrol"},
     # the command line, and the package's public face
-    {"cli", "__main__", "__init__"},
+    {"cli", "cli.workflow", "__main__", "__init__"},
 ]
 
 

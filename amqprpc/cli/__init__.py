@@ -15,6 +15,7 @@ import click
 from amqprpc import logs
 from amqprpc.config import DEFAULT_BROKER_URL, DEFAULT_COLLECTOR_QUEUE, DEFAULT_REDIS_URL, redact
 from amqprpc.errors import CallTimeout, ContractError, RemoteError, RpcError, ServiceUnavailable
+from amqprpc.cli import workflow as workflow_commands
 
 EXIT_OK, EXIT_REMOTE_ERROR, EXIT_USAGE, EXIT_TIMEOUT, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4
 
@@ -494,6 +495,9 @@ def demo(broker: str, log_format: str, log_level: str) -> None:
         fail(EXIT_UNAVAILABLE, f"{exc}\n  No broker answers. Start one with 'rabbitmq-server -detached' "
              f"(or set AMQPRPC_BROKER_URL), then run 'amqprpc demo' again.")
 
+
+
+main.add_command(workflow_commands.workflow)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

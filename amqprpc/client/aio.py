@@ -165,6 +165,16 @@ class AsyncRpcClient:
         """As ``RpcClient.submit``: returns the correlation id once the broker confirmed."""
         return await self._off_loop(self.client.submit, service, action, payload, timeout=timeout)
 
+    async def run(self, workflow: Any) -> Any:
+        """:meth:`RpcClient.run <amqprpc.client.rpc.RpcClient.run>` off the event loop; the
+        handle's ``result()`` and ``status()`` are awaitables."""
+        from amqprpc.workflow import AsyncWorkflowHandle
+
+        return AsyncWorkflowHandle(await self._off_loop(self.client.run, workflow))
+
+    async def revoke_workflow(self, workflow_id: str) -> bool:
+        return bool(await self._off_loop(self.client.revoke_workflow, workflow_id))
+
     async def _off_loop(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         # run_in_executor does not carry contextvars over (asyncio.to_thread does, but on
         # the shared default executor): copy them, so nested calls keep the trace id.

@@ -273,6 +273,22 @@ class RpcClient:
                         reply_to=collector.name)
         return message_id
 
+    def run(self, workflow: Any) -> Any:
+        """Start ``workflow`` (:func:`amqprpc.chain`, ``group``, ``chord``, ``task``): its
+        first steps cast (confirmed), its state in Redis (``AMQPRPC_REDIS_URL``); returns at
+        once a :class:`~amqprpc.workflow.WorkflowHandle` (``.id``, ``.status()``,
+        ``.result(timeout=S)``)."""
+        from amqprpc.workflow import start
+
+        return start(self, workflow)
+
+    def revoke_workflow(self, workflow_id: str) -> bool:
+        """Stop a workflow: its steps not yet started are acked unrun; its result raises
+        :class:`~amqprpc.errors.WorkflowFailed`. False when it had ended already."""
+        from amqprpc.workflow import WorkflowHandle, default_state
+
+        return WorkflowHandle(workflow_id, default_state()).revoke()
+
     def proxy(self, service: str, *, timeout: float | None = None) -> "ServiceProxy":
         """An object whose attributes are the service's actions: ``proxy.get_user(user_id=...)``."""
         return ServiceProxy(self, service, timeout)
@@ -312,6 +328,9 @@ class RpcClient:
             headers["trace_id"] = envelope.new_id()
         if with_deadline:
             headers["deadline"] = round(deadline, 6)
+        extra = context.outgoing_headers.get()
+        if extra:
+            headers.update(extra)
         return timeout, headers
 
     @property

@@ -6,8 +6,8 @@ worker's own metrics); an application with its own Prometheus endpoint adds it w
 ``amqprpc.middleware.add_default(ClientMetrics())`` or per client (``middleware=[...]``).
 Imported only then: prometheus_client is the [metrics] extra, never imported by ``import amqprpc``.
 
-The circuit breakers' state and rejections are counted by every breaker itself
-(``amqprpc_breaker_*`` in :mod:`amqprpc.middleware.metrics`, imported with this module). Labels are bounded by the caller's own
+The circuit breakers' state and rejections are counted too (``amqprpc_breaker_*`` in
+:mod:`amqprpc.middleware.metrics`), from the first ClientMetrics made. Labels are bounded by the caller's own
 code (the services, actions and events it names), never by what arrives from the wire.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from prometheus_client import Gauge, Histogram
 
-from amqprpc.middleware import metrics  # noqa: F401 - with it, every circuit breaker reports to amqprpc_breaker_*
+from amqprpc.middleware import metrics
 from amqprpc.middleware import Middleware
 
 DURATION = Histogram(
@@ -38,6 +38,7 @@ class ClientMetrics(Middleware):
     def __init__(self) -> None:
         self._durations: dict[tuple[str, str, str, str], Any] = {}
         self._in_flight: dict[str, Any] = {}
+        metrics.count_breakers()
 
     def _gauge(self, service: str) -> Any:
         gauge = self._in_flight.get(service)

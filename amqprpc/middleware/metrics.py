@@ -35,6 +35,14 @@ REDELIVERIES = Counter("amqprpc_redeliveries", "Requests the broker delivered ag
 DEAD_LETTERS = Counter("amqprpc_dead_letters", "Messages given up on and dead-lettered, by reason (the error "
                        "type: an exception class name, BadMessage, ...).", ["service", "reason"])
 
+WORKFLOWS = Counter("amqprpc_workflows", "Workflows started by the clients of this process (started), and ended by "
+                    "its workers (succeeded, failed).", ["outcome"])
+
+
+def workflow(outcome: str) -> None:
+    """Count a workflow started here, or ended by a step that ran here."""
+    WORKFLOWS.labels(outcome).inc()
+
 
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 BREAKER_STATE = Gauge("amqprpc_breaker_state", "Circuit breaker state per target: 0 closed, 1 half-open, 2 open.",
@@ -111,9 +119,14 @@ def breaker_rejected(name: str) -> None:
     BREAKER_REJECTIONS.labels(name).inc()
 
 
-# Every circuit breaker of this process counts here from now on.
-breaker.change_listeners.append(breaker_changed)
-breaker.rejection_listeners.append(breaker_rejected)
+def count_breakers() -> None:
+    """Every circuit breaker of this process counts in ``amqprpc_breaker_*`` from now on
+    (once, however often it is called). Explicit, not an import side effect:
+    :func:`instrument` and the client metrics call it."""
+    if breaker_changed not in breaker.change_listeners:
+        breaker.change_listeners.append(breaker_changed)
+    if breaker_rejected not in breaker.rejection_listeners:
+        breaker.rejection_listeners.append(breaker_rejected)
 
 
 def dead_letter(service: str, reason: str, count: int = 1) -> None:
@@ -169,7 +182,9 @@ class Metrics(Middleware):
 
 def instrument(worker: Any) -> Metrics:
     """Count every request and event ``worker`` (a :class:`amqprpc.server.worker.Worker`) handles
-    and every message it dead-letters: adds a :class:`Metrics` middleware (before it starts)."""
+    and every message it dead-letters: adds a :class:`Metrics` middleware (before it starts),
+    and counts the process's circuit breakers."""
+    count_breakers()
     metrics = Metrics()
     worker.hooks.add(metrics)
     _STATS.workers.add(worker)

@@ -42,6 +42,7 @@ from amqprpc.middleware.ping import Ping
 from amqprpc.transport.redelivery import Redelivery
 from amqprpc.service import Handler, Service
 from amqprpc.middleware.shared_client import SharedClient
+from amqprpc.middleware.workflow import Workflows
 from amqprpc.wire.topology import DEFAULT_TOPOLOGY, Topology, TopologyMismatch, declare_queue
 
 log = logs.get_logger("amqprpc.worker")
@@ -134,7 +135,7 @@ class Worker:
         given = [*(middleware or ()), *([registry.presence(registry_interval)] if registry is not None else ())]
         # OpenTelemetry (when the application configured an SDK) first: the trace is current
         # for every other middleware's hooks too.
-        self.hooks = Hooks(given, builtin=(*automatic(given), Ping(), SharedClient()))
+        self.hooks = Hooks(given, builtin=(*automatic(given), Ping(), SharedClient(), Workflows()))
         self.dispatcher = self._dispatcher()
 
     def _dispatcher(self) -> Dispatcher:
@@ -165,6 +166,12 @@ class Worker:
         dead_lettered included; refused; expired; recounted)."""
         with self._counts_lock:
             return {"received": self._consumer.received, **self._counts}
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to the counter ``name`` of :attr:`stats` (for middleware: workflows
+        ended, ...)."""
+        with self._counts_lock:
+            self._counts[name] = self._counts.get(name, 0) + n
 
     def start(self, *, broker_wait: float = 0.0,
               on_connect_retry: Callable[[int, float, BaseException], None] | None = None) -> None:

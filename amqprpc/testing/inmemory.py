@@ -33,9 +33,10 @@ from typing import Any, Callable, Deque, Dict, List, Mapping, NamedTuple, Sequen
 import amqp
 
 from amqprpc import logs
-from amqprpc.context import current
+from amqprpc.context import current, outgoing_headers
 from amqprpc.errors import CallTimeout, ServiceUnavailable
 from amqprpc.middleware import Hooks, Middleware
+from amqprpc.middleware.workflow import Workflows
 from amqprpc.retry import ERROR, ERROR_TYPE, Retry, call_with_retry
 from amqprpc.server.dispatcher import Decision, Dispatcher
 from amqprpc.testing.dispatch import carry_out, local_dispatcher, request_message
@@ -75,7 +76,7 @@ class InMemoryClient(Recorder):
         super().__init__(source, timeout)
         # The worker's per-delivery hooks and scopes, as a worker runs them (not the
         # process-wide defaults: --metrics-port and OpenTelemetry are the worker's).
-        self.hooks = Hooks(middleware, defaults=False)
+        self.hooks = Hooks(middleware, defaults=False, builtin=(Workflows(),))
         self._dispatchers: Dict[str, Tuple[Dispatcher, Dict[str, str]]] = {}
         self.services: Dict[str, Service] = {}
         self.dead_letters: List[DeadLetter] = []
@@ -148,6 +149,14 @@ class InMemoryClient(Recorder):
             self._later(run)
         return message_id
 
+    def run(self, workflow: Any) -> Any:
+        """Start a workflow as :meth:`RpcClient.run <amqprpc.client.rpc.RpcClient.run>` does
+        (its state in the real Redis); its steps have run when this returns."""
+        from amqprpc.workflow import start
+
+        with self._outermost():
+            return start(self, workflow)
+
     # --- routing -----------------------------------------------------------------------
     def _target(self, service: str, action: str) -> Service:
         target = self.services.get(service)
@@ -172,6 +181,7 @@ class InMemoryClient(Recorder):
             headers["trace_id"] = envelope.new_id()
         if with_deadline:
             headers["deadline"] = round(deadline, 6)
+        headers.update(outgoing_headers.get() or {})
         return timeout, headers
 
     def _later(self, delivery: Callable[[], Any]) -> None:
