@@ -217,3 +217,22 @@ def test_through_the_dispatcher_a_time_limit_is_the_handlers_error_and_follows_i
     assert [letter.error_type for letter in client.dead_letters] == ["TimeLimitExceeded"] * 2
     assert limit.counts["timed_out"] == 4
     limit.watchdog.stop()
+
+
+def test_a_handlers_own_time_limit_holds_without_configuring_anything():
+    """Worker and InMemoryClient add TimeLimit themselves when a handler has a time_limit."""
+    from amqprpc import RemoteError, Worker
+    from amqprpc.testing import InMemoryClient
+
+    service = Service("tl-auto")
+
+    @service.handler(time_limit=0.2)
+    def spin(payload: dict) -> None:
+        while True:
+            pass
+
+    assert any(isinstance(each, TimeLimit) for each in Worker(service, broker_url="amqp://127.0.0.1:1//").hooks.middleware)
+    assert not any(isinstance(each, TimeLimit) for each in Worker(Service("tl-none"), broker_url="amqp://127.0.0.1:1//").hooks.middleware)
+    with pytest.raises(RemoteError) as caught:
+        InMemoryClient(service).call("tl-auto", "spin", {})
+    assert caught.value.error_type == "TimeLimitExceeded"

@@ -76,6 +76,7 @@ class _StatsCollector:
     def __init__(self) -> None:
         self.workers: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self.parent: Callable[[], dict[str, int]] | None = None
+        self.registered = False
 
     def collect(self) -> Iterator[Metric]:
         families = {key: CounterMetricFamily(name, text, labels=["service"])
@@ -97,8 +98,7 @@ class _StatsCollector:
             yield family
 
 
-_STATS = _StatsCollector()
-REGISTRY.register(_STATS)
+_STATS = _StatsCollector()  # registered by the first instrument() (not on import)
 
 
 def count_parent(read: Callable[[], dict[str, int]]) -> None:
@@ -187,5 +187,8 @@ def instrument(worker: Any) -> Metrics:
     count_breakers()
     metrics = Metrics()
     worker.hooks.add(metrics)
+    if not _STATS.registered:
+        REGISTRY.register(_STATS)
+        _STATS.registered = True
     _STATS.workers.add(worker)
     return metrics

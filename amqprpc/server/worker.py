@@ -39,6 +39,7 @@ from amqprpc.middleware import Hooks, Middleware
 from amqprpc.middleware.observability import automatic
 from amqprpc.outcome import Outcome, OutcomeKind
 from amqprpc.middleware.ping import Ping
+from amqprpc.middleware.timelimit import TimeLimit
 from amqprpc.transport.redelivery import Redelivery
 from amqprpc.service import Handler, Service
 from amqprpc.middleware.shared_client import SharedClient
@@ -133,6 +134,8 @@ class Worker:
         # middleware as the worker starts (ping).
         self.builtins: dict[str, Handler] = {}
         given = [*(middleware or ()), *([registry.presence(registry_interval)] if registry is not None else ())]
+        if service.uses_time_limits and not any(isinstance(each, TimeLimit) for each in given):
+            given.append(TimeLimit())  # the handlers' time_limit= (amqprpc worker passes its own)
         # OpenTelemetry (when the application configured an SDK) first: the trace is current
         # for every other middleware's hooks too.
         self.hooks = Hooks(given, builtin=(*automatic(given), Ping(), SharedClient(), Workflows()))
