@@ -191,6 +191,9 @@ def test_registry_and_metrics_of_children_show_the_parent_and_its_restarts(svc, 
         wait_for(restarts_shown, timeout=10)
         entry = registry.instances(svc)[0]
         assert entry["process"]["parent_pid"] == worker.pid and entry["process"]["processes"] == 2
+        from amqprpc.ops.registry import format_table
+
+        assert f"of {worker.pid}, 1 restarts" in format_table({svc: registry.instances(svc)})  # amqprpc services
         # Child K serves /metrics on --metrics-port + K; each shows its parent's restarts.
         for slot in (0, 1):
             assert _scrape(port + slot)[("amqprpc_child_restarts_total", ())] == 1
