@@ -170,6 +170,15 @@ def test_a_child_that_cannot_start_for_good_stops_the_parent_with_its_exit_code(
     assert worker.events("child cannot start; giving up")
 
 
+def test_an_unreachable_broker_exits_4_as_one_worker_does(svc, tmp_path):
+    worker = WorkerProcess(svc, str(tmp_path / "w.log"), "--processes", "2", "--broker-wait", "0", app=APP,
+                           broker_url="amqp://guest:guest@127.0.0.1:1//")
+    try:
+        assert worker.wait(30) == 4, worker.text()
+    finally:
+        worker.kill()
+
+
 def test_registry_and_metrics_of_children_show_the_parent_and_its_restarts(svc, tmp_path, r):
     prefix, port = unique_name("amqprpc-test-registry"), free_port()
     worker = WorkerProcess(svc, str(tmp_path / "w.log"), "--processes", "2", "--concurrency", "2", app=APP,
