@@ -34,7 +34,7 @@ LAYERS = [
     # operations
     {"ops", "ops.daemon", "ops.collector", "ops.dlq", "ops.registry", "middleware.metrics",
      "middleware.clientmetrics", "ops.loading", "ops.demo", "testing", "asyncapi",
-     "ops.prefork", "ops.taskcontrol"},
+     "ops.prefork", "ops.child", "ops.taskcontrol"},
     # the command line, and the package's public face
     {"cli", "cli.workflow", "__main__", "__init__"},
 ]

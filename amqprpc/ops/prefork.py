@@ -30,25 +30,23 @@ looks after them:
 Process titles: ``amqprpc worker SERVICE parent (N processes)`` and ``amqprpc worker
 SERVICE child K/N``. With ``--metrics-port P`` child K serves ``/metrics`` on port ``P+K``.
 Children are forked after the service was loaded and checked (before any thread or
-connection exists in the parent: the parent stays single-threaded).
+connection exists in the parent: the parent stays single-threaded). A child's side of the
+pipe (readiness, heartbeats, recycling itself) is :mod:`amqprpc.ops.child`.
 """
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import select
 import signal
-import struct
 import sys
-import threading
 import time
 import traceback
 from typing import Any, Callable
 
 from amqprpc import logs
-from amqprpc.middleware import Delivery, Middleware
-from amqprpc.ops import sdnotify
+from amqprpc.ops import child as child_side, sdnotify
+from amqprpc.ops.child import ChildLink, SharedCounters
 from amqprpc.ops.daemon import EXIT_COLD_STOP, EXIT_OK, _set_process_title, acquire
 from amqprpc.ops.pidfile import PidFile
 
@@ -60,105 +58,7 @@ _FOR_GOOD = (EXIT_USAGE, EXIT_UNAVAILABLE)  # a child exiting so before any serv
 BACKOFF_CAP = 30.0
 #: A child that lived this long before dying is restarted at once (its death ends a streak).
 HEALTHY_AFTER = 30.0
-BEAT_INTERVAL = 1.0
-_COUNTERS = ("child_restarts", "recycled", "killed")
-
-
-class SharedCounters:
-    """The parent's counters, in memory its children share (they show them in the registry
-    and in Prometheus): written by the parent only."""
-
-    def __init__(self) -> None:
-        self._memory = mmap.mmap(-1, 8 * len(_COUNTERS))
-
-    def add(self, name: str, n: int = 1) -> None:
-        offset = 8 * _COUNTERS.index(name)
-        struct.pack_into("q", self._memory, offset, struct.unpack_from("q", self._memory, offset)[0] + n)
-
-    def read(self) -> dict[str, int]:
-        return {name: struct.unpack_from("q", self._memory, 8 * index)[0] for index, name in enumerate(_COUNTERS)}
-
-
-class ChildLink(Middleware):
-    """A child's side of the pipe to its parent, as the middleware of the child's worker:
-    reports ``ready`` once it consumes, heartbeats (with its stats) every second, and after
-    ``max_tasks`` deliveries reports ``recycle`` and stops itself warmly (SIGTERM to itself)."""
-
-    def __init__(self, fd: int, slot: int, processes: int, parent_pid: int, counters: SharedCounters,
-                 max_tasks: int | None) -> None:
-        self.fd = fd
-        self.slot = slot
-        self.processes = processes
-        self.parent_pid = parent_pid
-        self.counters = counters
-        self.max_tasks = max_tasks
-        self.tasks = 0
-        self._lock = threading.Lock()
-        self._stopped = threading.Event()
-        self._recycling = False
-        self._worker: Any = None
-
-    def report(self, kind: str, **fields: Any) -> None:
-        """One line to the parent; never raises (a parent gone is noticed by the heartbeat)."""
-        line = json.dumps({"kind": kind, **fields}, separators=(",", ":"), default=str).encode() + b"\n"
-        with self._lock:
-            try:
-                os.write(self.fd, line)
-            except OSError:
-                pass
-
-    def describe(self) -> dict[str, Any]:
-        """What the registry shows of this child (``process`` in its entry)."""
-        return {"mode": "child", "slot": self.slot, "processes": self.processes, "parent_pid": self.parent_pid,
-                **self.counters.read()}
-
-    def worker_starting(self, worker: Any) -> None:
-        # With --metrics-port the metrics module is loaded by now: it exports the parent's
-        # counts too. (Looked up, not imported: Prometheus stays optional.)
-        metrics = sys.modules.get("amqprpc.middleware.metrics")
-        if metrics is not None:
-            metrics.count_parent(self.counters.read)
-
-    def worker_started(self, worker: Any) -> None:
-        self._worker = worker
-        self.report("ready")
-        threading.Thread(target=self._beat, name="amqprpc-child-beat", daemon=True).start()
-
-    def worker_stopping(self, worker: Any) -> None:
-        self._stopped.set()
-
-    def before_handle(self, delivery: Delivery) -> None:
-        if self.max_tasks is None:
-            return
-        with self._lock:
-            self.tasks += 1
-            due = self.tasks >= self.max_tasks and not self._recycling
-            if due:
-                self._recycling = True
-        if due:
-            self.recycle("max-tasks-per-child", tasks=self.tasks)
-
-    def recycle(self, reason: str, **fields: Any) -> None:
-        """Tell the parent to start a replacement, then stop this child warmly."""
-        self.report("recycle", reason=reason, **fields)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    def _beat(self) -> None:
-        while not self._stopped.wait(BEAT_INTERVAL):
-            stats = getattr(self._worker, "stats", None)
-            self.report("beat", stats=dict(stats) if stats is not None else {})
-            if os.getppid() != self.parent_pid:  # the parent is gone (kill -9): do not serve orphaned
-                log.error("parent process gone: stopping", parent_pid=self.parent_pid)
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-
-
-_current: ChildLink | None = None
-
-
-def current_child() -> ChildLink | None:
-    """This process's link to its prefork parent, or None when it is no child of one."""
-    return _current
+_FORK_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, signal.SIGHUP}
 
 
 class _Child:
@@ -238,7 +138,8 @@ class Prefork:
         os.set_blocking(self._wakeup_r, False)
         signal.set_wakeup_fd(self._wakeup_w)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-            signal.signal(signum, self._on_stop_signal)
+            if signal.getsignal(signum) is not signal.SIG_IGN:  # (ignored at start: stays so, as for one worker)
+                signal.signal(signum, self._on_stop_signal)
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # wakes select through the wakeup fd
         signal.signal(signal.SIGHUP, lambda signum, frame: log.info("SIGHUP ignored"))
         _set_process_title(self.title)
@@ -320,17 +221,24 @@ class Prefork:
         read_fd, write_fd = os.pipe()
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # the child
-            os.close(read_fd)
-            self._become_child(slot, write_fd)  # never returns
-        os.close(write_fd)
-        os.set_blocking(read_fd, False)
-        self._children[pid] = _Child(slot, pid, read_fd)
+        # Signals wait across the fork: the parent's handlers never run in the child (which
+        # would signal its siblings), and a stop never misses a child not yet in the table.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_SIGNALS)
+        pid = -1
+        try:
+            pid = os.fork()
+            if pid == 0:  # the child
+                os.close(read_fd)
+                self._become_child(slot, write_fd)  # never returns
+            os.close(write_fd)
+            os.set_blocking(read_fd, False)
+            self._children[pid] = _Child(slot, pid, read_fd)
+        finally:
+            if pid != 0:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_SIGNALS)
         log.info("child started", slot=slot, child_pid=pid)
 
     def _become_child(self, slot: int, fd: int) -> None:
-        global _current
         code = EXIT_COLD_STOP
         try:
             signal.set_wakeup_fd(-1)
@@ -339,14 +247,18 @@ class Prefork:
             os.close(self._wakeup_r)
             os.close(self._wakeup_w)
             self._children = {}
-            for signum in (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGQUIT):
+            for signum in (signal.SIGCHLD, signal.SIGHUP, signal.SIGQUIT):
                 signal.signal(signum, signal.SIG_DFL)
+            # Until its worker takes over the signals: a warm stop of a child not serving yet is clean.
+            signal.signal(signal.SIGTERM, _stopped_before_serving)
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent too, which passes it on
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_SIGNALS)
             for variable in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
                 os.environ.pop(variable, None)  # the parent speaks to systemd, not its children
             logs.bind_process(process=f"child {slot + 1}/{self.processes}")
-            _current = ChildLink(fd, slot, self.processes, os.getppid(), self.counters, self.max_tasks_per_child)
-            code = self.serve(_current)
+            link = child_side.become(ChildLink(fd, slot, self.processes, os.getppid(), self.counters,
+                                               self.max_tasks_per_child))
+            code = self.serve(link)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (EXIT_OK if exc.code is None else EXIT_COLD_STOP)
         except BaseException:  # noqa: BLE001 - whatever happens, the child must not return into the parent's code
@@ -357,9 +269,6 @@ class Prefork:
                 sys.stderr.flush()
             finally:
                 os._exit(code)
-
-    def child_title(self, link: ChildLink) -> str:
-        return f"amqprpc worker {self.name} child {link.slot + 1}/{self.processes}"
 
     def _wait_and_read(self, timeout: float) -> None:
         fds = [self._wakeup_r, *(child.fd for child in self._children.values())]
@@ -474,6 +383,10 @@ class Prefork:
         self.counters.add("killed")
         log.error("child killed", slot=child.slot, child_pid=child.pid, reason=reason, **fields)
         self._signal(child, signal.SIGKILL)
+
+
+def _stopped_before_serving(signum: int, frame: Any) -> None:
+    raise SystemExit(EXIT_OK)
 
 
 def _rss_mb(pid: int) -> float | None:

@@ -208,7 +208,7 @@ def describe_worker(worker: Any) -> dict[str, Any]:
     """A worker's registry entry (without ``heartbeat_at``, which :meth:`Registry.announce` adds).
     A ``--processes`` child's also has ``process``: its slot, its parent's pid and the parent's
     counts (child_restarts, recycled, killed)."""
-    from amqprpc.ops.prefork import current_child
+    from amqprpc.ops.child import current_child
 
     child = current_child()
     entry = {

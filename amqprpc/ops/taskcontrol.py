@@ -21,7 +21,8 @@ from amqprpc import logs
 from amqprpc.middleware import Middleware
 from amqprpc.middleware.timelimit import TimeLimit
 from amqprpc.ops import daemon
-from amqprpc.ops.prefork import ChildLink, Prefork
+from amqprpc.ops.child import ChildLink
+from amqprpc.ops.prefork import Prefork
 from amqprpc.service import Service
 
 log = logs.get_logger("amqprpc.taskcontrol")
