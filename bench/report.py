@@ -1,11 +1,19 @@
 """The printed table: one row per figure, amqprpc beside raw, and their ratio.
 
-``python -m bench.report --markdown RESULT.json`` prints the README's table from a run.
+``python -m bench.report --markdown RESULT.json`` prints the benchmark page's table from a run;
+``python -m bench.report --plot RESULT.json`` draws its figures as SVG charts into docs/benchmark/
+(``--out-dir`` elsewhere; see bench/plot.py). The docs chart the reference run,
+bench/reference/20261122T0938Z.json, so building them never runs a benchmark.
 """
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+
+from . import plot
+
+DOCS_CHARTS = Path(__file__).resolve().parent.parent / "docs" / "benchmark"
 
 ROWS = [
     ("sequential", "per_s", "sequential calls/s"),
@@ -57,7 +65,7 @@ def table(doc: dict) -> str:
     if rss:
         lines.append(f"RSS over {rss['calls']} calls: " + ", ".join(
             f"{name} {rss[name]['before_mb']:.1f} -> {rss[name]['after_mb']:.1f} MB ({rss[name]['growth_mb']:+.2f})"
-            for name in ("worker", "client", "raw_server")))
+            for name in ("worker", "client", "raw_server") if name in rss))
     machine = doc["machine"]
     lines.append(f"machine: {machine['nproc']} x {machine['cpu']}, Python {machine['python']}, "
                  f"{machine.get('json', 'json (stdlib)')}, "
@@ -98,8 +106,14 @@ def markdown(doc: dict) -> str:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("result", help="a run's JSON (bench/results/...)")
-    parser.add_argument("--markdown", action="store_true", help="the README's table instead of the console's")
+    parser.add_argument("--markdown", action="store_true", help="the docs' table instead of the console's")
+    parser.add_argument("--plot", action="store_true", help="write the figures as SVG charts (see --out-dir)")
+    parser.add_argument("--out-dir", default=str(DOCS_CHARTS), help="where --plot writes (default: docs/benchmark)")
     args = parser.parse_args()
     with open(args.result) as source:
         doc = json.load(source)
-    print(markdown(doc) if args.markdown else table(doc))
+    if args.plot:
+        for path in plot.write(doc, Path(args.out_dir)):
+            print(f"written: {path}")
+    else:
+        print(markdown(doc) if args.markdown else table(doc))

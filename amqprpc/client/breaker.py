@@ -234,9 +234,9 @@ class CircuitBreaker:
         self.record(ticket, None)
         return result
 
-    def call_async(self, service: str, action: str, payload: Any, send: Callable[[], Future],
-                   defer: Callable[[Callable[[Future], Any]], Callable[[Future], Any]], *,
-                   on_reject: Callable[[str, str, CircuitOpen], Any] | None = None) -> Future:
+    def call_async(self, service: str, action: str, payload: Any, send: Callable[[], Future[Any]],
+                   defer: Callable[[Callable[[Future[Any]], Any]], Callable[[Future[Any]], Any]], *,
+                   on_reject: Callable[[str, str, CircuitOpen], Any] | None = None) -> Future[Any]:
         """Run ``send()`` (returns a Future) under the breaker. A refusal is a Future failed
         with :class:`CircuitOpen` (or resolved by the fallback), ``on_reject`` told first as
         for :meth:`call`. The outcome is recorded by
@@ -247,7 +247,7 @@ class CircuitBreaker:
         except CircuitOpen as exc:
             if on_reject is not None:
                 on_reject(service, action, exc)
-            future: Future = Future()
+            future: Future[Any] = Future()
             try:
                 if self.fallback is None:
                     raise
@@ -344,9 +344,9 @@ class _LocalStore:
     def __init__(self, breaker: CircuitBreaker):
         self.b = breaker
         self.lock = threading.Lock()
-        self.rows: dict[str, list] = {}  # name -> [state, failures, opened_at, trials, trial_at]
+        self.rows: dict[str, list[Any]] = {}  # name -> [state, failures, opened_at, trials, trial_at]
 
-    def _row(self, name: str) -> list:
+    def _row(self, name: str) -> list[Any]:
         return self.rows.setdefault(name, [CLOSED, 0, 0.0, 0, 0.0])
 
     def read(self, name: str) -> tuple[str, int, float]:
@@ -474,10 +474,10 @@ class _RedisStore:
         # Keys outlive any plausible outage of a caller but do not pile up forever.
         self.ttl_ms = int(max(breaker.reset_timeout * 10, 3600) * 1000)
 
-    def _args(self) -> list:
+    def _args(self) -> list[Any]:
         return [int(self.b.reset_timeout * 1000), self.ttl_ms]
 
-    def _run(self, script, name: str, args: list, local: Callable[[], Any]) -> Any:
+    def _run(self, script: Any, name: str, args: list[Any], local: Callable[[], Any]) -> Any:
         if self.down_until and time.monotonic() < self.down_until:
             return local()
         try:
@@ -507,7 +507,8 @@ class _RedisStore:
         return bool(allowed), text(state), int(failures), int(left) / 1000.0
 
     def record(self, name: str, outcome: str) -> tuple[str, int, float]:
-        local = (lambda: self.b._local.read(name)) if outcome == "read" else (lambda: self.b._local.record(name, outcome))
+        local = ((lambda: self.b._local.read(name)) if outcome == "read"
+                 else (lambda: self.b._local.record(name, outcome)))
         result = self._run(self._record, name, [outcome, self.b.failure_threshold], local)
         if isinstance(result, tuple):
             return result

@@ -24,7 +24,8 @@ from amqprpc.outcome import Outcome, OutcomeKind
 UNKNOWN_ACTION = "<unknown>"
 
 REQUESTS = Counter("amqprpc_requests", "Requests and events handled, by action (for an event: its handler's "
-                   "name) and outcome (replied, failed, retried, dead_lettered, refused, expired, recounted, done).",
+                   "name) and outcome (replied, failed, retried, dead_lettered, refused, expired, recounted, done, "
+                   "revoked, deduplicated).",
                    ["service", "action", "outcome"])
 DURATION = Histogram("amqprpc_handler_duration_seconds", "Time from taking a request to its reply, in seconds.",
                      ["service", "action"],
@@ -53,7 +54,7 @@ BREAKER_REJECTIONS = Counter("amqprpc_breaker_rejections", "Calls refused with C
                              ["breaker"])
 
 
-# Counts a worker keeps in its stats (features count there: Worker.stats_add), exported as
+# Counts a worker keeps in its stats (features count there: Worker.count), exported as
 # they are at each scrape: stats key -> (metric name, help).
 STATS_COUNTERS = {
     "timed_out": ("amqprpc_timed_out", "Handler runs stopped at their time limit (TimeLimitExceeded raised in them)."),

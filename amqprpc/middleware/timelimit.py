@@ -41,7 +41,8 @@ _set_async_exc.restype = ctypes.c_int
 
 def raise_in_thread(ident: int, exc_type: type[BaseException] = TimeLimitExceeded) -> bool:
     """Make thread ``ident`` raise ``exc_type`` at its next bytecode; False if no such thread."""
-    return _set_async_exc(ident, exc_type) == 1
+    modified: int = _set_async_exc(ident, exc_type)
+    return modified == 1
 
 
 def cancel_raise(ident: int) -> None:
@@ -270,9 +271,9 @@ class TimeLimit(Middleware):
             self.counts[name] += 1
             count = self.counts[name]
         worker = getattr(watch.delivery, "worker", None)
-        stats_add = getattr(worker, "stats_add", None)
-        if stats_add is not None:
-            stats_add(name)
+        count_in_stats = getattr(worker, "count", None)  # Worker.count (not the in-memory client's owner)
+        if count_in_stats is not None:
+            count_in_stats(name)
         return count
 
 

@@ -113,8 +113,9 @@ class Dispatcher:
         consumer = self.event_consumers.get(message.delivery_info.get("consumer_tag")) if self.event_consumers else None
         queue_name = self.queue_name if consumer is None else consumer.queue.name
         properties = message.properties
-        delivery = Delivery(self.service.name, "event" if consumer else "call" if properties.get("reply_to") else "cast",
-                            queue_name, properties, message.delivery_info, len(message.body or b""), started)
+        kind = "event" if consumer else "call" if properties.get("reply_to") else "cast"
+        delivery = Delivery(self.service.name, kind, queue_name, properties, message.delivery_info,
+                            len(message.body or b""), started)
         delivery.message = message
         delivery.worker = self.owner
         delivery.decide = self
@@ -257,7 +258,8 @@ class Dispatcher:
             if len(body) <= self.max_reply_bytes:
                 log.debug("request handled", duration=round(time.perf_counter() - delivery.started, 6))
                 kind = OutcomeKind.REPLIED if delivery.reply_to else OutcomeKind.DONE
-                return Decision(delivery.reply_to, delivery.correlation_id, body, outcome=_outcome(delivery, kind, None))
+                return Decision(delivery.reply_to, delivery.correlation_id, body,
+                                outcome=_outcome(delivery, kind, None))
             failure = ReplyTooLarge(f"Result is {len(body)} bytes of JSON; replies are limited "
                                     f"to {self.max_reply_bytes}")
         return self._failed_reply(delivery, failure)
