@@ -41,7 +41,7 @@ LAYERS = [
     {"dashboard", "dashboard.auth", "dashboard.queues", "dashboard.collect", "dashboard.deadletters",
      "dashboard.app", "dashboard.server"},
     # the command line, and the package's public face
-    {"cli", "cli.workflow", "cli.dashboard", "cli.revoke", "cli.beat", "__main__", "__init__"},
+    {"cli", "cli.workflow", "cli.dashboard", "cli.revoke", "cli.taskcontrol", "cli.beat", "__main__", "__init__"},
 ]
 
 
