@@ -138,6 +138,20 @@ class ReplyTooLarge(Exception):
     gets a RemoteError with ``error_type == "ReplyTooLarge"``."""
 
 
+class TimeLimitExceeded(Exception):
+    """Raised inside a running handler when its time limit (``@service.handler(...,
+    time_limit=SECONDS)`` or ``amqprpc worker --time-limit``) is reached, by
+    :class:`amqprpc.middleware.timelimit.TimeLimit`: pure-Python code stops at its next
+    bytecode. An ``Exception`` (as Celery's ``SoftTimeLimitExceeded``), so a handler may catch
+    it to clean up; one that swallows it and goes on, or sits in C code or a blocking call, is
+    abandoned after the hard time limit's grace. It then follows the handler's retry policy
+    like any other error; a caller sees ``error_type == "TimeLimitExceeded"``."""
+
+    def __init__(self, message: str = "time limit exceeded", limit: float | None = None):
+        super().__init__(message)
+        self.limit = limit
+
+
 class ServiceNotFound(LookupError):
     """The service or the ``--app`` reference cannot be loaded (a usage error: exit 2)."""
 

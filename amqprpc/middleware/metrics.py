@@ -11,9 +11,11 @@ Label cardinality is bounded: ``action`` is one of the service's own handlers or
 """
 from __future__ import annotations
 
-from typing import Any
+import weakref
+from typing import Any, Callable, Iterator
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from amqprpc.client import breaker
 from amqprpc.transport import channels
@@ -58,6 +60,60 @@ BREAKER_REJECTIONS = Counter("amqprpc_breaker_rejections", "Calls refused with C
                              ["breaker"])
 CHANNELS_CLOSED = Counter("amqprpc_broker_channel_closes", "Channels the broker closed (406: a delivery held past "
                           "consumer_timeout; 403: a permission missing), by reply code.", ["reply_code"])
+
+
+# Counts a worker keeps in its stats (features count there: Worker.count), exported as
+# they are at each scrape: stats key -> (metric name, help).
+STATS_COUNTERS = {
+    "timed_out": ("amqprpc_timed_out", "Handler runs stopped at their time limit (TimeLimitExceeded raised in them)."),
+    "abandoned": ("amqprpc_abandoned", "Handler runs that ignored their time limit past the hard limit: their "
+                                       "message dead-lettered, their thread (or child process) replaced."),
+}
+# A --processes child's parent's counts (amqprpc.ops.prefork), the same in every child.
+PARENT_COUNTERS = {
+    "child_restarts": ("amqprpc_child_restarts", "Child worker processes that died and were started again."),
+    "recycled": ("amqprpc_children_recycled", "Child worker processes replaced warmly (max tasks, max memory, "
+                                              "an abandoned handler)."),
+    "killed": ("amqprpc_children_killed", "Child worker processes the parent had to SIGKILL."),
+}
+
+
+class _StatsCollector:
+    """Reads the counters of STATS_COUNTERS from every instrumented worker's stats, and its
+    parent's counts in a --processes child, when Prometheus scrapes (nothing on the hot path)."""
+
+    def __init__(self) -> None:
+        self.workers: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        self.parent: Callable[[], dict[str, int]] | None = None
+        self.registered = False
+
+    def collect(self) -> Iterator[Metric]:
+        families = {key: CounterMetricFamily(name, text, labels=["service"])
+                    for key, (name, text) in STATS_COUNTERS.items()}
+        services = []
+        for worker in list(self.workers):
+            stats = worker.stats
+            services.append(worker.service.name)
+            for key, family in families.items():
+                family.add_metric([worker.service.name], stats.get(key, 0))
+        yield from families.values()
+        if self.parent is None:
+            return
+        counts = self.parent()
+        for key, (name, text) in PARENT_COUNTERS.items():
+            family = CounterMetricFamily(name, text, labels=["service"])
+            for service in services:
+                family.add_metric([service], counts[key])
+            yield family
+
+
+_STATS = _StatsCollector()  # registered by the first instrument() (not on import)
+
+
+def count_parent(read: Callable[[], dict[str, int]]) -> None:
+    """Export the counts ``read()`` returns (child_restarts, recycled, killed) as this
+    process's parent's: a ``--processes`` child (:mod:`amqprpc.ops.prefork`) calls it."""
+    _STATS.parent = read
 
 
 def breaker_changed(change: Any) -> None:
@@ -158,4 +214,8 @@ def instrument(worker: Any) -> Metrics:
     count_channel_closes()
     metrics = Metrics()
     worker.hooks.add(metrics)
+    if not _STATS.registered:
+        REGISTRY.register(_STATS)
+        _STATS.registered = True
+    _STATS.workers.add(worker)
     return metrics

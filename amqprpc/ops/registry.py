@@ -232,8 +232,13 @@ class Heartbeat:
 
 
 def describe_worker(worker: Any) -> dict[str, Any]:
-    """A worker's registry entry (without ``heartbeat_at``, which :meth:`Registry.announce` adds)."""
-    return {
+    """A worker's registry entry (without ``heartbeat_at``, which :meth:`Registry.announce` adds).
+    A ``--processes`` child's also has ``process``: its slot, its parent's pid and the parent's
+    counts (child_restarts, recycled, killed)."""
+    from amqprpc.ops.child import current_child
+
+    child = current_child()
+    entry = {
         "instance_id": worker.instance_id,
         "service": worker.service.name,
         "host": socket.gethostname(),
@@ -244,13 +249,17 @@ def describe_worker(worker: Any) -> dict[str, Any]:
         "amqprpc_version": __version__,
         "stats": dict(worker.stats),
     }
+    if child is not None:
+        entry["process"] = child.describe()
+    return entry
 
 
 def format_table(snapshot: dict[str, list[dict[str, Any]]]) -> str:
     """``amqprpc services`` as a table: one row per live instance."""
     if not snapshot:
         return "no live services"
-    header = ("SERVICE", "INSTANCES", "INSTANCE", "HOST", "PID", "HEARTBEAT", "PROCESSED", "FAILED", "UPTIME")
+    header = ("SERVICE", "INSTANCES", "INSTANCE", "HOST", "PID", "HEARTBEAT", "PROCESSED", "FAILED", "UPTIME",
+              "PROCESS")
     rows = [header]
     now = time.time()
     for name, entries in sorted(snapshot.items()):
@@ -260,10 +269,18 @@ def format_table(snapshot: dict[str, list[dict[str, Any]]]) -> str:
                 name if index == 0 else "", str(len(entries)) if index == 0 else "", entry["instance_id"],
                 str(entry.get("host", "")), str(entry.get("pid", "")), f"{entry['heartbeat_age']:.1f}s ago",
                 str(stats.get("succeeded", 0) + stats.get("failed", 0)), str(stats.get("failed", 0)),
-                f"{now - float(entry.get('started_at', now)):.0f}s",
+                f"{now - float(entry.get('started_at', now)):.0f}s", _process(entry.get("process")),
             ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+def _process(process: Any) -> str:
+    """A --processes child's column: its slot, its parent and the parent's restarts."""
+    if not isinstance(process, dict):
+        return ""
+    return (f"child {int(process.get('slot', 0)) + 1}/{process.get('processes')} of {process.get('parent_pid')}, "
+            f"{process.get('child_restarts', 0)} restarts, {process.get('recycled', 0)} recycled")
 
 
 def _escape(pattern: str) -> str:

@@ -33,16 +33,16 @@ LAYERS = [
      "server.worker", "server.dispatcher", "middleware.workflow", "client.countdown", "middleware.eta",
      "middleware.ticks", "middleware.ratelimit", "middleware.tasks",
      "server.events", "middleware.ping", "middleware.shared_client", "middleware.otel", "middleware.observability",
-     "middleware.redisstate", "middleware.revoke", "middleware.idempotency"},
+     "middleware.redisstate", "middleware.revoke", "middleware.idempotency", "middleware.timelimit"},
     # operations
     {"ops", "ops.daemon", "ops.collector", "ops.dlq", "ops.registry", "middleware.metrics",
      "middleware.clientmetrics", "ops.loading", "ops.demo", "testing", "asyncapi", "ops.actionstats",
-     "ops.beat", "ops.migrate"},
+     "ops.prefork", "ops.child", "ops.taskcontrol", "ops.beat", "ops.migrate"},
     # the dashboard (amqprpc dashboard): reads the operations' data, serves it over HTTP
     {"dashboard", "dashboard.auth", "dashboard.queues", "dashboard.collect", "dashboard.deadletters",
      "dashboard.app", "dashboard.server"},
     # the command line, and the package's public face
-    {"cli", "cli.workflow", "cli.dashboard", "cli.revoke", "cli.beat", "__main__", "__init__"},
+    {"cli", "cli.workflow", "cli.dashboard", "cli.revoke", "cli.taskcontrol", "cli.beat", "__main__", "__init__"},
 ]
 
 
