@@ -1,0 +1,243 @@
+"""What the worker's decision code costs per message, old flat layout vs the dispatcher (#21, #27).
+
+    .venv/bin/python -m bench.dispatch_cost [--messages 20000] [--callgrind-messages 5000]
+                                            [--old-ref 8d72bd5 | --old-tree PATH] [--no-callgrind]
+
+No broker: ready-made request messages (``amqp.Message`` with properties and
+delivery_info as a worker receives them from the client: a call with ``reply_to`` and a
+deadline, a cast; a ~90-byte JSON payload; an echo handler) go through
+``Worker._process`` of a worker that is built but not started -- the screen, decode, route,
+run, reply and the stats, everything but the socket. At the old ref that is the flat
+``_process`` of amqprpc/worker.py; now it is ``dispatcher.dispatch`` plus the same stats.
+
+Each variant runs in a subprocess of its own with that tree first on sys.path, twice:
+under ``valgrind --tool=callgrind`` for **instructions per message** (the figure to
+compare: the same binary and input give the same count whatever else loads the machine;
+a marker syscall before and after each phase splits the counts, so start-up and warm-up
+are not in them), and natively for **CPU µs per message** (``time.process_time``; the
+median of ``--rounds`` interleaved rounds, still moved by a busy machine's caches).
+
+Variants: ``old`` (the worker as built at the old ref), ``new`` (as built now: Ping,
+SharedClient and Workflows), ``new, no middleware`` (no middleware at all),
+``new, no Workflows`` (Workflows taken out of the worker's hooks) and ``new + no-op
+scopes`` (one more middleware whose consume_scope and handle_scope only call on).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+HERE = Path(__file__).resolve()
+NEW_TREE = HERE.parent.parent
+OLD_REF = "8d72bd5"  # the last commit before the dispatcher (#21): the flat layout
+KINDS = ("call", "cast")
+VARIANTS = {  # label: (tree, how the worker is set up)
+    "old": ("old", "as built"),
+    "new": ("new", "as built"),
+    "new, no middleware": ("new", "no middleware"),
+    "new, no Workflows": ("new", "no workflows"),
+    "new + no-op scopes": ("new", "noop scopes"),
+}
+PAYLOAD = {"user_id": "u-123", "fields": ["name", "email", "created_at"], "n": 42, "note": "bench dispatch"}
+MARKER = "getppid"  # the syscall that splits callgrind's counts into phases (os.getppid)
+WARMUP = 500
+
+
+# --- the child: one variant, in a process of its own -----------------------------------
+def child(setup: str, messages: int) -> dict[str, Any]:
+    """Run ``messages`` calls, then as many casts, through the worker's decision code;
+    os.getppid() before each phase and after the last is callgrind's cut."""
+    from amqprpc import Service, logs
+
+    try:
+        from amqprpc.server.worker import Worker
+    except ImportError:  # the old flat layout
+        from amqprpc.worker import Worker  # type: ignore[no-redef]
+    logs.configure("console", "warning")  # as the bench's worker process
+    service = Service("bench-dispatch")
+    service.handler("echo")(lambda payload: payload)
+    worker = Worker(service, broker_url="amqp://guest:guest@127.0.0.1:5672//")  # built, never started
+    _set_up(worker, setup)
+    process: Callable[[Any], Any] = worker._process
+    batches = {kind: [_message(worker, kind, i) for i in range(messages)] for kind in KINDS}
+    for kind in KINDS:  # warm up, and check that each kind gets its proper decision
+        for message in [_message(worker, kind, i) for i in range(WARMUP)]:
+            decision = process(message)
+        want = "replied" if kind == "call" else "done"
+        assert decision.outcome.kind.value == want and decision.forward is None, (kind, decision)
+    cpu = {}
+    for kind in KINDS:
+        batch = batches[kind]
+        os.getppid()
+        started = time.process_time()
+        for message in batch:
+            process(message)
+        cpu[kind] = (time.process_time() - started) / messages * 1e6
+    os.getppid()
+    return {"amqprpc": str(Path(sys.modules["amqprpc"].__file__ or "").parent),
+            "stats": worker.stats, "cpu_us": cpu}
+
+
+def _set_up(worker: Any, setup: str) -> None:
+    """Change the worker's middleware for the variant, and rebuild its dispatcher as
+    ``Worker.start`` does."""
+    if setup == "as built":
+        return
+    from amqprpc.middleware import Hooks, Middleware
+
+    if setup == "no middleware":
+        worker.hooks = Hooks(defaults=False)
+    elif setup == "no workflows":
+        from amqprpc.middleware.workflow import Workflows
+
+        worker.hooks.middleware[:] = [m for m in worker.hooks.middleware if not isinstance(m, Workflows)]
+        worker.hooks._resolve()
+    elif setup == "noop scopes":
+        class NoopScopes(Middleware):
+            def consume_scope(self, call_next: Callable[[Any], Any], delivery: Any) -> Any:
+                return call_next(delivery)
+
+            def handle_scope(self, call_next: Callable[[Any], Any], delivery: Any) -> Any:
+                return call_next(delivery)
+
+        worker.hooks.add(NoopScopes())
+    else:
+        raise ValueError(setup)
+    worker.dispatcher = worker._dispatcher()
+
+
+def _message(worker: Any, kind: str, index: int) -> Any:
+    """A request as the worker receives it from RpcClient.call / .cast (deterministic ids)."""
+    import amqp
+
+    try:
+        from amqprpc.wire import envelope
+    except ImportError:  # the old flat layout
+        from amqprpc import envelope  # type: ignore[no-redef]
+    message_id = f"{index:032x}"
+    call = kind == "call"
+    reply_to = "amq.gen-0123456789abcdefghijkl" if call else None
+    headers: dict[str, Any] = {"trace_id": f"{index:032x}"}
+    if call:
+        headers["deadline"] = round(time.time() + 3600, 6)
+    body = envelope.request_body(message_id=message_id, source="bench", target=worker.service.name, action="echo",
+                                 payload=PAYLOAD, reply_to=reply_to, headers=headers)
+    properties: dict[str, Any] = {"content_type": envelope.CONTENT_TYPE, "message_id": message_id, "delivery_mode": 2}
+    if call:
+        properties.update(correlation_id=message_id, reply_to=reply_to, expiration="10000")
+    message = amqp.Message(body, **properties)
+    message.delivery_info = {"consumer_tag": worker.consumer_tag, "delivery_tag": index + 1, "redelivered": False,
+                             "exchange": "service.exchange", "routing_key": f"request.{worker.service.name}"}
+    return message
+
+
+# --- the parent: runs every variant, prints the table ----------------------------------
+def run_child(tree: Path, setup: str, messages: int, callgrind_out: Path | None = None) -> dict[str, Any]:
+    """One variant's figures: CPU µs per message, and (under callgrind) instructions per
+    message from the phase dumps."""
+    env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"}
+    command = [sys.executable, str(HERE), "--child", setup, "--messages", str(messages)]
+    if callgrind_out is not None:
+        command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={callgrind_out}",
+                   f"--dump-before={MARKER}", *command]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
+    if run.returncode != 0:
+        raise SystemExit(f"{setup} in {tree} failed:\n{run.stderr[-3000:]}")
+    figures: dict[str, Any] = json.loads(run.stdout.strip().splitlines()[-1])
+    if not figures["amqprpc"].startswith(str(tree)):
+        raise SystemExit(f"the child imported {figures['amqprpc']}, not the tree {tree}")
+    if callgrind_out is not None:
+        # dump .1: start-up and warm-up; .2: the calls; .3: the casts; the last: exit.
+        parts = [_instructions(Path(f"{callgrind_out}.{n}")) for n in range(1, len(KINDS) + 2)]
+        if Path(f"{callgrind_out}.{len(KINDS) + 2}").exists():
+            raise SystemExit(f"{MARKER} was called outside the markers: the phases cannot be told apart")
+        figures["instructions"] = {kind: parts[n + 1] / messages for n, kind in enumerate(KINDS)}
+    return figures
+
+
+def _instructions(dump: Path) -> int:
+    for line in dump.read_text().splitlines():
+        if line.startswith("totals:"):
+            return int(line.split()[1])
+    raise SystemExit(f"no totals in {dump}")
+
+
+def old_tree(ref: str, into: Path) -> Path:
+    """The amqprpc package at ``ref``, extracted from git (no worktree left behind)."""
+    archive = subprocess.run(["git", "-C", str(NEW_TREE), "archive", ref, "amqprpc"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+def measure(trees: dict[str, Path], messages: int, callgrind_messages: int, rounds: int,
+            callgrind: bool, scratch: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """{variant: {"instructions" | "cpu_us": {kind: per message}}}."""
+    results: dict[str, dict[str, dict[str, float]]] = {label: {} for label in VARIANTS}
+    cpu: dict[str, list[dict[str, float]]] = {label: [] for label in VARIANTS}
+    for _ in range(rounds):  # interleaved, so that a busy spell skews every variant alike
+        for label, (tree, setup) in VARIANTS.items():
+            cpu[label].append(run_child(trees[tree], setup, messages)["cpu_us"])
+    for label, (tree, setup) in VARIANTS.items():
+        results[label]["cpu_us"] = {kind: statistics.median(r[kind] for r in cpu[label]) for kind in KINDS}
+        if callgrind:
+            out = scratch / f"callgrind.{tree}.{setup.replace(' ', '-')}"
+            results[label]["instructions"] = run_child(trees[tree], setup, callgrind_messages, out)["instructions"]
+    return results
+
+
+def table(results: dict[str, dict[str, dict[str, float]]]) -> Iterator[str]:
+    """A markdown table: per message, each variant against ``old``."""
+    old = results["old"]
+    yield "| variant | kind | instructions/msg | vs old | CPU µs/msg | vs old |"
+    yield "|---|---|---:|---:|---:|---:|"
+    for label, figures in results.items():
+        for kind in KINDS:
+            row = [label, kind]
+            for key, fmt in (("instructions", "{:,.0f}"), ("cpu_us", "{:.1f}")):
+                value = figures.get(key, {}).get(kind)
+                row += ["-", "-"] if value is None else [fmt.format(value), f"{value / old[key][kind]:.3f}"]
+            yield "| " + " | ".join(row) + " |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--messages", type=int, default=20_000, help="per kind, for the CPU time")
+    parser.add_argument("--callgrind-messages", type=int, default=5_000, help="per kind, under callgrind")
+    parser.add_argument("--rounds", type=int, default=3, help="native runs per variant (the median is shown)")
+    parser.add_argument("--old-ref", default=OLD_REF, help="the git ref of the old layout")
+    parser.add_argument("--old-tree", type=Path, help="a checkout of the old layout (instead of --old-ref)")
+    parser.add_argument("--no-callgrind", action="store_true", help="CPU time only (fast; no valgrind)")
+    parser.add_argument("--out", type=Path, help="also write the figures as JSON")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.messages)))
+        return
+    callgrind = not args.no_callgrind
+    if callgrind and shutil.which("valgrind") is None:
+        raise SystemExit("valgrind not found (apt-get install valgrind), or run with --no-callgrind")
+    with tempfile.TemporaryDirectory(prefix="dispatch-cost-") as scratch:
+        old = args.old_tree.resolve() if args.old_tree else old_tree(args.old_ref, Path(scratch))
+        results = measure({"old": old, "new": NEW_TREE}, args.messages, args.callgrind_messages, args.rounds,
+                          callgrind, Path(scratch))
+    print(f"Worker decision code per message, no broker ({args.messages} per kind for CPU time, median of "
+          f"{args.rounds} rounds" + (f"; {args.callgrind_messages} per kind under callgrind)" if callgrind else ")"))
+    print()
+    print("\n".join(table(results)))
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    if sys.path and Path(sys.path[0]).resolve() == HERE.parent:
+        del sys.path[0]  # run as a file (the child): bench/ must not shadow the stdlib (profile.py)
+    main()
