@@ -61,7 +61,7 @@ def child(setup: str, messages: int) -> dict[str, Any]:
     try:
         from amqprpc.server.worker import Worker
     except ImportError:  # the old flat layout
-        from amqprpc.worker import Worker  # type: ignore[no-redef]
+        from amqprpc.worker import Worker  # type: ignore[import-not-found, no-redef]
     logs.configure("console", "warning")  # as the bench's worker process
     service = Service("bench-dispatch")
     service.handler("echo")(lambda payload: payload)
@@ -122,7 +122,7 @@ def _message(worker: Any, kind: str, index: int) -> Any:
     try:
         from amqprpc.wire import envelope
     except ImportError:  # the old flat layout
-        from amqprpc import envelope  # type: ignore[no-redef]
+        from amqprpc import envelope  # type: ignore[attr-defined, no-redef]
     message_id = f"{index:032x}"
     call = kind == "call"
     reply_to = "amq.gen-0123456789abcdefghijkl" if call else None
@@ -171,22 +171,36 @@ def _instructions(dump: Path) -> int:
     raise SystemExit(f"no totals in {dump}")
 
 
-def old_tree(ref: str, into: Path) -> Path:
-    """The amqprpc package at ``ref``, extracted from git (no worktree left behind)."""
-    archive = subprocess.run(["git", "-C", str(NEW_TREE), "archive", ref, "amqprpc"], capture_output=True, check=True)
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
-    return into
+def trees(scratch: Path, old_ref: str, old_checkout: Path | None) -> dict[str, Path]:
+    """Copies of the two amqprpc packages at paths of the same length (scratch/old,
+    scratch/new): the length of a path moves where objects land in memory, and with it
+    the instruction count by up to ~1% (id-keyed hashing: contextvars), so the two sides
+    must not differ in it. The old one from git at ``old_ref`` (no worktree left behind)
+    or from ``old_checkout``; the new one is this checkout, uncommitted edits included."""
+    old, new = scratch / "old", scratch / "new"
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(NEW_TREE / "amqprpc", new / "amqprpc", ignore=ignore)
+    if old_checkout is not None:
+        shutil.copytree(old_checkout / "amqprpc", old / "amqprpc", ignore=ignore)
+    else:
+        archive = subprocess.run(["git", "-C", str(NEW_TREE), "archive", old_ref, "amqprpc"], capture_output=True,
+                                 check=True)
+        old.mkdir()
+        subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
+    return {"old": old, "new": new}
 
 
-def measure(trees: dict[str, Path], messages: int, callgrind_messages: int, rounds: int,
+def measure(trees: dict[str, Path], labels: list[str], messages: int, callgrind_messages: int, rounds: int,
             callgrind: bool, scratch: Path) -> dict[str, dict[str, dict[str, float]]]:
     """{variant: {"instructions" | "cpu_us": {kind: per message}}}."""
-    results: dict[str, dict[str, dict[str, float]]] = {label: {} for label in VARIANTS}
-    cpu: dict[str, list[dict[str, float]]] = {label: [] for label in VARIANTS}
+    results: dict[str, dict[str, dict[str, float]]] = {label: {} for label in labels}
+    cpu: dict[str, list[dict[str, float]]] = {label: [] for label in labels}
     for _ in range(rounds):  # interleaved, so that a busy spell skews every variant alike
-        for label, (tree, setup) in VARIANTS.items():
+        for label in labels:
+            tree, setup = VARIANTS[label]
             cpu[label].append(run_child(trees[tree], setup, messages)["cpu_us"])
-    for label, (tree, setup) in VARIANTS.items():
+    for label in labels:
+        tree, setup = VARIANTS[label]
         results[label]["cpu_us"] = {kind: statistics.median(r[kind] for r in cpu[label]) for kind in KINDS}
         if callgrind:
             out = scratch / f"callgrind.{tree}.{setup.replace(' ', '-')}"
@@ -216,6 +230,7 @@ def main() -> None:
     parser.add_argument("--old-ref", default=OLD_REF, help="the git ref of the old layout")
     parser.add_argument("--old-tree", type=Path, help="a checkout of the old layout (instead of --old-ref)")
     parser.add_argument("--no-callgrind", action="store_true", help="CPU time only (fast; no valgrind)")
+    parser.add_argument("--only", help="these variants, comma-separated (old is always run: the reference)")
     parser.add_argument("--out", type=Path, help="also write the figures as JSON")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -223,12 +238,15 @@ def main() -> None:
         print(json.dumps(child(args.child, args.messages)))
         return
     callgrind = not args.no_callgrind
+    labels = ["old", *(label for label in args.only.split(",") if label != "old")] if args.only else list(VARIANTS)
+    unknown = set(labels) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variant {sorted(unknown)[0]!r} (one of: {', '.join(VARIANTS)})")
     if callgrind and shutil.which("valgrind") is None:
         raise SystemExit("valgrind not found (apt-get install valgrind), or run with --no-callgrind")
     with tempfile.TemporaryDirectory(prefix="dispatch-cost-") as scratch:
-        old = args.old_tree.resolve() if args.old_tree else old_tree(args.old_ref, Path(scratch))
-        results = measure({"old": old, "new": NEW_TREE}, args.messages, args.callgrind_messages, args.rounds,
-                          callgrind, Path(scratch))
+        results = measure(trees(Path(scratch), args.old_ref, args.old_tree), labels, args.messages,
+                          args.callgrind_messages, args.rounds, callgrind, Path(scratch))
     print(f"Worker decision code per message, no broker ({args.messages} per kind for CPU time, median of "
           f"{args.rounds} rounds" + (f"; {args.callgrind_messages} per kind under callgrind)" if callgrind else ")"))
     print()
