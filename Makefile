@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test typecheck test-pythons test-rabbitmq4 bench services clean web docs
+.PHONY: demo test typecheck lint test-pythons test-rabbitmq4 bench services clean web docs
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,9 +25,13 @@ web: $(STAMP) services
 test: $(STAMP) services
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
-# mypy over amqprpc/ and workers/ (the settings are in setup.cfg); CI runs it before the suites.
+# mypy --strict over amqprpc/ and workers/ (the settings are in setup.cfg); CI runs it before the suites.
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
+
+# ruff over the package and the shop (rules in pyproject.toml); CI runs it beside mypy.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check amqprpc workers
 
 # Python 3.9-3.13: the unit tests and a worker/call/event smoke on every version but $(PYTHON)'s,
 # each in its own .venv-3.X installed from a wheel of this checkout (PYTHONS="3.9 3.13" for some).
@@ -36,10 +40,10 @@ test-pythons: $(STAMP) services
 	BUILD_PYTHON=$(VENV)/bin/python ./scripts/test-pythons.sh $(PYTHONS)
 
 # The same suite against a RabbitMQ 4.x node of its own (scripts/rabbitmq4.sh installs 4.x once
-# per machine into a cached folder, a few minutes; tests/rabbit_node.py runs the node beside the
+# per machine into a cached folder, a few minutes; tests/apps/rabbit_node.py runs the node beside the
 # system's, on free ports). own_broker and the cluster tests then run 4.x nodes too.
 test-rabbitmq4: $(STAMP) services
-	root=$$(./scripts/rabbitmq4.sh) && $(VENV)/bin/python tests/rabbit_node.py --root "$$root" -- \
+	root=$$(./scripts/rabbitmq4.sh) && $(VENV)/bin/python tests/apps/rabbit_node.py --root "$$root" -- \
 		$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 # The documentation site from docs/ into site/ (mkdocs.yml): --strict fails on a broken link, anchor

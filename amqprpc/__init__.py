@@ -1,12 +1,13 @@
 """amqprpc: calls and events between microservices over RabbitMQ, built on kombu."""
+from amqprpc.caller import AsyncCaller, Caller
 from amqprpc.client.breaker import CircuitBreaker
 from amqprpc.client.rpc import RpcClient, ServiceProxy
 from amqprpc.client.aio import AsyncRpcClient
 from amqprpc.context import CallContext, current_call
 from amqprpc.errors import (
     CallTimeout, CircuitOpen, ConnectionLost, ContractError, PidFileError, PublishRefused, RemoteError,
-    RemoteValidationError, ReplyTooLarge, RpcError, ServiceNotFound, ServiceUnavailable, StartCancelled, StartupError, TopologyMismatch, ValidationError,
-    WorkflowFailed,
+    RemoteValidationError, ReplyTooLarge, Revoked, RpcError, ServiceNotFound, ServiceUnavailable, StartCancelled,
+    StartupError, TopologyMismatch, ValidationError, WorkflowFailed,
 )
 from amqprpc.workflow.canvas import chain, chord, group, task
 from amqprpc.retry import Retry
@@ -21,7 +22,8 @@ __all__ = [
     "AsyncResponseStore", "Worker", "Topology", "current_call", "CallContext",
     "RpcError", "RemoteError", "CallTimeout", "ServiceUnavailable", "ConnectionLost", "CircuitOpen", "PublishRefused",
     "ReplyTooLarge", "ServiceNotFound", "TopologyMismatch", "StartupError", "StartCancelled", "PidFileError",
-    "ValidationError", "RemoteValidationError", "ContractError", "WorkflowFailed", "task", "chain", "group", "chord",
+    "ValidationError", "RemoteValidationError", "ContractError", "Caller", "AsyncCaller", "Revoked", "WorkflowFailed",
+    "task", "chain", "group", "chord",
 ]
 # The one place the version is written: amqprpc/version.py (setup.cfg reads it there).
-from amqprpc.version import __version__
+from amqprpc.version import __version__ as __version__

@@ -48,6 +48,7 @@ WORKER_ERROR_TYPES = {
     "BadMessage": "the request is not a valid envelope (not JSON, no action, payload not an object, ...)",
     "CallTimeout": "the request's deadline passed further down the chain",
     "ReplyTooLarge": "the result is larger than the worker's max_reply_bytes",
+    "Revoked": "the request was revoked (amqprpc revoke) before it ran, or its handler stopped when it saw that",
 }
 
 _REQUEST_ENVELOPE = {
@@ -70,7 +71,14 @@ _REQUEST_ENVELOPE = {
                 "trace_id": {"type": "string", "description": "Shared by every hop of one request."},
                 "parent_id": {"type": "string", "description": "correlation_id of the request that made this one."},
                 "deadline": {"type": "number",
-                             "description": "Epoch seconds after which nobody waits: the request is dropped unrun."},
+                             "description": "Epoch seconds (sender's clock) after which nobody waits: the request "
+                                            "is dropped unrun. Read only when timeout_ms is absent."},
+                "timeout_ms": {"type": "integer",
+                               "description": "Milliseconds the sender had left when it sent the request; the "
+                                              "receiver counts them from arrival on its own clock."},
+                "idempotency_key": {"type": "string",
+                                    "description": "The handler runs at most once per key and service within its "
+                                                   "dedup window (24 h); a repeat gets the first run's reply."},
             },
         },
         "payload": {"type": "object", "description": "The action's input: see each operation's message."},
@@ -142,7 +150,7 @@ class Schemas:
     def __init__(self) -> None:
         self.found: dict[str, Any] = {}
 
-    def add(self, schema: dict) -> dict:
+    def add(self, schema: dict[str, Any]) -> dict[str, Any]:
         """``schema`` (refs as ``#/components/schemas/{model}``) with its ``$defs`` moved
         here; a model's own schema (it has a title) is referenced rather than inlined."""
         schema = copy.deepcopy(schema)
@@ -152,7 +160,7 @@ class Schemas:
             renames[name] = self._place(name, definition)
         if renames:
             schema = _rename_refs(schema, renames)
-            for old, new in renames.items():
+            for new in renames.values():
                 self.found[new] = _rename_refs(self.found[new], renames)
         title = schema.get("title")
         if schema.get("type") == "object" and isinstance(title, str) and title.isidentifier():
@@ -168,7 +176,8 @@ class Schemas:
         return candidate
 
 
-def document(service: Service, *, broker_url: str | None = None, topology: Topology = DEFAULT_TOPOLOGY) -> dict:
+def document(service: Service, *, broker_url: str | None = None,
+             topology: Topology = DEFAULT_TOPOLOGY) -> dict[str, Any]:
     """The AsyncAPI 3.0 document of ``service`` (a dict, ready for ``json.dumps``).
     Raises ContractError for annotations that cannot be described (as the worker would)."""
     service.check()
@@ -237,7 +246,8 @@ def document(service: Service, *, broker_url: str | None = None, topology: Topol
                 "address": {"location": "$message.header#/reply_to",
                             "description": "The request's reply_to property: the caller's reply queue."},
                 "channel": {"$ref": "#/channels/reply"},
-                "messages": [{"$ref": f"#/channels/reply/messages/{reply_id}"}, {"$ref": "#/channels/reply/messages/error"}],
+                "messages": [{"$ref": f"#/channels/reply/messages/{reply_id}"},
+                             {"$ref": "#/channels/reply/messages/error"}],
             },
             "bindings": {"amqp": {"ack": True, "deliveryMode": 2, "mandatory": True, "bindingVersion": AMQP_BINDING}},
         }
@@ -340,18 +350,19 @@ def document(service: Service, *, broker_url: str | None = None, topology: Topol
     }
 
 
-def dumps(doc: dict, fmt: str = "json") -> str:
+def dumps(doc: dict[str, Any], fmt: str = "json") -> str:
     """The document as JSON (stable: two-space indent, keys as built) or YAML (needs PyYAML:
     ImportError otherwise)."""
     if fmt == "yaml":
         import yaml
 
-        return yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=120)
+        text: str = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=120)
+        return text
     return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
 
 
 # --- parts -------------------------------------------------------------------------------
-def _servers(broker_url: str | None) -> tuple[dict, str]:
+def _servers(broker_url: str | None) -> tuple[dict[str, Any], str]:
     """The servers of the broker URL(s) (``amqp://h1;amqp://h2``), without credentials, and
     the vhost of the first."""
     from amqprpc.config import broker_url as configured
@@ -377,7 +388,7 @@ def _servers(broker_url: str | None) -> tuple[dict, str]:
     return servers, vhost
 
 
-def _envelope(action: str | None, payload: dict, event: str | None = None) -> dict:
+def _envelope(action: str | None, payload: dict[str, Any], event: str | None = None) -> dict[str, Any]:
     """The request envelope with ``payload``: of a request for ``action``, or of an event
     matching ``event`` (its name is ``action`` when given: an event the service publishes)."""
     properties: dict[str, Any] = {"payload": payload}
@@ -390,7 +401,8 @@ def _envelope(action: str | None, payload: dict, event: str | None = None) -> di
     return {"allOf": [{"$ref": _SCHEMAS + "RequestEnvelope"}, {"type": "object", "properties": properties}]}
 
 
-def _event_channel(address: str, description: str, messages: dict, topology: Topology, vhost: str) -> dict:
+def _event_channel(address: str, description: str, messages: dict[str, Any], topology: Topology,
+                   vhost: str) -> dict[str, Any]:
     """A channel on the event exchange (topic) with routing key or pattern ``address``."""
     return {
         "address": address,
@@ -403,11 +415,11 @@ def _event_channel(address: str, description: str, messages: dict, topology: Top
     }
 
 
-def _payload_schema(contract: Contract, schemas: Schemas) -> dict:
+def _payload_schema(contract: Contract, schemas: Schemas) -> dict[str, Any]:
     return schemas.add(_asyncapi_schema(contract.payload_schema(ref_template=_SCHEMAS + "{model}")))
 
 
-def _returns_schema(contract: Contract, schemas: Schemas) -> dict:
+def _returns_schema(contract: Contract, schemas: Schemas) -> dict[str, Any]:
     return schemas.add(_asyncapi_schema(contract.returns_schema(ref_template=_SCHEMAS + "{model}")))
 
 

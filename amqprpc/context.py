@@ -10,8 +10,41 @@ from __future__ import annotations
 
 import contextvars
 import time
-from dataclasses import dataclass
-from typing import Any, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Mapping, NamedTuple, Optional
+
+
+class Cancellation:
+    """A flag the revoke middleware raises for one running handler (``cancelled``): a plain
+    attribute, set from its poller thread, read by the handler (one is made per delivery,
+    so it is cheaper than a ``threading.Event``)."""
+
+    __slots__ = ("cancelled",)
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+
+class RunScope(NamedTuple):
+    """What a worker's middleware knows about the run that is about to start on this thread,
+    handed to the :class:`CallContext` built for it (see :data:`scope`): ``cancel`` is set
+    when the message is revoked while its handler runs (:mod:`amqprpc.middleware.revoke`);
+    ``idempotency_key`` the key the request carries (:mod:`amqprpc.middleware.idempotency`)."""
+
+    cancel: Optional[Cancellation] = None
+    idempotency_key: Optional[str] = None
+    # A NamedTuple, not a frozen dataclass: one is made per delivery, on the hot path.
+
+
+_NO_SCOPE = RunScope()
+
+#: Set by worker middleware around the handler's run (on the handler thread); read once when
+#: the CallContext is built, so the context stays right when a handler passes it to other threads.
+scope: contextvars.ContextVar[RunScope] = contextvars.ContextVar("amqprpc_run_scope", default=_NO_SCOPE)
+
+
+def _scope_now() -> RunScope:
+    return scope.get()
 
 
 @dataclass(frozen=True)
@@ -23,10 +56,26 @@ class CallContext:
     correlation_id: str  # the request's correlation id (an event's message id)
     trace_id: str  # shared by every hop that followed from one original request
     deadline: float | None  # epoch seconds after which nobody waits for the answer; None for events
+    run: RunScope = field(default_factory=_scope_now, repr=False, compare=False)
 
     def remaining(self) -> float | None:
         """Seconds left until the deadline (negative once it passed), or None without one."""
         return None if self.deadline is None else self.deadline - time.time()
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the message was revoked (``client.revoke`` / ``amqprpc revoke``) while
+        this handler runs: the worker notices within about a second. A long handler checks it
+        between steps and stops (returning early, or raising :class:`amqprpc.Revoked` so a
+        caller gets that error). Always False where revocation is not checked (no Redis)."""
+        cancel = self.run.cancel
+        return cancel is not None and cancel.cancelled
+
+    @property
+    def idempotency_key(self) -> str | None:
+        """The idempotency key the request was sent with (``call(..., idempotency_key=...)``),
+        or None."""
+        return self.run.idempotency_key
 
 
 current: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar("amqprpc_call", default=None)

@@ -65,20 +65,22 @@ class Contract:
     def typed(self) -> bool:
         return self.payload_adapter is not None or self.returns_adapter is not None
 
-    def payload_schema(self, ref_template: str = "#/$defs/{model}") -> dict:
+    def payload_schema(self, ref_template: str = "#/$defs/{model}") -> dict[str, Any]:
         """The payload's JSON schema (validation mode); ``{"type": "object"}`` when untyped."""
         if self.payload_adapter is None:
             return {"type": "object"}
-        return self.payload_adapter.json_schema(ref_template=ref_template, mode="validation")
+        schema: dict[str, Any] = self.payload_adapter.json_schema(ref_template=ref_template, mode="validation")
+        return schema
 
-    def returns_schema(self, ref_template: str = "#/$defs/{model}") -> dict:
+    def returns_schema(self, ref_template: str = "#/$defs/{model}") -> dict[str, Any]:
         """The result's JSON schema (serialization mode); ``{}`` (anything) when undeclared."""
         if self.returns_adapter is not None:
-            return self.returns_adapter.json_schema(ref_template=ref_template, mode="serialization")
+            schema: dict[str, Any] = self.returns_adapter.json_schema(ref_template=ref_template, mode="serialization")
+            return schema
         return _plain_schema(self.returns)
 
 
-def contract_of(function: Callable, where: str) -> Contract:
+def contract_of(function: Callable[..., Any], where: str) -> Contract:
     """The contract a handler's annotations declare. Raises ContractError (one line,
     starting with ``where``) for an annotation that cannot be validated with."""
     target, bound = _unpartial(function)
@@ -124,7 +126,7 @@ def event_contract(model: Any, where: str) -> Contract:
     return Contract(where, model, None, _adapter_for(model, where, "payload"))
 
 
-def typed(function: Callable, where: str, label: str | None = None) -> Callable:
+def typed(function: Callable[..., Any], where: str, label: str | None = None) -> Callable[..., Any]:
     """``function`` itself when its annotations ask for nothing; else a wrapper that
     validates the payload and dumps the result (see the module's docstring). ``where``
     starts a ContractError's message, ``label`` (``service.action``) a ValidationError's."""
@@ -154,7 +156,7 @@ def typed(function: Callable, where: str, label: str | None = None) -> Callable:
     return handler
 
 
-def contract_of_handler(handler: Callable, where: str) -> Contract:
+def contract_of_handler(handler: Callable[..., Any], where: str) -> Contract:
     """The contract of a registered handler (wrapped by :func:`typed` or not)."""
     found = getattr(handler, "__amqprpc_contract__", None)
     return found if found is not None else contract_of(handler, where)
@@ -198,14 +200,14 @@ def validation_error(what: str, exc: Any) -> ValidationError:
 
 
 # --- annotations -------------------------------------------------------------------------
-def unwrap(function: Callable) -> Callable:
+def unwrap(function: Callable[..., Any]) -> Callable[..., Any]:
     """The function as written: through our wrapper (``__wrapped__``) and ``functools.partial``
     (``service.handler("x")(partial(handle, shop))``), for its annotations, docstring and module."""
     function = getattr(function, "__wrapped__", function)
     return _unpartial(function)[0]
 
 
-def _unpartial(function: Callable) -> tuple[Callable, int]:
+def _unpartial(function: Callable[..., Any]) -> tuple[Callable[..., Any], int]:
     """(the function under any ``functools.partial``, how many positional arguments they bind)."""
     bound = 0
     while isinstance(function, functools.partial):
@@ -214,7 +216,7 @@ def _unpartial(function: Callable) -> tuple[Callable, int]:
     return function, bound
 
 
-def _payload_parameter(function: Callable, bound: int = 0) -> str | None:
+def _payload_parameter(function: Callable[..., Any], bound: int = 0) -> str | None:
     """The parameter the payload arrives in: the first one a partial left unbound."""
     code = getattr(function, "__code__", None)
     if code is not None and not inspect.ismethod(function):
@@ -226,7 +228,7 @@ def _payload_parameter(function: Callable, bound: int = 0) -> str | None:
     return parameters[bound].name if len(parameters) > bound else None
 
 
-def _plain_text(raw: Any, plain: frozenset) -> bool:
+def _plain_text(raw: Any, plain: frozenset[Any]) -> bool:
     if raw is None:
         return True
     if isinstance(raw, str):
@@ -314,7 +316,7 @@ def _cached_adapter(tp: Any) -> Any:
     return TypeAdapter(tp)
 
 
-def _plain_schema(tp: Any) -> dict:
+def _plain_schema(tp: Any) -> dict[str, Any]:
     """JSON schema of a plain-JSON return annotation (``{}``: anything, when undeclared)."""
     simple = {str: "string", int: "integer", float: "number", bool: "boolean", _NONE: "null", dict: "object",
               list: "array", tuple: "array"}

@@ -16,6 +16,8 @@ whose name a caller sees as the ``error_type`` of a :class:`RemoteError`.
 """
 from __future__ import annotations
 
+from typing import Any
+
 
 class RpcError(Exception):
     """Base class of every error amqprpc raises to a caller."""
@@ -35,6 +37,18 @@ class RemoteError(RpcError):
         self.message_id = message_id
 
 
+class Revoked(RemoteError):
+    """The request was revoked (``client.revoke`` / ``amqprpc revoke``) before it ran, or its
+    handler stopped when it saw ``current_call().cancelled`` and raised this. A caller gets
+    it as a :class:`RemoteError` whose ``error_type`` is ``"Revoked"``. A handler that raises
+    it is never retried (``retryable = False``): the message was called off."""
+
+    retryable = False
+
+    def __init__(self, message: str = "revoked", error_type: str = "Revoked", message_id: str | None = None):
+        super().__init__(message, error_type, message_id)
+
+
 class CallTimeout(RpcError):
     """No reply arrived before the call's deadline, or a service down the chain (which
     shares the deadline) answered that its own call ran out of it (error_type CallTimeout)."""
@@ -47,7 +61,7 @@ class WorkflowFailed(RpcError):
     workflow); ``results`` the results that did arrive, by step id."""
 
     def __init__(self, workflow: str, step: str, service: str, action: str, error: str, error_type: str,
-                 results: dict | None = None) -> None:
+                 results: dict[str, Any] | None = None) -> None:
         super().__init__(f"workflow {workflow} failed at step {step} ({service}.{action}): {error_type}: {error}")
         self.workflow = workflow
         self.step = step
@@ -132,7 +146,7 @@ class ValidationError(RpcError):
 
     retryable = False
 
-    def __init__(self, message: str, errors: list | None = None):
+    def __init__(self, message: str, errors: list[Any] | None = None):
         super().__init__(message)
         self.message = message
         self.errors = errors or []
@@ -145,7 +159,7 @@ class RemoteValidationError(RemoteError, ValidationError):
     ``{"loc", "msg", "type"}``, at most :data:`amqprpc.wire.envelope.MAX_REPLY_ERRORS`; empty
     when the peer sent none)."""
 
-    def __init__(self, message: str, errors: list | None = None, message_id: str | None = None):
+    def __init__(self, message: str, errors: list[Any] | None = None, message_id: str | None = None):
         RemoteError.__init__(self, message, "ValidationError", message_id)
         self.errors = errors or []
 

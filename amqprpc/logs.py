@@ -162,7 +162,7 @@ _handler: logging.Handler | None = None
 _QUIET_LIBRARIES = ("amqp", "kombu")  # their info lines are connection chatter
 
 
-def configure(fmt: str = "console", level: str = "info", stream=None) -> None:
+def configure(fmt: str = "console", level: str = "info", stream: Any = None) -> None:
     """Set up this process's logging the way the ``amqprpc`` command does: one handler on
     the root logger writing structlog lines (``fmt`` ``json`` or ``console``) to ``stream``
     (stderr), every string value redacted; ``level`` (one of :data:`LEVELS`) for

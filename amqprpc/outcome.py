@@ -22,7 +22,9 @@ class OutcomeKind(str, Enum):
     EXPIRED = "expired"            # its deadline had passed: dropped unrun (or answered with the last retry's error)
     RECOUNTED = "recounted"        # redelivered from a classic queue: re-published with its delivery count, runs later
     DONE = "done"                  # an event (or a cast's) handler returned
-    SKIPPED = "skipped"            # acked unrun: a second copy of a workflow step, or a step of a failed/revoked workflow
+    REVOKED = "revoked"            # revoked (client.revoke): acked unrun, a call answered with a Revoked error
+    DEDUPLICATED = "deduplicated"  # its idempotency key already ran: acked unrun, a call answered with the stored reply
+    SKIPPED = "skipped"            # acked unrun: a workflow step's second copy, or a step of a failed/revoked workflow
 
 
 class Outcome(NamedTuple):

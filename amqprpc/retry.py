@@ -74,10 +74,10 @@ class Retry:
         """Seconds to wait after failed attempt ``attempt`` (1-based)."""
         if self.jitter:
             return full_jitter(attempt - 1, self.base_delay, self.max_delay)
-        return min(self.max_delay, self.base_delay * (2 ** min(attempt - 1, 32)))
+        return float(min(self.max_delay, self.base_delay * (2 ** min(attempt - 1, 32))))
 
 
-def headers_of(message: Any) -> dict:
+def headers_of(message: Any) -> dict[str, Any]:
     """A py-amqp message's AMQP headers (py-amqp calls them ``application_headers``)."""
     return message.properties.get("application_headers") or {}
 

@@ -6,34 +6,35 @@ import contextvars
 import functools
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Tuple
 
-if TYPE_CHECKING:
-    from amqprpc.client.rpc import RpcClient
-
+from amqprpc.caller import Caller
 from amqprpc.errors import ContractError
 from amqprpc.wire.ids import snake_case
 from amqprpc.retry import Retry
 
-Handler = Callable[[dict], Any]
+Handler = Callable[[dict[str, Any]], Any]
+
+#: Seconds an idempotency key is remembered (:mod:`amqprpc.middleware.idempotency`): 24 h.
+DEFAULT_DEDUP_WINDOW = 86400.0
 
 # Where ``Service.client`` comes from: amqprpc.shared_client installs its ``client_for`` here
 # when it is imported (``import amqprpc`` does), so that this module -- which the client
 # imports -- names no client module and the dependencies stay one way.
-client_provider: Callable[[str, Any], "RpcClient"] | None = None
+client_provider: Callable[[str, Any], Caller] | None = None
 
 
 # Clients installed ahead of the shared one, by service name, for this thread or asyncio
 # task only (a ContextVar: a test thread's fake never reaches a real worker's handler
 # threads in the same process). How amqprpc.testing runs handlers without a broker.
-_installed: contextvars.ContextVar[Optional[Mapping[str, Any]]] = contextvars.ContextVar(
+_installed: contextvars.ContextVar[Optional[Mapping[str, Caller]]] = contextvars.ContextVar(
     "amqprpc_installed_clients", default=None)
 
 
 @contextlib.contextmanager
-def client_installed(names: Iterable[str], client: Any) -> Iterator[None]:
-    """While inside, ``service.client`` of the services called ``names`` is ``client`` (any
-    object with RpcClient's methods: :class:`amqprpc.testing.FakeClient`,
+def client_installed(names: Iterable[str], client: Caller) -> Iterator[None]:
+    """While inside, ``service.client`` of the services called ``names`` is ``client`` (a
+    :class:`~amqprpc.caller.Caller`: :class:`amqprpc.testing.FakeClient`,
     :class:`amqprpc.testing.InMemoryClient`) in this thread or task, and in contexts
     copied from it. Nests; the previous clients come back on exit."""
     token = _installed.set({**(_installed.get() or {}), **{name: client for name in names}})
@@ -46,7 +47,7 @@ def client_installed(names: Iterable[str], client: Any) -> Iterator[None]:
 @dataclass
 class EventSubscription:
     pattern: str
-    function: Callable[[dict], None]
+    function: Callable[[dict[str, Any]], None]
     name: str
     broadcast: bool = False
     retry: Retry | None = None
@@ -84,20 +85,28 @@ class Service:
     #: CircuitBreaker for the calls this service's handlers make through ``service.client``,
     #: so one dead downstream service fails them fast instead of tying up handler threads.
     breaker: Any = None
+    #: Seconds a request's idempotency key is remembered (a repeat within it does not run the
+    #: handler again); per handler with ``@service.handler(..., dedup_window=...)``.
+    dedup_window: float = DEFAULT_DEDUP_WINDOW
+    dedup_windows: Dict[str, float] = field(default_factory=dict)
     #: (kind, name) -> function of the handlers whose annotations did not resolve at
     #: registration (a model defined further down the module), or the model of a published
     #: event pydantic could not describe yet: :meth:`check` retries them.
     _unchecked: Dict[Tuple[str, str], Any] = field(default_factory=dict, repr=False)
 
-    def handler(self, action: str | Callable | None = None, *, retry: Retry | None = None) -> Callable:
+    def handler(self, action: str | Callable[..., Any] | None = None, *, retry: Retry | None = None,
+                dedup_window: float | None = None) -> Callable[..., Any]:
         """Register a function as the handler of ``action`` (default: the function's name).
 
         Usable bare (``@service.handler``) or with a name (``@service.handler("get_user")``).
         ``retry``: failed attempts are retried through the broker with backoff, then
         dead-lettered (see :class:`~amqprpc.retry.Retry`); calls only while their deadline allows.
+        ``dedup_window``: seconds a request's idempotency key is remembered for this handler
+        (default: the service's ``dedup_window``, 24 h).
         """
         if callable(action):
-            return self.handler(None, retry=retry)(action)
+            bare: Callable[[Handler], Handler] = self.handler(None, retry=retry, dedup_window=dedup_window)
+            return bare(action)
 
         def register(function: Handler) -> Handler:
             name = action or function.__name__
@@ -106,16 +115,18 @@ class Service:
             self.handlers[name] = self._typed("handler", name, function)
             if retry is not None:
                 self.retries[name] = retry
+            if dedup_window is not None:
+                self.dedup_windows[name] = dedup_window
             return function
 
         return register
 
     def event(self, pattern: str, *, name: str | None = None, broadcast: bool = False,
-              retry: Retry | None = None) -> Callable:
+              retry: Retry | None = None) -> Callable[..., Any]:
         """Register a function for events whose name matches the topic ``pattern``.
         ``retry`` as for :meth:`handler`."""
 
-        def register(function: Callable[[dict], None]) -> Callable[[dict], None]:
+        def register(function: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
             key = name or function.__name__
             if key in self.events:
                 raise ValueError(f"{self.name}: event handler {key!r} is registered twice")
@@ -150,7 +161,7 @@ class Service:
         except ContractError:
             self._unchecked[("publishes", name)] = model  # check() says why, at the worker's start
 
-    def _typed(self, kind: str, name: str, function: Callable) -> Callable:
+    def _typed(self, kind: str, name: str, function: Callable[..., Any]) -> Callable[..., Any]:
         """What the worker runs for ``function``: itself when it has no annotations (no
         import, no wrapper), else what :func:`amqprpc.contracts.typed` makes of them."""
         target = function
@@ -215,11 +226,19 @@ class Service:
         """The retry policy of ``action``'s handler (camelCase accepted, as in :meth:`find`)."""
         return self.retries.get(action) or self.retries.get(snake_case(action))
 
+    def dedup_window_of(self, action: str) -> float:
+        """Seconds ``action``'s idempotency keys are remembered (camelCase accepted)."""
+        windows = self.dedup_windows
+        if not windows:
+            return self.dedup_window
+        return windows.get(action) or windows.get(snake_case(action)) or self.dedup_window
+
     @property
-    def client(self) -> "RpcClient":
-        """The RpcClient this service's handlers use for nested calls and events: one per
-        process, created on first use, closed when the last worker of the service here
-        stops (see :mod:`amqprpc.middleware.shared_client`). Calls and events made with it inside a
+    def client(self) -> Caller:
+        """The RpcClient (typed as the :class:`~amqprpc.caller.Caller` it offers) this service's
+        handlers use for nested calls and events: one per process, created on first use,
+        closed when the last worker of the service here stops (see
+        :mod:`amqprpc.middleware.shared_client`). Calls and events made with it inside a
         handler carry the handler's trace id and what is left of its deadline. A client
         installed with :func:`client_installed` (as :mod:`amqprpc.testing` does) comes first."""
         installed = _installed.get()

@@ -8,7 +8,7 @@
 # $AMQPRPC_RABBITMQ4_ROOT (default /var/cache/amqprpc/rabbitmq-4.x): outside the clone, so it
 # survives between runs and clones on one machine (a cold build takes a few minutes and
 # ~400 MB; later runs find it ready at once). Nodes run from it under chroot, each with its
-# own nodename, ports, config, cookie and data directory (tests/rabbit_node.py).
+# own nodename, ports, config, cookie and data directory (tests/apps/rabbit_node.py).
 # Needs root (debootstrap, chroot); apt-get installs debootstrap when it is missing.
 set -euo pipefail
 
@@ -41,7 +41,7 @@ build() {
   local began=$SECONDS
   debootstrap --variant=minbase --include=rabbitmq-server "$SUITE" "$work" >"$work.log" 2>&1 || {
     tail -30 "$work.log" >&2; log "debootstrap failed (full log: $work.log)"; return 1; }
-  # Nodes are started by hand (tests/rabbit_node.py), never by the package's service.
+  # Nodes are started by hand (tests/apps/rabbit_node.py), never by the package's service.
   rm -rf "$ROOT"
   mv "$work" "$ROOT"
   chroot "$ROOT" dpkg-query -W -f '${Version}' rabbitmq-server >"$READY"

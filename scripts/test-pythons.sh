@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The unit tests and the worker/call/event smoke (tests/test_smoke.py) on every supported Python
+# The unit tests and the worker/call/event smoke (tests/integration/test_smoke.py) on every supported Python
 # but the default one (make test runs the whole suite on that), as `make test-pythons` does.
 #
 # Each version gets a venv of its own, .venv-3.X, made from ~/.pyenv/versions/3.X.*/bin/python
@@ -34,7 +34,7 @@ wheel=$(ls build/wheel/amqprpc-*.whl)
 # One RabbitMQ node of this run's own for every version's smoke (each would boot one otherwise).
 export AMQPRPC_TEST_RABBIT_NODE=$PWD/build/rabbit-node.json
 node() {  # start | stop: the shared node, found again through the state file
-  (cd tests && "$builder" -c "import sys
+  (cd tests/apps && "$builder" -c "import sys
 from rabbit_node import RabbitNode
 if sys.argv[1] == 'start':
     node = RabbitNode(label='pythons')

@@ -19,7 +19,7 @@ import os
 import time
 from typing import Any, Dict
 
-from amqprpc import RemoteError, RpcClient, Service, current_call
+from amqprpc import Caller, RemoteError, Service, current_call
 from amqprpc.logs import get_logger
 
 from .models import NewOrder, Order, OrderCreated, OrderRef, PaymentOutcome
@@ -53,7 +53,7 @@ def load(shop: Shop, order_id: str) -> dict | None:
             "created_at": int(stored["created_at"])}
 
 
-def announce(client: RpcClient, order: dict) -> None:
+def announce(client: Caller, order: dict) -> None:
     client.publish_event("order.created", {
         "order_id": order["order_id"], "user_id": order["user_id"], "total": order["total"], "items": order["items"]})
 

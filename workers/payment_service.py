@@ -43,7 +43,8 @@ def on_order_created(shop: Shop, service: Service, limit: float, payload: OrderC
         if charged is not None:  # charged already: say the same again
             payment = json.loads(charged)
     log.info("payment " + payment["status"], order_id=order_id, payment_id=payment["payment_id"], amount=amount)
-    event = {name: payment[name] for name in ("order_id", "user_id", "payment_id", "amount", "reason") if name in payment}
+    event = {name: payment[name] for name in ("order_id", "user_id", "payment_id", "amount", "reason")
+             if name in payment}
     service.client.publish_event(f"payment.{payment['status']}", event)
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from amqprpc.config import redis_url
+from amqprpc.config import redis_client, redis_url
 from amqprpc import current_call
 
 DEFAULT_PREFIX = "shop:"
@@ -55,7 +55,8 @@ class Shop:
 @functools.lru_cache(maxsize=None)
 def _redis(url: str) -> redis.Redis:
     # decode_responses: the shop stores text and JSON, never bytes.
-    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=5.0, socket_connect_timeout=5.0)
+    # redis:// or redis+sentinel:// (amqprpc.config.redis_client), redis-py's own retries kept.
+    return redis_client(url, 5.0, decode_responses=True, retries=None)
 
 
 def trace_id() -> str:

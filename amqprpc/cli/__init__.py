@@ -14,21 +14,24 @@ import click
 
 from amqprpc import logs
 from amqprpc.config import DEFAULT_BROKER_URL, DEFAULT_COLLECTOR_QUEUE, DEFAULT_REDIS_URL, redact
-from amqprpc.errors import CallTimeout, ContractError, RemoteError, RpcError, ServiceUnavailable
+from amqprpc.caller import Caller
+from amqprpc.errors import CallTimeout, ContractError, RemoteError, RpcError, ServiceNotFound, ServiceUnavailable
+from amqprpc.cli import dashboard as dashboard_commands
+from amqprpc.cli import revoke as revoke_command
 from amqprpc.cli import workflow as workflow_commands
 
 EXIT_OK, EXIT_REMOTE_ERROR, EXIT_USAGE, EXIT_TIMEOUT, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4
 
 
 # --- reusable option groups (Celery-style) -------------------------------------------
-def broker_option(fn: Callable) -> Callable:
+def broker_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--broker", envvar="AMQPRPC_BROKER_URL", default=DEFAULT_BROKER_URL,
                         show_default=redact(DEFAULT_BROKER_URL), show_envvar=True,
                         help="Broker URL; several as 'amqp://h1;amqp://h2' fail over. amqps:// for TLS.")(fn)
 
 
-def logging_options(default_level: str = "info") -> Callable:
-    def decorate(fn: Callable) -> Callable:
+def logging_options(default_level: str = "info") -> Callable[..., Any]:
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         fn = click.option("--log-level", envvar="AMQPRPC_LOG_LEVEL", default=default_level, show_default=True,
                           show_envvar=True, type=click.Choice(logs.LEVELS, case_sensitive=False))(fn)
         fn = click.option("--log-format", envvar="AMQPRPC_LOG_FORMAT", default="console", show_default=True,
@@ -38,12 +41,14 @@ def logging_options(default_level: str = "info") -> Callable:
     return decorate
 
 
-def redis_option(fn: Callable) -> Callable:
+def redis_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--redis", "redis_url", envvar="AMQPRPC_REDIS_URL", default=DEFAULT_REDIS_URL,
-                        show_default=True, show_envvar=True, help="Redis URL.")(fn)
+                        show_default=True, show_envvar=True,
+                        help="Redis URL: redis://[:password@]HOST:PORT/DB, or through Sentinel "
+                             "redis+sentinel://[:password@]HOST:PORT[,HOST:PORT...]/MASTER_NAME[/DB].")(fn)
 
 
-def daemon_options(fn: Callable) -> Callable:
+def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Options of every resident process (worker, collector)."""
     fn = click.option("--heartbeat", envvar="AMQPRPC_HEARTBEAT", default=30.0, show_default=True, show_envvar=True,
                       type=click.FloatRange(min=0), help="AMQP heartbeat in seconds (0 disables).")(fn)
@@ -54,7 +59,8 @@ def daemon_options(fn: Callable) -> Callable:
                       show_envvar=True, type=click.FloatRange(min=0.1),
                       help="Longest wait in seconds between broker reconnect attempts (full-jitter backoff).")(fn)
     fn = click.option("--pidfile", envvar="AMQPRPC_PIDFILE", default=None, show_envvar=True,
-                      type=click.Path(dir_okay=False), help="Write the pid here; refuse to start if it names a live process.")(fn)
+                      type=click.Path(dir_okay=False),
+                      help="Write the pid here; refuse to start if it names a live process.")(fn)
     fn = click.option("--broker-wait", envvar="AMQPRPC_BROKER_WAIT", default=math.inf, show_default="forever",
                       show_envvar=True, type=click.FloatRange(min=0), metavar="SECONDS",
                       help="How long an unreachable broker is retried at start (backoff up to --reconnect-cap, "
@@ -62,7 +68,7 @@ def daemon_options(fn: Callable) -> Callable:
     return fn
 
 
-def timeout_option(what: str = "Seconds to wait for the answer.") -> Callable:
+def timeout_option(what: str = "Seconds to wait for the answer.") -> Callable[..., Any]:
     return click.option("--timeout", envvar="AMQPRPC_TIMEOUT", default=5.0, show_default=True, show_envvar=True,
                         type=click.FloatRange(min=0.001), help=what)
 
@@ -70,10 +76,10 @@ def timeout_option(what: str = "Seconds to wait for the answer.") -> Callable:
 CONFIRM_TIMEOUT_HELP = "Seconds to wait for the broker to confirm it stored the message."
 
 
-class JsonObject(click.ParamType):
+class JsonObject(click.ParamType):  # type: ignore[type-arg]  # generic from click 8.2 on; we support 8.0
     name = "JSON"
 
-    def convert(self, value: Any, param, ctx) -> dict:
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> dict[str, Any]:
         if isinstance(value, dict):
             return value
         try:
@@ -90,10 +96,10 @@ def fail(code: int, message: str) -> None:
     sys.exit(code)
 
 
-def request_arguments(timeout_help: str) -> Callable:
+def request_arguments(timeout_help: str) -> Callable[..., Any]:
     """SERVICE ACTION [PAYLOAD] with the timeout, broker and logging options (call, cast)."""
-    def decorate_all(fn: Callable) -> Callable:
-        decorators: list[Callable[[Callable], Callable]] = [
+    def decorate_all(fn: Callable[..., Any]) -> Callable[..., Any]:
+        decorators: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
             click.argument("service"), click.argument("action"),
             click.argument("payload", required=False, default="{}", type=JsonObject()),
             timeout_option(timeout_help), broker_option, logging_options("warning"),
@@ -196,7 +202,7 @@ def worker(service: str, app: str | None, concurrency: int, prefetch: int | None
     instance = Worker(svc, broker_url=broker, concurrency=concurrency, prefetch=prefetch, heartbeat=heartbeat,
                       registry=registry, registry_interval=registry_interval or 5.0,
                       max_message_bytes=max_message_bytes, queue_type=queue_type, max_redeliveries=max_redeliveries,
-                      reconnect_cap=reconnect_cap)
+                      reconnect_cap=reconnect_cap, redis_url=redis_url)
     try:
         code = run_worker(instance, shutdown_timeout, pidfile=pidfile, metrics_port=metrics_port,
                           broker_wait=broker_wait)
@@ -209,7 +215,7 @@ def worker(service: str, app: str | None, concurrency: int, prefetch: int | None
 
 @main.command()
 @request_arguments("Seconds to wait for the answer.")
-def call(service: str, action: str, payload: dict, timeout: float, broker: str, log_format: str,
+def call(service: str, action: str, payload: dict[str, Any], timeout: float, broker: str, log_format: str,
          log_level: str) -> None:
     """Call ACTION on SERVICE with PAYLOAD (a JSON object) and print the data as JSON.
 
@@ -222,7 +228,7 @@ def call(service: str, action: str, payload: dict, timeout: float, broker: str, 
 
 @main.command()
 @request_arguments(CONFIRM_TIMEOUT_HELP)
-def cast(service: str, action: str, payload: dict, timeout: float, broker: str, log_format: str,
+def cast(service: str, action: str, payload: dict[str, Any], timeout: float, broker: str, log_format: str,
          log_level: str) -> None:
     """Send ACTION to SERVICE without waiting for a reply (persistent, broker-confirmed)."""
     logs.configure(log_format, log_level)
@@ -236,7 +242,7 @@ def cast(service: str, action: str, payload: dict, timeout: float, broker: str, 
 @timeout_option(CONFIRM_TIMEOUT_HELP)
 @broker_option
 @logging_options("warning")
-def publish(event: str, payload: dict, timeout: float, broker: str, log_format: str, log_level: str) -> None:
+def publish(event: str, payload: dict[str, Any], timeout: float, broker: str, log_format: str, log_level: str) -> None:
     """Publish EVENT (e.g. order.created) with PAYLOAD (persistent, broker-confirmed)."""
     logs.configure(log_format, log_level)
     with_client(broker, timeout, lambda client: client.publish_event(event, payload, timeout=timeout))
@@ -259,6 +265,7 @@ def dlq(service: str, limit: int, as_json: bool, replay: bool, purge: bool, brok
     Exit 0, 2 for usage errors, 4 when the broker or the queue cannot be reached.
     """
     from amqprpc.ops import dlq as dead
+    from amqprpc.wire.topology import DEFAULT_TOPOLOGY
 
     logs.configure(log_format, log_level)
     if replay and purge:
@@ -266,14 +273,14 @@ def dlq(service: str, limit: int, as_json: bool, replay: bool, purge: bool, brok
     try:
         if replay:
             done, kept = dead.replay(service, broker_url=broker)
-            result: dict = {"replayed": done, "unroutable": kept}
+            result: dict[str, Any] = {"replayed": done, "unroutable": kept}
             text = f"replayed {done} dead letter(s) of {service}" + (f"; {kept} unroutable, kept" if kept else "")
         elif purge:
             result = {"purged": dead.purge(service, broker_url=broker)}
             text = f"purged {result['purged']} dead letter(s) of {service}"
         else:
             count, letters = dead.inspect(service, limit, broker_url=broker)
-            result = {"queue": dead.DEFAULT_TOPOLOGY.dead_queue_name(service), "count": count, "messages": letters}
+            result = {"queue": DEFAULT_TOPOLOGY.dead_queue_name(service), "count": count, "messages": letters}
             text = "\n".join([f"{count} dead letter(s) in {result['queue']}"] + [
                 f"  {m['message_id']}  {m['action']}  {m['error_type']}: {m['error']}  "
                 f"(attempts {m['attempts']}, last {m['last_failure']}, from {m['original_queue']})"
@@ -318,7 +325,7 @@ def ping(service: str, count: int, timeout: float, broker: str, log_format: str,
 
     logs.configure(log_format, log_level)
 
-    def pings(client) -> None:
+    def pings(client: Caller) -> None:
         for _ in range(count):
             started = time.perf_counter()
             data = client.call(service, "ping", {}, timeout=timeout)
@@ -398,7 +405,7 @@ def asyncapi(service: str | None, app: str | None, fmt: str, out: str | None, al
 
     from amqprpc import asyncapi as spec
     from amqprpc.errors import ContractError
-    from amqprpc.ops.loading import ServiceNotFound, known_services, load_service
+    from amqprpc.ops.loading import known_services, load_service
 
     if all_services and (service or app):
         raise click.UsageError("--all documents every service of the entry points: give no SERVICE or --app")
@@ -448,8 +455,9 @@ def demo(broker: str, log_format: str, log_level: str) -> None:
              f"(or set AMQPRPC_BROKER_URL), then run 'amqprpc demo' again.")
 
 
-
 main.add_command(workflow_commands.workflow)
+main.add_command(dashboard_commands.dashboard)
+main.add_command(revoke_command.revoke)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

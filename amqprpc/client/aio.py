@@ -46,14 +46,14 @@ class AsyncRpcClient:
         self._client: RpcClient | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._answered: collections.deque = collections.deque()  # (concurrent future, asyncio future)
+        self._answered: collections.deque[Any] = collections.deque()  # (concurrent future, asyncio future)
         self._wake_scheduled = False
 
     async def __aenter__(self) -> "AsyncRpcClient":
         await self.connect()
         return self
 
-    async def __aexit__(self, *exc_info) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
     async def connect(self) -> None:
@@ -86,13 +86,15 @@ class AsyncRpcClient:
         return self._client
 
     async def call(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
-                   returns: Any = None) -> Any:
+                   returns: Any = None, idempotency_key: str | None = None) -> Any:
         """Call ``action`` on ``service`` and return its ``data``; raises as ``RpcClient.call``.
-        ``timeout`` in seconds; ``payload`` and ``returns`` as for ``RpcClient.call``.
-        Cancelling the awaiting task abandons the call."""
+        ``timeout`` in seconds; ``payload``, ``returns`` and ``idempotency_key`` as for
+        ``RpcClient.call``. Cancelling the awaiting task abandons the call (it still runs:
+        revoke it with :meth:`revoke` and ``call_async(...).message_id``)."""
         client = self.client
         timeout = client.timeout if timeout is None else timeout
-        data = await self._answer_of(client.call_async(service, action, payload, timeout=timeout),
+        data = await self._answer_of(client.call_async(service, action, payload, timeout=timeout,
+                                                       idempotency_key=idempotency_key),
                                      f"{service}.{action}", timeout)
         if returns is None:
             return data
@@ -100,7 +102,7 @@ class AsyncRpcClient:
 
         return parse(returns, data, f"{service}.{action}")
 
-    async def _answer_of(self, future: Future, what: str, timeout: float) -> Any:
+    async def _answer_of(self, future: Future[Any], what: str, timeout: float) -> Any:
         """The data of a call's concurrent future, awaited on this event loop."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # used from another event loop than it connected on
@@ -120,7 +122,7 @@ class AsyncRpcClient:
         finally:
             late.cancel()
 
-    def _answer(self, future: Future, waiter: asyncio.Future) -> None:
+    def _answer(self, future: Future[Any], waiter: asyncio.Future[Any]) -> None:
         """A call's concurrent future is done (the client's loop or timer thread, or this one)."""
         self._answered.append((future, waiter))
         assert self._loop is not None  # wired only for calls made on self._loop
@@ -150,10 +152,23 @@ class AsyncRpcClient:
             else:
                 waiter.set_result(future.result())
 
+    def call_async(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
+                   idempotency_key: str | None = None) -> "asyncio.Future[Any]":
+        """Send a call now and return an asyncio Future of its ``data`` (await it later);
+        its ``message_id`` attribute is the request's message id, for :meth:`revoke`."""
+        client = self.client
+        timeout = client.timeout if timeout is None else timeout
+        sent = client.call_async(service, action, payload, timeout=timeout, idempotency_key=idempotency_key)
+        answer = asyncio.ensure_future(self._answer_of(sent, f"{service}.{action}", timeout))
+        answer.message_id = getattr(sent, "message_id", None)  # type: ignore[attr-defined]
+        return answer
+
     async def cast(self, service: str, action: str, payload: Any = None, *,
-                   timeout: float | None = None) -> None:
-        """As ``RpcClient.cast``: returns once the broker confirmed the request."""
-        await self._off_loop(self.client.cast, service, action, payload, timeout=timeout)
+                   timeout: float | None = None, idempotency_key: str | None = None) -> str:
+        """As ``RpcClient.cast``: returns the message id once the broker confirmed the request."""
+        message_id: str = await self._off_loop(self.client.cast, service, action, payload, timeout=timeout,
+                                               idempotency_key=idempotency_key)
+        return message_id
 
     async def publish_event(self, name: str, payload: Any = None, *,
                             timeout: float | None = None) -> None:
@@ -161,9 +176,16 @@ class AsyncRpcClient:
         await self._off_loop(self.client.publish_event, name, payload, timeout=timeout)
 
     async def submit(self, service: str, action: str, payload: Any = None, *,
-                     timeout: float | None = None) -> str:
-        """As ``RpcClient.submit``: returns the correlation id once the broker confirmed."""
-        return await self._off_loop(self.client.submit, service, action, payload, timeout=timeout)
+                     timeout: float | None = None, correlation_id: str | None = None,
+                     idempotency_key: str | None = None) -> str:
+        """As ``RpcClient.submit``: returns the correlation id (= message id) once the broker confirmed."""
+        correlation_id = await self._off_loop(self.client.submit, service, action, payload, timeout=timeout,
+                                              correlation_id=correlation_id, idempotency_key=idempotency_key)
+        return str(correlation_id)
+
+    async def revoke(self, service: str, message_id: str, *more_ids: str, ttl: float | None = None) -> None:
+        """As ``RpcClient.revoke`` (the Redis write runs off the event loop)."""
+        await self._off_loop(self.client.revoke, service, message_id, *more_ids, ttl=ttl)
 
     async def run(self, workflow: Any) -> Any:
         """:meth:`RpcClient.run <amqprpc.client.rpc.RpcClient.run>` off the event loop; the
@@ -182,6 +204,6 @@ class AsyncRpcClient:
         return await asyncio.get_running_loop().run_in_executor(self._executor, run)
 
 
-def _too_late(waiter: asyncio.Future, what: str, timeout: float) -> None:
+def _too_late(waiter: asyncio.Future[Any], what: str, timeout: float) -> None:
     if not waiter.done():
         waiter.set_exception(CallTimeout(f"{what}: no answer within {timeout}s (its deadline timer was late)"))

@@ -31,6 +31,7 @@ import time
 from typing import TYPE_CHECKING, Any, Iterable, NamedTuple, Optional, Union
 
 from amqprpc.wire import envelope
+from amqprpc.config import redis_client
 from amqprpc.config import redis_url as default_redis_url
 
 if TYPE_CHECKING:  # redis is imported by the first store, not by `import amqprpc`
@@ -82,11 +83,11 @@ class _Names:
         return Lookup(PENDING if pending is not None else UNKNOWN)
 
     @staticmethod
-    def _is_confirmation(message: Optional[dict]) -> bool:
+    def _is_confirmation(message: Optional[dict[str, Any]]) -> bool:
         return message is not None and message["type"] == "subscribe"
 
     @staticmethod
-    def _announced(message: Optional[dict]) -> Optional[bytes]:
+    def _announced(message: Optional[dict[str, Any]]) -> Optional[bytes]:
         return message["data"] if message is not None and message["type"] == "message" else None
 
 
@@ -101,11 +102,9 @@ class ResponseStore(_Names):
 
     def __init__(self, redis_url: str | None = None, *, prefix: str | None = None,
                  client: redis.Redis | None = None, socket_timeout: float = 5.0):
-        import redis
-
         self.prefix = default_prefix(prefix)
-        self.redis = client or redis.Redis.from_url(default_redis_url(redis_url), socket_timeout=socket_timeout,
-                                                    socket_connect_timeout=socket_timeout)
+        # redis:// or redis+sentinel:// (config.redis_client); redis-py's own retries kept.
+        self.redis = client or redis_client(default_redis_url(redis_url), socket_timeout, retries=None)
 
     def get(self, correlation_id: str) -> Any:
         """The decoded reply envelope (``{"success": true, "data": ...}`` or
@@ -172,11 +171,8 @@ class AsyncResponseStore(_Names):
 
     def __init__(self, redis_url: str | None = None, *, prefix: str | None = None,
                  client: "redis.asyncio.Redis | None" = None, socket_timeout: float = 5.0):
-        import redis.asyncio
-
         self.prefix = default_prefix(prefix)
-        self.redis = client or redis.asyncio.Redis.from_url(
-            default_redis_url(redis_url), socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout)
+        self.redis = client or redis_client(default_redis_url(redis_url), socket_timeout, asyncio=True, retries=None)
 
     async def get(self, correlation_id: str) -> Any:
         return self._decode(await self.redis.get(self.key(correlation_id)))

@@ -20,13 +20,16 @@ import amqp
 
 from amqprpc import context, logs
 from amqprpc.wire import envelope
+from amqprpc.caller import Caller
 from amqprpc.client.breaker import CircuitBreaker
 from amqprpc.config import broker_url as default_broker_url
 from amqprpc.config import redact
 from amqprpc.transport.deadlines import Timer
 from amqprpc.errors import CallTimeout, CircuitOpen, ConnectionLost, PublishRefused, RemoteError, ServiceUnavailable
 from amqprpc.transport.framehandler import UndecodableMessage
-from amqprpc.transport.ioloop import UNENCODABLE, AmqpLoop, channel_refused, close_quietly, open_confirm_channel, publish
+from amqprpc.transport.ioloop import (
+    UNENCODABLE, AmqpLoop, channel_refused, close_quietly, open_confirm_channel, publish,
+)
 from amqprpc.transport.link import describe
 from amqprpc.middleware import Hooks, Middleware, Outgoing
 from amqprpc.middleware.observability import automatic
@@ -49,7 +52,8 @@ class RpcClient:
     ``broker_url`` defaults to ``AMQPRPC_BROKER_URL``; ``timeout`` is the default call
     timeout in seconds; ``heartbeat``, ``connect_timeout`` and ``reconnect_cap`` (the
     longest wait between reconnect attempts) in seconds; ``middleware`` hooks around what it
-    sends (:mod:`amqprpc.middleware`), after the process's defaults.
+    sends (:mod:`amqprpc.middleware`), after the process's defaults; ``redis_url`` where
+    :meth:`revoke` stores revocations (default ``AMQPRPC_REDIS_URL``; used only by it).
     One lifecycle: connects at construction (raises :class:`ServiceUnavailable` if it
     cannot), :meth:`close` (or the ``with`` block) ends it. Its connection is an
     :class:`~amqprpc.transport.ioloop.AmqpLoop` it holds, not one it is.
@@ -58,7 +62,7 @@ class RpcClient:
     def __init__(self, source: str = "amqprpc-client", *, broker_url: str | None = None, timeout: float = 5.0,
                  topology: Topology = DEFAULT_TOPOLOGY, heartbeat: float = 30.0, connect_timeout: float = 5.0,
                  breaker: CircuitBreaker | None = None, middleware: Sequence[Middleware] | None = None,
-                 reconnect_cap: float = 10.0):
+                 reconnect_cap: float = 10.0, redis_url: str | None = None):
         self.hooks = Hooks(middleware, builtin=automatic(middleware or ()))
         self._loop = AmqpLoop(default_broker_url(broker_url), name=f"amqprpc-client-{source}", heartbeat=heartbeat,
                               connect_timeout=connect_timeout, reconnect_cap=reconnect_cap,
@@ -70,6 +74,8 @@ class RpcClient:
         self.timeout = timeout
         self.breaker = breaker
         self.topology = topology
+        self.redis_url = redis_url
+        self._revocations: Any = None  # RevocationStore, made by the first revoke()
         self.reply_queue = topology.reply_queue(source)
         # Publishes go on two confirm channels of their own (calls; casts, events and
         # submits), replies arrive on a third: a channel the broker keeps refusing is
@@ -81,11 +87,11 @@ class RpcClient:
         self._confirm_channel: amqp.Channel | None = None
         self._confirm_opened = 0.0
         self.channels_replaced = {"call": 0, "confirm": 0}  # after the broker kept refusing them
-        self._pending: dict[str, tuple[Future, str, str, float]] = {}  # correlation id -> call
+        self._pending: dict[str, tuple[Future[Any], str, str, float]] = {}  # correlation id -> call
         self._deadlines: list[tuple[float, str]] = []  # heap of (monotonic deadline, correlation id)
         self._calls_lock = threading.Lock()  # the two above, between callers, loop and timer
         self._timer = Timer(self._expire, name=f"amqprpc-deadlines-{source}")
-        self._confirms: dict[int, tuple[Future, str, str]] = {}  # delivery tag -> publish
+        self._confirms: dict[int, tuple[Future[Any], str, str]] = {}  # delivery tag -> publish
         self._unroutable: set[str] = set()
         self._publish_seq = 0
         self._declared: dict[str, int] = {}  # queue name -> connection generation it was declared on
@@ -98,7 +104,7 @@ class RpcClient:
 
     # --- public API --------------------------------------------------------------------
     def call(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
-             retry: Retry | None = None, returns: Any = None) -> Any:
+             retry: Retry | None = None, returns: Any = None, idempotency_key: str | None = None) -> Any:
         """Call ``action`` on ``service`` and return its ``data``.
 
         ``payload``: a dict, or a pydantic model or dataclass (sent as its JSON dump).
@@ -111,50 +117,65 @@ class RpcClient:
         CircuitOpen (the breaker refused; nothing was sent).
         ``retry``: for idempotent actions only, re-send after CallTimeout/ServiceUnavailable
         with backoff (never after CircuitOpen); ``timeout`` then bounds all attempts together.
+        ``idempotency_key``: the service runs the handler at most once per key within its
+        dedup window (24 h); a repeat gets the first call's reply (waiting for it while the
+        first still runs). Every retry attempt carries the same key, which makes ``retry``
+        safe for any action. A Revoked error (:class:`~amqprpc.errors.Revoked`) says the
+        request was revoked before or while it ran.
         """
         timeout = self.timeout if timeout is None else timeout
+        key = idempotency_key
         if retry is not None:
-            data = call_with_retry(lambda left: self.call(service, action, payload, timeout=left), retry, timeout)
+            data = call_with_retry(lambda left: self.call(service, action, payload, timeout=left, idempotency_key=key),
+                                   retry, timeout)
         elif self.breaker is not None:
-            data = self.breaker.call(service, action, payload, lambda: self._call(service, action, payload, timeout),
+            data = self.breaker.call(service, action, payload,
+                                     lambda: self._call(service, action, payload, timeout, key),
                                      on_reject=self._refused if self.hooks.after_settle else None)
         else:
-            data = self._call(service, action, payload, timeout)
+            data = self._call(service, action, payload, timeout, key)
         return data if returns is None else _parse(returns, data, service, action)
 
-    def _call(self, service: str, action: str, payload: Any, timeout: float) -> Any:
-        future = self._call_async(service, action, payload, timeout)
+    def _call(self, service: str, action: str, payload: Any, timeout: float, idempotency_key: str | None = None) -> Any:
+        future = self._call_async(service, action, payload, timeout, idempotency_key)
         try:
             return future.result(timeout + _GRACE)
         except FutureTimeout:
-            raise CallTimeout(f"{service}.{action}: no answer within {timeout}s (its deadline timer was late)") from None
+            raise CallTimeout(
+                f"{service}.{action}: no answer within {timeout}s (its deadline timer was late)") from None
 
     def call_async(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
-                   callback: Callable[[Future], Any] | None = None, returns: Any = None) -> Future:
+                   callback: Callable[[Future[Any]], Any] | None = None, returns: Any = None,
+                   idempotency_key: str | None = None) -> Future[Any]:
         """Send a call and return a Future of its ``data`` at once.
 
         ``callback(future)`` runs when it resolves, on a separate callback thread (so a
-        callback may itself make calls). ``payload`` and ``returns`` as for :meth:`call`
-        (the data is parsed on the callback thread, never on the I/O loop's).
+        callback may itself make calls). ``payload``, ``returns`` and ``idempotency_key`` as
+        for :meth:`call` (the data is parsed on the callback thread, never on the I/O loop's).
+        The Future's ``message_id`` attribute is the request's message id (for :meth:`revoke`;
+        None when the circuit breaker refused and nothing was sent).
         """
         if self.breaker is not None:
             future = self.breaker.call_async(service, action, payload,
-                                             lambda: self._call_async(service, action, payload, timeout),
+                                             lambda: self._call_async(service, action, payload, timeout,
+                                                                      idempotency_key),
                                              self._run_callback,
                                              on_reject=self._refused if self.hooks.after_settle else None)
         else:
-            future = self._call_async(service, action, payload, timeout)
+            future = self._call_async(service, action, payload, timeout, idempotency_key)
+        message_id = getattr(future, "message_id", None)
         if returns is not None:
             future = self._parsed(future, returns, service, action)
+        future.message_id = message_id  # type: ignore[attr-defined]  # documented on the Future
         if callback is not None:
             future.add_done_callback(self._run_callback(callback))
         return future
 
-    def _parsed(self, future: Future, returns: Any, service: str, action: str) -> Future:
+    def _parsed(self, future: Future[Any], returns: Any, service: str, action: str) -> Future[Any]:
         """A Future of ``future``'s data parsed into ``returns``."""
-        parsed: Future = Future()
+        parsed: Future[Any] = Future()
 
-        def parse(done: Future) -> None:
+        def parse(done: Future[Any]) -> None:
             error = done.exception()
             if error is not None:
                 _settle(parsed, exception=error)
@@ -168,8 +189,8 @@ class RpcClient:
         return parsed
 
     def _call_async(self, service: str, action: str, payload: Any,
-                    timeout: float | None) -> Future:
-        timeout, headers = self._deadline(timeout)
+                    timeout: float | None, idempotency_key: str | None = None) -> Future[Any]:
+        timeout, headers = self._deadline(timeout, idempotency_key=idempotency_key)
         message_id = envelope.new_id()
         hooks = self.hooks
         outgoing = None
@@ -187,7 +208,8 @@ class RpcClient:
         message = amqp.Message(body, content_type=envelope.CONTENT_TYPE, message_id=message_id,
                                correlation_id=message_id, reply_to=self.reply_queue.name, delivery_mode=2,
                                expiration=str(max(1, int(timeout * 1000))))
-        future: Future = Future()
+        future: Future[Any] = Future()
+        future.message_id = message_id  # type: ignore[attr-defined]  # see call_async
         if outgoing is not None:
             if outgoing.headers:
                 message.properties["application_headers"] = outgoing.headers
@@ -201,10 +223,11 @@ class RpcClient:
         return future
 
     def cast(self, service: str, action: str, payload: Any = None, *,
-             timeout: float | None = None) -> None:
-        """Send a request that gets no reply. Returns once the broker confirmed it stored
-        the message; raises ServiceUnavailable if no queue takes it."""
-        timeout, headers = self._deadline(timeout, with_deadline=False)
+             timeout: float | None = None, idempotency_key: str | None = None) -> str:
+        """Send a request that gets no reply. Returns its message id (for :meth:`revoke`) once
+        the broker confirmed it stored the message; raises ServiceUnavailable if no queue
+        takes it. ``idempotency_key`` as for :meth:`call`: a repeat is acked unrun."""
+        timeout, headers = self._deadline(timeout, with_deadline=False, idempotency_key=idempotency_key)
         message_id = envelope.new_id()
         exchange, routing_key = self.topology.service_exchange, self.topology.request_key(service)
         outgoing = self._outgoing("cast", service, action, exchange, routing_key, message_id, None,
@@ -217,6 +240,7 @@ class RpcClient:
             raise
         self._confirmed(exchange, routing_key, body, message_id, f"cast to {service}.{action}", mandatory=True,
                         timeout=timeout, outgoing=outgoing)
+        return message_id
 
     def publish_event(self, name: str, payload: Any = None, *,
                       timeout: float | None = None) -> None:
@@ -236,7 +260,8 @@ class RpcClient:
                         outgoing=outgoing)
 
     def submit(self, service: str, action: str, payload: Any = None, *,
-               timeout: float | None = None) -> str:
+               timeout: float | None = None, correlation_id: str | None = None,
+               idempotency_key: str | None = None) -> str:
         """Accept-then-poll: send a request whose reply goes to the shared collector queue
         (``topology.collector_queue``) and return its correlation id.
 
@@ -245,10 +270,21 @@ class RpcClient:
         ServiceUnavailable at once if no queue is bound for ``service``, CallTimeout if the
         broker did not confirm within ``timeout`` seconds. The request carries no deadline:
         it runs whenever a worker gets to it. ``amqprpc collector`` stores the reply in
-        Redis; read it with :class:`amqprpc.ResponseStore`.
+        Redis; read it with :class:`amqprpc.ResponseStore`. The id returned is also the
+        request's message id (for :meth:`revoke`). ``idempotency_key`` as for :meth:`call`.
+
+        ``correlation_id``: an id of the caller's own instead of a new one (at most 255
+        ASCII characters), for a caller that must know it before sending (to mark the
+        request pending first) or hand out an unguessable one (``secrets.token_hex(16)``:
+        the ids amqprpc makes are unique, not secret).
         """
-        timeout, headers = self._deadline(timeout, with_deadline=False)
-        message_id = envelope.new_id()
+        timeout, headers = self._deadline(timeout, with_deadline=False, idempotency_key=idempotency_key)
+        if correlation_id is not None:
+            problem = (envelope.shortstr_problem("correlation_id", correlation_id) if correlation_id
+                       else "correlation_id is empty")
+            if problem:
+                raise ValueError(problem)
+        message_id = correlation_id or envelope.new_id()
         collector = self.topology.responses_queue()
         deadline = time.monotonic() + timeout
         if self._declared.get(collector.name) != self._loop.generation:
@@ -272,6 +308,20 @@ class RpcClient:
                         timeout=deadline - time.monotonic(), outgoing=outgoing, correlation_id=message_id,
                         reply_to=collector.name)
         return message_id
+
+    def revoke(self, service: str, message_id: str, *more_ids: str, ttl: float | None = None) -> None:
+        """Revoke messages of ``service`` by message id (what :meth:`cast` and :meth:`submit`
+        return, a call_async Future's ``message_id``), for every worker of the service:
+        one not started yet is acked unrun (a call is answered with
+        :class:`~amqprpc.errors.Revoked`), also after a countdown or retry delay; a running
+        handler sees ``current_call().cancelled`` turn true within about a second. Kept in
+        Redis (``redis_url``) for ``ttl`` seconds (default one day). Raises
+        ServiceUnavailable if Redis cannot be reached (nothing was revoked)."""
+        from amqprpc.middleware.revoke import DEFAULT_REVOKE_TTL, RevocationStore
+
+        if self._revocations is None:
+            self._revocations = RevocationStore(self.redis_url)
+        self._revocations.revoke(service, (message_id, *more_ids), DEFAULT_REVOKE_TTL if ttl is None else ttl)
 
     def run(self, workflow: Any) -> Any:
         """Start ``workflow`` (:func:`amqprpc.chain`, ``group``, ``chord``, ``task``): its
@@ -306,13 +356,14 @@ class RpcClient:
     def __enter__(self) -> "RpcClient":
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     # --- caller thread helpers -------------------------------------------------------
-    def _deadline(self, timeout: float | None, with_deadline: bool = True) -> tuple[float, dict]:
+    def _deadline(self, timeout: float | None, with_deadline: bool = True,
+                  idempotency_key: str | None = None) -> tuple[float, dict[str, Any]]:
         """The effective timeout (bounded by an enclosing handler's deadline) and the
-        headers that carry the deadline and the trace id onwards."""
+        headers that carry the deadline, the trace id and the idempotency key onwards."""
         timeout = self.timeout if timeout is None else timeout
         current = context.current.get()
         headers: dict[str, Any] = {}
@@ -327,7 +378,13 @@ class RpcClient:
         else:
             headers["trace_id"] = envelope.new_id()
         if with_deadline:
+            # Both: the absolute deadline for peers that read only that (the seed's PHP
+            # services), the time left for a reader that counts it from arrival on its own
+            # clock (envelope.Request.deadline), so that skewed clocks drop no calls.
             headers["deadline"] = round(deadline, 6)
+            headers[envelope.TIMEOUT_MS_HEADER] = max(0, int(timeout * 1000))
+        if idempotency_key is not None:
+            headers["idempotency_key"] = str(idempotency_key)
         extra = context.outgoing_headers.get()
         if extra:
             headers.update(extra)
@@ -374,7 +431,7 @@ class RpcClient:
             message.properties["application_headers"] = outgoing.headers
 
         def attempt(left: float) -> None:
-            future: Future = Future()
+            future: Future[Any] = Future()
             self._send_confirmed(exchange, routing_key, message, message_id, what, mandatory, future)
             try:
                 future.result(left)
@@ -393,18 +450,18 @@ class RpcClient:
         if outgoing is not None and self.hooks.after_settle:
             self._settled(outgoing, None)
 
-    def _run_callback(self, callback: Callable[[Future], Any]) -> Callable[[Future], None]:
+    def _run_callback(self, callback: Callable[[Future[Any]], Any]) -> Callable[[Future[Any]], None]:
         if self._callbacks is None:
             self._callbacks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="amqprpc-callback")
         executor = self._callbacks
 
-        def run(future: Future) -> None:
+        def run(future: Future[Any]) -> None:
             executor.submit(callback, future)
 
         return run
 
     # --- loop thread -------------------------------------------------------------------
-    def _on_connected(self, connection) -> None:
+    def _on_connected(self, connection: Any) -> None:
         replies = connection.channel()
         self.topology.request_exchange()(replies).declare()
         self.topology.events_exchange()(replies).declare()
@@ -416,7 +473,8 @@ class RpcClient:
         """Requests go out confirmed: a request the broker refuses (nack) fails its call at
         once instead of at its timeout, and tells that the channel needs replacing. The
         broker's acks cost the loop thread one small frame per call, no caller waits on them."""
-        channel = open_confirm_channel(self._loop.connection, self._on_call_ack, self._on_call_nack, self._on_call_returned)
+        channel = open_confirm_channel(self._loop.connection, self._on_call_ack, self._on_call_nack,
+                                       self._on_call_returned)
         with self._write_lock:
             old, self._call_channel = self._call_channel, channel
             self._call_tags, self._call_seq, self._call_opened = {}, 0, time.monotonic()
@@ -445,7 +503,7 @@ class RpcClient:
         self.channels_replaced[which] += 1
         (self._open_call_channel if which == "call" else self._open_confirm_channel)()
 
-    def _on_disconnected(self, exc) -> None:
+    def _on_disconnected(self, exc: BaseException | None) -> None:
         with self._write_lock:  # no caller may publish on the dead channels after this
             self._call_channel = self._confirm_channel = None
             self._call_tags = {}
@@ -460,14 +518,14 @@ class RpcClient:
             _settle(future, exception=ConnectionLost(f"{what}: {reason}; not confirmed"))
         self._unroutable.clear()
 
-    def _declare_once(self, queue) -> None:
+    def _declare_once(self, queue: Any) -> None:
         # Declared by the sender too, so that replies wait in the queue even before the
         # first collector ever ran (a reply to a missing queue is dropped by the broker).
         if self._confirm_channel is not None and self._declared.get(queue.name) != self._loop.generation:
             queue(self._confirm_channel).declare()
             self._declared[queue.name] = self._loop.generation
 
-    def _register(self, message_id: str, future: Future, service: str, action: str, timeout: float) -> None:
+    def _register(self, message_id: str, future: Future[Any], service: str, action: str, timeout: float) -> None:
         """Pending from now on, with its deadline on the timer thread (:mod:`amqprpc.transport.deadlines`):
         it holds even if the loop thread publishes the call late, or never (a reconnect)."""
         due = time.monotonic() + timeout
@@ -485,7 +543,7 @@ class RpcClient:
             self._timer.arm(due)
 
     def _send_call(self, message_id: str, message: amqp.Message, service: str, action: str,
-                   future: Future) -> None:
+                   future: Future[Any]) -> None:
         """Publish from the caller's thread (any thread): no hop to the loop thread and
         back. But never wait for the lock: when another thread is writing, the loop thread
         publishes this call (in one go with whatever else piled up) rather than callers
@@ -499,7 +557,7 @@ class RpcClient:
             self._loop.call_soon(self._publish_call, message_id, message, service, action, future)
 
     def _publish_call(self, message_id: str, message: amqp.Message, service: str, action: str,
-                      future: Future) -> None:
+                      future: Future[Any]) -> None:
         """Under ``write_lock`` the channel cannot be swapped by a reconnect between the
         check and the publish."""
         if future.done():  # timed out, or failed with its connection, before its turn came
@@ -569,7 +627,7 @@ class RpcClient:
         else:
             _settle(future, exception=envelope.remote_error(doc))
 
-    def _undecodable_reply(self, message: UndecodableMessage, entry: tuple | None) -> None:
+    def _undecodable_reply(self, message: UndecodableMessage, entry: tuple[Any, ...] | None) -> None:
         """A reply whose properties did not decode (a hostile or broken peer): the call it
         names (by what did decode, or its body's message_id) fails with BadReply; otherwise
         it is dropped (the reply queue is no_ack). Either way the connection stays up."""
@@ -599,7 +657,7 @@ class RpcClient:
         if channel_refused(self._call_opened):
             self._loop.call_soon(self._replace_channel, "call")
 
-    def _on_call_returned(self, exc, exchange: str, routing_key: str, message: amqp.Message) -> None:
+    def _on_call_returned(self, exc: Exception, exchange: str, routing_key: str, message: amqp.Message) -> None:
         entry = self._pending.pop(message.properties.get("correlation_id"), None)
         if entry is not None:
             future, service, action, _ = entry
@@ -607,7 +665,7 @@ class RpcClient:
                 f"{service}.{action}: no queue is bound for {routing_key!r} (is {service} deployed?)"))
 
     def _send_confirmed(self, exchange: str, routing_key: str, message: amqp.Message, message_id: str, what: str,
-                        mandatory: bool, future: Future) -> None:
+                        mandatory: bool, future: Future[Any]) -> None:
         """From the caller's thread, like _send_call: the confirm's delivery tag is the
         channel's publish count, so numbering and publishing happen under write_lock."""
         with self._write_lock:
@@ -625,7 +683,7 @@ class RpcClient:
                     self._publish_seq -= 1  # nothing was sent: the broker's confirm numbers stay ours
                 _settle(future, exception=_publish_error(what, exc))
 
-    def _on_confirm_returned(self, exc, exchange: str, routing_key: str, message: amqp.Message) -> None:
+    def _on_confirm_returned(self, exc: Exception, exchange: str, routing_key: str, message: amqp.Message) -> None:
         # basic.return precedes the basic.ack of the same message.
         self._unroutable.add(message.properties.get("message_id"))
 
@@ -643,7 +701,7 @@ class RpcClient:
         if channel_refused(self._confirm_opened):
             self._loop.call_soon(self._replace_channel, "confirm")
 
-    def _take_confirms(self, delivery_tag: int, multiple: bool) -> list:
+    def _take_confirms(self, delivery_tag: int, multiple: bool) -> list[Any]:
         if not multiple:
             entry = self._confirms.pop(delivery_tag, None)
             return [entry] if entry else []
@@ -658,7 +716,7 @@ class ServiceProxy:
     payload (dict or model) and/or fields as keywords, and ``returns=`` as for ``call``
     (so ``returns`` is no payload field name here)."""
 
-    def __init__(self, client: RpcClient, service: str, timeout: float | None = None):
+    def __init__(self, client: Caller, service: str, timeout: float | None = None) -> None:
         self._client = client
         self._service = service
         self._timeout = timeout
@@ -718,7 +776,7 @@ def _take_tags(tags: dict[int, str], up_to: int) -> list[str]:
     return taken
 
 
-def _failure_of(future: Future) -> BaseException | None:
+def _failure_of(future: Future[Any]) -> BaseException | None:
     return CallTimeout("cancelled") if future.cancelled() else future.exception()
 
 
@@ -741,7 +799,7 @@ def _call_outcome(exc: BaseException | None, duration: float) -> CallOutcome:
     return CallOutcome(kind, type(exc).__name__, duration)
 
 
-def _settle(future: Future, *, result: Any = None, exception: BaseException | None = None) -> None:
+def _settle(future: Future[Any], *, result: Any = None, exception: BaseException | None = None) -> None:
     if future.done():
         return
     if exception is not None:

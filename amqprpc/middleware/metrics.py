@@ -22,7 +22,8 @@ from amqprpc.outcome import Outcome, OutcomeKind
 UNKNOWN_ACTION = "<unknown>"
 
 REQUESTS = Counter("amqprpc_requests", "Requests and events handled, by action (for an event: its handler's "
-                   "name) and outcome (replied, failed, retried, dead_lettered, refused, expired, recounted, done).",
+                   "name) and outcome (replied, failed, retried, dead_lettered, refused, expired, recounted, done, "
+                   "revoked, deduplicated).",
                    ["service", "action", "outcome"])
 DURATION = Histogram("amqprpc_handler_duration_seconds", "Time from taking a request to its reply, in seconds.",
                      ["service", "action"],

@@ -72,7 +72,7 @@ def _configured(provider: Any, api_module: str) -> bool:
     return not type(provider).__module__.startswith(api_module)
 
 
-class _HeadersGetter(Getter):
+class _HeadersGetter(Getter[Any]):
     """Reads W3C fields from an AMQP headers table: values may arrive as bytes (a peer's
     longstr that is not UTF-8, or py-amqp's 'x' byte arrays) or not be strings at all."""
 

@@ -76,7 +76,8 @@ class Workflows(Middleware):
         return decision
 
     def _failed(self, state: Any, workflow: str, step: Any, decision: Any) -> None:
-        headers: Optional[Any] = decision.forward.message.properties.get("application_headers") if decision.forward else None
+        forward = decision.forward
+        headers: Optional[Any] = forward.message.properties.get("application_headers") if forward else None
         error = str((headers or {}).get(ERROR, "failed"))
         error_type = str((headers or {}).get(ERROR_TYPE, decision.outcome.error_type or "Error"))
         self._record_failure(state, workflow, step, error, error_type)

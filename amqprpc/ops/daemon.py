@@ -28,12 +28,14 @@ import os
 import signal
 import threading
 import time
+from types import FrameType
 from typing import Callable, Protocol
 
 from amqprpc import logs
 from amqprpc.ops import sdnotify
 from amqprpc.config import redact
-from amqprpc.errors import PidFileError, StartupError  # StartupError re-exported: its home was here
+from amqprpc.errors import PidFileError
+from amqprpc.errors import StartupError as StartupError  # re-exported: its home was here
 from amqprpc.transport.ioloop import CONNECT_TIMEOUT, StartCancelled
 from amqprpc.ops.pidfile import PidFile
 
@@ -88,7 +90,7 @@ def run_worker(worker: Daemon, shutdown_timeout: float = 30.0, *, pidfile: str |
     cold = threading.Event()
     title = title or f"amqprpc {kind} {worker.name}"
 
-    def on_stop_signal(signum, _frame):
+    def on_stop_signal(signum: int, _frame: FrameType | None) -> None:
         if stop_requested.is_set() or signum == signal.SIGQUIT:
             cold.set()
             log.warning("cold stop requested", signal=signal.Signals(signum).name)
@@ -97,7 +99,7 @@ def run_worker(worker: Daemon, shutdown_timeout: float = 30.0, *, pidfile: str |
         stop_requested.set()
         worker.cancel_start()  # still waiting for the broker: give up waiting (no effect once serving)
 
-    def on_hangup(_signum, _frame):
+    def on_hangup(_signum: int, _frame: FrameType | None) -> None:
         log.info("SIGHUP ignored: stop with SIGTERM and let the supervisor start a new worker")
 
     lock = PidFile(pidfile) if pidfile else None
@@ -158,7 +160,8 @@ def run_worker(worker: Daemon, shutdown_timeout: float = 30.0, *, pidfile: str |
             lock.release()
 
 
-def _tell_systemd_we_wait(title: str, worker: Daemon, watchdog: float | None):
+def _tell_systemd_we_wait(title: str, worker: Daemon, watchdog: float | None
+                          ) -> Callable[[int, float, BaseException], None]:
     """``on_connect_retry`` for a daemon's start: systemd's status line says it waits for
     the broker, and its start timeout is extended past the next attempt (the process is
     making progress; a start that hangs still times out)."""

@@ -5,11 +5,12 @@ namespace of its own (``Topology.namespaced`` exchanges and queues, its own Redi
 so the demo never meets real workers or other runs on the same broker, and it deletes
 everything it declared and stored when it is done.
 
-The shop is found as ``amqprpc worker`` finds a service: through the ``amqprpc.services``
-entry points (the shipped ``workers/`` package registers them in setup.cfg). Each entry
-point's module builds its service afresh with ``build(shop)``, for a ``Shop`` (the module's
-own: where the shop keeps its state) under the demo's prefix. amqprpc imports no shop
-module by name.
+The shop is found as ``amqprpc worker`` finds a service: an ``amqprpc.services`` entry
+point, else the module ``workers.<name>`` from the current folder (the checkout's
+``workers/``, which is not installed with amqprpc: ``make demo`` runs in the checkout). Each
+module builds its service afresh with ``build(shop)``, for a ``Shop`` (the module's own:
+where the shop keeps its state) under the demo's prefix. amqprpc imports no shop module by
+name.
 """
 from __future__ import annotations
 
@@ -29,9 +30,9 @@ from amqprpc.config import redact
 from amqprpc.context import current_call
 from amqprpc.errors import RemoteError
 from amqprpc.server.events import service_queue_names, topic_matches
-from amqprpc.ops.loading import ENTRY_POINT_GROUP, service_entry_points
+from amqprpc.ops.loading import SHOP_PACKAGE, missing_dependency, service_module
 from amqprpc.service import Service
-from amqprpc.wire.topology import DEFAULT_TOPOLOGY, delete
+from amqprpc.wire.topology import DEFAULT_TOPOLOGY, Topology, delete
 from amqprpc.server.worker import Worker
 
 _WAIT = 10.0  # seconds the events get to fan out before the demo says what is missing
@@ -43,19 +44,20 @@ class DemoUnavailable(Exception):
     """The broker or Redis does not answer: the demo cannot run (exit 4), and says how to fix it."""
 
 
-def _show(label: str, value) -> None:
+def _show(label: str, value: Any) -> None:
     click.echo(f"  {label:<44} -> {value}")
 
 
 def load_shop(prefix: str) -> tuple[list[Service], Any]:
     """The shop's services, each built by its entry point's module for a shop state under
     ``prefix``, and that state (the ``Shop``: its Redis client and key names)."""
-    entries = {entry.name: entry for entry in service_entry_points() if entry.name in SHOP}
-    missing = [name for name in SHOP if name not in entries]
-    if missing:
-        raise DemoUnavailable(f"the shop is not installed: no {ENTRY_POINT_GROUP!r} entry point for "
-                              f"{', '.join(missing)} (pip install the amqprpc checkout, which ships it)")
-    modules = [importlib.import_module(entries[name].value.partition(":")[0]) for name in SHOP]
+    try:
+        modules = [importlib.import_module(service_module(name)) for name in SHOP]
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] == SHOP_PACKAGE:
+            raise DemoUnavailable(f"the shop is not here: no {SHOP_PACKAGE}/ in {os.getcwd()} (run amqprpc demo "
+                                  f"in an amqprpc checkout, as make demo does)") from None
+        raise DemoUnavailable(missing_dependency("the shop", exc)) from None
     shop = modules[SHOP.index("order-service")].Shop(prefix=prefix)
     return [module.build(shop) for module in modules], shop
 
@@ -65,7 +67,7 @@ def run_demo(broker_url: str) -> None:
     topology = DEFAULT_TOPOLOGY.namespaced(namespace)
     services, shop = load_shop(namespace + ":")
     _check_redis(shop)
-    seen: queue.SimpleQueue = queue.SimpleQueue()
+    seen: queue.SimpleQueue[Any] = queue.SimpleQueue()
     observer = Service("demo-observer")  # a broadcast subscriber to every event: what fans out
     observer.event("#", broadcast=True)(lambda payload: seen.put((_current_event(), payload)))
 
@@ -94,7 +96,7 @@ def run_demo(broker_url: str) -> None:
     click.echo("Demo finished: every call answered, every event delivered, workers stopped cleanly.")
 
 
-def _delete(services: list[Service], topology, shop, broker_url: str) -> None:
+def _delete(services: list[Service], topology: Topology, shop: Any, broker_url: str) -> None:
     """Delete what the demo declared and stored."""
     delete(broker_url, queues=[name for service in services for name in service_queue_names(service, topology)],
            exchanges=[topology.service_exchange, topology.event_exchange])
@@ -113,9 +115,9 @@ def _calls(client: RpcClient) -> None:
     except RemoteError as exc:
         _show("validate_token(token='short')", f"RemoteError {exc.error_type}: {exc.message}")
     done = threading.Event()
-    answers: list = []
+    answers: list[Any] = []
 
-    def on_done(future: Future) -> None:
+    def on_done(future: Future[Any]) -> None:
         answers.append(future.result())
         done.set()
 
@@ -124,7 +126,7 @@ def _calls(client: RpcClient) -> None:
     _show("call_async(get_user user_003) callback", answers[0] if answers else "no answer")
 
 
-def _order(client: RpcClient, shop, services: list[Service], seen: queue.SimpleQueue) -> None:
+def _order(client: RpcClient, shop: Any, services: list[Service], seen: queue.SimpleQueue[Any]) -> None:
     click.echo("A customer orders 2 x prod_001; order-service calls, then events fan out:")
     _show("inventory check_stock(prod_001)", f"{_stock(client)} in stock")
     order = client.call("order-service", "create_order", {
@@ -134,7 +136,7 @@ def _order(client: RpcClient, shop, services: list[Service], seen: queue.SimpleQ
     redis, key = shop.redis, shop.key
 
     def settled() -> bool:
-        return (redis.hget(key("order", order_id), "status") == "paid"
+        return bool(redis.hget(key("order", order_id), "status") == "paid"
                 and redis.hget(key("reservation", order_id), "status") == "committed"
                 and redis.llen(key("notifications", order_id)) >= 2)
 
@@ -168,7 +170,8 @@ def _order(client: RpcClient, shop, services: list[Service], seen: queue.SimpleQ
 
 
 def _stock(client: RpcClient) -> int:
-    return client.call("inventory-service", "check_stock", {"product_id": "prod_001"})["stock"]
+    stock: int = client.call("inventory-service", "check_stock", {"product_id": "prod_001"})["stock"]
+    return stock
 
 
 def _current_event() -> str:
@@ -176,7 +179,7 @@ def _current_event() -> str:
     return call.action if call is not None else ""
 
 
-def _check_redis(shop) -> None:
+def _check_redis(shop: Any) -> None:
     import redis
 
     try:

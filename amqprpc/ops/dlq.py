@@ -39,7 +39,8 @@ def _count(broker_url: str | None, queue: str) -> int:
     passive declare of a missing queue closes the channel it ran on."""
     with _channel(broker_url) as channel:
         try:
-            return channel.queue_declare(queue, passive=True).message_count
+            count: int = channel.queue_declare(queue, passive=True).message_count
+            return count
         except amqp.exceptions.NotFound:
             return 0
 
@@ -71,6 +72,14 @@ def describe(message: amqp.Message) -> dict[str, Any]:
 def inspect(service: str, limit: int = 10, *, broker_url: str | None = None,
             topology: Topology = DEFAULT_TOPOLOGY) -> tuple[int, list[dict[str, Any]]]:
     """(how many dead letters ``service`` has, the first ``limit`` of them described)."""
+    count, messages = peek(service, limit, broker_url=broker_url, topology=topology)
+    return count, [describe(message) for message in messages]
+
+
+def peek(service: str, limit: int = 10, *, broker_url: str | None = None,
+         topology: Topology = DEFAULT_TOPOLOGY) -> tuple[int, list[amqp.Message]]:
+    """(how many dead letters ``service`` has, the first ``limit`` of them as messages):
+    fetched unacked and put back where they were, for a caller that wants their bodies."""
     queue = topology.dead_queue_name(service)
     count = _count(broker_url, queue)
     with _channel(broker_url) as channel:
@@ -79,16 +88,18 @@ def inspect(service: str, limit: int = 10, *, broker_url: str | None = None,
             message = channel.basic_get(queue, no_ack=False)
             if message is None:
                 break
-            found.append(describe(message))
+            found.append(message)
         # Closing the channel (unacked) puts them back where they were.
     return count, found
 
 
 def replay(service: str, *, broker_url: str | None = None, topology: Topology = DEFAULT_TOPOLOGY,
-           confirm_timeout: float = 10.0) -> tuple[int, int]:
+           confirm_timeout: float = 10.0, message_id: str | None = None) -> tuple[int, int]:
     """Send every dead letter of ``service`` back to the queue it failed in, keeping its
     message id, correlation id and body, with a fresh retry budget. Only what was there
     when the replay began is replayed (a letter that fails again is not looped over).
+    With ``message_id``, only the letter(s) with that id are (the others stay, in order):
+    replaying an id that is no longer there replays nothing, so a repeated request is harmless.
     Returns (replayed, left in the dead queue because it could not be routed)."""
     queue = topology.dead_queue_name(service)
     replayed = unroutable = 0
@@ -101,6 +112,8 @@ def replay(service: str, *, broker_url: str | None = None, topology: Topology = 
             message = channel.basic_get(queue, no_ack=False)
             if message is None:
                 break
+            if message_id is not None and message.properties.get("message_id") != message_id:
+                continue  # not the one asked for: requeued (in place) when the channel closes
             headers = h.headers_of(message)
             target = _plain(headers.get(h.ORIGINAL_QUEUE)) or topology.request_queue_format.format(service=service)
             copy = _fresh_copy(message)

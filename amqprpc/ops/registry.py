@@ -2,8 +2,9 @@
 
 Each service has one hash ``{prefix}:{service}`` (``service:registry:user-service`` by
 default, as the seed article has it) mapping instance id -> a JSON object: instance id,
-service, host, pid, start time, concurrency, version, the worker's counters and
-``heartbeat_at`` (epoch seconds). A worker's :class:`Presence` thread writes its entry every
+service, host, pid, start time, concurrency, version, the worker's counters, its per-action
+outcome counts and latency sketch (``actions``, see :mod:`amqprpc.ops.actionstats`: at most
+50 actions, a few KB) and ``heartbeat_at`` (epoch seconds). A worker's :class:`Presence` thread writes its entry every
 ``interval`` seconds and deletes it on a graceful stop; an instance that died without
 stopping (kill -9, lost host) stops heartbeating, and readers ignore and prune entries older
 than ``stale_after`` seconds (60 by default).
@@ -24,8 +25,10 @@ from typing import Any, Callable
 from amqprpc import logs
 from amqprpc.config import redact, redis_client
 from amqprpc.config import redis_url as default_redis_url
+from amqprpc.ops.actionstats import ActionStats
+from amqprpc.outcome import Outcome
 from amqprpc.wire.ids import new_instance_id, text
-from amqprpc.middleware import Middleware
+from amqprpc.middleware import Delivery, Middleware
 from amqprpc.version import __version__
 
 log = logs.get_logger("amqprpc.registry")
@@ -33,6 +36,7 @@ log = logs.get_logger("amqprpc.registry")
 DEFAULT_PREFIX = "service:registry"
 DEFAULT_STALE_AFTER = 60.0
 DEFAULT_INTERVAL = 5.0
+DEFAULT_MAX_ACTIONS = 50  # actions per service whose stats ride in the heartbeat (the rest: "(other)")
 
 # Delete, atomically, the entries whose heartbeat is older than ARGV[1] (epoch seconds):
 # a reader that checked "stale" and then deleted could remove an entry that heartbeated in between.
@@ -136,15 +140,37 @@ class Presence(Middleware):
     """A worker's presence in the registry, as a middleware: announced from its own
     :class:`Heartbeat` thread once the worker consumes, withdrawn as soon as it stops
     consuming. ``Worker(..., registry=r)`` adds one; ``amqprpc worker`` does unless
-    ``--registry-interval 0``."""
+    ``--registry-interval 0``.
 
-    def __init__(self, registry: Registry, interval: float = DEFAULT_INTERVAL):
+    It also counts every delivery's outcome per action (:class:`~amqprpc.ops.actionstats.ActionStats`:
+    counters and a latency sketch, bounded to ``max_actions`` names) and sends that summary
+    with each heartbeat as ``actions``: what ``amqprpc dashboard`` shows per action."""
+
+    def __init__(self, registry: Registry, interval: float = DEFAULT_INTERVAL,
+                 max_actions: int = DEFAULT_MAX_ACTIONS):
         self.registry = registry
         self.interval = interval
+        self.max_actions = max_actions
         self._heartbeats: dict[int, Heartbeat] = {}  # id(worker) -> its thread (one middleware, any workers)
+        self._actions: dict[str, ActionStats] = {}  # service -> its per-action stats
+
+    def actions(self, service: str) -> ActionStats:
+        """The per-action stats of ``service``'s deliveries through this middleware."""
+        stats = self._actions.get(service)
+        if stats is None:
+            stats = self._actions.setdefault(service, ActionStats(self.max_actions))
+        return stats
+
+    def after_handle(self, delivery: Delivery, outcome: Outcome) -> None:
+        self.actions(delivery.service).record(delivery.handler or delivery.action, outcome)
+
+    def outcome_amended(self, delivery: Delivery, old: Outcome, new: Outcome) -> None:
+        self.actions(delivery.service).amend(delivery.handler or delivery.action, old, new)
 
     def worker_started(self, worker: Any) -> None:
-        heartbeat = Heartbeat(self.registry, lambda: describe_worker(worker), self.interval)
+        actions = self.actions(worker.service.name)
+        heartbeat = Heartbeat(self.registry, lambda: {**describe_worker(worker), "actions": actions.summary()},
+                              self.interval)
         self._heartbeats[id(worker)] = heartbeat
         heartbeat.start()
 

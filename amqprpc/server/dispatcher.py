@@ -115,8 +115,9 @@ class Dispatcher:
         consumer = self.event_consumers.get(message.delivery_info.get("consumer_tag")) if self.event_consumers else None
         queue_name = self.queue_name if consumer is None else consumer.queue.name
         properties = message.properties
-        delivery = Delivery(self.service.name, "event" if consumer else "call" if properties.get("reply_to") else "cast",
-                            queue_name, properties, message.delivery_info, len(message.body or b""), started)
+        kind = "event" if consumer else "call" if properties.get("reply_to") else "cast"
+        delivery = Delivery(self.service.name, kind, queue_name, properties, message.delivery_info,
+                            len(message.body or b""), started)
         delivery.message = message
         delivery.worker = self.owner
         delivery.decide = self
@@ -263,7 +264,8 @@ class Dispatcher:
                 duration = time.perf_counter() - delivery.started
                 log.debug("request handled", duration=round(duration, 6))
                 kind = OutcomeKind.REPLIED if delivery.reply_to else OutcomeKind.DONE
-                return Decision(delivery.reply_to, delivery.correlation_id, body, outcome=Outcome(kind, None, duration))
+                return Decision(delivery.reply_to, delivery.correlation_id, body,
+                                outcome=Outcome(kind, None, duration))
             failure = ReplyTooLarge(f"Result is {len(body)} bytes of JSON; replies are limited "
                                     f"to {self.max_reply_bytes}")
         return self._failed_reply(delivery, failure)

@@ -38,7 +38,9 @@ from amqprpc.transport.ioloop import UNENCODABLE, publish
 from amqprpc.middleware import Hooks, Middleware
 from amqprpc.middleware.observability import automatic
 from amqprpc.outcome import Outcome, OutcomeKind
+from amqprpc.middleware.idempotency import Idempotency, IdempotencyStore
 from amqprpc.middleware.ping import Ping
+from amqprpc.middleware.revoke import RevocationStore, RevokeChecks
 from amqprpc.transport.redelivery import Redelivery
 from amqprpc.service import Handler, Service
 from amqprpc.middleware.shared_client import SharedClient
@@ -79,7 +81,10 @@ class Worker:
     ``middleware`` hooks around its lifecycle and every delivery (:mod:`amqprpc.middleware`),
     after the process's defaults. Every worker also runs :class:`~amqprpc.middleware.ping.Ping` (the
     built-in ``ping`` action) and :class:`~amqprpc.middleware.shared_client.SharedClient` (its
-    handlers' ``service.client``), first.
+    handlers' ``service.client``), first; then :class:`~amqprpc.middleware.revoke.RevokeChecks`
+    and :class:`~amqprpc.middleware.idempotency.Idempotency`, which keep their state in the
+    Redis at ``redis_url`` (default ``AMQPRPC_REDIS_URL``; without it messages run as if
+    nothing was revoked or repeated).
 
     One lifecycle: :meth:`start`, then :meth:`shutdown` (warm) or :meth:`stop` (cold). Its
     connection is an :class:`~amqprpc.transport.ioloop.AmqpLoop` it holds, not one it is.
@@ -90,7 +95,8 @@ class Worker:
                  heartbeat: float = 30.0, max_message_bytes: int = 1 << 20, queue_type: str = "classic",
                  max_redeliveries: int = 5, registry: Any = None,
                  registry_interval: float = 5.0, max_reply_bytes: int = 16 << 20,
-                 middleware: Sequence[Middleware] | None = None, reconnect_cap: float = 10.0):
+                 middleware: Sequence[Middleware] | None = None, reconnect_cap: float = 10.0,
+                 redis_url: str | None = None):
         # Handler annotations that cannot be validated with stop the worker here, before it
         # connects (ContractError; `amqprpc worker` exits 2), not on the first call.
         service.check()
@@ -123,7 +129,7 @@ class Worker:
         self._inbox = self._consumer.inbox
         self._threads: list[threading.Thread] = []
         self._counts = {"succeeded": 0, "failed": 0, "refused": 0, "expired": 0, "retried": 0, "dead_lettered": 0,
-                        "recounted": 0}
+                        "recounted": 0, "revoked": 0, "deduplicated": 0}
         self._counts_lock = threading.Lock()  # handler threads count outcomes
         self.started_at = time.time()
         # Actions every worker answers besides its service's own (which win): registered by
@@ -132,7 +138,9 @@ class Worker:
         given = [*(middleware or ()), *([registry.presence(registry_interval)] if registry is not None else ())]
         # OpenTelemetry (when the application configured an SDK) first: the trace is current
         # for every other middleware's hooks too.
-        self.hooks = Hooks(given, builtin=(*automatic(given), Ping(), SharedClient(), Workflows()))
+        self.hooks = Hooks(given, builtin=(*automatic(given), Ping(), SharedClient(),
+                                           RevokeChecks(RevocationStore(redis_url)),
+                                           Idempotency(IdempotencyStore(redis_url)), Workflows()))
         self.dispatcher = self._dispatcher()
 
     def _dispatcher(self) -> Dispatcher:
@@ -160,7 +168,8 @@ class Worker:
     def stats(self) -> dict[str, int]:
         """What it did so far: received, and the counts of the outcomes (succeeded: replied
         or done; failed: any other end of a handler run or request, retried and
-        dead_lettered included; refused; expired; recounted)."""
+        dead_lettered included; refused; expired; recounted; revoked: acked unrun or stopped
+        after a revoke; deduplicated: a repeated idempotency key, answered from the first run)."""
         with self._counts_lock:
             return {"received": self._consumer.received, **self._counts}
 
@@ -276,7 +285,8 @@ class Worker:
                 log.error("reply cannot be encoded; request dead-lettered", error=repr(exc)[:500])
                 self._amend(decision, "UnsendableReply")
                 self._loop.call_soon(self._finish, generation, message, Decision(forward=self.redelivery.dead_letter(
-                    message, decision.delivery.queue if decision.delivery else self.queue_name, f"Reply could not be sent: {exc!r}", "UnsendableReply"),
+                    message, decision.delivery.queue if decision.delivery else self.queue_name,
+                    f"Reply could not be sent: {exc!r}", "UnsendableReply"),
                     outcome=decision.outcome, delivery=decision.delivery))
                 return
         if decision.discard:

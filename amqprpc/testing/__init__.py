@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import time
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from amqprpc import logs
 from amqprpc.wire import topology
@@ -24,6 +24,17 @@ from amqprpc.wire.topology import DEFAULT_TOPOLOGY, Topology
 from amqprpc.server.worker import Worker
 from amqprpc.testing.fake import FakeClient, Harness, Sent, worker_factory
 from amqprpc.testing.inmemory import DeadLetter, InMemoryClient
+
+if TYPE_CHECKING:  # mypy proves that every client a handler may be given offers what service.client promises
+    from amqprpc.caller import AsyncCaller, Caller
+    from amqprpc.client.aio import AsyncRpcClient
+    from amqprpc.client.rpc import RpcClient
+
+    _CALLERS: tuple[type[Caller], ...] = (RpcClient, FakeClient, InMemoryClient)
+    _ASYNC_CALLERS: tuple[type[AsyncCaller], ...] = (AsyncRpcClient,)
+    from amqprpc.middleware.view import WorkerView
+
+    _WORKER: type[WorkerView] = Worker  # what lifecycle hooks are handed
 
 __all__ = [
     "worker_factory", "FakeClient", "InMemoryClient", "Harness", "Sent", "DeadLetter",
@@ -48,7 +59,7 @@ def delete_exchanges(*names: str, broker_url: str | None = None) -> None:
 
 @contextlib.contextmanager
 def running_worker(service: Service, *, broker_url: str | None = None, topology: Topology = DEFAULT_TOPOLOGY,
-                   delete: bool = True, shutdown_timeout: float = 10.0, **options) -> Iterator[Worker]:
+                   delete: bool = True, shutdown_timeout: float = 10.0, **options: Any) -> Iterator[Worker]:
     """Run ``service`` in a worker inside this process; stop it and delete its queues after
     (its request queue and its service-pool event queues, with their dead-letter and delay
     queues; pass ``delete=False`` when other workers of the same service outlive this one)."""

@@ -10,6 +10,7 @@ ends it.
 from __future__ import annotations
 
 import contextvars
+import functools
 import time
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
@@ -53,7 +54,7 @@ def carry_out(dispatcher: Dispatcher, message: amqp.Message,
     delivery_info = message.delivery_info
     for _ in range(MAX_FORWARDS):
         message.delivery_info = delivery_info
-        decision = contextvars.copy_context().run(run, lambda: dispatcher.dispatch(message))
+        decision = contextvars.copy_context().run(run, functools.partial(dispatcher.dispatch, message))
         forward = decision.forward
         if forward is None or forward.kind is OutcomeKind.DEAD_LETTERED:
             return decision

@@ -32,7 +32,7 @@ class Sent(NamedTuple):
     kind: str  # "call", "cast", "event" or "submit"
     service: Optional[str]  # None for events
     action: str  # the action, or the event's name
-    payload: dict  # as the receiver sees it (after a JSON round trip)
+    payload: dict[str, Any]  # as the receiver sees it (after a JSON round trip)
 
 
 def plain(payload: Any) -> Any:
@@ -61,8 +61,9 @@ class Recorder:
         self.sent: List[Sent] = []
         self._lock = threading.Lock()
 
-    def _record(self, kind: str, service: Optional[str], action: str, payload: Mapping[str, Any] | None) -> dict:
-        sent = wire(plain(payload))
+    def _record(self, kind: str, service: Optional[str], action: str,
+                payload: Mapping[str, Any] | None) -> dict[str, Any]:
+        sent: dict[str, Any] = wire(plain(payload))
         with self._lock:
             self.sent.append(Sent(kind, service, action, sent))
         return sent
@@ -87,15 +88,19 @@ class Recorder:
         return self._of("submit")
 
     def proxy(self, service: str, *, timeout: float | None = None) -> ServiceProxy:
-        return ServiceProxy(self, service, timeout)  # type: ignore[arg-type]  # duck-typed: it only calls .call
+        # A Recorder has no call of its own; the subclasses that are ever proxied do.
+        return ServiceProxy(self, service, timeout)  # type: ignore[arg-type]
 
     def call_async(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
-                   callback: Callable[[Future], Any] | None = None, returns: Any = None) -> Future:
-        """The call, made now; a Future already done (``callback`` runs at once, on this thread)."""
-        future: Future = Future()
+                   callback: Callable[[Future[Any]], Any] | None = None, returns: Any = None,
+                   idempotency_key: str | None = None) -> Future[Any]:
+        """The call, made now; a Future already done (``callback`` runs at once, on this
+        thread), with a ``message_id`` as the real one has."""
+        future: Future[Any] = Future()
+        future.message_id = envelope.new_id()  # type: ignore[attr-defined]  # as RpcClient.call_async's
         try:
             future.set_result(self.call(service, action, payload, timeout=timeout,  # type: ignore[attr-defined]
-                                        returns=returns))
+                                        returns=returns, idempotency_key=idempotency_key))
         except Exception as exc:  # noqa: BLE001 - the Future carries it, as the real one does
             future.set_exception(exc)
         if callback is not None:
@@ -134,7 +139,7 @@ class FakeClient(Recorder):
         return self
 
     def call(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
-             retry: Retry | None = None, returns: Any = None) -> Any:
+             retry: Retry | None = None, returns: Any = None, idempotency_key: str | None = None) -> Any:
         sent = self._record("call", service, action, payload)
         try:
             answer = self.answers[(service, action)]
@@ -146,15 +151,16 @@ class FakeClient(Recorder):
         return parsed(returns, wire(answer(sent) if callable(answer) else answer), service, action)
 
     def cast(self, service: str, action: str, payload: Mapping[str, Any] | None = None, *,
-             timeout: float | None = None) -> None:
+             timeout: float | None = None, idempotency_key: str | None = None) -> str:
         self._record("cast", service, action, payload)
+        return envelope.new_id()
 
     def publish_event(self, name: str, payload: Mapping[str, Any] | None = None, *,
                       timeout: float | None = None) -> None:
         self._record("event", None, name, payload)
 
     def submit(self, service: str, action: str, payload: Mapping[str, Any] | None = None, *,
-               timeout: float | None = None) -> str:
+               timeout: float | None = None, idempotency_key: str | None = None) -> str:
         self._record("submit", service, action, payload)
         return envelope.new_id()
 
@@ -193,7 +199,7 @@ class Harness:
             self._dispatch("event", name, payload, {"trace_id": message_id}, subscription.name, message_id)
         return len(matching)
 
-    def _dispatch(self, kind: str, action: str, payload: Mapping[str, Any] | None, headers: dict,
+    def _dispatch(self, kind: str, action: str, payload: Mapping[str, Any] | None, headers: dict[str, Any],
                   handler: str | None = None, message_id: str | None = None) -> Decision:
         """Through the worker's own dispatcher; the handler's own exception, once its retry
         policy gave up, is raised here (not turned into an error reply)."""

@@ -56,7 +56,7 @@ class DeadLetter(NamedTuple):
     service: str
     kind: str  # "cast" or "event"
     action: str
-    payload: dict
+    payload: dict[str, Any]
     error_type: str
     error: str
 
@@ -80,7 +80,7 @@ class InMemoryClient(Recorder):
         self._dispatchers: Dict[str, Tuple[Dispatcher, Dict[str, str]]] = {}
         self.services: Dict[str, Service] = {}
         self.dead_letters: List[DeadLetter] = []
-        self.replies: Dict[str, dict] = {}
+        self.replies: Dict[str, dict[str, Any]] = {}
         self._started = time.time()
         self._local = threading.local()
         for service in services:
@@ -94,14 +94,15 @@ class InMemoryClient(Recorder):
 
     # --- RpcClient's API ---------------------------------------------------------------
     def call(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
-             retry: Retry | None = None, returns: Any = None) -> Any:
+             retry: Retry | None = None, returns: Any = None, idempotency_key: str | None = None) -> Any:
         timeout = self.timeout if timeout is None else timeout
         if retry is not None:
-            return parsed(returns, call_with_retry(lambda left: self.call(service, action, payload, timeout=left),
+            return parsed(returns, call_with_retry(lambda left: self.call(service, action, payload, timeout=left,
+                                                                          idempotency_key=idempotency_key),
                                                    retry, timeout), service, action)
         sent = self._record("call", service, action, payload)
         target = self._target(service, action)
-        timeout, headers = self._headers(timeout, with_deadline=True)
+        timeout, headers = self._headers(timeout, with_deadline=True, idempotency_key=idempotency_key)
         if timeout <= 0:
             raise CallTimeout(f"{service}.{action}: the deadline had already passed")
         with self._outermost():
@@ -115,12 +116,14 @@ class InMemoryClient(Recorder):
         raise envelope.remote_error(reply)
 
     def cast(self, service: str, action: str, payload: Mapping[str, Any] | None = None, *,
-             timeout: float | None = None) -> None:
+             timeout: float | None = None, idempotency_key: str | None = None) -> str:
         sent = self._record("cast", service, action, payload)
         target = self._target(service, action)
-        _, headers = self._headers(timeout, with_deadline=False)
+        _, headers = self._headers(timeout, with_deadline=False, idempotency_key=idempotency_key)
+        message_id = envelope.new_id()
         with self._outermost():
-            self._later(lambda: self._deliver(target, "cast", action, sent, headers))
+            self._later(lambda: self._deliver(target, "cast", action, sent, headers, message_id=message_id))
+        return message_id
 
     def publish_event(self, name: str, payload: Mapping[str, Any] | None = None, *,
                       timeout: float | None = None) -> None:
@@ -134,10 +137,10 @@ class InMemoryClient(Recorder):
                                                       subscription))
 
     def submit(self, service: str, action: str, payload: Mapping[str, Any] | None = None, *,
-               timeout: float | None = None) -> str:
+               timeout: float | None = None, idempotency_key: str | None = None) -> str:
         sent = self._record("submit", service, action, payload)
         target = self._target(service, action)
-        _, headers = self._headers(timeout, with_deadline=False)
+        _, headers = self._headers(timeout, with_deadline=False, idempotency_key=idempotency_key)
         message_id = envelope.new_id()
 
         def run() -> None:
@@ -165,7 +168,8 @@ class InMemoryClient(Recorder):
                                      f"'request.{service}' (is {service} deployed?)")
         return target
 
-    def _headers(self, timeout: float | None, *, with_deadline: bool) -> Tuple[float, dict]:
+    def _headers(self, timeout: float | None, *, with_deadline: bool,
+                 idempotency_key: str | None = None) -> Tuple[float, dict[str, Any]]:
         """As RpcClient does: inside a handler, the trace id goes on and the deadline is
         the earlier of the handler's and this call's own."""
         timeout = self.timeout if timeout is None else timeout
@@ -181,6 +185,9 @@ class InMemoryClient(Recorder):
             headers["trace_id"] = envelope.new_id()
         if with_deadline:
             headers["deadline"] = round(deadline, 6)
+            headers[envelope.TIMEOUT_MS_HEADER] = max(0, int(timeout * 1000))
+        if idempotency_key is not None:  # enforced by the Idempotency middleware, if given (it needs Redis)
+            headers["idempotency_key"] = str(idempotency_key)
         headers.update(outgoing_headers.get() or {})
         return timeout, headers
 
@@ -190,8 +197,8 @@ class InMemoryClient(Recorder):
     def _outermost(self) -> "_Outermost":
         return _Outermost(self._local)
 
-    def _deliver(self, service: Service, kind: str, action: str, payload: dict, headers: dict,
-                 subscription: Any = None, message_id: str | None = None) -> dict | None:
+    def _deliver(self, service: Service, kind: str, action: str, payload: dict[str, Any], headers: dict[str, Any],
+                 subscription: Any = None, message_id: str | None = None) -> dict[str, Any] | None:
         """One message through the envelope and the worker's own dispatcher (with this
         client's middleware); the reply envelope (as a dict) for calls and submits, None
         when there is none to send. What the dispatcher forwards is carried out here: a
@@ -219,7 +226,8 @@ class InMemoryClient(Recorder):
                 service, self.hooks, self, {"ping": functools.partial(self._ping, service)})
         return made
 
-    def _dead_letter(self, service: Service, kind: str, action: str, payload: dict, message: amqp.Message) -> None:
+    def _dead_letter(self, service: Service, kind: str, action: str, payload: dict[str, Any],
+                     message: amqp.Message) -> None:
         headers = message.properties.get("application_headers") or {}
         error_type, error = str(headers.get(ERROR_TYPE)), str(headers.get(ERROR))
         log.warning("in-memory delivery dead-lettered", service=service.name, kind=kind, action=action,
@@ -227,7 +235,7 @@ class InMemoryClient(Recorder):
         with self._lock:
             self.dead_letters.append(DeadLetter(service.name, kind, action, payload, error_type, error))
 
-    def _ping(self, service: Service, payload: Any) -> dict:
+    def _ping(self, service: Service, payload: Any) -> dict[str, Any]:
         return {"instance_id": "in-memory", "service": service.name, "host": socket.gethostname(),
                 "pid": os.getpid(), "time": time.time(), "uptime": round(time.time() - self._started, 3)}
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import Any, Callable, Iterator
 
 import amqp
@@ -25,6 +26,7 @@ from amqprpc import logs
 from amqprpc.transport.inbox import Inbox
 from amqprpc.transport.ioloop import AmqpLoop
 from amqprpc.transport.redelivery import Forward, Forwarder, Redelivery
+from amqprpc.wire.envelope import ARRIVED_PROPERTY
 
 log = logs.get_logger("amqprpc.consumer")
 
@@ -86,6 +88,9 @@ class Consumer:
 
     def _on_message(self, message: amqp.Message) -> None:
         self.received += 1
+        # When it reached this host: a request's remaining time counts from here, not from
+        # when a thread got to it (envelope.Request.deadline); never sent on (redelivery._copy).
+        message.properties[ARRIVED_PROPERTY] = time.time()
         self.inbox.put((self.loop.generation, message))
 
     def stop_consuming(self, done: threading.Event, requeue: bool) -> None:

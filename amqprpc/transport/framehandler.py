@@ -59,7 +59,7 @@ _FIXED = {"o": ">B", "B": ">H", "l": ">I", "L": ">Q"}  # fixed-size fields: stru
 _SHOWN = 60  # bytes of an undecodable value quoted in the reason
 
 
-class UndecodableMessage(amqp.Message):
+class UndecodableMessage(amqp.Message):  # type: ignore[misc]
     """A delivery py-amqp could not decode.
 
     ``properties`` holds what did decode; ``problem`` says what did not;
@@ -87,16 +87,16 @@ def install(connection: Any) -> None:
     connection.Channel = functools.partial(connection.Channel, auto_decode=False)
 
 
-def frame_handler(connection: Any, callback: Callable[..., Any], unpack_from: Callable = unpack_from,
-                  Message: type = amqp.Message, content_methods: frozenset = _CONTENT_METHODS
-                  ) -> Callable[[tuple], bool]:
+def frame_handler(connection: Any, callback: Callable[..., Any], unpack_from: Callable[..., Any] = unpack_from,
+                  Message: type = amqp.Message, content_methods: frozenset[Any] = _CONTENT_METHODS
+                  ) -> Callable[[tuple[Any, ...]], bool]:
     """py-amqp's frame handler contract: ``on_frame((type, channel, payload))`` returns
     True when it dispatched a method (``drain_events`` reads until one was). (Keyword
     defaults: locals are faster than globals on this, the hottest path.)"""
     expected: dict[int, int] = {}  # channel -> frame type due next, while a content is incomplete
     partial: dict[int, amqp.Message] = {}
 
-    def on_frame(frame: tuple) -> bool:
+    def on_frame(frame: tuple[Any, ...]) -> bool:
         frame_type, channel, buf = frame
         connection.bytes_recv += 1
         if frame_type == 1 and channel not in expected:
@@ -136,7 +136,7 @@ def frame_handler(connection: Any, callback: Callable[..., Any], unpack_from: Ca
     return on_frame
 
 
-def _redispatch(connection: Any, callback: Callable[..., Any], channel: int, method_sig: tuple, args: bytes,
+def _redispatch(connection: Any, callback: Callable[..., Any], channel: int, method_sig: tuple[Any, ...], args: bytes,
                 content: amqp.Message | None, exc: Exception) -> None:
     """After the dispatch of a method raised: drop it if it was for a channel the
     connection does not have; deliver it marked if its arguments did not decode; else
@@ -153,7 +153,7 @@ def _redispatch(connection: Any, callback: Callable[..., Any], channel: int, met
     callback(channel, method_sig, args[:4] + dumps("".join(kind for _, kind in fields), values), marked)
 
 
-def lenient_properties(buf: bytes, offset: int = 0) -> tuple[dict, list[str]]:
+def lenient_properties(buf: bytes, offset: int = 0) -> tuple[dict[str, Any], list[str]]:
     """The basic properties at ``buf[offset:]`` (flags, then the list) that decode, and
     a description of each that does not. Never raises."""
     properties: dict[str, Any] = {}
@@ -216,7 +216,7 @@ def _mark(message: amqp.Message, problem: str) -> UndecodableMessage:
     return bad
 
 
-def _args_decode(method_sig: tuple, args: bytes) -> bool:
+def _args_decode(method_sig: tuple[Any, ...], args: bytes) -> bool:
     try:
         loads("".join(kind for _, kind in _CONTENT_ARGS[method_sig]), args, 4)
     except Exception:  # noqa: BLE001 - whatever py-amqp raises on them
@@ -224,7 +224,7 @@ def _args_decode(method_sig: tuple, args: bytes) -> bool:
     return True
 
 
-def _lenient_args(fields: tuple, args: bytes) -> tuple[list, list[str]]:
+def _lenient_args(fields: tuple[Any, ...], args: bytes) -> tuple[list[Any], list[str]]:
     """The method's arguments with every string that is not UTF-8 backslash-escaped.
     (Each content method has at most one bit argument, so bits need no packing here.)"""
     values: list[Any] = []

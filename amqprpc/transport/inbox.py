@@ -41,7 +41,7 @@ class Inbox:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._items: collections.deque = collections.deque()
+        self._items: collections.deque[Any] = collections.deque()
         self._idle: list[_Waiter] = []
         self._waking = False
         self._local = threading.local()

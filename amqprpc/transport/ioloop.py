@@ -36,7 +36,7 @@ from amqprpc.transport import framehandler
 from amqprpc import logs
 from amqprpc.transport.backoff import full_jitter
 from amqprpc.config import redact, ssl_options
-from amqprpc.errors import StartCancelled  # re-exported: its home was here
+from amqprpc.errors import StartCancelled as StartCancelled  # re-exported: its home was here
 from amqprpc.transport.link import Link, describe
 
 log = logs.get_logger("amqprpc.ioloop")
@@ -56,8 +56,8 @@ def publish(channel: amqp.Channel, message: amqp.Message, exchange: str, routing
 
     py-amqp drains the socket inside every publish when ``connection.blocked`` is
     negotiated; called from a delivery callback that drain runs the next delivery's
-    callback recursively, and so on without bound while deliveries keep coming. Our loop drains the socket itself, so the
-    publish only needs to write the frames.
+    callback recursively, and so on without bound while deliveries keep coming. Our loop
+    drains the socket itself, so the publish only needs to write the frames.
     """
     channel.send_method(spec.Basic.Publish, "Bssbb", (0, exchange, routing_key, mandatory, False), message)
 
@@ -82,8 +82,8 @@ def channel_refused(opened: float) -> bool:
     return time.monotonic() - opened >= REFUSED_CHANNEL_MIN_AGE_S
 
 
-def open_confirm_channel(connection: Any, on_ack: Callable, on_nack: Callable,
-                         on_return: Callable | None = None) -> amqp.Channel:
+def open_confirm_channel(connection: Any, on_ack: Callable[..., Any], on_nack: Callable[..., Any],
+                         on_return: Callable[..., Any] | None = None) -> amqp.Channel:
     """A new channel of ``connection`` in publisher-confirm mode, with its handlers of the
     broker's acks, nacks and (for mandatory publishes) returns."""
     channel = connection.channel()
@@ -153,7 +153,7 @@ class AmqpLoop:
         # connection's exclusive reply queue (RESOURCE_LOCKED) until its own heartbeat ends it.
         self.connects = 0
         self.connected = threading.Event()
-        self._ops: collections.deque = collections.deque()
+        self._ops: collections.deque[Any] = collections.deque()
         self._signaled = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -168,7 +168,7 @@ class AmqpLoop:
         self._start_cancelled = False
 
     # --- loop thread: consuming ----------------------------------------------------------
-    def consume(self, channel: amqp.Channel, queue: Any, callback: Callable, *, consumer_tag: str = "",
+    def consume(self, channel: amqp.Channel, queue: Any, callback: Callable[..., Any], *, consumer_tag: str = "",
                 no_ack: bool = False) -> str:
         """Declare ``queue`` (a kombu Queue) and consume it on ``channel``.
 
@@ -191,11 +191,12 @@ class AmqpLoop:
                 self.consume(channel, queue, callback, consumer_tag=tag, no_ack=no_ack)
                 log.info("consuming again", queue=queue.name, consumer_tag=tag)
 
-        return channel.basic_consume(queue=queue.name, consumer_tag=consumer_tag, no_ack=no_ack, callback=callback,
-                                     on_cancel=on_cancel)
+        tag: str = channel.basic_consume(queue=queue.name, consumer_tag=consumer_tag, no_ack=no_ack, callback=callback,
+                                         on_cancel=on_cancel)
+        return tag
 
     # --- any thread --------------------------------------------------------------------
-    def call_soon(self, fn: Callable, *args: Any) -> None:
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` on the loop thread, in order. Safe from any thread."""
         self._ops.append((fn, args))
         # One byte per wake-up, not per call: the flag is cleared by the loop *before* it
@@ -267,7 +268,7 @@ class AmqpLoop:
                                interval_max=0, reraise_as_library_errors=False)
         return conn
 
-    def _lock_frames(self, amqp_conn) -> None:
+    def _lock_frames(self, amqp_conn: Any) -> None:
         """Serialize every frame written on this connection with :attr:`write_lock`.
 
         Reading, (re)connecting and channel set-up stay on the loop thread; writing a
@@ -277,7 +278,7 @@ class AmqpLoop:
         """
         write, lock = amqp_conn.frame_writer, self.write_lock
 
-        def locked_frame_writer(*args):
+        def locked_frame_writer(*args: Any) -> Any:
             with lock:
                 return write(*args)
 

@@ -37,6 +37,7 @@ from amqprpc.transport.framehandler import UndecodableMessage
 from amqprpc.transport.ioloop import UNENCODABLE, channel_refused, close_quietly, open_confirm_channel, publish
 from amqprpc.outcome import OutcomeKind
 from amqprpc.retry import Retry
+from amqprpc.wire.envelope import ARRIVED_PROPERTY, REMAINING_MS_HEADER
 from amqprpc.wire.topology import Topology, declare_queue
 
 log = logs.get_logger("amqprpc.redelivery")
@@ -124,6 +125,8 @@ class Redelivery:
         delay_queue = self.topology.delay_queue(queue, ms, self.queue_type)
         update = {h.ATTEMPTS: attempt, h.FIRST_FAILURE: headers.get(h.FIRST_FAILURE) or now, h.LAST_FAILURE: now,
                   h.ERROR: _text(exc), h.ERROR_TYPE: type(exc).__name__, **_origin(message, queue)}
+        if deadline is not None:  # what is left once the delay is over, counted again from the next arrival
+            update[REMAINING_MS_HEADER] = max(0, int((deadline - now) * 1000) - ms)
         return Forward(delay_queue.name, _copy(message, update), delay_queue, OutcomeKind.RETRIED, queue)
 
     def later(self, message: amqp.Message, queue: str, delay: float, kind: OutcomeKind) -> Forward:
@@ -270,7 +273,7 @@ class Forwarder:
         # Replaced before the next send (not from inside this frame's dispatch).
         self._refused = self._refused or channel_refused(self._opened)
 
-    def _take(self, delivery_tag: int, multiple: bool) -> list:
+    def _take(self, delivery_tag: int, multiple: bool) -> list[Any]:
         if not multiple:
             entry = self._pending.pop(delivery_tag, None)
             taken = [entry] if entry else []
@@ -281,7 +284,7 @@ class Forwarder:
         return taken
 
 
-def _origin(message: amqp.Message, queue: str) -> dict:
+def _origin(message: amqp.Message, queue: str) -> dict[str, Any]:
     """Where the message first came from; kept from an earlier forward if there was one."""
     headers = h.headers_of(message)
     info = message.delivery_info or {}
@@ -290,7 +293,7 @@ def _origin(message: amqp.Message, queue: str) -> dict:
             h.ORIGINAL_QUEUE: headers.get(h.ORIGINAL_QUEUE, queue)}
 
 
-def _copy(message: amqp.Message, update: dict, keep_headers: bool = True) -> amqp.Message:
+def _copy(message: amqp.Message, update: dict[str, Any], keep_headers: bool = True) -> amqp.Message:
     """The same body and properties (ids kept), persistent, with ``update`` merged into
     the headers. ``expiration`` is dropped: the copy waits in a delay or dead queue and
     must not vanish there (the deadline in the envelope still guards calls). ``user_id``
@@ -298,7 +301,7 @@ def _copy(message: amqp.Message, update: dict, keep_headers: bool = True) -> amq
     is not the publishing connection's user. ``CC``/``BCC`` are dropped: the broker would
     route every copy to those keys again."""
     properties = {k: v for k, v in message.properties.items()
-                  if k not in ("expiration", "application_headers", "user_id")}
+                  if k not in ("expiration", "application_headers", "user_id", ARRIVED_PROPERTY)}
     headers = {k: v for k, v in (h.headers_of(message) if keep_headers else {}).items()
                if not (isinstance(k, str) and k.startswith(_BROKER_HEADERS))  # a key py-amqp could
                and k not in ("CC", "BCC")}                                    # not decode is bytes

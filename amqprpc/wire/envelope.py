@@ -12,7 +12,7 @@ import random
 import time
 from typing import Any, Mapping
 
-from amqprpc.errors import BadMessage, RemoteError, RemoteValidationError
+from amqprpc.errors import BadMessage, RemoteError, RemoteValidationError, Revoked
 
 CONTENT_TYPE = "application/json"
 # Peers sometimes send these for JSON; anything else (pickle, yaml, msgpack) is refused.
@@ -123,13 +123,30 @@ def request_body(
     })
 
 
+# Deadlines on the wire (docs/guides/deadlines.md). A call carries its deadline twice in the
+# envelope's headers: ``deadline``, absolute epoch seconds of the sender's clock (what the
+# seed's PHP peers read and write), and ``timeout_ms``, the milliseconds it had left when sent.
+# A reader counts ``timeout_ms`` from the message's arrival on its own clock (as gRPC does
+# with grpc-timeout), so hosts whose clocks disagree do not drop each other's calls; only a
+# peer that sends the absolute deadline alone is compared with this host's clock.
+# A copy that waited in a delay queue (a retry) carries what was left of it when it was
+# parked, minus the delay, in the AMQP header REMAINING_MS_HEADER: that wins over the body's.
+TIMEOUT_MS_HEADER = "timeout_ms"
+# Not an AMQP property: the consumer notes in a delivery's properties when it reached this
+# host (epoch s), so a request that waited among the prefetched ones counts that wait too.
+ARRIVED_PROPERTY = "amqprpc_arrived"
+REMAINING_MS_HEADER = "x-amqprpc-remaining-ms"
+
+
 class Request:
     """A decoded, validated request or event."""
 
     __slots__ = ("message_id", "correlation_id", "reply_to", "source", "target", "action",
-                 "payload", "headers")
+                 "payload", "headers", "arrived", "_remaining_ms")
 
-    def __init__(self, message_id, correlation_id, reply_to, source, target, action, payload, headers):
+    def __init__(self, message_id: str, correlation_id: str | None, reply_to: str | None, source: str | None,
+                 target: str | None, action: str, payload: Any, headers: dict[str, Any], arrived: float | None = None,
+                 remaining_ms: Any = None) -> None:
         self.message_id = message_id
         self.correlation_id = correlation_id
         self.reply_to = reply_to
@@ -138,26 +155,39 @@ class Request:
         self.action = action
         self.payload = payload
         self.headers = headers
+        self.arrived = time.time() if arrived is None else arrived  # epoch s on this host's clock
+        self._remaining_ms = remaining_ms  # from the AMQP headers of a parked copy, if any
 
     @property
     def deadline(self) -> float | None:
-        """Epoch seconds after which nobody waits for the answer, or None (also for
-        anything that is not a finite number: ``1e999`` parses as inf, ``10**400`` has
-        no float)."""
-        value = self.headers.get("deadline")
-        if isinstance(value, float):
-            return value if math.isfinite(value) else None
-        if isinstance(value, int) and not isinstance(value, bool):
-            try:
-                return float(value)
-            except OverflowError:
-                return None
-        return None
+        """Epoch seconds *of this host's clock* after which nobody waits for the answer, or
+        None. Arrival plus the time the sender had left (``timeout_ms``) when the message
+        says it; else the sender's absolute ``deadline`` as is (a peer that sends only that:
+        its clock and ours must agree). Anything that is not a finite number counts as absent
+        (``1e999`` parses as inf, ``10**400`` has no float)."""
+        remaining = _finite(self._remaining_ms)
+        if remaining is None:
+            remaining = _finite(self.headers.get(TIMEOUT_MS_HEADER))
+        if remaining is not None:
+            return self.arrived + remaining / 1000.0
+        return _finite(self.headers.get("deadline"))
 
     @property
     def trace_id(self) -> str | None:
         value = self.headers.get("trace_id")
         return value if isinstance(value, str) else None
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a finite float, or None for anything else (bools, strings, inf, 10**400)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:
+            return None
+    return None
 
 
 def shortstr_problem(name: str, value: str) -> str | None:
@@ -185,7 +215,8 @@ def reply_address(properties: Mapping[str, Any], body: bytes | str) -> tuple[str
         return reply_to, correlation_id
     if isinstance(doc, dict):
         reply_to = reply_to or _str_or_none(doc.get("reply_to"))
-        correlation_id = correlation_id or _str_or_none(doc.get("correlation_id")) or _str_or_none(doc.get("message_id"))
+        correlation_id = (correlation_id or _str_or_none(doc.get("correlation_id"))
+                          or _str_or_none(doc.get("message_id")))
     if reply_to is not None and shortstr_problem("reply_to", reply_to):
         reply_to = None
     return reply_to, correlation_id
@@ -226,6 +257,7 @@ def decode_request(body: bytes | str, properties: Mapping[str, Any], max_bytes: 
         problem = shortstr_problem("reply_to", reply_to) or shortstr_problem("correlation_id", correlation_id)
         if problem:
             raise BadMessage(problem)
+    amqp_headers = properties.get("application_headers")
     return Request(
         message_id,
         correlation_id,
@@ -235,6 +267,8 @@ def decode_request(body: bytes | str, properties: Mapping[str, Any], max_bytes: 
         action,
         payload,
         headers,
+        properties.get(ARRIVED_PROPERTY) or time.time(),  # the arrival the remaining time counts from
+        amqp_headers.get(REMAINING_MS_HEADER) if isinstance(amqp_headers, dict) else None,
     )
 
 
@@ -306,6 +340,8 @@ def remote_error(doc: Mapping[str, Any]) -> RemoteError:
         doc.get("message_id")
     if error_type == "ValidationError":
         return RemoteValidationError(error, error_list(doc.get("errors")), message_id)
+    if error_type == "Revoked":
+        return Revoked(error, error_type, message_id)
     return RemoteError(error, error_type, message_id)
 
 

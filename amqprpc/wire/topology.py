@@ -16,7 +16,7 @@ from kombu import Connection, Exchange, Queue
 
 from amqprpc import logs
 from amqprpc.config import DEFAULT_COLLECTOR_QUEUE, ssl_options
-from amqprpc.errors import TopologyMismatch  # re-exported: its home was here
+from amqprpc.errors import TopologyMismatch as TopologyMismatch  # re-exported: its home was here
 
 log = logs.get_logger("amqprpc.topology")
 
@@ -44,7 +44,7 @@ class Topology:
     # only expires at its head (RabbitMQ checks only the oldest message: a 100 ms message
     # behind a 60 s one waits 60 s), so each bucket holds one TTL and
     # its messages leave in arrival order; a short delay never waits behind a long one.
-    delay_buckets_ms: tuple = (100, 250, 500, 1000, 2000, 5000, 10000, 30000, 60000, 120000, 300000,
+    delay_buckets_ms: tuple[int, ...] = (100, 250, 500, 1000, 2000, 5000, 10000, 30000, 60000, 120000, 300000,
                                600000, 1800000, 3600000)
     # An idle delay queue vanishes this long after its last declare (publishers re-declare
     # at least every DELAY_REDECLARE_S, so a queue never expires with a message inside).
@@ -78,7 +78,8 @@ class Topology:
             queue_arguments=self.queue_arguments(service, queue_type, delivery_limit),
         )
 
-    def queue_arguments(self, service: str, queue_type: str = "classic", delivery_limit: int = 10) -> dict | None:
+    def queue_arguments(self, service: str, queue_type: str = "classic",
+                        delivery_limit: int = 10) -> dict[str, Any] | None:
         """x-arguments of a durable queue consumed by ``service``'s workers."""
         if queue_type == "classic":
             return None

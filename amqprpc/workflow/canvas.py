@@ -160,8 +160,6 @@ def _annotation(step: Task, which: str) -> Any:
 def _compatible(returns: Any, accepts: Any, from_group: bool) -> bool:
     """Whether a handler annotated to take ``accepts`` can take what a step returning
     ``returns`` (a list of them, after a group) hands on under the result rule."""
-    import typing
-
     if accepts in (Any, object) or returns is Any:
         return True
     if from_group or not _object_like(returns):  # it arrives wrapped: {"result": ...}
@@ -193,7 +191,7 @@ def _fields(kind: Any) -> Any:
     return None
 
 
-def _required(kind: Any) -> list:
+def _required(kind: Any) -> list[str]:
     if _is_model(kind):
         return [name for name, info in kind.model_fields.items() if info.is_required()]
     if _is_typeddict(kind):

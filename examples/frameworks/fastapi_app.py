@@ -1,4 +1,5 @@
 # examples/frameworks/fastapi_app.py  (run: uvicorn --app-dir examples/frameworks fastapi_app:app)
+import secrets
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, HTTPException, WebSocket
@@ -32,8 +33,9 @@ async def get_user(user_id: str):
 
 @app.post("/orders", status_code=202)
 async def create_order(order: dict):
-    cid = await app.state.rpc.submit("order-service", "create_order", order)   # broker-confirmed
-    await app.state.replies.mark_pending(cid)
+    cid = secrets.token_hex(16)                  # unguessable, and known before anything is sent
+    await app.state.replies.mark_pending(cid)    # first: with Redis down this fails and nothing runs
+    await app.state.rpc.submit("order-service", "create_order", order, correlation_id=cid)  # broker-confirmed
     return {"status": "accepted", "correlation_id": cid}
 
 

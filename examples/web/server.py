@@ -20,6 +20,7 @@ import click
 import uvicorn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # shop_web.py beside this file
+sys.path.append(str(pathlib.Path(__file__).resolve().parents[2]))  # the checkout: its shop (workers/) is not installed
 
 from shop_web import Settings, create_app  # noqa: E402
 

@@ -1,32 +1,45 @@
 """The shop's web tier as an ASGI app (FastAPI): accept, then push or poll.
 
-- ``POST /api/orders``: submit the order to order-service ``create_order`` (broker-confirmed,
-  the reply goes to the collector queue), mark it pending, answer ``202 {"status":
-  "accepted", "correlation_id"}``. Never waits on a consumer.
+- ``POST /api/orders``: mark the order pending (owned by the caller's session), THEN submit
+  it to order-service ``create_order`` under a correlation id from ``secrets`` (broker-
+  confirmed, the reply goes to the collector queue), answer ``202 {"status": "accepted",
+  "correlation_id"}`` with the session cookie. Never waits on a consumer. An order answered
+  503 was not submitted (Redis down: nothing sent; nobody serves it: the broker returned it),
+  so a customer who retries never pays twice; a submit whose broker confirm did not come in
+  time answers 504 with the correlation id (it may still run: follow it as any other).
 - ``WS /ws?cid=``: sends ``{"status": "done", "result"}`` or ``{"status": "failed", "error",
-  "error_type"}`` the moment the collector stored the reply (Redis pub/sub, through
-  :meth:`amqprpc.AsyncResponseStore.wait`), then closes. After ``ws_wait`` seconds without
-  a reply it sends ``{"status": "pending"}`` and closes (the page opens a new one).
+  "error_type"}`` the moment the collector stored the reply, then closes. After ``ws_wait``
+  seconds without a reply it sends ``{"status": "pending"}`` and closes (the page opens a new
+  one). Every socket of the process waits through ONE Redis pub/sub connection
+  (:class:`reply_hub.ReplyHub`), however many are open.
 - ``GET /api/status?cid=[&wait=S]``: the same answer by polling (``pending`` while it is
   to come); ``wait`` holds the request until the reply is stored or S seconds (long poll).
 - ``GET /api/orders/{order_id}``: synchronous: awaits ``get_order`` through the shared
   :class:`amqprpc.AsyncRpcClient`, its timeout answered 504, an unavailable service 503.
 - ``GET /``: the page (``static/index.html``): WebSocket first, polling when it fails.
 
-Errors: an unknown or expired cid is 404 (the socket's upgrade is refused with 404), a
-malformed one 400, a body over ``max_body`` bytes 413, the broker or Redis down 503 with a
-one-line reason. A socket whose client goes away stops waiting at once and gives its Redis
-subscription back.
+Who may read an order: the session that placed it. ``POST /api/orders`` sets the cookie
+``shop_session`` (a ``secrets`` token, HttpOnly, SameSite=Strict) and stores its SHA-256
+beside the pending mark; the socket and the poll answer only a request carrying that
+cookie, anyone else gets the 404 of an unknown order (a correlation id alone, guessed or
+leaked, reads nothing).
 
-The :class:`AsyncRpcClient` and the :class:`AsyncResponseStore` are opened in the app's
-lifespan and shared by every request. ``server.py`` runs this app under uvicorn.
+Errors: an unknown or expired cid (or another session's) is 404 (the socket's upgrade is
+refused with 404), a malformed one 400, a body over ``max_body`` bytes 413, the broker or
+Redis down 503 with a one-line reason. A socket whose client goes away stops waiting at once.
+
+The :class:`AsyncRpcClient`, the :class:`AsyncResponseStore` and the hub are opened in the
+app's lifespan and shared by every request. ``server.py`` runs this app under uvicorn.
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import pathlib
 import re
+import secrets
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
@@ -37,12 +50,16 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from amqprpc import AsyncResponseStore, AsyncRpcClient, CallTimeout, RemoteError, ServiceUnavailable, Topology, logs
 from amqprpc.config import redact
-from amqprpc.client.responses import DEFAULT_PENDING_TTL, STORED, UNKNOWN
+from amqprpc.client.responses import DEFAULT_PENDING_TTL, STORED, UNKNOWN, Lookup
+
+from reply_hub import ReplyHub
 
 log = logs.get_logger("amqprpc.examples.web")
 
 STATIC = pathlib.Path(__file__).resolve().parent / "static"
 _CID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+SESSION_COOKIE = "shop_session"
+_SESSION = re.compile(r"^[A-Za-z0-9_-]{32,128}$")
 
 
 @dataclass
@@ -62,10 +79,37 @@ class Settings:
 
 
 class Shop:
-    """What the handlers share: one client, one store, the settings."""
+    """What the handlers share: one client, one store, one hub, the settings."""
 
-    def __init__(self, client: AsyncRpcClient, store: AsyncResponseStore, settings: Settings):
-        self.client, self.store, self.settings = client, store, settings
+    def __init__(self, client: AsyncRpcClient, store: AsyncResponseStore, hub: ReplyHub, settings: Settings):
+        self.client, self.store, self.hub, self.settings = client, store, hub, settings
+
+    def owner_key(self, cid: str) -> str:
+        """Where the SHA-256 of the placing session's cookie is kept, beside the pending mark."""
+        return f"{self.store.prefix}owner:{cid}"
+
+    async def accept(self, cid: str, session: str) -> None:
+        """Mark ``cid`` pending and owned by ``session``, in one round trip, before it is sent."""
+        ttl_ms = max(1, int(self.settings.pending_ttl * 1000))
+        async with self.store.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self.store.pending_key(cid), b"1", px=ttl_ms)
+            pipe.set(self.owner_key(cid), _digest(session), px=ttl_ms)
+            await pipe.execute()
+
+    async def forget(self, cid: str) -> None:
+        """Undo :meth:`accept` for an order that was not sent after all."""
+        await self.store.redis.delete(self.store.pending_key(cid), self.owner_key(cid))
+
+    async def lookup(self, cid: str, session: str | None) -> Lookup:
+        """As ``store.lookup``, but ``unknown`` to any session other than the one that placed it."""
+        async with self.store.redis.pipeline(transaction=False) as pipe:
+            pipe.get(self.store.key(cid))
+            pipe.get(self.store.pending_key(cid))
+            pipe.get(self.owner_key(cid))
+            raw, pending, owner = await pipe.execute()
+        if session is None or owner is None or not hmac.compare_digest(owner, _digest(session)):
+            return Lookup(UNKNOWN)
+        return self.store._lookup(raw, pending)
 
 
 class HttpError(Exception):
@@ -88,10 +132,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.startup_error = _one_line(exc)
             raise
         store = AsyncResponseStore(settings.redis_url, prefix=settings.key_prefix)
-        app.state.shop = Shop(client, store, settings)
+        hub = ReplyHub(store)
+        hub.start()
+        app.state.shop = Shop(client, store, hub, settings)
         try:
             yield
         finally:
+            await hub.close()
             await store.close()
             await client.close()
 
@@ -119,23 +166,36 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
 
     @app.post("/api/orders", status_code=202)
-    async def create_order(request: Request) -> dict:
+    async def create_order(request: Request) -> JSONResponse:
         shop: Shop = request.app.state.shop
         order = _json_object(await _read_body(request, settings.max_body))
-        cid = await shop.client.submit(settings.service, settings.action, order, timeout=settings.call_timeout)
-        await shop.store.mark_pending(cid, settings.pending_ttl)
+        session = _session(request.cookies.get(SESSION_COOKIE)) or secrets.token_urlsafe(32)
+        cid = secrets.token_hex(16)  # unguessable: amqprpc's own ids are unique, not secret
+        await shop.accept(cid, session)  # Redis down: 503 here, and nothing was sent
+        try:
+            await shop.client.submit(settings.service, settings.action, order, timeout=settings.call_timeout,
+                                     correlation_id=cid)
+        except CallTimeout as exc:  # sent, not confirmed: it may still run, so it stays followable
+            log.warning("order not confirmed in time", correlation_id=cid, error=_one_line(exc))
+            return _with_session(JSONResponse({"status": "timeout", "correlation_id": cid,
+                                               "error": f"not confirmed in time, it may still run: {_one_line(exc)}"},
+                                              status_code=504), session, request)
+        except Exception:  # refused or never sent: it will not run, so it was never accepted
+            await asyncio.shield(shop.forget(cid))
+            raise
         log.info("order accepted", correlation_id=cid, service=settings.service, action=settings.action)
-        return {"status": "accepted", "correlation_id": cid}
+        return _with_session(JSONResponse({"status": "accepted", "correlation_id": cid}, status_code=202),
+                             session, request)
 
     @app.get("/api/status")
     async def status(request: Request, cid: str = "", wait: float = 0.0) -> dict:
         shop: Shop = request.app.state.shop
-        found = await shop.store.lookup(_valid_cid(cid))
+        found = await shop.lookup(_valid_cid(cid), _session(request.cookies.get(SESSION_COOKIE)))
         if found.state == UNKNOWN:
             raise HttpError(404, "unknown or expired correlation id")
         reply = found.reply
         if found.state != STORED and wait > 0:
-            reply = await shop.store.wait(cid, min(wait, settings.ws_wait))
+            reply = await shop.hub.wait(cid, min(wait, settings.ws_wait))
         return _status_doc(cid, reply)
 
     @app.get("/api/orders/{order_id}")
@@ -153,7 +213,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def push(websocket: WebSocket, cid: str = "") -> None:
         shop: Shop = websocket.app.state.shop
         try:
-            found = await shop.store.lookup(_valid_cid(cid))
+            found = await shop.lookup(_valid_cid(cid), _session(websocket.cookies.get(SESSION_COOKIE)))
             if found.state == UNKNOWN:
                 raise HttpError(404, "unknown or expired correlation id")
         except HttpError as exc:
@@ -166,7 +226,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         reply = found.reply
         if found.state != STORED:
             try:
-                reply = await _wait_unless_gone(websocket, shop.store.wait(cid, settings.ws_wait))
+                reply = await _wait_unless_gone(websocket, shop.hub.wait(cid, settings.ws_wait))
             except WebSocketDisconnect:
                 log.info("websocket gone while waiting", correlation_id=cid)
                 return
@@ -197,6 +257,21 @@ async def _wait_unless_gone(websocket: WebSocket, wait: Any) -> Any:
         if not waiting.done():
             waiting.cancel()
             await asyncio.gather(waiting, return_exceptions=True)
+
+
+def _session(value: str | None) -> str | None:
+    """The session cookie's value when it is one this app could have made, else None."""
+    return value if value is not None and _SESSION.match(value) else None
+
+
+def _digest(session: str) -> bytes:
+    return hashlib.sha256(session.encode()).hexdigest().encode()
+
+
+def _with_session(response: JSONResponse, session: str, request: Request) -> JSONResponse:
+    response.set_cookie(SESSION_COOKIE, session, httponly=True, samesite="strict", path="/",
+                        secure=request.url.scheme == "https")
+    return response
 
 
 def _status_doc(cid: str, reply: Any) -> dict:
