@@ -18,9 +18,13 @@ are not in them), and natively for **CPU µs per message** (``time.process_time`
 median of ``--rounds`` interleaved rounds, still moved by a busy machine's caches).
 
 Variants: ``old`` (the worker as built at the old ref), ``new`` (as built now: Ping,
-SharedClient and Workflows), ``new, no middleware`` (no middleware at all),
-``new, no Workflows`` (Workflows taken out of the worker's hooks) and ``new + no-op
-scopes`` (one more middleware whose consume_scope and handle_scope only call on).
+SharedClient and the consume scopes every worker has: RevokeChecks, Idempotency,
+Workflows), ``new, no middleware`` (no middleware at all), ``new, no Workflows``
+(Workflows taken out of the worker's hooks), ``new, no feature scopes`` (RevokeChecks,
+Idempotency and Workflows taken out) and ``new + no-op scopes`` (one more middleware whose
+consume_scope and handle_scope only call on). RevokeChecks is measured between its Redis
+polls (its "this service has revocations" flag cached, none): one round trip per
+``flag_cache`` seconds is not per-message work, and would make the count depend on time.
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ VARIANTS = {  # label: (tree, how the worker is set up)
     "new": ("new", "as built"),
     "new, no middleware": ("new", "no middleware"),
     "new, no Workflows": ("new", "no workflows"),
+    "new, no feature scopes": ("new", "no feature scopes"),
     "new + no-op scopes": ("new", "noop scopes"),
 }
 PAYLOAD = {"user_id": "u-123", "fields": ["name", "email", "created_at"], "n": 42, "note": "bench dispatch"}
@@ -90,16 +95,19 @@ def child(setup: str, messages: int) -> dict[str, Any]:
 def _set_up(worker: Any, setup: str) -> None:
     """Change the worker's middleware for the variant, and rebuild its dispatcher as
     ``Worker.start`` does."""
+    for middleware in worker.hooks.middleware:  # RevokeChecks: between polls, no revocations
+        if hasattr(middleware, "flag_cache") and hasattr(middleware, "_flags"):
+            middleware.flag_cache = float("inf")
+            middleware._flags[worker.service.name] = (False, time.monotonic())
     if setup == "as built":
         return
     from amqprpc.middleware import Hooks, Middleware
 
     if setup == "no middleware":
         worker.hooks = Hooks(defaults=False)
-    elif setup == "no workflows":
-        from amqprpc.middleware.workflow import Workflows
-
-        worker.hooks.middleware[:] = [m for m in worker.hooks.middleware if not isinstance(m, Workflows)]
+    elif setup in ("no workflows", "no feature scopes"):
+        features = ("Workflows",) if setup == "no workflows" else ("Workflows", "RevokeChecks", "Idempotency")
+        worker.hooks.middleware[:] = [m for m in worker.hooks.middleware if type(m).__name__ not in features]
         worker.hooks._resolve()
     elif setup == "noop scopes":
         class NoopScopes(Middleware):
@@ -171,23 +179,29 @@ def _instructions(dump: Path) -> int:
     raise SystemExit(f"no totals in {dump}")
 
 
-def trees(scratch: Path, old_ref: str, old_checkout: Path | None) -> dict[str, Path]:
+def trees(scratch: Path, old_ref: str, old_checkout: Path | None, new_ref: str | None) -> dict[str, Path]:
     """Copies of the two amqprpc packages at paths of the same length (scratch/old,
     scratch/new): the length of a path moves where objects land in memory, and with it
     the instruction count by up to ~1% (id-keyed hashing: contextvars), so the two sides
     must not differ in it. The old one from git at ``old_ref`` (no worktree left behind)
-    or from ``old_checkout``; the new one is this checkout, uncommitted edits included."""
+    or from ``old_checkout``; the new one is this checkout, uncommitted edits included (or
+    ``new_ref`` from git)."""
     old, new = scratch / "old", scratch / "new"
-    ignore = shutil.ignore_patterns("__pycache__")
-    shutil.copytree(NEW_TREE / "amqprpc", new / "amqprpc", ignore=ignore)
     if old_checkout is not None:
-        shutil.copytree(old_checkout / "amqprpc", old / "amqprpc", ignore=ignore)
+        shutil.copytree(old_checkout / "amqprpc", old / "amqprpc", ignore=shutil.ignore_patterns("__pycache__"))
     else:
-        archive = subprocess.run(["git", "-C", str(NEW_TREE), "archive", old_ref, "amqprpc"], capture_output=True,
-                                 check=True)
-        old.mkdir()
-        subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
+        _extract(old_ref, old)
+    if new_ref is not None:
+        _extract(new_ref, new)
+    else:
+        shutil.copytree(NEW_TREE / "amqprpc", new / "amqprpc", ignore=shutil.ignore_patterns("__pycache__"))
     return {"old": old, "new": new}
+
+
+def _extract(ref: str, into: Path) -> None:
+    archive = subprocess.run(["git", "-C", str(NEW_TREE), "archive", ref, "amqprpc"], capture_output=True, check=True)
+    into.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
 
 
 def measure(trees: dict[str, Path], labels: list[str], messages: int, callgrind_messages: int, rounds: int,
@@ -229,6 +243,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="native runs per variant (the median is shown)")
     parser.add_argument("--old-ref", default=OLD_REF, help="the git ref of the old layout")
     parser.add_argument("--old-tree", type=Path, help="a checkout of the old layout (instead of --old-ref)")
+    parser.add_argument("--new-ref", help="measure this git ref as the new side (default: this checkout)")
     parser.add_argument("--no-callgrind", action="store_true", help="CPU time only (fast; no valgrind)")
     parser.add_argument("--only", help="these variants, comma-separated (old is always run: the reference)")
     parser.add_argument("--out", type=Path, help="also write the figures as JSON")
@@ -245,7 +260,7 @@ def main() -> None:
     if callgrind and shutil.which("valgrind") is None:
         raise SystemExit("valgrind not found (apt-get install valgrind), or run with --no-callgrind")
     with tempfile.TemporaryDirectory(prefix="dispatch-cost-") as scratch:
-        results = measure(trees(Path(scratch), args.old_ref, args.old_tree), labels, args.messages,
+        results = measure(trees(Path(scratch), args.old_ref, args.old_tree, args.new_ref), labels, args.messages,
                           args.callgrind_messages, args.rounds, callgrind, Path(scratch))
     print(f"Worker decision code per message, no broker ({args.messages} per kind for CPU time, median of "
           f"{args.rounds} rounds" + (f"; {args.callgrind_messages} per kind under callgrind)" if callgrind else ")"))
