@@ -19,8 +19,8 @@ median of ``--rounds`` interleaved rounds, still moved by a busy machine's cache
 
 Variants: ``old`` (the worker as built at the old ref), ``new`` (as built now: Ping,
 SharedClient and the consume scopes every worker has: RevokeChecks, Idempotency,
-Workflows), ``new, no middleware`` (no middleware at all), ``new, no Workflows``
-(Workflows taken out of the worker's hooks), ``new, no feature scopes`` (RevokeChecks,
+Workflows), ``new without middleware`` (no middleware at all), ``new without Workflows``
+(Workflows taken out of the worker's hooks), ``new without feature scopes`` (RevokeChecks,
 Idempotency and Workflows taken out) and ``new + no-op scopes`` (one more middleware whose
 consume_scope and handle_scope only call on). RevokeChecks is measured between its Redis
 polls (its "this service has revocations" flag cached, none): one round trip per
@@ -47,9 +47,9 @@ KINDS = ("call", "cast")
 VARIANTS = {  # label: (tree, how the worker is set up)
     "old": ("old", "as built"),
     "new": ("new", "as built"),
-    "new, no middleware": ("new", "no middleware"),
-    "new, no Workflows": ("new", "no workflows"),
-    "new, no feature scopes": ("new", "no feature scopes"),
+    "new without middleware": ("new", "no middleware"),
+    "new without Workflows": ("new", "no workflows"),
+    "new without feature scopes": ("new", "no feature scopes"),
     "new + no-op scopes": ("new", "noop scopes"),
 }
 PAYLOAD = {"user_id": "u-123", "fields": ["name", "email", "created_at"], "n": 42, "note": "bench dispatch"}

@@ -130,9 +130,11 @@ class Dispatcher:
             hooks.run(hooks.before_handle, delivery)
         if decision is None:
             if delivery.kind != "event":  # with the trace id before_handle may have set (OpenTelemetry)
+                # The fields of the handler's own lines too (_run does not bind them again).
                 logs.clear_request()
-                logs.bind_request(service=delivery.service, action=delivery.action,
-                                  correlation_id=delivery.correlation_id, trace_id=delivery.trace_id,
+                correlation_id = delivery.correlation_id or ""
+                logs.bind_request(service=delivery.service, action=delivery.action or "",
+                                  correlation_id=correlation_id, trace_id=delivery.trace_id or correlation_id,
                                   parent_id=delivery.body_headers.get("parent_id"))
             try:
                 decision = self._chain(delivery)
@@ -345,7 +347,9 @@ def _run(handle: Callable[[Delivery], Any] | None, delivery: Delivery) -> Decisi
     directly). What :func:`bound` does, without a generator-based context manager: this
     runs for every delivery."""
     decide: Dispatcher = delivery.decide
-    token = _bind(delivery)
+    # A call's or cast's log fields are bound already (dispatch, before the chain); an
+    # event's are bound here, with its handler's name.
+    token = _bind(delivery, fields=delivery.kind == "event")
     try:
         try:
             result = delivery.function(delivery.payload) if handle is None else handle(delivery)  # type: ignore[misc]
@@ -367,7 +371,7 @@ def _invoke(delivery: Delivery) -> Any:
 def bound(delivery: Delivery) -> Iterator[None]:
     """Around running one handler: the call context that nested calls and events inherit
     (trace id, deadline) and the fields of its log lines."""
-    token = _bind(delivery)
+    token = _bind(delivery, fields=True)
     try:
         yield
     finally:
@@ -375,15 +379,16 @@ def bound(delivery: Delivery) -> Iterator[None]:
         logs.clear_request()
 
 
-def _bind(delivery: Delivery) -> contextvars.Token[context.CallContext | None]:
-    """Set the call context and bind the log fields of ``delivery``; the token resets it."""
+def _bind(delivery: Delivery, fields: bool) -> contextvars.Token[context.CallContext | None]:
+    """Set the call context of ``delivery`` (and bind its log ``fields``); the token resets it."""
     service, action = delivery.service, delivery.action or ""
     correlation_id = (delivery.message_id if delivery.kind == "event" else delivery.correlation_id) or ""
     trace_id = delivery.trace_id or correlation_id
     token = context.current.set(context.CallContext(service, action, correlation_id, trace_id, delivery.deadline))
-    fields = {"handler": delivery.handler} if delivery.kind == "event" else {}
-    logs.bind_request(service=service, action=action, correlation_id=correlation_id, trace_id=trace_id,
-                      parent_id=delivery.body_headers.get("parent_id"), **fields)
+    if fields:
+        handler = {"handler": delivery.handler} if delivery.kind == "event" else {}
+        logs.bind_request(service=service, action=action, correlation_id=correlation_id, trace_id=trace_id,
+                          parent_id=delivery.body_headers.get("parent_id"), **handler)
     return token
 
 

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-VARIANTS = ("old", "new", "new, no middleware", "new, no Workflows", "new, no feature scopes", "new + no-op scopes")
+VARIANTS = ("old", "new", "new without middleware", "new without Workflows", "new without feature scopes",
+            "new + no-op scopes")
 
 
 def test_dispatch_cost_runs_every_variant_and_prints_the_table(tmp_path: Path) -> None:
