@@ -65,7 +65,9 @@ def child(setup: str, messages: int) -> dict[str, Any]:
 
     try:
         from amqprpc.server.worker import Worker
+        from amqprpc.wire import envelope
     except ImportError:  # the old flat layout
+        from amqprpc import envelope  # type: ignore[attr-defined, no-redef]
         from amqprpc.worker import Worker  # type: ignore[import-not-found, no-redef]
     logs.configure("console", "warning")  # as the bench's worker process
     service = Service("bench-dispatch")
@@ -73,9 +75,9 @@ def child(setup: str, messages: int) -> dict[str, Any]:
     worker = Worker(service, broker_url="amqp://guest:guest@127.0.0.1:5672//")  # built, never started
     _set_up(worker, setup)
     process: Callable[[Any], Any] = worker._process
-    batches = {kind: [_message(worker, kind, i) for i in range(messages)] for kind in KINDS}
+    batches = {kind: [_message(worker, envelope, kind, i) for i in range(messages)] for kind in KINDS}
     for kind in KINDS:  # warm up, and check that each kind gets its proper decision
-        for message in [_message(worker, kind, i) for i in range(WARMUP)]:
+        for message in [_message(worker, envelope, kind, i) for i in range(WARMUP)]:
             decision = process(message)
         want = "replied" if kind == "call" else "done"
         assert decision.outcome.kind.value == want and decision.forward is None, (kind, decision)
@@ -123,14 +125,11 @@ def _set_up(worker: Any, setup: str) -> None:
     worker.dispatcher = worker._dispatcher()
 
 
-def _message(worker: Any, kind: str, index: int) -> Any:
-    """A request as the worker receives it from RpcClient.call / .cast (deterministic ids)."""
+def _message(worker: Any, envelope: Any, kind: str, index: int) -> Any:
+    """A request as the worker receives it from RpcClient.call / .cast (deterministic ids),
+    its body made by that tree's ``envelope`` module."""
     import amqp
 
-    try:
-        from amqprpc.wire import envelope
-    except ImportError:  # the old flat layout
-        from amqprpc import envelope  # type: ignore[attr-defined, no-redef]
     message_id = f"{index:032x}"
     call = kind == "call"
     reply_to = "amq.gen-0123456789abcdefghijkl" if call else None
