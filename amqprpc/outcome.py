@@ -23,7 +23,9 @@ class OutcomeKind(str, Enum):
     RECOUNTED = "recounted"        # redelivered from a classic queue: re-published with its delivery count, runs later
     DONE = "done"                  # an event (or a cast's) handler returned
     REVOKED = "revoked"            # revoked (client.revoke): acked unrun, a call answered with a Revoked error
-    DEDUPLICATED = "deduplicated"  # its idempotency key already ran: acked unrun, a call answered with the stored reply
+    DELAYED = "delayed"            # came before its ETA (another clock): back to wait in the broker, unrun
+    RATE_LIMITED = "rate_limited"  # over its handler's rate limit: waits in the broker for its reserved slot
+    DEDUPLICATED = "deduplicated"  # already ran (its idempotency key, or a periodic tick published twice): acked unrun
     SKIPPED = "skipped"            # acked unrun: a workflow step's second copy, or a step of a failed/revoked workflow
 
 

@@ -10,6 +10,8 @@ from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, T
 
 from amqprpc.caller import Caller
 from amqprpc.errors import ContractError
+from amqprpc.rate import Rate, parse_rate
+from amqprpc.schedule import Schedule
 from amqprpc.wire.ids import snake_case
 from amqprpc.retry import Retry
 
@@ -93,9 +95,22 @@ class Service:
     #: registration (a model defined further down the module), or the model of a published
     #: event pydantic could not describe yet: :meth:`check` retries them.
     _unchecked: Dict[Tuple[str, str], Any] = field(default_factory=dict, repr=False)
+    #: 1-10: the request queue is a priority queue (``x-max-priority``); messages sent with a
+    #: higher ``priority=`` are taken first. None: a plain queue (priorities ignored).
+    max_priority: Optional[int] = None
+    #: Handlers' rate limits (``rate_limit="20/s"``) by action, for the whole service.
+    rate_limits: Dict[str, Rate] = field(default_factory=dict)
+    #: Periodic tasks (:meth:`periodic`) by schedule name, run by ``amqprpc beat``.
+    schedules: Dict[str, Schedule] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.max_priority is not None and (isinstance(self.max_priority, bool)
+                                              or not isinstance(self.max_priority, int)
+                                              or not 1 <= self.max_priority <= 10):
+            raise ValueError(f"{self.name}: max_priority must be an int from 1 to 10, not {self.max_priority!r}")
 
     def handler(self, action: str | Callable[..., Any] | None = None, *, retry: Retry | None = None,
-                dedup_window: float | None = None) -> Callable[..., Any]:
+                dedup_window: float | None = None, rate_limit: str | None = None) -> Callable[..., Any]:
         """Register a function as the handler of ``action`` (default: the function's name).
 
         Usable bare (``@service.handler``) or with a name (``@service.handler("get_user")``).
@@ -103,10 +118,14 @@ class Service:
         dead-lettered (see :class:`~amqprpc.retry.Retry`); calls only while their deadline allows.
         ``dedup_window``: seconds a request's idempotency key is remembered for this handler
         (default: the service's ``dedup_window``, 24 h).
+        ``rate_limit``: ``"20/s"`` (``/s``, ``/m``, ``/h``) for the service as a whole, across
+        all its workers (:mod:`amqprpc.middleware.ratelimit`); what is over waits in the broker.
         """
         if callable(action):
-            bare: Callable[[Handler], Handler] = self.handler(None, retry=retry, dedup_window=dedup_window)
+            bare: Callable[[Handler], Handler] = self.handler(None, retry=retry, dedup_window=dedup_window,
+                                                              rate_limit=rate_limit)
             return bare(action)
+        rate = parse_rate(rate_limit) if rate_limit is not None else None
 
         def register(function: Handler) -> Handler:
             name = action or function.__name__
@@ -117,6 +136,8 @@ class Service:
                 self.retries[name] = retry
             if dedup_window is not None:
                 self.dedup_windows[name] = dedup_window
+            if rate is not None:
+                self.rate_limits[name] = rate
             return function
 
         return register
@@ -134,6 +155,23 @@ class Service:
             return function
 
         return register
+
+    def periodic(self, action: str, *, cron: str | None = None, every: float | None = None,
+                 payload: dict[str, Any] | None = None, tz: str = "UTC", name: str | None = None,
+                 misfire: str = "once") -> Schedule:
+        """Run ``action`` periodically, as a cast, by ``cron`` (``"*/5 * * * *"``, in time
+        zone ``tz``) or ``every`` seconds; ``amqprpc beat`` publishes the ticks (any number of
+        replicas, one tick once). ``name`` (default: the action) names the schedule in tick
+        ids and in Redis; ``misfire``: ticks missed while no beat ran fire once or are skipped.
+
+        >>> service = Service("report-service")
+        >>> _ = service.periodic("cleanup", every=300)
+        """
+        schedule = Schedule(name or action, self.name, action, cron, every, dict(payload or {}), tz, misfire)
+        if schedule.name in self.schedules:
+            raise ValueError(f"{self.name}: schedule {schedule.name!r} is registered twice (give each a name=)")
+        self.schedules[schedule.name] = schedule
+        return schedule
 
     def publishes(self, name: str, model: Any = None, *, description: str = "") -> None:
         """Declare that this service publishes event ``name`` (e.g. ``order.created``), its

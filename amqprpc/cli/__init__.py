@@ -228,12 +228,18 @@ def call(service: str, action: str, payload: dict[str, Any], timeout: float, bro
 
 @main.command()
 @request_arguments(CONFIRM_TIMEOUT_HELP)
+@click.option("--countdown", default=None, type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Run it this many seconds from now (it waits in the broker; up to 30 days).")
+@click.option("--priority", default=None, type=click.IntRange(min=0, max=255),
+              help="Message priority (honoured by a service declared with max_priority).")
 def cast(service: str, action: str, payload: dict[str, Any], timeout: float, broker: str, log_format: str,
-         log_level: str) -> None:
-    """Send ACTION to SERVICE without waiting for a reply (persistent, broker-confirmed)."""
+         log_level: str, countdown: float | None, priority: int | None) -> None:
+    """Send ACTION to SERVICE without waiting for a reply (persistent, broker-confirmed).
+    Prints 'sent' (and, with --countdown, the message id)."""
     logs.configure(log_format, log_level)
-    with_client(broker, timeout, lambda client: client.cast(service, action, payload, timeout=timeout))
-    click.echo("sent")
+    message_id = with_client(broker, timeout, lambda client: client.cast(
+        service, action, payload, timeout=timeout, countdown=countdown, priority=priority))
+    click.echo("sent" if countdown is None else f"sent {message_id}")
 
 
 @main.command()
@@ -458,6 +464,10 @@ def demo(broker: str, log_format: str, log_level: str) -> None:
 main.add_command(workflow_commands.workflow)
 main.add_command(dashboard_commands.dashboard)
 main.add_command(revoke_command.revoke)
+
+from amqprpc.cli import beat as _beat  # noqa: E402 - the commands of tasks in time (#22), after main exists
+
+_beat.register(main, sys.modules[__name__])
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -88,7 +88,12 @@ def dashboard(host: str, port: int, user_password: str | None, token: str | None
     logs.configure(log_format, log_level)
     logs.bind_process(service="amqprpc-dashboard")
     queues: QueueSource = (ManagementQueues(management_url, broker) if management_url else PassiveQueues(broker))
-    collector = Collector(Registry(redis_url), queues, interval=interval, stale_after=stale_after)
+    from amqprpc.config import redis_client
+    from amqprpc.ops.beat import announced_schedules
+
+    schedules_redis = redis_client(redis_url, 2.0)
+    collector = Collector(Registry(redis_url), queues, interval=interval, stale_after=stale_after,
+                          extensions={"schedules": lambda: announced_schedules(schedules_redis)})
     auth = Auth(user_password, token, loopback_only=is_loopback(host))
     app = create_app(collector, Operations(broker, redis_url=redis_url), auth, broker_url=broker)
     daemon = DashboardDaemon(app, collector, host=host, port=port, broker_url=broker, reconnect_cap=reconnect_cap)

@@ -24,6 +24,7 @@ import collections
 import contextvars
 import functools
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime
 from typing import Any, Callable
 
 from amqprpc.client.rpc import _GRACE, RpcClient
@@ -86,15 +87,15 @@ class AsyncRpcClient:
         return self._client
 
     async def call(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
-                   returns: Any = None, idempotency_key: str | None = None) -> Any:
+                   returns: Any = None, idempotency_key: str | None = None, priority: int | None = None) -> Any:
         """Call ``action`` on ``service`` and return its ``data``; raises as ``RpcClient.call``.
-        ``timeout`` in seconds; ``payload``, ``returns`` and ``idempotency_key`` as for
-        ``RpcClient.call``. Cancelling the awaiting task abandons the call (it still runs:
+        ``timeout`` in seconds; ``payload``, ``returns``, ``idempotency_key`` and ``priority`` as
+        for ``RpcClient.call``. Cancelling the awaiting task abandons the call (it still runs:
         revoke it with :meth:`revoke` and ``call_async(...).message_id``)."""
         client = self.client
         timeout = client.timeout if timeout is None else timeout
         data = await self._answer_of(client.call_async(service, action, payload, timeout=timeout,
-                                                       idempotency_key=idempotency_key),
+                                                       idempotency_key=idempotency_key, priority=priority),
                                      f"{service}.{action}", timeout)
         if returns is None:
             return data
@@ -153,22 +154,25 @@ class AsyncRpcClient:
                 waiter.set_result(future.result())
 
     def call_async(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
-                   idempotency_key: str | None = None) -> "asyncio.Future[Any]":
+                   idempotency_key: str | None = None, priority: int | None = None) -> "asyncio.Future[Any]":
         """Send a call now and return an asyncio Future of its ``data`` (await it later);
         its ``message_id`` attribute is the request's message id, for :meth:`revoke`."""
         client = self.client
         timeout = client.timeout if timeout is None else timeout
-        sent = client.call_async(service, action, payload, timeout=timeout, idempotency_key=idempotency_key)
+        sent = client.call_async(service, action, payload, timeout=timeout, idempotency_key=idempotency_key,
+                                 priority=priority)
         answer = asyncio.ensure_future(self._answer_of(sent, f"{service}.{action}", timeout))
         answer.message_id = getattr(sent, "message_id", None)  # type: ignore[attr-defined]
         return answer
 
-    async def cast(self, service: str, action: str, payload: Any = None, *,
-                   timeout: float | None = None, idempotency_key: str | None = None) -> str:
+    async def cast(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
+                   idempotency_key: str | None = None, countdown: float | None = None, eta: datetime | None = None,
+                   priority: int | None = None) -> str:
         """As ``RpcClient.cast``: returns the message id once the broker confirmed the request."""
-        message_id: str = await self._off_loop(self.client.cast, service, action, payload, timeout=timeout,
-                                               idempotency_key=idempotency_key)
-        return message_id
+        message_id = await self._off_loop(self.client.cast, service, action, payload, timeout=timeout,
+                                          idempotency_key=idempotency_key, countdown=countdown, eta=eta,
+                                          priority=priority)
+        return str(message_id)
 
     async def publish_event(self, name: str, payload: Any = None, *,
                             timeout: float | None = None) -> None:
@@ -177,10 +181,12 @@ class AsyncRpcClient:
 
     async def submit(self, service: str, action: str, payload: Any = None, *,
                      timeout: float | None = None, correlation_id: str | None = None,
-                     idempotency_key: str | None = None) -> str:
+                     idempotency_key: str | None = None, countdown: float | None = None, eta: datetime | None = None,
+                     priority: int | None = None) -> str:
         """As ``RpcClient.submit``: returns the correlation id (= message id) once the broker confirmed."""
         correlation_id = await self._off_loop(self.client.submit, service, action, payload, timeout=timeout,
-                                              correlation_id=correlation_id, idempotency_key=idempotency_key)
+                                              correlation_id=correlation_id, idempotency_key=idempotency_key,
+                                              countdown=countdown, eta=eta, priority=priority)
         return str(correlation_id)
 
     async def revoke(self, service: str, message_id: str, *more_ids: str, ttl: float | None = None) -> None:

@@ -9,34 +9,24 @@ whatever the network or the loop thread does.
 """
 from __future__ import annotations
 
-import heapq
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before Python 3.11
-from typing import Any, Callable, Sequence
+from datetime import datetime
+from typing import Any, Callable, Mapping
 
 import amqp
 
 from amqprpc import context, logs
 from amqprpc.wire import envelope
 from amqprpc.caller import Caller
-from amqprpc.client.breaker import CircuitBreaker
-from amqprpc.config import broker_url as default_broker_url
-from amqprpc.config import redact
-from amqprpc.transport.deadlines import Timer
-from amqprpc.errors import CallTimeout, CircuitOpen, ConnectionLost, PublishRefused, RemoteError, ServiceUnavailable
-from amqprpc.transport.framehandler import UndecodableMessage
-from amqprpc.transport.ioloop import (
-    UNENCODABLE, AmqpLoop, channel_refused, close_quietly, open_confirm_channel, publish,
-)
-from amqprpc.transport.link import describe
-from amqprpc.middleware import Hooks, Middleware, Outgoing
-from amqprpc.middleware.observability import automatic
-from amqprpc.outcome import CIRCUIT_OPEN, ERROR, OK, REFUSED, TIMEOUT, UNAVAILABLE, CallOutcome
-from amqprpc.retry import PUBLISH_RETRY, Retry, call_with_retry
+from amqprpc.client.countdown import ETA_HEADER, check_priority, delay_of
+from amqprpc.errors import CallTimeout, CircuitOpen, ConnectionLost
+from amqprpc.middleware import Outgoing
+from amqprpc.retry import Retry, call_with_retry
 from amqprpc.wire.ids import snake_case
-from amqprpc.wire.topology import DEFAULT_TOPOLOGY, Topology
+from amqprpc.client.connection import ClientConnection, _failure_of, _settle
 
 log = logs.get_logger("amqprpc.client")
 
@@ -45,7 +35,7 @@ log = logs.get_logger("amqprpc.client")
 _GRACE = 0.25
 
 
-class RpcClient:
+class RpcClient(ClientConnection):
     """Calls services over RabbitMQ.
 
     Parameters: ``source`` names this caller in envelopes and in its reply queue;
@@ -59,52 +49,10 @@ class RpcClient:
     :class:`~amqprpc.transport.ioloop.AmqpLoop` it holds, not one it is.
     """
 
-    def __init__(self, source: str = "amqprpc-client", *, broker_url: str | None = None, timeout: float = 5.0,
-                 topology: Topology = DEFAULT_TOPOLOGY, heartbeat: float = 30.0, connect_timeout: float = 5.0,
-                 breaker: CircuitBreaker | None = None, middleware: Sequence[Middleware] | None = None,
-                 reconnect_cap: float = 10.0, redis_url: str | None = None):
-        self.hooks = Hooks(middleware, builtin=automatic(middleware or ()))
-        self._loop = AmqpLoop(default_broker_url(broker_url), name=f"amqprpc-client-{source}", heartbeat=heartbeat,
-                              connect_timeout=connect_timeout, reconnect_cap=reconnect_cap,
-                              on_connected=self._on_connected, on_disconnected=self._on_disconnected)
-        self.url = self._loop.url
-        # Callers publish under the loop's write lock themselves (see _send_call).
-        self._write_lock = self._loop.write_lock
-        self.source = source
-        self.timeout = timeout
-        self.breaker = breaker
-        self.topology = topology
-        self.redis_url = redis_url
-        self._revocations: Any = None  # RevocationStore, made by the first revoke()
-        self.reply_queue = topology.reply_queue(source)
-        # Publishes go on two confirm channels of their own (calls; casts, events and
-        # submits), replies arrive on a third: a channel the broker keeps refusing is
-        # replaced without touching the reply consumer (the reply queue is auto-delete).
-        self._call_channel: amqp.Channel | None = None
-        self._call_tags: dict[int, str] = {}  # delivery tag on the call channel -> correlation id
-        self._call_seq = 0
-        self._call_opened = 0.0
-        self._confirm_channel: amqp.Channel | None = None
-        self._confirm_opened = 0.0
-        self.channels_replaced = {"call": 0, "confirm": 0}  # after the broker kept refusing them
-        self._pending: dict[str, tuple[Future[Any], str, str, float]] = {}  # correlation id -> call
-        self._deadlines: list[tuple[float, str]] = []  # heap of (monotonic deadline, correlation id)
-        self._calls_lock = threading.Lock()  # the two above, between callers, loop and timer
-        self._timer = Timer(self._expire, name=f"amqprpc-deadlines-{source}")
-        self._confirms: dict[int, tuple[Future[Any], str, str]] = {}  # delivery tag -> publish
-        self._unroutable: set[str] = set()
-        self._publish_seq = 0
-        self._declared: dict[str, int] = {}  # queue name -> connection generation it was declared on
-        self._callbacks: ThreadPoolExecutor | None = None
-        self._closed = False
-        try:
-            self._loop.start()
-        except Exception as exc:  # noqa: BLE001 - any connect failure is "unavailable" to a caller
-            raise ServiceUnavailable(f"cannot connect to broker {redact(self.url)}: {redact(str(exc))}") from None
-
     # --- public API --------------------------------------------------------------------
     def call(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
-             retry: Retry | None = None, returns: Any = None, idempotency_key: str | None = None) -> Any:
+             retry: Retry | None = None, returns: Any = None, idempotency_key: str | None = None,
+             priority: int | None = None) -> Any:
         """Call ``action`` on ``service`` and return its ``data``.
 
         ``payload``: a dict, or a pydantic model or dataclass (sent as its JSON dump).
@@ -122,22 +70,25 @@ class RpcClient:
         first still runs). Every retry attempt carries the same key, which makes ``retry``
         safe for any action. A Revoked error (:class:`~amqprpc.errors.Revoked`) says the
         request was revoked before or while it ran.
+        ``priority``: the message's priority (a service with ``max_priority`` takes its
+        higher ones first; see docs/guides/tasks-in-time.md).
         """
         timeout = self.timeout if timeout is None else timeout
         key = idempotency_key
         if retry is not None:
-            data = call_with_retry(lambda left: self.call(service, action, payload, timeout=left, idempotency_key=key),
-                                   retry, timeout)
+            data = call_with_retry(lambda left: self.call(service, action, payload, timeout=left, idempotency_key=key,
+                                                          priority=priority), retry, timeout)
         elif self.breaker is not None:
             data = self.breaker.call(service, action, payload,
-                                     lambda: self._call(service, action, payload, timeout, key),
+                                     lambda: self._call(service, action, payload, timeout, key, priority),
                                      on_reject=self._refused if self.hooks.after_settle else None)
         else:
-            data = self._call(service, action, payload, timeout, key)
+            data = self._call(service, action, payload, timeout, key, priority)
         return data if returns is None else _parse(returns, data, service, action)
 
-    def _call(self, service: str, action: str, payload: Any, timeout: float, idempotency_key: str | None = None) -> Any:
-        future = self._call_async(service, action, payload, timeout, idempotency_key)
+    def _call(self, service: str, action: str, payload: Any, timeout: float, idempotency_key: str | None = None,
+              priority: int | None = None) -> Any:
+        future = self._call_async(service, action, payload, timeout, idempotency_key, priority)
         try:
             return future.result(timeout + _GRACE)
         except FutureTimeout:
@@ -146,23 +97,23 @@ class RpcClient:
 
     def call_async(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
                    callback: Callable[[Future[Any]], Any] | None = None, returns: Any = None,
-                   idempotency_key: str | None = None) -> Future[Any]:
+                   idempotency_key: str | None = None, priority: int | None = None) -> Future[Any]:
         """Send a call and return a Future of its ``data`` at once.
 
         ``callback(future)`` runs when it resolves, on a separate callback thread (so a
-        callback may itself make calls). ``payload``, ``returns`` and ``idempotency_key`` as
-        for :meth:`call` (the data is parsed on the callback thread, never on the I/O loop's).
-        The Future's ``message_id`` attribute is the request's message id (for :meth:`revoke`;
-        None when the circuit breaker refused and nothing was sent).
+        callback may itself make calls). ``payload``, ``returns``, ``idempotency_key`` and
+        ``priority`` as for :meth:`call` (the data is parsed on the callback thread, never on
+        the I/O loop's). The Future's ``message_id`` attribute is the request's message id
+        (for :meth:`revoke`; None when the circuit breaker refused and nothing was sent).
         """
         if self.breaker is not None:
             future = self.breaker.call_async(service, action, payload,
                                              lambda: self._call_async(service, action, payload, timeout,
-                                                                      idempotency_key),
+                                                                      idempotency_key, priority),
                                              self._run_callback,
                                              on_reject=self._refused if self.hooks.after_settle else None)
         else:
-            future = self._call_async(service, action, payload, timeout, idempotency_key)
+            future = self._call_async(service, action, payload, timeout, idempotency_key, priority)
         message_id = getattr(future, "message_id", None)
         if returns is not None:
             future = self._parsed(future, returns, service, action)
@@ -189,7 +140,9 @@ class RpcClient:
         return parsed
 
     def _call_async(self, service: str, action: str, payload: Any,
-                    timeout: float | None, idempotency_key: str | None = None) -> Future[Any]:
+                    timeout: float | None, idempotency_key: str | None = None,
+                    priority: int | None = None) -> Future[Any]:
+        check_priority(priority)
         timeout, headers = self._deadline(timeout, idempotency_key=idempotency_key)
         message_id = envelope.new_id()
         hooks = self.hooks
@@ -208,6 +161,8 @@ class RpcClient:
         message = amqp.Message(body, content_type=envelope.CONTENT_TYPE, message_id=message_id,
                                correlation_id=message_id, reply_to=self.reply_queue.name, delivery_mode=2,
                                expiration=str(max(1, int(timeout * 1000))))
+        if priority is not None:
+            message.properties["priority"] = priority
         future: Future[Any] = Future()
         future.message_id = message_id  # type: ignore[attr-defined]  # see call_async
         if outgoing is not None:
@@ -222,25 +177,69 @@ class RpcClient:
         self._send_call(message_id, message, service, action, future)
         return future
 
-    def cast(self, service: str, action: str, payload: Any = None, *,
-             timeout: float | None = None, idempotency_key: str | None = None) -> str:
-        """Send a request that gets no reply. Returns its message id (for :meth:`revoke`) once
-        the broker confirmed it stored the message; raises ServiceUnavailable if no queue
-        takes it. ``idempotency_key`` as for :meth:`call`: a repeat is acked unrun."""
-        timeout, headers = self._deadline(timeout, with_deadline=False, idempotency_key=idempotency_key)
-        message_id = envelope.new_id()
+    def cast(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,
+             idempotency_key: str | None = None, countdown: float | None = None, eta: datetime | None = None,
+             priority: int | None = None, message_id: str | None = None,
+             headers: Mapping[str, Any] | None = None) -> str:
+        """Send a request that gets no reply; return its message id (for :meth:`revoke`).
+        Returns once the broker confirmed it stored the message; raises ServiceUnavailable if
+        no queue takes it. ``idempotency_key`` as for :meth:`call`: a repeat is acked unrun.
+
+        ``countdown`` seconds or ``eta`` (a timezone-aware datetime): it runs no earlier, at
+        most 1 s late up to an hour, 0.5% beyond (up to 30 days); meanwhile it waits in the
+        broker, durable (see :mod:`amqprpc.client.countdown`). ``priority``: see :meth:`call`.
+        ``message_id``: one of the caller's own (the beat names each tick so); ``headers``:
+        AMQP application headers to send with it."""
+        timeout, body_headers = self._deadline(timeout, with_deadline=False, idempotency_key=idempotency_key)
+        message_id = message_id or envelope.new_id()
         exchange, routing_key = self.topology.service_exchange, self.topology.request_key(service)
+        check_priority(priority)
+        wait = delay_of(countdown, eta)
+        properties: dict[str, Any] = {} if priority is None else {"priority": priority}
+        if headers:
+            properties["application_headers"] = dict(headers)
+        if wait is not None and wait > 0:
+            exchange, routing_key, delayed = self._delayed(service, wait, timeout)
+            properties["application_headers"] = {**(headers or {}), **delayed}
         outgoing = self._outgoing("cast", service, action, exchange, routing_key, message_id, None,
-                                  headers) if self._observed else None
+                                  body_headers) if self._observed else None
         try:
             body = envelope.request_body(message_id=message_id, source=self.source, target=service, action=action,
-                                         payload=_payload(payload), reply_to=None, headers=headers)
+                                         payload=_payload(payload), reply_to=None, headers=body_headers)
         except Exception as exc:  # a payload JSON cannot carry: what the hooks began for it ends too
             self._unsent(outgoing, exc)
             raise
         self._confirmed(exchange, routing_key, body, message_id, f"cast to {service}.{action}", mandatory=True,
-                        timeout=timeout, outgoing=outgoing)
+                        timeout=timeout, outgoing=outgoing, **properties)
         return message_id
+
+    def _delayed(self, service: str, wait: float, timeout: float) -> tuple[str, str, dict[str, Any]]:
+        """Exchange, routing key and headers of a cast that waits ``wait`` seconds in the
+        broker: its countdown queue is declared first (on the loop thread)."""
+        due = time.time() + wait
+        target = self.topology.request_queue_format.format(service=service)
+        queue = self.topology.countdown_queue(target, self.topology.countdown_ms(wait))
+        generation = self._loop.generation
+        if self._countdowns.due(queue.name, generation):
+            declared: Future[None] = Future()
+
+            def declare() -> None:
+                try:
+                    if self._loop.connection is None:
+                        raise ConnectionLost(f"cast to {service}: not connected to the broker")
+                    self._countdowns.declare(self._loop.connection, generation, queue, target)
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    declared.set_exception(exc)
+                else:
+                    declared.set_result(None)
+
+            self._loop.call_soon(declare)
+            try:
+                declared.result(timeout)
+            except FutureTimeout:
+                raise CallTimeout(f"cast to {service}: its countdown queue was not declared within {timeout}s; "
+                                  "nothing was sent") from None
+        return "", queue.name, {ETA_HEADER: round(due, 3)}
 
     def publish_event(self, name: str, payload: Any = None, *,
                       timeout: float | None = None) -> None:
@@ -261,7 +260,8 @@ class RpcClient:
 
     def submit(self, service: str, action: str, payload: Any = None, *,
                timeout: float | None = None, correlation_id: str | None = None,
-               idempotency_key: str | None = None) -> str:
+               idempotency_key: str | None = None, countdown: float | None = None, eta: datetime | None = None,
+               priority: int | None = None) -> str:
         """Accept-then-poll: send a request whose reply goes to the shared collector queue
         (``topology.collector_queue``) and return its correlation id.
 
@@ -277,6 +277,7 @@ class RpcClient:
         ASCII characters), for a caller that must know it before sending (to mark the
         request pending first) or hand out an unguessable one (``secrets.token_hex(16)``:
         the ids amqprpc makes are unique, not secret).
+        ``countdown``, ``eta`` and ``priority`` as for :meth:`cast`.
         """
         timeout, headers = self._deadline(timeout, with_deadline=False, idempotency_key=idempotency_key)
         if correlation_id is not None:
@@ -287,6 +288,9 @@ class RpcClient:
         message_id = correlation_id or envelope.new_id()
         collector = self.topology.responses_queue()
         deadline = time.monotonic() + timeout
+        check_priority(priority)
+        wait = delay_of(countdown, eta)
+        properties: dict[str, Any] = {} if priority is None else {"priority": priority}
         if self._declared.get(collector.name) != self._loop.generation:
             # _confirmed publishes from this thread: let the loop thread declare first.
             declared = threading.Event()
@@ -296,6 +300,9 @@ class RpcClient:
                 raise CallTimeout(f"submit to {service}.{action}: the collector queue was not declared within "
                                   f"{timeout}s; nothing was sent")
         exchange, routing_key = self.topology.service_exchange, self.topology.request_key(service)
+        if wait is not None and wait > 0:
+            exchange, routing_key, properties["application_headers"] = self._delayed(
+                service, wait, deadline - time.monotonic())
         outgoing = self._outgoing("submit", service, action, exchange, routing_key, message_id, message_id,
                                   headers) if self._observed else None
         try:
@@ -306,7 +313,7 @@ class RpcClient:
             raise
         self._confirmed(exchange, routing_key, body, message_id, f"submit to {service}.{action}", mandatory=True,
                         timeout=deadline - time.monotonic(), outgoing=outgoing, correlation_id=message_id,
-                        reply_to=collector.name)
+                        reply_to=collector.name, **properties)
         return message_id
 
     def revoke(self, service: str, message_id: str, *more_ids: str, ttl: float | None = None) -> None:
@@ -419,37 +426,6 @@ class RpcClient:
                             self.topology.request_key(service), "", None, {})
         self._settled(outgoing, exc)
 
-    def _settled(self, outgoing: Outgoing, exc: BaseException | None) -> None:
-        hooks = self.hooks
-        hooks.run(hooks.after_settle, outgoing, _call_outcome(exc, time.monotonic() - outgoing.started))
-
-    def _confirmed(self, exchange: str, routing_key: str, body: bytes, message_id: str, what: str, *,
-                   mandatory: bool, timeout: float, outgoing: Outgoing | None, **properties: Any) -> None:
-        message = amqp.Message(body, content_type=envelope.CONTENT_TYPE, message_id=message_id, delivery_mode=2,
-                               **properties)
-        if outgoing is not None and outgoing.headers:
-            message.properties["application_headers"] = outgoing.headers
-
-        def attempt(left: float) -> None:
-            future: Future[Any] = Future()
-            self._send_confirmed(exchange, routing_key, message, message_id, what, mandatory, future)
-            try:
-                future.result(left)
-            except FutureTimeout:
-                raise CallTimeout(f"{what}: the broker did not confirm within {timeout}s") from None
-
-        # Through a connection loss or a refusal: wait for the reconnect (or the replaced
-        # channel) and send again, bounded (never kombu's retry-forever default). The same
-        # message id goes each time.
-        try:
-            call_with_retry(attempt, PUBLISH_RETRY, timeout, retryable=(ConnectionLost, PublishRefused), share=False)
-        except Exception as exc:
-            if outgoing is not None and self.hooks.after_settle:
-                self._settled(outgoing, exc)
-            raise
-        if outgoing is not None and self.hooks.after_settle:
-            self._settled(outgoing, None)
-
     def _run_callback(self, callback: Callable[[Future[Any]], Any]) -> Callable[[Future[Any]], None]:
         if self._callbacks is None:
             self._callbacks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="amqprpc-callback")
@@ -459,255 +435,6 @@ class RpcClient:
             executor.submit(callback, future)
 
         return run
-
-    # --- loop thread -------------------------------------------------------------------
-    def _on_connected(self, connection: Any) -> None:
-        replies = connection.channel()
-        self.topology.request_exchange()(replies).declare()
-        self.topology.events_exchange()(replies).declare()
-        self._loop.consume(replies, self.reply_queue, self._on_reply, no_ack=True)
-        self._open_call_channel()
-        self._open_confirm_channel()
-
-    def _open_call_channel(self) -> None:
-        """Requests go out confirmed: a request the broker refuses (nack) fails its call at
-        once instead of at its timeout, and tells that the channel needs replacing. The
-        broker's acks cost the loop thread one small frame per call, no caller waits on them."""
-        channel = open_confirm_channel(self._loop.connection, self._on_call_ack, self._on_call_nack,
-                                       self._on_call_returned)
-        with self._write_lock:
-            old, self._call_channel = self._call_channel, channel
-            self._call_tags, self._call_seq, self._call_opened = {}, 0, time.monotonic()
-        close_quietly(old)
-
-    def _open_confirm_channel(self) -> None:
-        """Casts, events and submits; confirms the old channel still owed fail as a lost
-        connection would, so the bounded publish retry sends them again."""
-        channel = open_confirm_channel(self._loop.connection, self._on_ack, self._on_nack, self._on_confirm_returned)
-        with self._write_lock:
-            old, self._confirm_channel = self._confirm_channel, channel
-            confirms, self._confirms = self._confirms, {}
-            self._publish_seq, self._confirm_opened = 0, time.monotonic()
-        close_quietly(old)
-        for future, _, what in confirms.values():
-            _settle(future, exception=ConnectionLost(f"{what}: channel replaced before the broker confirmed"))
-
-    def _replace_channel(self, which: str) -> None:
-        """After nacks (on the loop thread, never inside the nack's own dispatch)."""
-        if self._loop.connection is None or not self._loop.connected.is_set():
-            return
-        opened = self._call_opened if which == "call" else self._confirm_opened
-        if not channel_refused(opened):
-            return  # already replaced since this was asked for
-        log.warning("publishing channel replaced: the broker kept refusing its publishes", channel=which)
-        self.channels_replaced[which] += 1
-        (self._open_call_channel if which == "call" else self._open_confirm_channel)()
-
-    def _on_disconnected(self, exc: BaseException | None) -> None:
-        with self._write_lock:  # no caller may publish on the dead channels after this
-            self._call_channel = self._confirm_channel = None
-            self._call_tags = {}
-            confirms, self._confirms = self._confirms, {}
-        with self._calls_lock:  # a call registered from now on finds no channel, or the next one
-            pending, self._pending = self._pending, {}
-            self._deadlines.clear()
-        reason = "client closed" if exc is None else f"connection to the broker lost: {redact(describe(exc))}"
-        for future, service, action, _ in pending.values():
-            _settle(future, exception=ConnectionLost(f"{service}.{action}: {reason}"))
-        for future, _, what in confirms.values():
-            _settle(future, exception=ConnectionLost(f"{what}: {reason}; not confirmed"))
-        self._unroutable.clear()
-
-    def _declare_once(self, queue: Any) -> None:
-        # Declared by the sender too, so that replies wait in the queue even before the
-        # first collector ever ran (a reply to a missing queue is dropped by the broker).
-        if self._confirm_channel is not None and self._declared.get(queue.name) != self._loop.generation:
-            queue(self._confirm_channel).declare()
-            self._declared[queue.name] = self._loop.generation
-
-    def _register(self, message_id: str, future: Future[Any], service: str, action: str, timeout: float) -> None:
-        """Pending from now on, with its deadline on the timer thread (:mod:`amqprpc.transport.deadlines`):
-        it holds even if the loop thread publishes the call late, or never (a reconnect)."""
-        due = time.monotonic() + timeout
-        with self._calls_lock:
-            pending, deadlines = self._pending, self._deadlines
-            pending[message_id] = (future, service, action, timeout)
-            if len(deadlines) > 2 * len(pending) + 1024:
-                # Answered calls leave their deadline in the heap until it passes; drop
-                # them now and then so the heap stays bounded by what is in flight.
-                deadlines[:] = [entry for entry in deadlines if entry[1] in pending]
-                heapq.heapify(deadlines)
-            heapq.heappush(deadlines, (due, message_id))
-            earliest = deadlines[0][1] == message_id
-        if earliest:
-            self._timer.arm(due)
-
-    def _send_call(self, message_id: str, message: amqp.Message, service: str, action: str,
-                   future: Future[Any]) -> None:
-        """Publish from the caller's thread (any thread): no hop to the loop thread and
-        back. But never wait for the lock: when another thread is writing, the loop thread
-        publishes this call (in one go with whatever else piled up) rather than callers
-        queueing on the lock, each sleep and wake-up a context switch."""
-        if self._write_lock.acquire(blocking=False):
-            try:
-                self._publish_call(message_id, message, service, action, future)
-            finally:
-                self._write_lock.release()
-        else:
-            self._loop.call_soon(self._publish_call, message_id, message, service, action, future)
-
-    def _publish_call(self, message_id: str, message: amqp.Message, service: str, action: str,
-                      future: Future[Any]) -> None:
-        """Under ``write_lock`` the channel cannot be swapped by a reconnect between the
-        check and the publish."""
-        if future.done():  # timed out, or failed with its connection, before its turn came
-            return
-        routing_key = self.topology.request_key(service)
-        with self._write_lock:
-            channel = self._call_channel
-            if channel is None:
-                self._pending.pop(message_id, None)
-                _settle(future, exception=ConnectionLost(f"{service}.{action}: not connected to the broker"))
-                return
-            self._call_seq += 1
-            self._call_tags[self._call_seq] = message_id
-            try:
-                publish(channel, message, self.topology.service_exchange, routing_key, mandatory=True)
-            except Exception as exc:  # noqa: BLE001 - a broken connection; the loop reconnects
-                self._pending.pop(message_id, None)
-                self._call_tags.pop(self._call_seq, None)
-                if isinstance(exc, UNENCODABLE):
-                    self._call_seq -= 1  # nothing was sent: the broker's confirm numbers stay ours
-                _settle(future, exception=_publish_error(f"{service}.{action}", exc))
-
-    def _expire(self, now: float) -> float | None:
-        """Fail every call whose deadline passed (on the timer thread); the next deadline.
-
-        Deadlines of calls already answered are dropped too, due or not: the timer then
-        sleeps until the oldest call still pending is due, instead of waking for every
-        answered call's deadline (a thousand wake-ups a second under load)."""
-        expired = []
-        with self._calls_lock:  # callers push onto the heap from their own threads
-            deadlines, pending = self._deadlines, self._pending
-            while deadlines and (deadlines[0][0] <= now or deadlines[0][1] not in pending):
-                _, message_id = heapq.heappop(deadlines)
-                entry = pending.pop(message_id, None)
-                if entry is not None:
-                    expired.append(entry)
-            next_due = deadlines[0][0] if deadlines else None
-        for future, service, action, timeout in expired:
-            _settle(future, exception=CallTimeout(f"{service}.{action}: no answer within {timeout:g}s"))
-        return next_due
-
-    def _on_reply(self, message: amqp.Message) -> None:
-        doc = envelope.decode_reply(message.body)
-        pending = self._pending
-        entry = pending.pop(message.properties.get("correlation_id"), None)  # the common case, at once
-        if entry is None:
-            for call_id in envelope.reply_ids(message.properties, doc):
-                entry = pending.pop(call_id, None)
-                if entry is not None:
-                    break
-        if isinstance(message, UndecodableMessage):
-            self._undecodable_reply(message, entry)
-            return
-        if entry is None:
-            log.debug("reply for no pending call (late or duplicate)",
-                      correlation_id=message.properties.get("correlation_id"))
-            return
-        future, service, action, _ = entry
-        if not isinstance(doc, dict):
-            _settle(future, exception=RemoteError("reply is not a JSON object", "BadReply"))
-        elif doc.get("success"):
-            _settle(future, result=doc.get("data"))
-        elif doc.get("error_type") == "CallTimeout":
-            # The deadline ran out further down the chain (nested calls share it): to this
-            # caller that is its own timeout, whichever hop noticed first.
-            _settle(future, exception=CallTimeout(f"{service}.{action}: {doc.get('error')}"))
-        else:
-            _settle(future, exception=envelope.remote_error(doc))
-
-    def _undecodable_reply(self, message: UndecodableMessage, entry: tuple[Any, ...] | None) -> None:
-        """A reply whose properties did not decode (a hostile or broken peer): the call it
-        names (by what did decode, or its body's message_id) fails with BadReply; otherwise
-        it is dropped (the reply queue is no_ack). Either way the connection stays up."""
-        log.warning("undecodable reply", problem=message.problem, matched=entry is not None)
-        if entry is not None:
-            future, service, action, _ = entry
-            _settle(future, exception=RemoteError(f"{service}.{action}: the reply could not be decoded: "
-                                                  f"{message.problem}", "BadReply"))
-
-    def _on_call_ack(self, delivery_tag: int, multiple: bool) -> None:
-        if multiple:
-            _take_tags(self._call_tags, delivery_tag)
-        else:
-            self._call_tags.pop(delivery_tag, None)
-
-    def _on_call_nack(self, delivery_tag: int, multiple: bool) -> None:
-        if multiple:
-            ids = _take_tags(self._call_tags, delivery_tag)
-        else:
-            one = self._call_tags.pop(delivery_tag, None)
-            ids = [] if one is None else [one]
-        for message_id in ids:
-            entry = self._pending.pop(message_id, None)
-            if entry is not None:
-                future, service, action, _ = entry
-                _settle(future, exception=PublishRefused(f"{service}.{action}: the broker refused the request (nack)"))
-        if channel_refused(self._call_opened):
-            self._loop.call_soon(self._replace_channel, "call")
-
-    def _on_call_returned(self, exc: Exception, exchange: str, routing_key: str, message: amqp.Message) -> None:
-        entry = self._pending.pop(message.properties.get("correlation_id"), None)
-        if entry is not None:
-            future, service, action, _ = entry
-            _settle(future, exception=ServiceUnavailable(
-                f"{service}.{action}: no queue is bound for {routing_key!r} (is {service} deployed?)"))
-
-    def _send_confirmed(self, exchange: str, routing_key: str, message: amqp.Message, message_id: str, what: str,
-                        mandatory: bool, future: Future[Any]) -> None:
-        """From the caller's thread, like _send_call: the confirm's delivery tag is the
-        channel's publish count, so numbering and publishing happen under write_lock."""
-        with self._write_lock:
-            channel = self._confirm_channel
-            if channel is None:
-                _settle(future, exception=ConnectionLost(f"{what}: not connected to the broker"))
-                return
-            self._publish_seq += 1
-            self._confirms[self._publish_seq] = (future, message_id, what)
-            try:
-                publish(channel, message, exchange, routing_key, mandatory=mandatory)
-            except Exception as exc:  # noqa: BLE001 - a broken connection; the loop reconnects
-                self._confirms.pop(self._publish_seq, None)
-                if isinstance(exc, UNENCODABLE):
-                    self._publish_seq -= 1  # nothing was sent: the broker's confirm numbers stay ours
-                _settle(future, exception=_publish_error(what, exc))
-
-    def _on_confirm_returned(self, exc: Exception, exchange: str, routing_key: str, message: amqp.Message) -> None:
-        # basic.return precedes the basic.ack of the same message.
-        self._unroutable.add(message.properties.get("message_id"))
-
-    def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
-        for future, message_id, what in self._take_confirms(delivery_tag, multiple):
-            if message_id in self._unroutable:
-                self._unroutable.discard(message_id)
-                _settle(future, exception=ServiceUnavailable(f"{what}: no queue is bound for it"))
-            else:
-                _settle(future, result=None)
-
-    def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
-        for future, _, what in self._take_confirms(delivery_tag, multiple):
-            _settle(future, exception=PublishRefused(f"{what}: the broker refused the message (nack)"))
-        if channel_refused(self._confirm_opened):
-            self._loop.call_soon(self._replace_channel, "confirm")
-
-    def _take_confirms(self, delivery_tag: int, multiple: bool) -> list[Any]:
-        if not multiple:
-            entry = self._confirms.pop(delivery_tag, None)
-            return [entry] if entry else []
-        with self._write_lock:  # callers add entries from their threads
-            tags = [tag for tag in self._confirms if tag <= delivery_tag]
-            return [self._confirms.pop(tag) for tag in tags]
 
 
 class ServiceProxy:
@@ -751,58 +478,3 @@ def _parse(returns: Any, data: Any, service: str, action: str) -> Any:
     from amqprpc.contracts import parse
 
     return parse(returns, data, f"{service}.{action}")
-
-
-def _publish_error(what: str, exc: Exception) -> Exception:
-    """A request py-amqp cannot encode (a routing key over 255 bytes: a service or event
-    name that long) is the caller's error, raised as ValueError; anything else means the
-    connection broke (:class:`ConnectionLost`, which casts and events retry)."""
-    if isinstance(exc, UNENCODABLE):
-        return ValueError(f"{what}: cannot be sent: {exc}")
-    return ConnectionLost(f"{what}: publish failed: {exc!r}")
-
-
-def _take_tags(tags: dict[int, str], up_to: int) -> list[str]:
-    """Pop every entry of ``tags`` up to delivery tag ``up_to`` (a confirm with ``multiple``).
-    Tags are inserted in increasing order, so the scan stops at the first later one; no lock:
-    each dict operation is atomic, and callers only ever add larger tags."""
-    taken = []
-    for tag in list(tags):
-        if tag > up_to:
-            break
-        message_id = tags.pop(tag, None)
-        if message_id is not None:
-            taken.append(message_id)
-    return taken
-
-
-def _failure_of(future: Future[Any]) -> BaseException | None:
-    return CallTimeout("cancelled") if future.cancelled() else future.exception()
-
-
-def _call_outcome(exc: BaseException | None, duration: float) -> CallOutcome:
-    """How a call (or a confirmed publish) settled, from what its caller got."""
-    if exc is None:
-        return CallOutcome(OK, None, duration)
-    if isinstance(exc, RemoteError):
-        return CallOutcome(ERROR, exc.error_type, duration)
-    if isinstance(exc, CallTimeout):
-        kind = TIMEOUT
-    elif isinstance(exc, CircuitOpen):
-        kind = CIRCUIT_OPEN
-    elif isinstance(exc, PublishRefused):
-        kind = REFUSED
-    elif isinstance(exc, ServiceUnavailable):
-        kind = UNAVAILABLE
-    else:
-        kind = ERROR
-    return CallOutcome(kind, type(exc).__name__, duration)
-
-
-def _settle(future: Future[Any], *, result: Any = None, exception: BaseException | None = None) -> None:
-    if future.done():
-        return
-    if exception is not None:
-        future.set_exception(exception)
-    else:
-        future.set_result(result)

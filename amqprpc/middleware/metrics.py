@@ -17,13 +17,15 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from amqprpc.client import breaker
 from amqprpc.middleware import Delivery, Middleware
+from amqprpc.middleware.eta import TIMING
 from amqprpc.outcome import Outcome, OutcomeKind
+from amqprpc.middleware.view import WorkerView
 
 UNKNOWN_ACTION = "<unknown>"
 
 REQUESTS = Counter("amqprpc_requests", "Requests and events handled, by action (for an event: its handler's "
                    "name) and outcome (replied, failed, retried, dead_lettered, refused, expired, recounted, done, "
-                   "revoked, deduplicated).",
+                   "revoked, deduplicated, skipped; tasks in time: delayed, rate_limited).",
                    ["service", "action", "outcome"])
 DURATION = Histogram("amqprpc_handler_duration_seconds", "Time from taking a request to its reply, in seconds.",
                      ["service", "action"],
@@ -31,6 +33,9 @@ DURATION = Histogram("amqprpc_handler_duration_seconds", "Time from taking a req
 IN_FLIGHT = Gauge("amqprpc_requests_in_flight", "Requests being handled right now.", ["service"])
 REDELIVERIES = Counter("amqprpc_redeliveries", "Requests the broker delivered again (redelivered flag set).",
                        ["service"])
+TIMED_RUNS = Counter("amqprpc_timed_runs", "Deliveries of tasks in time that came due and went on to run: kind "
+                     "countdown (a cast sent with countdown/eta) or periodic (a beat's tick).",
+                     ["service", "action", "kind"])
 DEAD_LETTERS = Counter("amqprpc_dead_letters", "Messages given up on and dead-lettered, by reason (the error "
                        "type: an exception class name, BadMessage, ...).", ["service", "reason"])
 
@@ -92,7 +97,7 @@ class Metrics(Middleware):
     requests and events by handler and outcome, their durations, those in flight, the
     redeliveries and the dead letters (by reason)."""
 
-    def worker_starting(self, worker: Any) -> None:
+    def worker_starting(self, worker: WorkerView) -> None:
         # Pre-create the series of every known action so dashboards see zeros, not gaps.
         service = worker.service
         for action in service.handlers:
@@ -117,6 +122,9 @@ class Metrics(Middleware):
         DURATION.labels(service, action).observe(outcome.duration)
         if outcome.dead_lettered:
             dead_letter(service, outcome.error_type or "unknown")
+        timing = delivery.state.get(TIMING)
+        if timing is not None:
+            TIMED_RUNS.labels(service, action, timing).inc()
 
     def outcome_amended(self, delivery: Delivery, old: Outcome, new: Outcome) -> None:
         # Its reply or copy could not be encoded: dead-lettered after all. amqprpc_requests

@@ -30,6 +30,7 @@ from amqprpc.outcome import Outcome
 from amqprpc.wire.ids import new_instance_id, text
 from amqprpc.middleware import Delivery, Middleware
 from amqprpc.version import __version__
+from amqprpc.middleware.view import WorkerView
 
 log = logs.get_logger("amqprpc.registry")
 
@@ -167,14 +168,14 @@ class Presence(Middleware):
     def outcome_amended(self, delivery: Delivery, old: Outcome, new: Outcome) -> None:
         self.actions(delivery.service).amend(delivery.handler or delivery.action, old, new)
 
-    def worker_started(self, worker: Any) -> None:
+    def worker_started(self, worker: WorkerView) -> None:
         actions = self.actions(worker.service.name)
         heartbeat = Heartbeat(self.registry, lambda: {**describe_worker(worker), "actions": actions.summary()},
                               self.interval)
         self._heartbeats[id(worker)] = heartbeat
         heartbeat.start()
 
-    def worker_stopping(self, worker: Any) -> None:
+    def worker_stopping(self, worker: WorkerView) -> None:
         heartbeat = self._heartbeats.pop(id(worker), None)
         if heartbeat is not None:
             heartbeat.stop()  # stop advertising as soon as it stops consuming

@@ -44,8 +44,9 @@ from amqprpc.middleware.revoke import RevocationStore, RevokeChecks
 from amqprpc.transport.redelivery import Redelivery
 from amqprpc.service import Handler, Service
 from amqprpc.middleware.shared_client import SharedClient
+from amqprpc.middleware.tasks import tasks_in_time
 from amqprpc.middleware.workflow import Workflows
-from amqprpc.wire.topology import DEFAULT_TOPOLOGY, Topology, TopologyMismatch, declare_queue
+from amqprpc.wire.topology import DEFAULT_TOPOLOGY, Topology, TopologyMismatch, declare_queue, priority_mismatch
 
 log = logs.get_logger("amqprpc.worker")
 
@@ -138,7 +139,7 @@ class Worker:
         given = [*(middleware or ()), *([registry.presence(registry_interval)] if registry is not None else ())]
         # OpenTelemetry (when the application configured an SDK) first: the trace is current
         # for every other middleware's hooks too.
-        self.hooks = Hooks(given, builtin=(*automatic(given), Ping(), SharedClient(),
+        self.hooks = Hooks(given, builtin=(*automatic(given), Ping(), SharedClient(), *tasks_in_time(service),
                                            RevokeChecks(RevocationStore(redis_url)),
                                            Idempotency(IdempotencyStore(redis_url)), Workflows()))
         self.dispatcher = self._dispatcher()
@@ -255,10 +256,13 @@ class Worker:
         try:
             channel, queues[self.consumer_tag] = declare_queue(
                 connection, channel, self.topology.request_queue(self.service.name, self.queue_type,
-                                                                 self.delivery_limit))
+                                                                 self.delivery_limit, self.service.max_priority))
             for tag, consumer in self.event_consumers.items():
                 channel, queues[tag] = declare_queue(connection, channel, consumer.queue)
         except amqp.exceptions.PreconditionFailed as exc:
+            if "x-max-priority" in (exc.reply_text or ""):
+                raise TopologyMismatch(priority_mismatch(self.service.name, self.service.max_priority,
+                                                         exc.reply_text)) from None
             raise TopologyMismatch(
                 f"a queue of {self.service.name} exists with other arguments than --queue-type {self.queue_type} "
                 f"--max-redeliveries {self.redelivery.max_redeliveries} declare ({exc.reply_text}); run with its "

@@ -14,6 +14,7 @@ from concurrent.futures import Future
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 from amqprpc.wire import envelope
+from amqprpc.client.countdown import check_priority, delay_of
 from amqprpc.client.rpc import ServiceProxy
 from amqprpc.contracts import parse, to_payload
 from amqprpc.errors import CallTimeout
@@ -151,16 +152,24 @@ class FakeClient(Recorder):
         return parsed(returns, wire(answer(sent) if callable(answer) else answer), service, action)
 
     def cast(self, service: str, action: str, payload: Mapping[str, Any] | None = None, *,
-             timeout: float | None = None, idempotency_key: str | None = None) -> str:
+             timeout: float | None = None, idempotency_key: str | None = None, countdown: float | None = None,
+             eta: Any = None, priority: int | None = None, message_id: str | None = None,
+             headers: Mapping[str, Any] | None = None) -> str:
+        """Recorded (countdown, eta and priority checked as RpcClient checks them, not kept)."""
+        delay_of(countdown, eta)
+        check_priority(priority)
         self._record("cast", service, action, payload)
-        return envelope.new_id()
+        return message_id or envelope.new_id()
 
     def publish_event(self, name: str, payload: Mapping[str, Any] | None = None, *,
                       timeout: float | None = None) -> None:
         self._record("event", None, name, payload)
 
     def submit(self, service: str, action: str, payload: Mapping[str, Any] | None = None, *,
-               timeout: float | None = None, idempotency_key: str | None = None) -> str:
+               timeout: float | None = None, idempotency_key: str | None = None, countdown: float | None = None,
+               eta: Any = None, priority: int | None = None) -> str:
+        delay_of(countdown, eta)
+        check_priority(priority)
         self._record("submit", service, action, payload)
         return envelope.new_id()
 

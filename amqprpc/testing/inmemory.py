@@ -33,6 +33,7 @@ from typing import Any, Callable, Deque, Dict, List, Mapping, NamedTuple, Sequen
 import amqp
 
 from amqprpc import logs
+from amqprpc.client.countdown import check_priority, delay_of
 from amqprpc.context import current, outgoing_headers
 from amqprpc.errors import CallTimeout, ServiceUnavailable
 from amqprpc.middleware import Hooks, Middleware
@@ -116,11 +117,17 @@ class InMemoryClient(Recorder):
         raise envelope.remote_error(reply)
 
     def cast(self, service: str, action: str, payload: Mapping[str, Any] | None = None, *,
-             timeout: float | None = None, idempotency_key: str | None = None) -> str:
+             timeout: float | None = None, idempotency_key: str | None = None, countdown: float | None = None,
+             eta: Any = None, priority: int | None = None, message_id: str | None = None,
+             headers: Mapping[str, Any] | None = None) -> str:
+        """Run at once, countdown or not (a test does not wait; countdown, eta and priority are
+        checked as RpcClient checks them)."""
+        delay_of(countdown, eta)
+        check_priority(priority)
         sent = self._record("cast", service, action, payload)
         target = self._target(service, action)
         _, headers = self._headers(timeout, with_deadline=False, idempotency_key=idempotency_key)
-        message_id = envelope.new_id()
+        message_id = message_id or envelope.new_id()
         with self._outermost():
             self._later(lambda: self._deliver(target, "cast", action, sent, headers, message_id=message_id))
         return message_id
@@ -137,7 +144,10 @@ class InMemoryClient(Recorder):
                                                       subscription))
 
     def submit(self, service: str, action: str, payload: Mapping[str, Any] | None = None, *,
-               timeout: float | None = None, idempotency_key: str | None = None) -> str:
+               timeout: float | None = None, idempotency_key: str | None = None, countdown: float | None = None,
+               eta: Any = None, priority: int | None = None) -> str:
+        delay_of(countdown, eta)
+        check_priority(priority)
         sent = self._record("submit", service, action, payload)
         target = self._target(service, action)
         _, headers = self._headers(timeout, with_deadline=False, idempotency_key=idempotency_key)

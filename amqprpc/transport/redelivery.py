@@ -67,6 +67,9 @@ class Forward:
     declare: Queue | None
     kind: OutcomeKind  # RETRIED, DEAD_LETTERED or RECOUNTED: what becomes of the original
     queue: str = ""
+    # For a wait until a moment (countdown queues): picks (routing_key, declare) when the copy is
+    # sent, so that time spent before sending (other forwards on the loop thread) is not waited twice.
+    retarget: Callable[[], tuple[str, Queue]] | None = None
 
 
 class Redelivery:
@@ -164,6 +167,23 @@ class Redelivery:
             forward.message.properties["application_headers"][h.RAW_PROPERTIES] = message.raw_properties
         return forward
 
+    def wait(self, message: amqp.Message, queue: str, delay: float, kind: OutcomeKind,
+             update: dict[str, Any] | None = None) -> Forward:
+        """The message back into ``queue`` after ``delay`` seconds, through the countdown queue
+        of that delay (:meth:`Topology.countdown_queue`: rounded up to 50 ms under 10 s, so
+        much closer than the retry buckets), with ``update`` merged into its headers: an ETA
+        not yet due, a rate-limited message waiting for its reserved slot."""
+        due = time.time() + delay
+        topology = self.topology
+
+        def retarget() -> tuple[str, Queue]:
+            left = topology.countdown_queue(queue, topology.countdown_ms(max(0.0, due - time.time())))
+            return left.name, left
+
+        waiting = topology.countdown_queue(queue, topology.countdown_ms(delay))
+        return Forward(waiting.name, _copy(message, {**(update or {}), **_origin(message, queue)}), waiting, kind,
+                       queue, retarget)
+
 
 class Forwarder:
     """Carries out :class:`Forward` decisions on the loop thread, over its own confirm
@@ -222,6 +242,8 @@ class Forwarder:
         if self._refused:
             self._replace()
         channel = self.channel
+        if forward.retarget is not None:
+            forward.routing_key, forward.declare = forward.retarget()
         if forward.declare is not None:
             now = time.monotonic()
             if now - self._declared.get(forward.declare.name, -DELAY_REDECLARE_S) >= DELAY_REDECLARE_S:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 from dataclasses import dataclass, replace
 from typing import Any, Iterable
@@ -40,6 +41,9 @@ class Topology:
     broadcast_queue_format: str = "service.{service}.event.{handler}.{instance}"
     dead_queue_format: str = "service.{service}.dead"
     delay_queue_format: str = "{queue}.delay.{ms}"
+    # Where a countdown/ETA cast waits (:meth:`countdown_queue`): one queue per delay amount,
+    # apart from the retry buckets (those may be quorum queues; these are always classic).
+    countdown_queue_format: str = "{queue}.countdown.{ms}"
     # Backoff delays are rounded *up* into these buckets (ms): a queue's per-message TTL
     # only expires at its head (RabbitMQ checks only the oldest message: a 100 ms message
     # behind a 60 s one waits 60 s), so each bucket holds one TTL and
@@ -60,7 +64,8 @@ class Topology:
     def request_key(self, service: str) -> str:
         return self.request_key_format.format(service=service)
 
-    def request_queue(self, service: str, queue_type: str = "classic", delivery_limit: int = 10) -> Queue:
+    def request_queue(self, service: str, queue_type: str = "classic", delivery_limit: int = 10,
+                      max_priority: int | None = None) -> Queue:
         """The durable queue a service's workers compete on.
 
         Classic queues get no arguments at all, so the queues users already declared
@@ -68,14 +73,19 @@ class Topology:
         are published by the worker, not by a broker-side DLX on this queue. Quorum
         queues (``queue_type="quorum"``, for clusters) get a ``x-delivery-limit`` and a
         dead-letter route to the service's dead queue as a backstop under the worker's
-        own redelivery count.
+        own redelivery count. ``max_priority`` (1-10) makes a classic queue a priority queue
+        (``x-max-priority``); quorum queues take no argument for it (RabbitMQ 4 always gives
+        them two levels: priority 0-4 and 5 and above).
         """
+        arguments = self.queue_arguments(service, queue_type, delivery_limit)
+        if max_priority is not None and queue_type == "classic":
+            arguments = {"x-max-priority": max_priority}
         return Queue(
             self.request_queue_format.format(service=service),
             exchange=self.request_exchange(),
             routing_key=self.request_key(service),
             durable=True,
-            queue_arguments=self.queue_arguments(service, queue_type, delivery_limit),
+            queue_arguments=arguments,
         )
 
     def queue_arguments(self, service: str, queue_type: str = "classic",
@@ -116,6 +126,30 @@ class Topology:
         if queue_type == "quorum":
             arguments.update({"x-queue-type": "quorum", **AT_LEAST_ONCE})
         return Queue(self.delay_queue_format.format(queue=queue, ms=ms), durable=True, queue_arguments=arguments)
+
+    def countdown_ms(self, seconds: float) -> int:
+        """The delay a countdown of ``seconds`` waits, in ms: never shorter than asked, rounded
+        *up* so that few queues serve every delay -- to 50 ms under 10 s (a rate limit's slots are
+        that close), to 1 s under 1 h
+        (so at most 1 s late), beyond that to a step of ~0.5% (at most 0.5% late)."""
+        ms = math.ceil(seconds * 1000.0)
+        if ms <= 10_000:
+            return max(50, -(-ms // 50) * 50)
+        if ms <= 3_600_000:
+            return -(-ms // 1000) * 1000
+        steps = math.ceil(math.log(ms / 3_600_000) / math.log(COUNTDOWN_STEP) - 1e-9)
+        return -(-math.ceil(3_600_000 * COUNTDOWN_STEP ** steps) // 1000) * 1000
+
+    def countdown_queue(self, queue: str, ms: int) -> Queue:
+        """Where a cast waits ``ms`` before it reaches ``queue`` (a request queue): a durable
+        classic queue nobody consumes, whose one TTL (per queue: every message in it waits
+        the same, so none waits behind a longer one) dead-letters it through the default
+        exchange into ``queue``. It vanishes when unused for ``ms`` plus the idle time
+        (publishers re-declare it while they use it, so never with a message inside)."""
+        arguments = {"x-message-ttl": ms, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": queue,
+                     "x-expires": ms + self.delay_queue_idle_ms}
+        return Queue(self.countdown_queue_format.format(queue=queue, ms=ms), durable=True,
+                     queue_arguments=arguments)
 
     def retry_queue_names(self, service: str, queues: list[str]) -> list[str]:
         """The dead-letter queue of ``service`` and every delay queue its workers may
@@ -176,6 +210,10 @@ class Topology:
 
 DEFAULT_TOPOLOGY = Topology()
 
+# Above 1 h, countdown queues are ~0.5% apart (about 1300 of them up to 30 days).
+COUNTDOWN_STEP = 1.005
+MAX_COUNTDOWN_S = 30 * 86400
+
 
 def declare_queue(connection: Any, channel: amqp.Channel, queue: Queue) -> tuple[amqp.Channel, Queue]:
     """Declare ``queue``; returns the channel to go on with and the queue as declared.
@@ -200,6 +238,15 @@ def declare_queue(connection: Any, channel: amqp.Channel, queue: Queue) -> tuple
         log.warning("queue exists with at-most-once dead-lettering (declared by an earlier amqprpc); used as it is",
                     queue=queue.name)
         return channel, earlier
+
+
+def priority_mismatch(service: str, max_priority: int | None, reply_text: str) -> str:
+    """The one error a worker gives when its request queue exists with other priorities than
+    ``Service(max_priority=...)`` asks for: a queue's arguments cannot change in place."""
+    wanted = f"max_priority={max_priority}" if max_priority else "no max_priority"
+    return (f"{service}'s request queue exists with other priorities than the service declares ({wanted}; "
+            f"broker: {reply_text}). A queue's arguments cannot change: run 'amqprpc migrate-queue {service}' "
+            "(it moves the waiting messages to a queue declared as the service now says), then start the workers")
 
 
 def delete(broker_url: str, *, queues: Iterable[str] = (), exchanges: Iterable[str] = ()) -> None:

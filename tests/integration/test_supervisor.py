@@ -26,7 +26,8 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD_FILE = ROOT / "supervisor" / "amqprpc-dashboard.conf"  # not a worker: test_dashboard_deploy.py
-PROGRAM_FILES = sorted(path for path in (ROOT / "supervisor").glob("*.conf") if path != DASHBOARD_FILE)
+BEAT_FILE = ROOT / "supervisor" / "amqprpc-beat.conf"  # not a worker: tests/integration/test_beat.py
+PROGRAM_FILES = sorted(path for path in (ROOT / "supervisor").glob("*.conf") if path not in (DASHBOARD_FILE, BEAT_FILE))
 BIN = Path(sys.executable).parent
 
 

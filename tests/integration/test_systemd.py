@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "systemd"
 TEMPLATE = UNITS / "amqprpc-worker@.service"
 SHIPPED_SERVICES = sorted(path.stem for path in (ROOT / "supervisor").glob("*.conf")
-                          if path.stem != "amqprpc-dashboard")  # not a worker: tests/integration/test_dashboard_deploy.py
+                          if path.stem not in ("amqprpc-dashboard", "amqprpc-beat"))  # not a worker: tests/integration/test_dashboard_deploy.py
 
 
 def unit(path: Path) -> configparser.RawConfigParser:

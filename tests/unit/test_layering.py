@@ -23,24 +23,25 @@ LAYERS = [
      "transport.backoff", "transport.framereader", "transport.framewriter", "ops.sdnotify", "ops.pidfile"},
     # wire and definitions: envelope, topology, frames; a service's handlers; hooks
     {"wire.envelope", "wire.topology", "transport.framehandler", "transport.link", "transport.deadlines", "retry",
-     "service", "caller", "middleware", "middleware.view", "workflow", "workflow.canvas", "workflow.state",
+     "rate", "schedule", "service", "caller", "middleware", "middleware.view", "workflow", "workflow.canvas", "workflow.state",
      "workflow.runner", "workflow.handle"},
     # the connection loop and what it carries out
     {"transport", "transport.ioloop", "transport.redelivery", "transport.inbox", "transport.consumer"},
     # client and worker, and the middleware they run
-    {"client", "client.rpc", "client.aio", "client.breaker", "client.breaker_state", "client.responses", "server",
-     "server.worker",
-     "server.dispatcher", "middleware.workflow",
+    {"client", "client.rpc", "client.connection", "client.aio", "client.breaker", "client.breaker_state", "client.responses", "server",
+     "server.worker", "server.dispatcher", "middleware.workflow", "client.countdown", "middleware.eta",
+     "middleware.ticks", "middleware.ratelimit", "middleware.tasks",
      "server.events", "middleware.ping", "middleware.shared_client", "middleware.otel", "middleware.observability",
      "middleware.redisstate", "middleware.revoke", "middleware.idempotency"},
     # operations
     {"ops", "ops.daemon", "ops.collector", "ops.dlq", "ops.registry", "middleware.metrics",
-     "middleware.clientmetrics", "ops.loading", "ops.demo", "testing", "asyncapi", "ops.actionstats"},
+     "middleware.clientmetrics", "ops.loading", "ops.demo", "testing", "asyncapi", "ops.actionstats",
+     "ops.beat", "ops.migrate"},
     # the dashboard (amqprpc dashboard): reads the operations' data, serves it over HTTP
     {"dashboard", "dashboard.auth", "dashboard.queues", "dashboard.collect", "dashboard.deadletters",
      "dashboard.app", "dashboard.server"},
     # the command line, and the package's public face
-    {"cli", "cli.workflow", "cli.dashboard", "cli.revoke", "__main__", "__init__"},
+    {"cli", "cli.workflow", "cli.dashboard", "cli.revoke", "cli.beat", "__main__", "__init__"},
 ]
 
 
@@ -160,3 +161,10 @@ def test_the_package_shows_its_layers():
     assert len(packages) >= 4, packages
     assert (PACKAGE / "py.typed").exists()
 
+
+
+def test_no_module_is_longer_than_one_sitting():
+    """At most 500 lines a module (#21): a file a newcomer reads in one sitting."""
+    long = {str(path.relative_to(PACKAGE)): n for path in PACKAGE.rglob("*.py")
+            if (n := len(path.read_text().splitlines())) > 500}
+    assert long == {}, long
