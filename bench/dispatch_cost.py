@@ -18,10 +18,10 @@ are not in them), and natively for **CPU µs per message** (``time.process_time`
 median of ``--rounds`` interleaved rounds, still moved by a busy machine's caches).
 
 Variants: ``old`` (the worker as built at the old ref), ``new`` (as built now: Ping,
-SharedClient and the consume scopes every worker has: RevokeChecks, Idempotency,
+SharedClient and the consume scopes every worker has: Eta, RevokeChecks, Idempotency,
 Workflows), ``new without middleware`` (no middleware at all), ``new without Workflows``
-(Workflows taken out of the worker's hooks), ``new without feature scopes`` (RevokeChecks,
-Idempotency and Workflows taken out) and ``new + no-op scopes`` (one more middleware whose
+(Workflows taken out of the worker's hooks), ``new without feature scopes`` (Eta,
+RevokeChecks, Idempotency and Workflows taken out) and ``new + no-op scopes`` (one more middleware whose
 consume_scope and handle_scope only call on). RevokeChecks is measured between its Redis
 polls (its "this service has revocations" flag cached, none; its poller thread asleep):
 a round trip and a poller wake-up per ``flag_cache`` / ``poll_interval`` seconds are not
@@ -111,7 +111,7 @@ def _set_up(worker: Any, setup: str) -> None:
     if setup == "no middleware":
         worker.hooks = Hooks(defaults=False)
     elif setup in ("no workflows", "no feature scopes"):
-        features = ("Workflows",) if setup == "no workflows" else ("Workflows", "RevokeChecks", "Idempotency")
+        features = ("Workflows",) if setup == "no workflows" else ("Workflows", "RevokeChecks", "Idempotency", "Eta")
         worker.hooks.middleware[:] = [m for m in worker.hooks.middleware if type(m).__name__ not in features]
         worker.hooks._resolve()
     elif setup == "noop scopes":
