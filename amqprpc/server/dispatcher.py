@@ -27,6 +27,7 @@ the message is dead-lettered as ``WorkerError``.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import time
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
@@ -102,7 +103,8 @@ class Dispatcher:
         self.max_message_bytes = max_message_bytes
         self.max_reply_bytes = max_reply_bytes
         self.owner = owner
-        self._handle_chain = _compose(hooks.handle_scope, _invoke)
+        # No handle_scope: _run calls the handler itself (a frame less per delivery).
+        self._handle_chain = _compose(hooks.handle_scope, _invoke) if hooks.handle_scope else None
         inner: Callable[[Delivery], Decision] = functools.partial(_run, self._handle_chain)
         self._chain = _compose([self._expiry, self._route, *hooks.consume_scope], inner)
 
@@ -128,9 +130,11 @@ class Dispatcher:
             hooks.run(hooks.before_handle, delivery)
         if decision is None:
             if delivery.kind != "event":  # with the trace id before_handle may have set (OpenTelemetry)
+                # The fields of the handler's own lines too (_run does not bind them again).
                 logs.clear_request()
-                logs.bind_request(service=delivery.service, action=delivery.action,
-                                  correlation_id=delivery.correlation_id, trace_id=delivery.trace_id,
+                correlation_id = delivery.correlation_id or ""
+                logs.bind_request(service=delivery.service, action=delivery.action or "",
+                                  correlation_id=correlation_id, trace_id=delivery.trace_id or correlation_id,
                                   parent_id=delivery.body_headers.get("parent_id"))
             try:
                 decision = self._chain(delivery)
@@ -238,9 +242,12 @@ class Dispatcher:
             log.warning("unknown action", action=action, correlation_id=delivery.correlation_id,
                         trace_id=delivery.trace_id)
             return self.error_reply(delivery, f"Unknown action: {action}", "UnknownAction")
+        name = action if builtin or action in self.service.handlers else snake_case(action)
         delivery.function = handler
-        delivery.handler = action if builtin or action in self.service.handlers else snake_case(action)
-        delivery.retry = None if builtin else self.service.retry_policy(action)
+        delivery.handler = name
+        # Service.retry_policy(action), by the registered name found above: without its
+        # snake_case (a regex) on every delivery of an action that has no policy.
+        delivery.retry = None if builtin else self.service.retries.get(name)
         return call_next(delivery)
 
     # --- decisions middleware may make (delivery.decide) -------------------------------
@@ -255,11 +262,12 @@ class Dispatcher:
         except (TypeError, ValueError) as exc:
             failure: Exception = TypeError(f"Result is not JSON serializable: {exc}")
         else:
-            if len(body) <= self.max_reply_bytes:
-                log.debug("request handled", duration=round(time.perf_counter() - delivery.started, 6))
+            if len(body) <= self.max_reply_bytes:  # the usual case: one clock read, no helper calls
+                duration = time.perf_counter() - delivery.started
+                log.debug("request handled", duration=round(duration, 6))
                 kind = OutcomeKind.REPLIED if delivery.reply_to else OutcomeKind.DONE
                 return Decision(delivery.reply_to, delivery.correlation_id, body,
-                                outcome=_outcome(delivery, kind, None))
+                                outcome=Outcome(kind, None, duration))
             failure = ReplyTooLarge(f"Result is {len(body)} bytes of JSON; replies are limited "
                                     f"to {self.max_reply_bytes}")
         return self._failed_reply(delivery, failure)
@@ -332,16 +340,25 @@ class Dispatcher:
                         outcome=_outcome(delivery, OutcomeKind.FAILED, error_type))
 
 
-def _run(handle: Callable[[Delivery], Any], delivery: Delivery) -> Decision:
+def _run(handle: Callable[[Delivery], Any] | None, delivery: Delivery) -> Decision:
     """The failure policy around the handler: inside the call context its nested calls and
-    log lines inherit, its result becomes the decision, and so does its exception."""
+    log lines inherit, its result becomes the decision, and so does its exception.
+    ``handle`` the handle_scope chain, None when there is none (the handler is called
+    directly). What :func:`bound` does, without a generator-based context manager: this
+    runs for every delivery."""
     decide: Dispatcher = delivery.decide
-    with bound(delivery):
+    # A call's or cast's log fields are bound already (dispatch, before the chain); an
+    # event's are bound here, with its handler's name.
+    token = _bind(delivery, fields=delivery.kind == "event")
+    try:
         try:
-            result = handle(delivery)
+            result = delivery.function(delivery.payload) if handle is None else handle(delivery)  # type: ignore[misc]
         except Exception as exc:  # noqa: BLE001 - every handler error becomes a decision
             return decide.error(delivery, exc)
         return decide.reply(delivery, result)
+    finally:
+        context.current.reset(token)
+        logs.clear_request()
 
 
 def _invoke(delivery: Delivery) -> Any:
@@ -354,18 +371,25 @@ def _invoke(delivery: Delivery) -> Any:
 def bound(delivery: Delivery) -> Iterator[None]:
     """Around running one handler: the call context that nested calls and events inherit
     (trace id, deadline) and the fields of its log lines."""
-    service, action = delivery.service, delivery.action or ""
-    correlation_id = (delivery.message_id if delivery.kind == "event" else delivery.correlation_id) or ""
-    trace_id = delivery.trace_id or correlation_id
-    token = context.current.set(context.CallContext(service, action, correlation_id, trace_id, delivery.deadline))
-    fields = {"handler": delivery.handler} if delivery.kind == "event" else {}
-    logs.bind_request(service=service, action=action, correlation_id=correlation_id, trace_id=trace_id,
-                      parent_id=delivery.body_headers.get("parent_id"), **fields)
+    token = _bind(delivery, fields=True)
     try:
         yield
     finally:
         context.current.reset(token)
         logs.clear_request()
+
+
+def _bind(delivery: Delivery, fields: bool) -> contextvars.Token[context.CallContext | None]:
+    """Set the call context of ``delivery`` (and bind its log ``fields``); the token resets it."""
+    service, action = delivery.service, delivery.action or ""
+    correlation_id = (delivery.message_id if delivery.kind == "event" else delivery.correlation_id) or ""
+    trace_id = delivery.trace_id or correlation_id
+    token = context.current.set(context.CallContext(service, action, correlation_id, trace_id, delivery.deadline))
+    if fields:
+        handler = {"handler": delivery.handler} if delivery.kind == "event" else {}
+        logs.bind_request(service=service, action=action, correlation_id=correlation_id, trace_id=trace_id,
+                          parent_id=delivery.body_headers.get("parent_id"), **handler)
+    return token
 
 
 def _compose(scopes: Sequence[Callable[..., Any]], innermost: Callable[[Delivery], Any]) -> Callable[[Delivery], Any]:

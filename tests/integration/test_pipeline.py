@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import pytest
 
-from amqprpc import RemoteError, Retry, RpcClient, Service
+from amqprpc import RemoteError, Retry, RpcClient, Service, current_call
 from amqprpc.middleware import Delivery, Middleware
 from amqprpc.outcome import OutcomeKind
 from amqprpc.retry import ORIGINAL_QUEUE
@@ -172,3 +172,29 @@ def test_what_a_handle_scope_raises_follows_the_handlers_retry_policy():
     assert raised.value.error_type == "TimeoutError"
     client.cast("timed", "job", {"too_slow": True})
     assert [(letter.error_type, letter.error) for letter in client.dead_letters] == [("TimeoutError", "over the limit")]
+
+
+class PassThrough(Middleware):
+    def handle_scope(self, call_next: Callable[[Delivery], Any], delivery: Delivery) -> Any:
+        return call_next(delivery)
+
+
+@pytest.mark.parametrize("middleware", [[], [PassThrough()]], ids=["handler called directly", "through a handle_scope"])
+def test_a_camel_case_call_follows_the_retry_policy_of_its_snake_case_handler(middleware):
+    # The dispatcher looks the policy up by the registered name it routed to (not by
+    # Service.retry_policy's snake_case on every delivery), and calls the handler itself
+    # when no handle_scope wraps it: the call context is bound either way.
+    service = Service("camel")
+    seen: list[Any] = []
+
+    @service.handler(retry=Retry(max_attempts=2, base_delay=0.0, max_delay=0.0, on=(KeyError,)))
+    def flaky_job(payload: dict) -> str:
+        call = current_call()
+        seen.append((call.action, call.service) if call else None)
+        if len(seen) == 1:
+            raise KeyError("first time")
+        return "second time lucky"
+
+    client = InMemoryClient(service, middleware=middleware)
+    assert client.call("camel", "flakyJob", {}) == "second time lucky"
+    assert seen == [("flakyJob", "camel")] * 2
