@@ -122,10 +122,9 @@ class RevokeChecks(Middleware):
         self.poll_interval = poll_interval
         self.health = RedisHealth("revocation checks")
         self._flags: dict[str, tuple[bool, float]] = {}  # service -> (revocations exist, read at)
-        self._running: dict[context.Cancellation, tuple[str, str]] = {}  # -> (service, message id)
+        self._running: dict[context.Cancellation, tuple[str, str, float]] = {}  # -> (service, message id, since)
         self._lock = threading.Condition()
         self._poller: threading.Thread | None = None
-        self._idle = False  # the poller sleeps until something runs
         self._stopping = False
 
     # --- per delivery (handler thread) -------------------------------------------------
@@ -173,33 +172,32 @@ class RevokeChecks(Middleware):
 
     # --- running handlers and the poller -----------------------------------------------
     def _started(self, service: str, message_id: str, cancel: context.Cancellation) -> None:
-        # One dict store per delivery (atomic under the GIL); the lock only to start or wake the poller.
-        self._running[cancel] = (service, message_id)
-        if self._poller is None or self._idle:
+        # One dict store per delivery (atomic under the GIL); no lock and no wake-up of the
+        # poller (which ticks on its own): waking it per delivery cost a context switch each.
+        self._running[cancel] = (service, message_id, time.monotonic())
+        if self._poller is None:
             with self._lock:
                 if self._poller is None and not self._stopping:
                     self._poller = threading.Thread(target=self._poll, name="amqprpc-revoke-poller", daemon=True)
                     self._poller.start()
-                elif self._idle:  # wake it only from its idle sleep, never from its interval
-                    self._lock.notify()
 
     def _poll(self) -> None:
-        """Every poll_interval while handlers run: one round trip per service for the ids of
-        those running then. It waits an interval before each look-up, the first included, so
-        handlers shorter than that are never looked up; asleep while nothing runs."""
+        """Every poll_interval: one round trip per service for the ids of the handlers that
+        have run at least that long (shorter ones are never looked up); nothing while none
+        has. Ticks on its own, so a delivery never wakes it."""
         while True:
             with self._lock:
-                while not self._running and not self._stopping:
-                    self._idle = True
-                    self._lock.wait()
-                self._idle = False
                 if not self._stopping:
                     self._lock.wait(self.poll_interval)  # only worker_stopped wakes it early
                 if self._stopping:
                     return
-                by_service: dict[str, list[str]] = {}
-                for service, message_id in self._running.copy().values():  # copy(): atomic, unlike iterating
+            started_before = time.monotonic() - self.poll_interval
+            by_service: dict[str, list[str]] = {}
+            for service, message_id, since in self._running.copy().values():  # copy(): atomic, unlike iterating
+                if since <= started_before:
                     by_service.setdefault(service, []).append(message_id)
+            if not by_service:
+                continue
             by_service = {service: list(dict.fromkeys(ids)) for service, ids in by_service.items()}
             now = time.monotonic()
             if self.health.usable(now):
@@ -217,7 +215,7 @@ class RevokeChecks(Middleware):
         hits = {message_id for message_id, hit in zip(ids, revoked) if hit}
         if not hits:
             return
-        for cancel, (of, message_id) in self._running.copy().items():
+        for cancel, (of, message_id, _) in self._running.copy().items():
             if of == service and message_id in hits and not cancel.cancelled:
                 log.info("running handler's message revoked: current_call().cancelled is now true",
                          message_id=message_id)
