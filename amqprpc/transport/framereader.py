@@ -63,22 +63,48 @@ class FrameReader:
     def read_frame(self) -> tuple[int, int, bytes]:
         """py-amqp's ``transport.read_frame()``, for a frame wholly in the buffer (the usual
         case: one ``recv`` brings whole frames) in one unpack and one copy instead of three
-        ``read`` calls. Anything else (a frame still arriving, one larger than frame_max, a
-        bad frame-end octet) goes through py-amqp's own, which reads and refuses it as before."""
-        buf, pos = self._buf, self._pos
-        if len(buf) - pos >= 7:
-            frame_type, channel, size = _HEADER.unpack_from(buf, pos)
-            end = pos + 7 + size
-            if end < len(buf) and size + 8 <= self._max and buf[end] == _FRAME_END:
-                payload = bytes(buf[pos + 7:end])
-                if end + 1 == len(buf):
-                    buf.clear()
-                    self._pos = 0
-                else:
-                    self._pos = end + 1
-                return frame_type, channel, payload
+        ``read`` calls; with too little buffered it first takes what the kernel holds, without
+        waiting. Anything else (a frame still arriving, one larger than frame_max, a bad
+        frame-end octet, nothing there) goes through py-amqp's own, which reads, waits and
+        refuses as before."""
+        frame = self._whole_frame()
+        if frame is None and self._take_what_arrived():
+            frame = self._whole_frame()
+        if frame is not None:
+            return frame
         assert self._read_frame is not None  # installed only over a transport that has one
         return self._read_frame()
+
+    def _whole_frame(self) -> tuple[int, int, bytes] | None:
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < 7:
+            return None
+        frame_type, channel, size = _HEADER.unpack_from(buf, pos)
+        end = pos + 7 + size
+        if end >= len(buf) or size + 8 > self._max or buf[end] != _FRAME_END:
+            return None
+        payload = bytes(buf[pos + 7:end])
+        if end + 1 == len(buf):
+            buf.clear()
+            self._pos = 0
+        else:
+            self._pos = end + 1
+        return frame_type, channel, payload
+
+    def _take_what_arrived(self) -> bool:
+        """One ``recv`` that does not wait, appended to the buffer: whether it brought bytes.
+        The end of the stream is :class:`LinkClosed`, as in :meth:`read`."""
+        try:
+            chunk = self._recv(_CHUNK, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        if not chunk:
+            raise LinkClosed("the broker closed the TCP connection")
+        if self._pos:
+            del self._buf[:self._pos]
+            self._pos = 0
+        self._buf += chunk
+        return True
 
     @staticmethod
     def events_of(connection: Any) -> Callable[[], None]:

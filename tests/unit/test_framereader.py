@@ -63,3 +63,13 @@ def test_a_bad_frame_end_or_an_oversized_frame_fails_as_before():
     theirs.sendall(frame(3, 1, b"y" * 5000)[:7])  # announced, not here: refused before reading it
     with pytest.raises(LinkClosed, match="not AMQP"):
         reader.read_frame()
+
+
+def test_the_end_of_the_stream_is_link_closed_and_nothing_there_waits():
+    ours, theirs = socket.socketpair()
+    waits: list[int] = []
+    reader = reader_over(ours, waits, on_wait=lambda: theirs.sendall(frame(8, 0, b"")))
+    assert reader.read_frame() == (8, 0, b"") and waits == [1]  # a heartbeat, after a wait
+    theirs.close()
+    with pytest.raises(LinkClosed):
+        reader.read_frame()
