@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .measure import Sample, cpu_of
+from .measure import Sample, cpu_of, from_tasks
 
 perf = time.perf_counter
 PEERS = ("aio_pika", "celery")
@@ -124,23 +124,8 @@ class AioPikaSide:
         return self.loop.run_until_complete(self._calls(count, in_flight))
 
     async def _calls(self, count: int, in_flight: int) -> Sample:
-        latencies: list[float] = []
-        errors: list[BaseException] = []
         call, method, payload = self.rpc.call, self.method, self.payload
-        todo = iter(range(count))
-
-        async def task() -> None:
-            for _ in todo:
-                t0 = perf()
-                try:
-                    await call(method, kwargs=payload, expiration=30)
-                except Exception as exc:  # noqa: BLE001 - counted in the figures
-                    errors.append(exc)
-                latencies.append(perf() - t0)
-
-        started = perf()
-        await asyncio.gather(*(task() for _ in range(min(in_flight, count))))
-        return Sample(count, perf() - started, latencies, len(errors))
+        return await from_tasks(count, in_flight, lambda: call(method, kwargs=payload, expiration=30))
 
 
 class CelerySide:
