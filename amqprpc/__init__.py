@@ -5,9 +5,10 @@ from amqprpc.client.rpc import RpcClient, ServiceProxy
 from amqprpc.client.aio import AsyncRpcClient
 from amqprpc.context import CallContext, current_call
 from amqprpc.errors import (
-    CallTimeout, CircuitOpen, ConnectionLost, ContractError, PidFileError, PublishRefused, RemoteError,
+    AccessRefused, CallTimeout, CircuitOpen, ConnectionLost, ContractError, MessageTooLarge, PidFileError,
+    PublishRefused, RemoteError,
     RemoteValidationError, ReplyTooLarge, Revoked, RpcError, ServiceNotFound, ServiceUnavailable, StartCancelled,
-    StartupError, TopologyMismatch, ValidationError, WorkflowFailed,
+    StartupError, TimeLimitExceeded, TopologyMismatch, ValidationError, WorkflowFailed,
 )
 from amqprpc.workflow.canvas import chain, chord, group, task
 from amqprpc.retry import Retry
@@ -23,7 +24,7 @@ __all__ = [
     "RpcError", "RemoteError", "CallTimeout", "ServiceUnavailable", "ConnectionLost", "CircuitOpen", "PublishRefused",
     "ReplyTooLarge", "ServiceNotFound", "TopologyMismatch", "StartupError", "StartCancelled", "PidFileError",
     "ValidationError", "RemoteValidationError", "ContractError", "Caller", "AsyncCaller", "Revoked", "WorkflowFailed",
-    "task", "chain", "group", "chord",
+    "task", "chain", "group", "chord", "AccessRefused", "MessageTooLarge", "TimeLimitExceeded",
 ]
 # The one place the version is written: amqprpc/version.py (setup.cfg reads it there).
 from amqprpc.version import __version__ as __version__

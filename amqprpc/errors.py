@@ -90,6 +90,28 @@ class PublishRefused(ServiceUnavailable):
     connection loss. A call learns it at once rather than at its timeout."""
 
 
+class AccessRefused(ServiceUnavailable):
+    """The broker refused this connection's user what the call, cast or event needed (403
+    ACCESS_REFUSED: e.g. no write permission on ``service.exchange``); the message names
+    the exchange and the user. Raised at once, never retried (the same publish is refused
+    until someone grants the permission); the next publish goes on a fresh channel, so it
+    works as soon as the permission is granted, without a restart."""
+
+
+class MessageTooLarge(RpcError, ValueError):
+    """A call, cast, event or submit the broker would refuse for its size, refused before
+    anything was sent: its AMQP headers (properties) do not fit in one frame of the
+    connection's negotiated ``frame_max`` (RabbitMQ would close the whole connection, 501
+    FRAME_ERROR, failing every call in flight), or its body is larger than the client's
+    ``max_message_size`` (the broker's ``max_message_size``; RabbitMQ would close the
+    channel, 406). Only this message fails; it is never re-sent. ``part`` is "headers" or
+    "body", ``size`` and ``limit`` are in bytes."""
+
+    def __init__(self, message: str, part: str, size: int, limit: int):
+        super().__init__(message)
+        self.part, self.size, self.limit = part, size, limit
+
+
 class CircuitOpen(ServiceUnavailable):
     """The caller's circuit breaker for this service is open; nothing was sent."""
 
@@ -114,6 +136,20 @@ class StartCancelled(Exception):
 class ReplyTooLarge(Exception):
     """A handler's result too large to send back (``Worker.max_reply_bytes``); the caller
     gets a RemoteError with ``error_type == "ReplyTooLarge"``."""
+
+
+class TimeLimitExceeded(Exception):
+    """Raised inside a running handler when its time limit (``@service.handler(...,
+    time_limit=SECONDS)`` or ``amqprpc worker --time-limit``) is reached, by
+    :class:`amqprpc.middleware.timelimit.TimeLimit`: pure-Python code stops at its next
+    bytecode. An ``Exception`` (as Celery's ``SoftTimeLimitExceeded``), so a handler may catch
+    it to clean up; one that swallows it and goes on, or sits in C code or a blocking call, is
+    abandoned after the hard time limit's grace. It then follows the handler's retry policy
+    like any other error; a caller sees ``error_type == "TimeLimitExceeded"``."""
+
+    def __init__(self, message: str = "time limit exceeded", limit: float | None = None):
+        super().__init__(message)
+        self.limit = limit
 
 
 class ServiceNotFound(LookupError):

@@ -53,6 +53,7 @@ class EventSubscription:
     name: str
     broadcast: bool = False
     retry: Retry | None = None
+    time_limit: float | None = None
 
 
 @dataclass
@@ -82,6 +83,8 @@ class Service:
     handlers: Dict[str, Handler] = field(default_factory=dict)
     events: Dict[str, EventSubscription] = field(default_factory=dict)
     retries: Dict[str, Retry] = field(default_factory=dict)
+    #: Seconds one run of a handler may take, by action (``handler(..., time_limit=)``).
+    time_limits: Dict[str, float] = field(default_factory=dict)
     #: The events this service says it publishes (:meth:`publishes`), by name.
     published: Dict[str, PublishedEvent] = field(default_factory=dict)
     #: CircuitBreaker for the calls this service's handlers make through ``service.client``,
@@ -110,7 +113,8 @@ class Service:
             raise ValueError(f"{self.name}: max_priority must be an int from 1 to 10, not {self.max_priority!r}")
 
     def handler(self, action: str | Callable[..., Any] | None = None, *, retry: Retry | None = None,
-                dedup_window: float | None = None, rate_limit: str | None = None) -> Callable[..., Any]:
+                dedup_window: float | None = None, rate_limit: str | None = None,
+                time_limit: float | None = None) -> Callable[..., Any]:
         """Register a function as the handler of ``action`` (default: the function's name).
 
         Usable bare (``@service.handler``) or with a name (``@service.handler("get_user")``).
@@ -120,10 +124,13 @@ class Service:
         (default: the service's ``dedup_window``, 24 h).
         ``rate_limit``: ``"20/s"`` (``/s``, ``/m``, ``/h``) for the service as a whole, across
         all its workers (:mod:`amqprpc.middleware.ratelimit`); what is over waits in the broker.
+        ``time_limit``: seconds one run may take; at the limit ``TimeLimitExceeded`` is raised
+        inside it (see :mod:`amqprpc.middleware.timelimit`), which then follows ``retry``.
         """
+        _check_time_limit(time_limit)
         if callable(action):
             bare: Callable[[Handler], Handler] = self.handler(None, retry=retry, dedup_window=dedup_window,
-                                                              rate_limit=rate_limit)
+                                                              rate_limit=rate_limit, time_limit=time_limit)
             return bare(action)
         rate = parse_rate(rate_limit) if rate_limit is not None else None
 
@@ -134,6 +141,8 @@ class Service:
             self.handlers[name] = self._typed("handler", name, function)
             if retry is not None:
                 self.retries[name] = retry
+            if time_limit is not None:
+                self.time_limits[name] = float(time_limit)
             if dedup_window is not None:
                 self.dedup_windows[name] = dedup_window
             if rate is not None:
@@ -143,15 +152,17 @@ class Service:
         return register
 
     def event(self, pattern: str, *, name: str | None = None, broadcast: bool = False,
-              retry: Retry | None = None) -> Callable[..., Any]:
+              retry: Retry | None = None, time_limit: float | None = None) -> Callable[..., Any]:
         """Register a function for events whose name matches the topic ``pattern``.
-        ``retry`` as for :meth:`handler`."""
+        ``retry`` and ``time_limit`` as for :meth:`handler`."""
+        _check_time_limit(time_limit)
 
         def register(function: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
             key = name or function.__name__
             if key in self.events:
                 raise ValueError(f"{self.name}: event handler {key!r} is registered twice")
-            self.events[key] = EventSubscription(pattern, self._typed("event", key, function), key, broadcast, retry)
+            self.events[key] = EventSubscription(pattern, self._typed("event", key, function), key, broadcast, retry,
+                                                 None if time_limit is None else float(time_limit))
             return function
 
         return register
@@ -264,6 +275,20 @@ class Service:
         """The retry policy of ``action``'s handler (camelCase accepted, as in :meth:`find`)."""
         return self.retries.get(action) or self.retries.get(snake_case(action))
 
+    def time_limit(self, name: str, event: bool = False) -> float | None:
+        """The ``time_limit`` handler ``name`` (an event handler's name when ``event``;
+        camelCase accepted for actions) was registered with, or None."""
+        if event:
+            subscription = self.events.get(name)
+            return None if subscription is None else subscription.time_limit
+        found = self.time_limits.get(name)
+        return found if found is not None else self.time_limits.get(snake_case(name))
+
+    @property
+    def uses_time_limits(self) -> bool:
+        """Whether any handler of this service has a ``time_limit``."""
+        return bool(self.time_limits) or any(each.time_limit is not None for each in self.events.values())
+
     def dedup_window_of(self, action: str) -> float:
         """Seconds ``action``'s idempotency keys are remembered (camelCase accepted)."""
         windows = self.dedup_windows
@@ -285,3 +310,8 @@ class Service:
         if client_provider is None:  # pragma: no cover - amqprpc/__init__ imports shared_client
             raise RuntimeError("no client provider: import amqprpc.shared_client")
         return client_provider(self.name, self.breaker)
+
+
+def _check_time_limit(time_limit: float | None) -> None:
+    if time_limit is not None and (isinstance(time_limit, bool) or not time_limit > 0):
+        raise ValueError(f"time_limit must be positive seconds, not {time_limit!r}")

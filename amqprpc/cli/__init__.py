@@ -18,6 +18,7 @@ from amqprpc.caller import Caller
 from amqprpc.errors import CallTimeout, ContractError, RemoteError, RpcError, ServiceNotFound, ServiceUnavailable
 from amqprpc.cli import dashboard as dashboard_commands
 from amqprpc.cli import revoke as revoke_command
+from amqprpc.cli.taskcontrol import task_control_options
 from amqprpc.cli import workflow as workflow_commands
 
 EXIT_OK, EXIT_REMOTE_ERROR, EXIT_USAGE, EXIT_TIMEOUT, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4
@@ -160,12 +161,13 @@ def main() -> None:
               show_envvar=True, type=click.IntRange(min=0),
               help="A message redelivered more often than this (its handler keeps killing the worker) is "
                    "dead-lettered unrun.")
+@task_control_options
 @broker_option
 @logging_options("info")
 def worker(service: str, app: str | None, concurrency: int, prefetch: int | None, shutdown_timeout: float,
            heartbeat: float, registry_interval: float, redis_url: str, max_message_bytes: int, queue_type: str,
            max_redeliveries: int, pidfile: str | None, metrics_port: int | None, reconnect_cap: float,
-           broker_wait: float, broker: str, log_format: str, log_level: str) -> None:
+           broker_wait: float, broker: str, log_format: str, log_level: str, **control: Any) -> None:
     """Run SERVICE's handlers in the foreground until a stop signal.
 
     \b
@@ -180,6 +182,11 @@ def worker(service: str, app: str | None, concurrency: int, prefetch: int | None
     down at start is waited for (--broker-wait); a lost connection is retried forever with
     capped, jittered backoff. Exit 0 after a clean warm stop, 1 after a cold stop, 2 for
     usage errors, 4 when the broker stayed unreachable for --broker-wait.
+
+    \b
+    --processes N: a parent and N child workers; it restarts one that dies, recycles
+    one after --max-tasks-per-child / above --max-memory-per-child, forwards the stop
+    signals and exits as above (docs/guides/processes-and-time-limits.md).
     """
     from amqprpc.ops.daemon import run_worker
     from amqprpc.errors import ServiceNotFound, StartupError, TopologyMismatch
@@ -198,19 +205,34 @@ def worker(service: str, app: str | None, concurrency: int, prefetch: int | None
         svc.check()  # a handler annotation that cannot be validated: exit 2 now, not on the first call
     except ContractError as exc:
         fail(EXIT_USAGE, str(exc))
-    registry = Registry(redis_url) if registry_interval > 0 else None
-    instance = Worker(svc, broker_url=broker, concurrency=concurrency, prefetch=prefetch, heartbeat=heartbeat,
-                      registry=registry, registry_interval=registry_interval or 5.0,
-                      max_message_bytes=max_message_bytes, queue_type=queue_type, max_redeliveries=max_redeliveries,
-                      reconnect_cap=reconnect_cap, redis_url=redis_url)
-    try:
-        code = run_worker(instance, shutdown_timeout, pidfile=pidfile, metrics_port=metrics_port,
-                          broker_wait=broker_wait)
-    except (StartupError, TopologyMismatch) as exc:
-        fail(EXIT_USAGE, str(exc))
-    except Exception as exc:  # noqa: BLE001 - connection failures at start: one line, no traceback
-        fail(EXIT_UNAVAILABLE, f"cannot connect to broker {broker}: {exc}")
-    sys.exit(code)
+    from amqprpc.ops import taskcontrol
+
+    def serve(child: Any = None) -> int:
+        """This process as one worker (``child``: a --processes child's link to its parent)."""
+        registry = Registry(redis_url) if registry_interval > 0 else None
+        instance = Worker(svc, broker_url=broker, concurrency=concurrency, prefetch=prefetch, heartbeat=heartbeat,
+                          registry=registry, registry_interval=registry_interval or 5.0,
+                          max_message_bytes=max_message_bytes, queue_type=queue_type,
+                          max_redeliveries=max_redeliveries, reconnect_cap=reconnect_cap, redis_url=redis_url,
+                          middleware=taskcontrol.worker_middleware(svc, control, child))
+        try:
+            return run_worker(instance, shutdown_timeout, pidfile=None if child else pidfile,
+                              metrics_port=taskcontrol.metrics_port_of(metrics_port, child),
+                              broker_wait=broker_wait, title=taskcontrol.title_of(svc.name, child))
+        except (StartupError, TopologyMismatch) as exc:
+            fail(EXIT_USAGE, str(exc))
+        except Exception as exc:  # noqa: BLE001 - connection failures at start: one line, no traceback
+            fail(EXIT_UNAVAILABLE, f"cannot connect to broker {broker}: {exc}")
+        return EXIT_UNAVAILABLE  # (fail exits)
+
+    if control["processes"]:
+        try:
+            sys.exit(taskcontrol.run_processes(serve, svc.name, control, shutdown_timeout, pidfile))
+        except StartupError as exc:
+            fail(EXIT_USAGE, str(exc))
+    elif control["max_tasks_per_child"] or control["max_memory_per_child"]:
+        fail(EXIT_USAGE, "--max-tasks-per-child and --max-memory-per-child need --processes")
+    sys.exit(serve())
 
 
 @main.command()

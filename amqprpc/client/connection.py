@@ -7,7 +7,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before Python 3.11
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import amqp
 
@@ -20,9 +20,8 @@ from amqprpc.config import redact
 from amqprpc.transport.deadlines import Timer
 from amqprpc.errors import CallTimeout, CircuitOpen, ConnectionLost, PublishRefused, RemoteError, ServiceUnavailable
 from amqprpc.transport.framehandler import UndecodableMessage
-from amqprpc.transport.ioloop import (
-    UNENCODABLE, AmqpLoop, channel_refused, close_quietly, open_confirm_channel, publish,
-)
+from amqprpc.client.confirms import ConfirmedChannel, closed_error, default_max_message_size
+from amqprpc.transport.ioloop import AmqpLoop
 from amqprpc.transport.link import describe
 from amqprpc.middleware import Hooks, Middleware, Outgoing
 from amqprpc.middleware.observability import automatic
@@ -41,11 +40,12 @@ class ClientConnection:
     def __init__(self, source: str = "amqprpc-client", *, broker_url: str | None = None, timeout: float = 5.0,
                  topology: Topology = DEFAULT_TOPOLOGY, heartbeat: float = 30.0, connect_timeout: float = 5.0,
                  breaker: CircuitBreaker | None = None, middleware: Sequence[Middleware] | None = None,
-                 reconnect_cap: float = 10.0, redis_url: str | None = None):
+                 reconnect_cap: float = 10.0, redis_url: str | None = None, max_message_size: int | None = None):
         self.hooks = Hooks(middleware, builtin=automatic(middleware or ()))
         self._loop = AmqpLoop(default_broker_url(broker_url), name=f"amqprpc-client-{source}", heartbeat=heartbeat,
                               connect_timeout=connect_timeout, reconnect_cap=reconnect_cap,
-                              on_connected=self._on_connected, on_disconnected=self._on_disconnected)
+                              on_connected=self._on_connected, on_disconnected=self._on_disconnected,
+                              on_channel_closed=self._on_channel_closed)
         self.url = self._loop.url
         # Callers publish under the loop's write lock themselves (see _send_call).
         self._write_lock = self._loop.write_lock
@@ -59,20 +59,16 @@ class ClientConnection:
         # Publishes go on two confirm channels of their own (calls; casts, events and
         # submits), replies arrive on a third: a channel the broker keeps refusing is
         # replaced without touching the reply consumer (the reply queue is auto-delete).
-        self._call_channel: amqp.Channel | None = None
-        self._call_tags: dict[int, str] = {}  # delivery tag on the call channel -> correlation id
-        self._call_seq = 0
-        self._call_opened = 0.0
-        self._confirm_channel: amqp.Channel | None = None
-        self._confirm_opened = 0.0
+        self._replies: amqp.Channel | None = None
+        self._calls: ConfirmedChannel[str] | None = None  # waiting for confirms: correlation ids
+        self._casts: ConfirmedChannel[tuple[Future[Any], str, str]] | None = None  # (future, message id, what)
+        self.max_message_size = max_message_size  # None: the broker's default, set once connected
         self.channels_replaced = {"call": 0, "confirm": 0}  # after the broker kept refusing them
         self._pending: dict[str, tuple[Future[Any], str, str, float]] = {}  # correlation id -> call
         self._deadlines: list[tuple[float, str]] = []  # heap of (monotonic deadline, correlation id)
         self._calls_lock = threading.Lock()  # the two above, between callers, loop and timer
         self._timer = Timer(self._expire, name=f"amqprpc-deadlines-{source}")
-        self._confirms: dict[int, tuple[Future[Any], str, str]] = {}  # delivery tag -> publish
         self._unroutable: set[str] = set()
-        self._publish_seq = 0
         self._declared: dict[str, int] = {}  # queue name -> connection generation it was declared on
         self._countdowns = CountdownQueues()
         self._callbacks: ThreadPoolExecutor | None = None
@@ -120,63 +116,96 @@ class ClientConnection:
         self.topology.request_exchange()(replies).declare()
         self.topology.events_exchange()(replies).declare()
         self._loop.consume(replies, self.reply_queue, self._on_reply, no_ack=True)
+        self._replies = replies
+        if self.max_message_size is None:
+            self.max_message_size = default_max_message_size(connection.connection.server_properties)
         self._open_call_channel()
         self._open_confirm_channel()
 
-    def _open_call_channel(self) -> None:
+    def _open_call_channel(self, error_of: Callable[[str], Exception] | None = None) -> None:
         """Requests go out confirmed: a request the broker refuses (nack) fails its call at
         once instead of at its timeout, and tells that the channel needs replacing. The
-        broker's acks cost the loop thread one small frame per call, no caller waits on them."""
-        channel = open_confirm_channel(self._loop.connection, self._on_call_ack, self._on_call_nack,
-                                       self._on_call_returned)
+        broker's acks cost the loop thread one small frame per call, no caller waits on them.
+        Calls the channel being replaced never confirmed fail at once with
+        ``error_of("service.action")`` (by default: refused with the channel)."""
+        calls = ConfirmedChannel(self._loop.connection, _ignore, self._on_call_nack, self._on_call_returned,
+                                 self._max_body())
         with self._write_lock:
-            old, self._call_channel = self._call_channel, channel
-            self._call_tags, self._call_seq, self._call_opened = {}, 0, time.monotonic()
-        close_quietly(old)
+            old, self._calls = self._calls, calls
+        if old is not None:
+            self._fail_calls(old.close(), error_of or (lambda what: PublishRefused(
+                f"{what}: the broker refused publishes on its channel, which was replaced before it confirmed "
+                "this one")))
 
-    def _open_confirm_channel(self) -> None:
+    def _open_confirm_channel(self, error_of: Callable[[str], Exception] | None = None) -> None:
         """Casts, events and submits; confirms the old channel still owed fail as a lost
-        connection would, so the bounded publish retry sends them again."""
-        channel = open_confirm_channel(self._loop.connection, self._on_ack, self._on_nack, self._on_confirm_returned)
+        connection would (by default), so the bounded publish retry sends them again."""
+        casts: ConfirmedChannel[tuple[Future[Any], str, str]] = ConfirmedChannel(
+            self._loop.connection, self._on_ack, self._on_nack, self._on_confirm_returned, self._max_body())
         with self._write_lock:
-            old, self._confirm_channel = self._confirm_channel, channel
-            confirms, self._confirms = self._confirms, {}
-            self._publish_seq, self._confirm_opened = 0, time.monotonic()
-        close_quietly(old)
-        for future, _, what in confirms.values():
-            _settle(future, exception=ConnectionLost(f"{what}: channel replaced before the broker confirmed"))
+            old, self._casts = self._casts, casts
+        if old is not None:
+            for future, _, what in old.close():
+                _settle(future, exception=error_of(what) if error_of is not None else ConnectionLost(
+                    f"{what}: channel replaced before the broker confirmed"))
+
+    def _max_body(self) -> int:
+        assert self.max_message_size is not None  # set from the broker's version on connect
+        return self.max_message_size
+
+    def _fail_calls(self, message_ids: list[str], error_of: Callable[[str], Exception]) -> None:
+        with self._calls_lock:
+            entries = [self._pending.pop(message_id, None) for message_id in message_ids]
+        for entry in entries:
+            if entry is not None:
+                future, service, action, _ = entry
+                _settle(future, exception=error_of(f"{service}.{action}"))
 
     def _replace_channel(self, which: str) -> None:
         """After nacks (on the loop thread, never inside the nack's own dispatch)."""
         if self._loop.connection is None or not self._loop.connected.is_set():
             return
-        opened = self._call_opened if which == "call" else self._confirm_opened
-        if not channel_refused(opened):
+        current = self._calls if which == "call" else self._casts
+        if current is None or not current.refused_long_enough:
             return  # already replaced since this was asked for
         log.warning("publishing channel replaced: the broker kept refusing its publishes", channel=which)
         self.channels_replaced[which] += 1
         (self._open_call_channel if which == "call" else self._open_confirm_channel)()
 
+    def _on_channel_closed(self, channel: amqp.Channel, error: BaseException) -> bool:
+        """The broker closed one of our channels (loop thread): a publishing one is replaced
+        and what it owed fails at once with the broker's reason (403 ACCESS_REFUSED:
+        :class:`AccessRefused`); without the reply consumer nothing answers any call, so
+        then the connection is started afresh (True)."""
+        if channel is self._replies:
+            return True
+        error_of: Callable[[str], Exception] = lambda what: closed_error(what, error)  # noqa: E731
+        if self._calls is not None and channel is self._calls.channel:
+            self.channels_replaced["call"] += 1
+            self._open_call_channel(error_of)
+        elif self._casts is not None and channel is self._casts.channel:
+            self.channels_replaced["confirm"] += 1
+            self._open_confirm_channel(error_of)
+        return False
+
     def _on_disconnected(self, exc: BaseException | None) -> None:
         with self._write_lock:  # no caller may publish on the dead channels after this
-            self._call_channel = self._confirm_channel = None
-            self._call_tags = {}
-            confirms, self._confirms = self._confirms, {}
+            casts, self._calls, self._casts, self._replies = self._casts, None, None, None
         with self._calls_lock:  # a call registered from now on finds no channel, or the next one
             pending, self._pending = self._pending, {}
             self._deadlines.clear()
         reason = "client closed" if exc is None else f"connection to the broker lost: {redact(describe(exc))}"
         for future, service, action, _ in pending.values():
             _settle(future, exception=ConnectionLost(f"{service}.{action}: {reason}"))
-        for future, _, what in confirms.values():
+        for future, _, what in casts.unconfirmed() if casts is not None else ():
             _settle(future, exception=ConnectionLost(f"{what}: {reason}; not confirmed"))
         self._unroutable.clear()
 
     def _declare_once(self, queue: Any) -> None:
         # Declared by the sender too, so that replies wait in the queue even before the
         # first collector ever ran (a reply to a missing queue is dropped by the broker).
-        if self._confirm_channel is not None and self._declared.get(queue.name) != self._loop.generation:
-            queue(self._confirm_channel).declare()
+        if self._casts is not None and self._declared.get(queue.name) != self._loop.generation:
+            queue(self._casts.channel).declare()
             self._declared[queue.name] = self._loop.generation
 
     def _register(self, message_id: str, future: Future[Any], service: str, action: str, timeout: float) -> None:
@@ -218,21 +247,17 @@ class ClientConnection:
             return
         routing_key = self.topology.request_key(service)
         with self._write_lock:
-            channel = self._call_channel
-            if channel is None:
+            calls = self._calls
+            if calls is None:
                 self._pending.pop(message_id, None)
                 _settle(future, exception=ConnectionLost(f"{service}.{action}: not connected to the broker"))
                 return
-            self._call_seq += 1
-            self._call_tags[self._call_seq] = message_id
             try:
-                publish(channel, message, self.topology.service_exchange, routing_key, mandatory=True)
-            except Exception as exc:  # noqa: BLE001 - a broken connection; the loop reconnects
+                calls.publish(message_id, message, self.topology.service_exchange, routing_key, True,
+                              f"{service}.{action}")
+            except Exception as exc:  # noqa: BLE001 - what the caller gets (ConfirmedChannel.publish)
                 self._pending.pop(message_id, None)
-                self._call_tags.pop(self._call_seq, None)
-                if isinstance(exc, UNENCODABLE):
-                    self._call_seq -= 1  # nothing was sent: the broker's confirm numbers stay ours
-                _settle(future, exception=_publish_error(f"{service}.{action}", exc))
+                _settle(future, exception=exc)
 
     def _expire(self, now: float) -> float | None:
         """Fail every call whose deadline passed (on the timer thread); the next deadline.
@@ -291,24 +316,9 @@ class ClientConnection:
             _settle(future, exception=RemoteError(f"{service}.{action}: the reply could not be decoded: "
                                                   f"{message.problem}", "BadReply"))
 
-    def _on_call_ack(self, delivery_tag: int, multiple: bool) -> None:
-        if multiple:
-            _take_tags(self._call_tags, delivery_tag)
-        else:
-            self._call_tags.pop(delivery_tag, None)
-
-    def _on_call_nack(self, delivery_tag: int, multiple: bool) -> None:
-        if multiple:
-            ids = _take_tags(self._call_tags, delivery_tag)
-        else:
-            one = self._call_tags.pop(delivery_tag, None)
-            ids = [] if one is None else [one]
-        for message_id in ids:
-            entry = self._pending.pop(message_id, None)
-            if entry is not None:
-                future, service, action, _ = entry
-                _settle(future, exception=PublishRefused(f"{service}.{action}: the broker refused the request (nack)"))
-        if channel_refused(self._call_opened):
+    def _on_call_nack(self, calls: ConfirmedChannel[str], message_ids: list[str]) -> None:
+        self._fail_calls(message_ids, lambda what: PublishRefused(f"{what}: the broker refused the request (nack)"))
+        if calls is self._calls and calls.refused_long_enough:
             self._loop.call_soon(self._replace_channel, "call")
 
     def _on_call_returned(self, exc: Exception, exchange: str, routing_key: str, message: amqp.Message) -> None:
@@ -323,68 +333,37 @@ class ClientConnection:
         """From the caller's thread, like _send_call: the confirm's delivery tag is the
         channel's publish count, so numbering and publishing happen under write_lock."""
         with self._write_lock:
-            channel = self._confirm_channel
-            if channel is None:
+            casts = self._casts
+            if casts is None:
                 _settle(future, exception=ConnectionLost(f"{what}: not connected to the broker"))
                 return
-            self._publish_seq += 1
-            self._confirms[self._publish_seq] = (future, message_id, what)
             try:
-                publish(channel, message, exchange, routing_key, mandatory=mandatory)
-            except Exception as exc:  # noqa: BLE001 - a broken connection; the loop reconnects
-                self._confirms.pop(self._publish_seq, None)
-                if isinstance(exc, UNENCODABLE):
-                    self._publish_seq -= 1  # nothing was sent: the broker's confirm numbers stay ours
-                _settle(future, exception=_publish_error(what, exc))
+                casts.publish((future, message_id, what), message, exchange, routing_key, mandatory, what)
+            except Exception as exc:  # noqa: BLE001 - what the caller gets (ConfirmedChannel.publish)
+                _settle(future, exception=exc)
 
     def _on_confirm_returned(self, exc: Exception, exchange: str, routing_key: str, message: amqp.Message) -> None:
         # basic.return precedes the basic.ack of the same message.
         self._unroutable.add(message.properties.get("message_id"))
 
-    def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
-        for future, message_id, what in self._take_confirms(delivery_tag, multiple):
+    def _on_ack(self, confirmed: list[tuple[Future[Any], str, str]]) -> None:
+        for future, message_id, what in confirmed:
             if message_id in self._unroutable:
                 self._unroutable.discard(message_id)
                 _settle(future, exception=ServiceUnavailable(f"{what}: no queue is bound for it"))
             else:
                 _settle(future, result=None)
 
-    def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
-        for future, _, what in self._take_confirms(delivery_tag, multiple):
+    def _on_nack(self, casts: ConfirmedChannel[tuple[Future[Any], str, str]],
+                 refused: list[tuple[Future[Any], str, str]]) -> None:
+        for future, _, what in refused:
             _settle(future, exception=PublishRefused(f"{what}: the broker refused the message (nack)"))
-        if channel_refused(self._confirm_opened):
+        if casts is self._casts and casts.refused_long_enough:
             self._loop.call_soon(self._replace_channel, "confirm")
 
-    def _take_confirms(self, delivery_tag: int, multiple: bool) -> list[Any]:
-        if not multiple:
-            entry = self._confirms.pop(delivery_tag, None)
-            return [entry] if entry else []
-        with self._write_lock:  # callers add entries from their threads
-            tags = [tag for tag in self._confirms if tag <= delivery_tag]
-            return [self._confirms.pop(tag) for tag in tags]
 
-
-def _publish_error(what: str, exc: Exception) -> Exception:
-    """A request py-amqp cannot encode (a routing key over 255 bytes: a service or event
-    name that long) is the caller's error, raised as ValueError; anything else means the
-    connection broke (:class:`ConnectionLost`, which casts and events retry)."""
-    if isinstance(exc, UNENCODABLE):
-        return ValueError(f"{what}: cannot be sent: {exc}")
-    return ConnectionLost(f"{what}: publish failed: {exc!r}")
-
-
-def _take_tags(tags: dict[int, str], up_to: int) -> list[str]:
-    """Pop every entry of ``tags`` up to delivery tag ``up_to`` (a confirm with ``multiple``).
-    Tags are inserted in increasing order, so the scan stops at the first later one; no lock:
-    each dict operation is atomic, and callers only ever add larger tags."""
-    taken = []
-    for tag in list(tags):
-        if tag > up_to:
-            break
-        message_id = tags.pop(tag, None)
-        if message_id is not None:
-            taken.append(message_id)
-    return taken
+def _ignore(entries: list[str]) -> None:
+    """A call's confirm: nothing to do (its reply settles it); a nack fails it."""
 
 
 def _failure_of(future: Future[Any]) -> BaseException | None:

@@ -44,7 +44,11 @@ class RpcClient(ClientConnection):
     timeout in seconds; ``heartbeat``, ``connect_timeout`` and ``reconnect_cap`` (the
     longest wait between reconnect attempts) in seconds; ``middleware`` hooks around what it
     sends (:mod:`amqprpc.middleware`), after the process's defaults; ``redis_url`` where
-    :meth:`revoke` stores revocations (default ``AMQPRPC_REDIS_URL``; used only by it).
+    :meth:`revoke` stores revocations (default ``AMQPRPC_REDIS_URL``; used only by it);
+    ``max_message_size`` the largest body it sends, in bytes (the broker's
+    ``max_message_size``; by default RabbitMQ's default for the version it runs: 128 MiB
+    before 4.0, 16 MiB since): a larger one raises :class:`~amqprpc.errors.MessageTooLarge`
+    before anything is sent, as do headers that do not fit in one frame (``frame_max``).
     One lifecycle: connects at construction (raises :class:`ServiceUnavailable` if it
     cannot), :meth:`close` (or the ``with`` block) ends it. Its connection is an
     :class:`~amqprpc.transport.ioloop.AmqpLoop` it holds, not one it is.

@@ -89,10 +89,13 @@ metrics, registry presence, ping, the shared client), and the process defaults
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from amqprpc import logs
 from amqprpc.outcome import CallOutcome, Outcome
+
+if TYPE_CHECKING:
+    from amqprpc.middleware.view import WorkerView
 
 log = logs.get_logger("amqprpc.middleware")
 
@@ -191,16 +194,16 @@ class Outgoing:
 class Middleware:
     """Base class: every hook does nothing. Override the ones you need (see the module doc)."""
 
-    def worker_starting(self, worker: Any) -> None:
+    def worker_starting(self, worker: WorkerView) -> None:
         pass
 
-    def worker_started(self, worker: Any) -> None:
+    def worker_started(self, worker: WorkerView) -> None:
         pass
 
-    def worker_stopping(self, worker: Any) -> None:
+    def worker_stopping(self, worker: WorkerView) -> None:
         pass
 
-    def worker_stopped(self, worker: Any) -> None:
+    def worker_stopped(self, worker: WorkerView) -> None:
         pass
 
     def before_handle(self, delivery: Delivery) -> None:
@@ -255,10 +258,10 @@ class Hooks:
     the bound methods of the middleware that override it, in calling order. Calling a
     hook nobody overrides is a check of an empty tuple."""
 
-    worker_starting: tuple[Callable[[Any], None], ...]
-    worker_started: tuple[Callable[[Any], None], ...]
-    worker_stopping: tuple[Callable[[Any], None], ...]
-    worker_stopped: tuple[Callable[[Any], None], ...]
+    worker_starting: tuple[Callable[[WorkerView], None], ...]
+    worker_started: tuple[Callable[[WorkerView], None], ...]
+    worker_stopping: tuple[Callable[[WorkerView], None], ...]
+    worker_stopped: tuple[Callable[[WorkerView], None], ...]
     before_handle: tuple[Callable[[Delivery], None], ...]
     after_handle: tuple[Callable[[Delivery, Outcome], None], ...]
     outcome_amended: tuple[Callable[[Delivery, Outcome, Outcome], None], ...]

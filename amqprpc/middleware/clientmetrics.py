@@ -39,6 +39,7 @@ class ClientMetrics(Middleware):
         self._durations: dict[tuple[str, str, str, str], Any] = {}
         self._in_flight: dict[str, Any] = {}
         metrics.count_breakers()
+        metrics.count_channel_closes()
 
     def _gauge(self, service: str) -> Any:
         gauge = self._in_flight.get(service)

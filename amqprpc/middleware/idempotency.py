@@ -32,6 +32,7 @@ from amqprpc.outcome import Outcome, OutcomeKind
 from amqprpc.server.dispatcher import Decision
 from amqprpc.service import DEFAULT_DEDUP_WINDOW
 from amqprpc.wire import envelope
+from amqprpc.middleware.view import WorkerView
 
 log = logs.get_logger("amqprpc.idempotency")
 
@@ -116,7 +117,7 @@ class Idempotency(Middleware):
         self.health = RedisHealth("idempotency keys")
         self.service: Any = None
 
-    def worker_starting(self, worker: Any) -> None:
+    def worker_starting(self, worker: WorkerView) -> None:
         self.service = worker.service
 
     def consume_scope(self, call_next: Callable[[Delivery], Decision], delivery: Delivery) -> Decision:

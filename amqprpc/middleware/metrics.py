@@ -11,14 +11,18 @@ Label cardinality is bounded: ``action`` is one of the service's own handlers or
 """
 from __future__ import annotations
 
-from typing import Any
+import weakref
+from typing import Any, Callable, Iterator
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from amqprpc.client import breaker
+from amqprpc.transport import channels
 from amqprpc.middleware import Delivery, Middleware
 from amqprpc.middleware.eta import TIMING
 from amqprpc.outcome import Outcome, OutcomeKind
+from amqprpc.middleware.view import WorkerView
 
 UNKNOWN_ACTION = "<unknown>"
 
@@ -54,6 +58,62 @@ BREAKER_TRANSITIONS = Counter("amqprpc_breaker_transitions", "Circuit breaker st
                               ["breaker", "old", "new", "origin"])
 BREAKER_REJECTIONS = Counter("amqprpc_breaker_rejections", "Calls refused with CircuitOpen (nothing published).",
                              ["breaker"])
+CHANNELS_CLOSED = Counter("amqprpc_broker_channel_closes", "Channels the broker closed (406: a delivery held past "
+                          "consumer_timeout; 403: a permission missing), by reply code.", ["reply_code"])
+
+
+# Counts a worker keeps in its stats (features count there: Worker.count), exported as
+# they are at each scrape: stats key -> (metric name, help).
+STATS_COUNTERS = {
+    "timed_out": ("amqprpc_timed_out", "Handler runs stopped at their time limit (TimeLimitExceeded raised in them)."),
+    "abandoned": ("amqprpc_abandoned", "Handler runs that ignored their time limit past the hard limit: their "
+                                       "message dead-lettered, their thread (or child process) replaced."),
+}
+# A --processes child's parent's counts (amqprpc.ops.prefork), the same in every child.
+PARENT_COUNTERS = {
+    "child_restarts": ("amqprpc_child_restarts", "Child worker processes that died and were started again."),
+    "recycled": ("amqprpc_children_recycled", "Child worker processes replaced warmly (max tasks, max memory, "
+                                              "an abandoned handler)."),
+    "killed": ("amqprpc_children_killed", "Child worker processes the parent had to SIGKILL."),
+}
+
+
+class _StatsCollector:
+    """Reads the counters of STATS_COUNTERS from every instrumented worker's stats, and its
+    parent's counts in a --processes child, when Prometheus scrapes (nothing on the hot path)."""
+
+    def __init__(self) -> None:
+        self.workers: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        self.parent: Callable[[], dict[str, int]] | None = None
+        self.registered = False
+
+    def collect(self) -> Iterator[Metric]:
+        families = {key: CounterMetricFamily(name, text, labels=["service"])
+                    for key, (name, text) in STATS_COUNTERS.items()}
+        services = []
+        for worker in list(self.workers):
+            stats = worker.stats
+            services.append(worker.service.name)
+            for key, family in families.items():
+                family.add_metric([worker.service.name], stats.get(key, 0))
+        yield from families.values()
+        if self.parent is None:
+            return
+        counts = self.parent()
+        for key, (name, text) in PARENT_COUNTERS.items():
+            family = CounterMetricFamily(name, text, labels=["service"])
+            for service in services:
+                family.add_metric([service], counts[key])
+            yield family
+
+
+_STATS = _StatsCollector()  # registered by the first instrument() (not on import)
+
+
+def count_parent(read: Callable[[], dict[str, int]]) -> None:
+    """Export the counts ``read()`` returns (child_restarts, recycled, killed) as this
+    process's parent's: a ``--processes`` child (:mod:`amqprpc.ops.prefork`) calls it."""
+    _STATS.parent = read
 
 
 def breaker_changed(change: Any) -> None:
@@ -78,6 +138,20 @@ def count_breakers() -> None:
         breaker.rejection_listeners.append(breaker_rejected)
 
 
+def channel_closed(reply_code: int) -> None:
+    """A channel the broker closed (:mod:`amqprpc.transport.channels`), by reply code:
+    406 for a handler past consumer_timeout, 403 for a missing permission."""
+    CHANNELS_CLOSED.labels(str(reply_code)).inc()
+
+
+def count_channel_closes() -> None:
+    """Every channel the broker closes in this process counts in
+    ``amqprpc_broker_channel_closes_total`` from now on (once, however often it is called;
+    :func:`instrument` and the client metrics call it)."""
+    if channel_closed not in channels.close_listeners:
+        channels.close_listeners.append(channel_closed)
+
+
 def dead_letter(service: str, reason: str, count: int = 1) -> None:
     """Count ``count`` messages of ``service`` dead-lettered for ``reason`` (a short
     bounded word such as an exception class name or ``BadMessage``, never free text).
@@ -96,7 +170,7 @@ class Metrics(Middleware):
     requests and events by handler and outcome, their durations, those in flight, the
     redeliveries and the dead letters (by reason)."""
 
-    def worker_starting(self, worker: Any) -> None:
+    def worker_starting(self, worker: WorkerView) -> None:
         # Pre-create the series of every known action so dashboards see zeros, not gaps.
         service = worker.service
         for action in service.handlers:
@@ -135,8 +209,13 @@ class Metrics(Middleware):
 def instrument(worker: Any) -> Metrics:
     """Count every request and event ``worker`` (a :class:`amqprpc.server.worker.Worker`) handles
     and every message it dead-letters: adds a :class:`Metrics` middleware (before it starts),
-    and counts the process's circuit breakers."""
+    and counts the process's circuit breakers and the channels the broker closes."""
     count_breakers()
+    count_channel_closes()
     metrics = Metrics()
     worker.hooks.add(metrics)
+    if not _STATS.registered:
+        REGISTRY.register(_STATS)
+        _STATS.registered = True
+    _STATS.workers.add(worker)
     return metrics

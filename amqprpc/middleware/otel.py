@@ -59,6 +59,7 @@ from amqprpc.client import breaker as breaker_module
 from amqprpc.middleware import Middleware, add_default, remove_default
 from amqprpc.outcome import CallOutcome, Outcome, OutcomeKind
 from amqprpc.version import __version__
+from amqprpc.middleware.view import WorkerView
 
 SYSTEM = "rabbitmq"
 _KEY = "otel"  # our entry in Delivery.state / Outgoing.state
@@ -173,7 +174,7 @@ class OpenTelemetryMiddleware(Middleware):
         return instruments
 
     # --- worker ------------------------------------------------------------------------
-    def worker_starting(self, worker: Any) -> None:
+    def worker_starting(self, worker: WorkerView) -> None:
         for consumer in getattr(worker, "event_consumers", {}).values():
             if consumer.subscription.broadcast:
                 self._temporary.add(consumer.queue.name)

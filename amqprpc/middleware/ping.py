@@ -12,10 +12,11 @@ import time
 from typing import Any
 
 from amqprpc.middleware import Middleware
+from amqprpc.middleware.view import WorkerView
 
 
 class Ping(Middleware):
-    def worker_starting(self, worker: Any) -> None:
+    def worker_starting(self, worker: WorkerView) -> None:
         worker.builtins.setdefault("ping", lambda payload: answer(worker))
 
 

@@ -36,6 +36,7 @@ from amqprpc.errors import ServiceUnavailable
 from amqprpc.middleware import Delivery, Middleware
 from amqprpc.middleware.redisstate import REDIS_TIMEOUT_S, RedisHealth, RedisState
 from amqprpc.outcome import OutcomeKind
+from amqprpc.middleware.view import WorkerView
 
 log = logs.get_logger("amqprpc.revoke")
 
@@ -222,7 +223,7 @@ class RevokeChecks(Middleware):
                          message_id=message_id)
                 cancel.cancelled = True
 
-    def worker_stopped(self, worker: Any) -> None:
+    def worker_stopped(self, worker: WorkerView) -> None:
         with self._lock:
             self._stopping = True
             poller, self._poller = self._poller, None

@@ -21,13 +21,13 @@ Trace id and deadline need nothing here: the client reads them from the handler'
 from __future__ import annotations
 
 import threading
-from typing import Any
 
 from amqprpc.client.breaker import CircuitBreaker
 from amqprpc.client.rpc import RpcClient
 from amqprpc import service as _service
 from amqprpc.middleware import Middleware
 from amqprpc.wire.topology import DEFAULT_TOPOLOGY, Topology
+from amqprpc.middleware.view import WorkerView
 
 _lock = threading.Lock()
 _attached: dict[str, list[tuple[str | None, Topology]]] = {}  # service -> (broker url, topology) per worker
@@ -86,10 +86,10 @@ class SharedClient(Middleware):
     uses the worker's broker and topology, and is closed after the last worker of the
     service here stopped (its handlers finished)."""
 
-    def worker_starting(self, worker: Any) -> None:
+    def worker_starting(self, worker: WorkerView) -> None:
         attach(worker.service.name, worker.url, worker.topology)
 
-    def worker_stopped(self, worker: Any) -> None:
+    def worker_stopped(self, worker: WorkerView) -> None:
         detach(worker.service.name, worker.url, worker.topology)
 
 

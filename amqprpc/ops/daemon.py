@@ -44,6 +44,19 @@ log = logs.get_logger("amqprpc.daemon")
 EXIT_OK = 0
 EXIT_COLD_STOP = 1
 
+# The least exit code this process ends with, raised by request_exit (a worker that had to
+# write off too many stuck handler threads exits 1 however cleanly it then stops).
+_exit_floor = EXIT_OK
+
+
+def request_exit(code: int, reason: str) -> None:
+    """Stop this daemon warmly (as SIGTERM does) and exit with at least ``code``: what a
+    worker that can no longer serve well asks for, for its supervisor to restart it."""
+    global _exit_floor
+    _exit_floor = max(_exit_floor, code)
+    log.error("exiting for a restart by the supervisor", exit_code=code, reason=reason)
+    os.kill(os.getpid(), signal.SIGTERM)
+
 
 class Daemon(Protocol):
     """What :func:`run_worker` runs: a :class:`~amqprpc.server.worker.Worker` or a
@@ -104,14 +117,13 @@ def run_worker(worker: Daemon, shutdown_timeout: float = 30.0, *, pidfile: str |
 
     lock = PidFile(pidfile) if pidfile else None
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-        signal.signal(signum, on_stop_signal)
+        # One ignored when it started stays ignored (nohup; a --processes child ignores
+        # SIGINT: its parent passes a terminal's Ctrl-C on).
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, on_stop_signal)
     signal.signal(signal.SIGHUP, on_hangup)
     _set_process_title(title)
-    if lock is not None:
-        try:
-            lock.acquire()
-        except PidFileError as exc:
-            raise StartupError(str(exc)) from None
+    acquire(lock)
     try:
         if metrics_port is not None:
             try:
@@ -152,12 +164,22 @@ def run_worker(worker: Daemon, shutdown_timeout: float = 30.0, *, pidfile: str |
                 next_ping = time.monotonic() + watchdog
         sdnotify.notify("STOPPING=1", f"STATUS={title}: stopping")
         clean = worker.shutdown(shutdown_timeout)
-        code = EXIT_OK if clean and not cold.is_set() else EXIT_COLD_STOP
+        code = max(EXIT_OK if clean and not cold.is_set() else EXIT_COLD_STOP, _exit_floor)
         (log.info if code == EXIT_OK else log.warning)(f"{kind} exiting", exit_code=code)
         return code
     finally:
         if lock is not None:
             lock.release()
+
+
+def acquire(lock: PidFile | None) -> None:
+    """Take the pidfile (if any); another live process holding it is a StartupError."""
+    if lock is None:
+        return
+    try:
+        lock.acquire()
+    except PidFileError as exc:
+        raise StartupError(str(exc)) from None
 
 
 def _tell_systemd_we_wait(title: str, worker: Daemon, watchdog: float | None

@@ -30,6 +30,7 @@ from amqprpc.outcome import Outcome
 from amqprpc.wire.ids import new_instance_id, text
 from amqprpc.middleware import Delivery, Middleware
 from amqprpc.version import __version__
+from amqprpc.middleware.view import WorkerView
 
 log = logs.get_logger("amqprpc.registry")
 
@@ -167,14 +168,14 @@ class Presence(Middleware):
     def outcome_amended(self, delivery: Delivery, old: Outcome, new: Outcome) -> None:
         self.actions(delivery.service).amend(delivery.handler or delivery.action, old, new)
 
-    def worker_started(self, worker: Any) -> None:
+    def worker_started(self, worker: WorkerView) -> None:
         actions = self.actions(worker.service.name)
         heartbeat = Heartbeat(self.registry, lambda: {**describe_worker(worker), "actions": actions.summary()},
                               self.interval)
         self._heartbeats[id(worker)] = heartbeat
         heartbeat.start()
 
-    def worker_stopping(self, worker: Any) -> None:
+    def worker_stopping(self, worker: WorkerView) -> None:
         heartbeat = self._heartbeats.pop(id(worker), None)
         if heartbeat is not None:
             heartbeat.stop()  # stop advertising as soon as it stops consuming
@@ -231,8 +232,13 @@ class Heartbeat:
 
 
 def describe_worker(worker: Any) -> dict[str, Any]:
-    """A worker's registry entry (without ``heartbeat_at``, which :meth:`Registry.announce` adds)."""
-    return {
+    """A worker's registry entry (without ``heartbeat_at``, which :meth:`Registry.announce` adds).
+    A ``--processes`` child's also has ``process``: its slot, its parent's pid and the parent's
+    counts (child_restarts, recycled, killed)."""
+    from amqprpc.ops.child import current_child
+
+    child = current_child()
+    entry = {
         "instance_id": worker.instance_id,
         "service": worker.service.name,
         "host": socket.gethostname(),
@@ -243,13 +249,17 @@ def describe_worker(worker: Any) -> dict[str, Any]:
         "amqprpc_version": __version__,
         "stats": dict(worker.stats),
     }
+    if child is not None:
+        entry["process"] = child.describe()
+    return entry
 
 
 def format_table(snapshot: dict[str, list[dict[str, Any]]]) -> str:
     """``amqprpc services`` as a table: one row per live instance."""
     if not snapshot:
         return "no live services"
-    header = ("SERVICE", "INSTANCES", "INSTANCE", "HOST", "PID", "HEARTBEAT", "PROCESSED", "FAILED", "UPTIME")
+    header = ("SERVICE", "INSTANCES", "INSTANCE", "HOST", "PID", "HEARTBEAT", "PROCESSED", "FAILED", "UPTIME",
+              "PROCESS")
     rows = [header]
     now = time.time()
     for name, entries in sorted(snapshot.items()):
@@ -259,10 +269,18 @@ def format_table(snapshot: dict[str, list[dict[str, Any]]]) -> str:
                 name if index == 0 else "", str(len(entries)) if index == 0 else "", entry["instance_id"],
                 str(entry.get("host", "")), str(entry.get("pid", "")), f"{entry['heartbeat_age']:.1f}s ago",
                 str(stats.get("succeeded", 0) + stats.get("failed", 0)), str(stats.get("failed", 0)),
-                f"{now - float(entry.get('started_at', now)):.0f}s",
+                f"{now - float(entry.get('started_at', now)):.0f}s", _process(entry.get("process")),
             ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+def _process(process: Any) -> str:
+    """A --processes child's column: its slot, its parent and the parent's restarts."""
+    if not isinstance(process, dict):
+        return ""
+    return (f"child {int(process.get('slot', 0)) + 1}/{process.get('processes')} of {process.get('parent_pid')}, "
+            f"{process.get('child_restarts', 0)} restarts, {process.get('recycled', 0)} recycled")
 
 
 def _escape(pattern: str) -> str:

@@ -40,6 +40,7 @@ from amqprpc.middleware.observability import automatic
 from amqprpc.outcome import Outcome, OutcomeKind
 from amqprpc.middleware.idempotency import Idempotency, IdempotencyStore
 from amqprpc.middleware.ping import Ping
+from amqprpc.middleware.timelimit import TimeLimit
 from amqprpc.middleware.revoke import RevocationStore, RevokeChecks
 from amqprpc.transport.redelivery import Redelivery
 from amqprpc.service import Handler, Service
@@ -132,11 +133,16 @@ class Worker:
         self._counts = {"succeeded": 0, "failed": 0, "refused": 0, "expired": 0, "retried": 0, "dead_lettered": 0,
                         "recounted": 0, "revoked": 0, "deduplicated": 0}
         self._counts_lock = threading.Lock()  # handler threads count outcomes
+        # Handler thread ident -> the (generation, message) it runs: whoever pops it settles
+        # that delivery (the thread itself, or write_off giving up on a stuck one).
+        self._running: dict[int, tuple[int, amqp.Message]] = {}
         self.started_at = time.time()
         # Actions every worker answers besides its service's own (which win): registered by
         # middleware as the worker starts (ping).
         self.builtins: dict[str, Handler] = {}
         given = [*(middleware or ()), *([registry.presence(registry_interval)] if registry is not None else ())]
+        if service.uses_time_limits and not any(isinstance(each, TimeLimit) for each in given):
+            given.append(TimeLimit())  # the handlers' time_limit= (amqprpc worker passes its own)
         # OpenTelemetry (when the application configured an SDK) first: the trace is current
         # for every other middleware's hooks too.
         self.hooks = Hooks(given, builtin=(*automatic(given), Ping(), SharedClient(), *tasks_in_time(service),
@@ -170,9 +176,11 @@ class Worker:
         """What it did so far: received, and the counts of the outcomes (succeeded: replied
         or done; failed: any other end of a handler run or request, retried and
         dead_lettered included; refused; expired; recounted; revoked: acked unrun or stopped
-        after a revoke; deduplicated: a repeated idempotency key, answered from the first run)."""
+        after a revoke; deduplicated: a repeated idempotency key, answered from the first run;
+        channels_lost: consuming channels the broker closed, e.g. for a handler past its
+        consumer_timeout)."""
         with self._counts_lock:
-            return {"received": self._consumer.received, **self._counts}
+            return {"received": self._consumer.received, "channels_lost": self._consumer.channel_losses, **self._counts}
 
     def count(self, name: str, n: int = 1) -> None:
         """Add ``n`` to the counter ``name`` of :attr:`stats` (for middleware: workflows
@@ -323,12 +331,39 @@ class Worker:
     # --- handler threads ---------------------------------------------------------------
     def _work(self) -> None:
         get = self._inbox.get
+        running, ident = self._running, threading.get_ident()
         while True:
             item = get()
             if item is STOP:
                 return
             generation, message = item
-            self._finish_here(generation, message, self._process(message))
+            running[ident] = item
+            decision = self._process(message)
+            if running.pop(ident, None) is None:  # written off meanwhile: settled without us, replaced
+                log.warning("abandoned handler thread returned late; its decision dropped", thread=ident)
+                return
+            self._finish_here(generation, message, decision)
+
+    def write_off(self, ident: int, reason: str, error_type: str) -> bool:
+        """Give up on handler thread ``ident``, stuck in a handler that will not return (one
+        that ignored its time limit, :mod:`amqprpc.middleware.timelimit`): its delivery is
+        dead-lettered with ``reason`` now, whatever it decides should it ever return is
+        dropped, and a new handler thread takes its place (a warm stop does not wait for the
+        stuck one). False when it had already finished (it settles its delivery itself)."""
+        item = self._running.pop(ident, None)
+        if item is None:
+            return False
+        generation, message = item
+        replacement = threading.Thread(target=self._work, name=f"amqprpc-handler-r{ident}", daemon=True)
+        self._threads = [*(thread for thread in self._threads if thread.ident != ident), replacement]
+        replacement.start()
+        consumer = self.event_consumers.get(message.delivery_info.get("consumer_tag"))
+        queue = self.queue_name if consumer is None else consumer.queue.name
+        decision = Decision(forward=self.redelivery.dead_letter(message, queue, reason, error_type),
+                            outcome=Outcome(OutcomeKind.DEAD_LETTERED, error_type, 0.0, True))
+        self._account(decision.outcome)
+        self._loop.call_soon(self._finish, generation, message, decision)
+        return True
 
     def _process(self, message: amqp.Message) -> Decision:
         """Decide what becomes of one delivery (the dispatcher, with the middleware around

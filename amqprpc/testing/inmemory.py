@@ -37,6 +37,7 @@ from amqprpc.client.countdown import check_priority, delay_of
 from amqprpc.context import current, outgoing_headers
 from amqprpc.errors import CallTimeout, ServiceUnavailable
 from amqprpc.middleware import Hooks, Middleware
+from amqprpc.middleware.timelimit import TimeLimit
 from amqprpc.middleware.workflow import Workflows
 from amqprpc.retry import ERROR, ERROR_TYPE, Retry, call_with_retry
 from amqprpc.server.dispatcher import Decision, Dispatcher
@@ -77,7 +78,9 @@ class InMemoryClient(Recorder):
         super().__init__(source, timeout)
         # The worker's per-delivery hooks and scopes, as a worker runs them (not the
         # process-wide defaults: --metrics-port and OpenTelemetry are the worker's).
-        self.hooks = Hooks(middleware, defaults=False, builtin=(Workflows(),))
+        # (TimeLimit: handlers' own time_limit= hold here too; a no-op for those without one)
+        limits = () if any(isinstance(each, TimeLimit) for each in middleware) else (TimeLimit(),)
+        self.hooks = Hooks(middleware, defaults=False, builtin=(Workflows(), *limits))
         self._dispatchers: Dict[str, Tuple[Dispatcher, Dict[str, str]]] = {}
         self.services: Dict[str, Service] = {}
         self.dead_letters: List[DeadLetter] = []

@@ -44,7 +44,7 @@ class Consumer:
                  heartbeat: float = 30.0, reconnect_cap: float = 10.0):
         self.loop = AmqpLoop(url, name=name, heartbeat=heartbeat, reconnect_cap=reconnect_cap,
                              on_connected=self._connected, on_disconnected=self._disconnected,
-                             keep_consuming=self._keep_consuming)
+                             keep_consuming=self._keep_consuming, on_channel_closed=self._channel_closed)
         self.prefetch = prefetch
         self.redelivery = redelivery
         self.declare = declare
@@ -52,6 +52,7 @@ class Consumer:
         self.channel: amqp.Channel | None = None
         self.inbox = Inbox()  # wakes one thread per delivery (see amqprpc.inbox)
         self.received = 0  # only ever written on the loop thread
+        self.channel_losses = 0  # consuming channels the broker closed (consumer_timeout...)
         self._tags: list[str] = []
         self._consuming = False
         self._stopping = False  # a reconnect during a warm stop must not consume again
@@ -73,6 +74,28 @@ class Consumer:
 
     def _keep_consuming(self, consumer_tag: str) -> bool:
         return self._consuming and not self._stopping
+
+    def _channel_closed(self, channel: amqp.Channel, error: BaseException) -> bool:
+        """The broker closed a channel (loop thread): without the consuming one nothing
+        arrives any more, without the forwarder's nothing is retried or dead-lettered, so
+        the connection is started afresh (True): queues declared and consumed again on a
+        fresh channel, after a backoff that grows while it keeps happening. What was delivered
+        on the closed channel and not acked is back in its queue already; the handlers
+        still running it finish, and their acks are dropped (by generation): it runs again
+        (at-least-once). RabbitMQ's ``consumer_timeout`` (406 PRECONDITION_FAILED) does
+        this to a handler that runs longer (see docs/guides/long-tasks.md)."""
+        if channel is self.channel:
+            what = "consuming"
+        elif channel is self.forwarder.channel:
+            # Replacing it alone would requeue its originals, redelivered at once to fail the
+            # same way (a dead letter the user may not publish): a fresh connection, backed off.
+            what = "forwarding"
+        else:
+            return False  # a declare's own channel: its error went to the declare
+        log.error(f"the broker closed the {what} channel; consuming again on a fresh connection",
+                  reply_code=getattr(error, "reply_code", None), reply_text=getattr(error, "reply_text", str(error)))
+        self.channel_losses += 1
+        return True
 
     def _disconnected(self, exc: BaseException | None) -> None:
         # Unacked deliveries of the dead channel are redelivered by the broker; the owner's

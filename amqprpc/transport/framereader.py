@@ -8,7 +8,8 @@ nothing more is waiting. :class:`FrameReader` replaces the transport's ``_read``
 reads whatever the kernel holds (up to 64 KiB) in one ``recv`` into its own buffer and
 serves frames from there, always with ``MSG_DONTWAIT`` (the socket's own mode stays
 blocking, for py-amqp). In :meth:`FrameReader.drain`, at a frame boundary with nothing
-buffered, it stops (:class:`Idle`).
+buffered, it stops (:class:`Idle`) -- only there, never inside a frame's dispatch
+(:meth:`FrameReader.watch_dispatch`).
 
 Every other read that finds nothing there (the rest of a frame, or a channel method
 waiting for its reply on the loop thread, e.g. ``queue_declare``) calls the ``wait``
@@ -53,6 +54,7 @@ class FrameReader:
         self._pos = 0
         self._draining = False
         self._wait = wait
+        self._dispatching = 0  # frames being dispatched (nested when a dispatch waits for the broker)
         self._max = max_frame + 8  # a frame's payload and end octet: anything larger is not AMQP
         transport._read = self.read
         # py-amqp's, for partial frames and every error (a stand-in transport may have none)
@@ -118,6 +120,23 @@ class FrameReader:
 
         return drain_events
 
+    def watch_dispatch(self, connection: Any) -> None:
+        """Count the frames of ``connection`` being dispatched (wraps its
+        ``on_inbound_frame``): :class:`Idle` is raised only between frames, never inside a
+        frame's dispatch. A dispatch may itself wait for the broker (a channel method's
+        reply; py-amqp reopening a channel the broker closed): an Idle raised there would
+        unwind through the dispatch and take the broker's error with it."""
+        dispatch = connection.on_inbound_frame
+
+        def on_inbound_frame(frame: Any) -> Any:
+            self._dispatching += 1
+            try:
+                return dispatch(frame)
+            finally:
+                self._dispatching -= 1
+
+        connection.on_inbound_frame = on_inbound_frame
+
     @property
     def buffered(self) -> bool:
         """True when frames already read wait in the buffer (poll() cannot see them)."""
@@ -153,7 +172,7 @@ class FrameReader:
                 try:
                     chunk = self._recv(max(_CHUNK, n - len(buf)), socket.MSG_DONTWAIT)
                 except BlockingIOError:
-                    if initial and not buf and self._draining:
+                    if initial and not buf and self._draining and not self._dispatching:
                         raise Idle() from None
                     self._wait()
                     continue

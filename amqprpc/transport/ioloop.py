@@ -19,6 +19,7 @@ close handshake.
 from __future__ import annotations
 
 import collections
+import math
 import os
 import select
 import ssl
@@ -33,12 +34,21 @@ from amqp.exceptions import FrameSyntaxError
 from amqp.serialization import dumps
 from kombu import Connection
 
-from amqprpc.transport import framehandler
+from amqprpc.transport import channels, framehandler
 from amqprpc import logs
 from amqprpc.transport.backoff import full_jitter
 from amqprpc.config import redact, ssl_options
 from amqprpc.errors import StartCancelled as StartCancelled  # re-exported: its home was here
 from amqprpc.transport.link import Link, describe
+
+
+class ChannelLost(ConnectionError):
+    """The broker closed a channel its owner cannot go on without (a consumer's): the
+    connection is started afresh, which declares and consumes again."""
+
+    def __init__(self, channel_id: int, error: BaseException):
+        super().__init__(f"the broker closed channel {channel_id}: {channels.reason(error)}")
+        self.error = error
 
 log = logs.get_logger("amqprpc.ioloop")
 
@@ -137,7 +147,10 @@ class AmqpLoop:
     and starts consuming (with :meth:`consume`), ``on_disconnected(exc)`` fails or forgets
     what the dead connection carried (it runs as soon as the link is found dead, before the
     socket is dropped; ``exc`` None when stopping), ``keep_consuming(tag)`` says whether a
-    consumer the broker cancelled is still wanted (default: until stopping).
+    consumer the broker cancelled is still wanted (default: until stopping),
+    ``on_channel_closed(channel, error)`` replaces a channel the broker closed
+    (:mod:`~amqprpc.transport.channels`) and returns True when the owner cannot go on
+    without it: the connection is then started afresh (default: False).
 
     Parameters: ``heartbeat`` and ``connect_timeout`` in seconds; ``reconnect_base`` and
     ``reconnect_cap`` bound the backoff between reconnect attempts, in seconds.
@@ -153,11 +166,16 @@ class AmqpLoop:
                  reconnect_base: float = 0.2, reconnect_cap: float = 10.0,
                  on_connected: Callable[[Connection], None] | None = None,
                  on_disconnected: Callable[[BaseException | None], None] | None = None,
-                 keep_consuming: Callable[[str], bool] | None = None):
+                 keep_consuming: Callable[[str], bool] | None = None,
+                 on_channel_closed: Callable[[amqp.Channel, BaseException], bool] | None = None):
         self.url = url
         self.on_connected: Callable[[Connection], None] = on_connected or (lambda connection: None)
         self.on_disconnected: Callable[[BaseException | None], None] = on_disconnected or (lambda exc: None)
         self.keep_consuming: Callable[[str], bool] = keep_consuming or (lambda tag: not self._stopping)
+        self.on_channel_closed: Callable[[amqp.Channel, BaseException], bool] = (
+            on_channel_closed or (lambda channel, error: False))
+        self.channels_closed = 0  # by the broker, on any connection of this loop
+        self._channel_losses, self._channel_lost_at = 0, -math.inf  # reconnects for a vital channel closed
         self.name = name
         self.heartbeat = heartbeat
         self.connect_timeout = connect_timeout
@@ -179,6 +197,10 @@ class AmqpLoop:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        # Guards the pipe's write end against being closed (when the thread ends) while
+        # another thread wakes the loop: a write to a closed descriptor's number could land
+        # in whatever file the process opened next under that number.
+        self._wake_lock = threading.Lock()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
@@ -228,10 +250,22 @@ class AmqpLoop:
     def _wake(self) -> None:
         """Wake the loop's ``poll()`` (any thread)."""
         self._signaled = True
-        try:
-            os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass
+        with self._wake_lock:
+            if self._wake_w < 0:
+                return  # the thread ended: nothing reads the pipe any more
+            try:
+                os.write(self._wake_w, b"x")
+            except BlockingIOError:
+                pass
+
+    def _close_pipe(self) -> None:
+        """The wake-up pipe's two descriptors, once the thread ends (a client per request
+        would otherwise run out of descriptors after a few hundred)."""
+        with self._wake_lock:
+            read_end, write_end, self._wake_r, self._wake_w = self._wake_r, self._wake_w, -1, -1
+        for fd in (read_end, write_end):
+            if fd >= 0:
+                os.close(fd)
 
     def cork(self) -> Any:
         """Holding ``write_lock``: collect the frames written from now on and send them in
@@ -273,7 +307,9 @@ class AmqpLoop:
         """Run what is queued, close the connection and end the thread."""
         self._stopping = True
         self.call_soon(lambda: None)
-        if self._thread is not None and self._thread is not threading.current_thread():
+        if self._thread is None:
+            self._close_pipe()  # never started: nothing else would close it
+        elif self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
     @property
@@ -306,6 +342,12 @@ class AmqpLoop:
         amqp_conn.frame_writer = locked_frame_writer
 
     def _run(self) -> None:
+        try:
+            self._serve_until_stopped()
+        finally:
+            self._close_pipe()
+
+    def _serve_until_stopped(self) -> None:
         attempt = 0
         give_up_at = time.monotonic() + self.startup_wait
         while not self._stopping:
@@ -343,6 +385,13 @@ class AmqpLoop:
                 # without a close handshake a dead broker would never answer.
                 self.on_disconnected(exc)
                 self._drop(graceful=False)
+                if isinstance(exc, ChannelLost):
+                    # The same fault may close the next connection's channel at once (a
+                    # reply the user may not publish): back off as for a failed connect.
+                    now = time.monotonic()
+                    self._channel_losses = self._channel_losses + 1 if now - self._channel_lost_at < 60 else 0
+                    self._channel_lost_at = now
+                    self._idle(full_jitter(self._channel_losses, self.reconnect_base, self.reconnect_cap))
                 continue
         self._run_ops()
         self.connected.clear()
@@ -356,6 +405,7 @@ class AmqpLoop:
     def _open(self) -> None:
         self.connection = self._connect()
         amqp_conn = self.connection.connection
+        channels.install(amqp_conn, self._channel_closed)
         framehandler.install(amqp_conn)
         self._lock_frames(amqp_conn)
         # From here on no read or write on this connection waits without a bound, the
@@ -398,6 +448,21 @@ class AmqpLoop:
                 # Dispatch every frame already here without waiting.
                 reader.drain(drain)
             link.check(now)
+
+    def _channel_closed(self, channel: amqp.Channel, error: BaseException) -> None:
+        """Inside the Close frame's dispatch: say so, and let the owner act from the loop
+        (replacing a channel waits for the broker's answers)."""
+        self.channels_closed += 1
+        log.warning("broker closed a channel", channel=getattr(channel, "closed_id", None),
+                    reply_code=getattr(error, "reply_code", None),
+                    reply_text=getattr(error, "reply_text", str(error)), method=getattr(error, "method_name", None))
+        self.call_soon(self._after_channel_closed, self.generation, channel, error)
+
+    def _after_channel_closed(self, generation: int, channel: amqp.Channel, error: BaseException) -> None:
+        if generation != self.generation or self.connection is None or self._stopping:
+            return  # the connection it belonged to is gone already
+        if self.on_channel_closed(channel, error):
+            raise ChannelLost(getattr(channel, "closed_id", 0), error)
 
     def _run_ops(self) -> None:
         try:

@@ -56,7 +56,9 @@ class Link:
         self.sock: socket.socket = transport.sock
         self._lock = write_lock
         if type(transport) is TCPTransport:
-            self.reader: FrameReader | TimeoutReads = FrameReader(transport, self.wait_readable, connection.frame_max)
+            reader = FrameReader(transport, self.wait_readable, connection.frame_max)
+            reader.watch_dispatch(connection)
+            self.reader: FrameReader | TimeoutReads = reader
             self.writer: FrameWriter | None = FrameWriter(transport, wake)
         else:  # TLS: py-amqp's own reads and writes (see framereader), bounded by the socket's timeout
             self.reader, self.writer = TimeoutReads(), None

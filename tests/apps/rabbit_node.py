@@ -75,7 +75,11 @@ class RabbitNode:
     """One node. ``root``: the chroot of its install (None: the system's); ``home``: a
     folder (as the host sees it) to share the Erlang cookie with other nodes (a cluster)."""
 
-    def __init__(self, root: str | None = "from-env", home: str | None = None, label: str = "test") -> None:
+    def __init__(self, root: str | None = "from-env", home: str | None = None, label: str = "test",
+                 config: str = "", advanced: str = "") -> None:
+        """``config``: lines added to its rabbitmq.conf (``consumer_timeout = 2000``);
+        ``advanced``: the terms of its advanced.config's ``rabbit`` section, for settings
+        rabbitmq.conf has no key for (``{channel_tick_interval, 500}``)."""
         self.root = install_root() if root == "from-env" else root
         scratch = os.path.join(self.root, "tmp") if self.root else None
         self.base = tempfile.mkdtemp(prefix="amqprpc-rabbit-", dir=scratch)
@@ -83,13 +87,15 @@ class RabbitNode:
         self.port = free_port()
         self.name = f"amqprpc-{label}-{os.getpid()}-{self.port}@localhost"
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}//"
-        config = f"listeners.tcp.local = 127.0.0.1:{self.port}\n"  # replaces the system's 5672
+        settings = f"listeners.tcp.local = 127.0.0.1:{self.port}\n"  # replaces the system's 5672
         if self.root:
             # No /proc inside the chroot (nothing is mounted into the cached folder): take the
             # memory figures from the Erlang allocators instead.
-            config += "vm_memory_calculation_strategy = allocated\ntotal_memory_available_override_value = 4GB\n"
+            settings += "vm_memory_calculation_strategy = allocated\ntotal_memory_available_override_value = 4GB\n"
         with open(os.path.join(self.base, "rabbitmq.conf"), "w") as conf:
-            conf.write(config)
+            conf.write(settings + config)
+        with open(os.path.join(self.base, "advanced.config"), "w") as conf:
+            conf.write(f"[{{rabbit, [{advanced}]}}].\n")
         with open(os.path.join(self.base, "enabled_plugins"), "w") as plugins:
             plugins.write("[].\n")
         inside = self._inside
@@ -99,6 +105,7 @@ class RabbitNode:
             "RABBITMQ_NODE_PORT": str(self.port),
             "RABBITMQ_DIST_PORT": str(free_port()),
             "RABBITMQ_CONFIG_FILE": inside(os.path.join(self.base, "rabbitmq.conf")),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": inside(os.path.join(self.base, "advanced.config")),
             "RABBITMQ_CONF_ENV_FILE": inside(os.path.join(self.base, "rabbitmq-env.conf")),
             "RABBITMQ_MNESIA_BASE": inside(os.path.join(self.base, "mnesia")),
             "RABBITMQ_LOG_BASE": inside(os.path.join(self.base, "log")),

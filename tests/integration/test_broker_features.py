@@ -4,7 +4,11 @@ failing at once and their channel replaced, quorum queues' delivery limit and at
 dead-lettering, and no declare that 4.3 refuses (transient non-exclusive queues)."""
 from __future__ import annotations
 
+import collections
+import threading
 import time
+from concurrent.futures import Future
+from typing import Callable
 
 import pytest
 from kombu import Connection, Queue
@@ -173,3 +177,45 @@ def _refused_call(client: RpcClient, service: str) -> bool:
     except PublishRefused:
         return True
     return False
+
+
+@pytest.mark.integration
+def test_calls_waiting_on_a_replaced_call_channel_fail_at_once(service_name, refusing_queue, broker_url, monkeypatch):
+    """Every publish is refused, and a refused channel older than 0.2 s is replaced, while
+    8 threads keep calling for 1.5 s: calls published on a channel just before it is
+    replaced are never confirmed (the broker's nacks arriving while it closes are ignored).
+    Each of them fails at once with PublishRefused; before, some waited out their whole
+    timeout (they were forgotten with the channel's confirm numbers)."""
+    monkeypatch.setattr("amqprpc.transport.ioloop.REFUSED_CHANNEL_MIN_AGE_S", 0.2)
+    threads, sending_for, timeout = 8, 1.5, 10.0
+    latencies: list[float] = []
+    failures: list[BaseException | None] = []
+    sent = collections.Counter()
+
+    def settled(began: float) -> Callable[[Future], None]:
+        def done(future: Future) -> None:
+            latencies.append(time.monotonic() - began)
+            failures.append(future.exception())
+        return done
+
+    with RpcClient("replaced", broker_url=broker_url) as client:
+        def send() -> None:
+            until = time.monotonic() + sending_for
+            for _ in range(500):
+                if time.monotonic() > until:
+                    break
+                sent[threading.get_ident()] += 1
+                client.call_async(service_name, "x", timeout=timeout).add_done_callback(settled(time.monotonic()))
+                time.sleep(0.003)  # pace: a steady stream, not a backlog that delays every answer
+
+        senders = [threading.Thread(target=send) for _ in range(threads)]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join()
+        wait_for(lambda: len(latencies) == sum(sent.values()), timeout=timeout + 5)
+        replaced = client.channels_replaced["call"]
+    kinds = collections.Counter(type(failure).__name__ for failure in failures)
+    assert set(kinds) == {"PublishRefused"}, kinds
+    assert max(latencies) < 2, f"slowest of {len(latencies)} refused calls failed after {max(latencies):.1f}s"
+    assert replaced >= 3

@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -41,9 +42,11 @@ def test_worker_help_says_what_each_option_does_without_guessing():
     assert "--broker-wait SECONDS" in output and "AMQPRPC_BROKER_WAIT" in output
 
 
+ROOT = Path(__file__).resolve().parents[2]
+
 def run(*args, timeout=20, env=None):
     return subprocess.run(AMQPRPC + list(args), capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, **(env or {})}, cwd=ROOT)  # the checkout: where the shop is
 
 
 @pytest.mark.integration

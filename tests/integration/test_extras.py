@@ -33,7 +33,7 @@ with running_worker(service), RpcClient("no-extras", breaker=CircuitBreaker(shar
 def test_a_caller_and_an_in_process_worker_need_neither_extra(broker_url):
     name = unique_name("no-extras")
     try:
-        result = subprocess.run([sys.executable, "-c", CALLER, name], capture_output=True, text=True, timeout=60)
+        result = subprocess.run([sys.executable, "-c", CALLER, name], capture_output=True, text=True, timeout=60, cwd=ROOT)
     finally:
         delete_queues(f"service.{name}.request")
     assert result.returncode == 0, result.stderr
@@ -55,7 +55,7 @@ def test_metrics_port_without_prometheus_client_is_one_line_exit_2():
     command = WITHOUT_EXTRAS + "from amqprpc.cli import main; main()"
     result = subprocess.run([sys.executable, "-c", command, "worker", "user-service", "--metrics-port", "9",
                              "--broker", "amqp://guest:guest@127.0.0.1:1//", "--registry-interval", "0"],
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert result.returncode == 2, result.stderr
     (error,) = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert error.startswith("Error: --metrics-port needs prometheus_client (")

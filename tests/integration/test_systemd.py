@@ -173,3 +173,57 @@ def test_the_units_worker_waits_for_a_late_broker_and_tells_systemd(own_broker, 
             worker.wait(10)
         notify.close()
         delete_queues("service.user-service.request", broker_url=own_broker.url)
+
+
+@pytest.mark.integration
+def test_the_units_worker_with_processes_is_ready_once_every_child_serves(broker_url, tmp_path):
+    """AMQPRPC_PROCESSES=2 in the unit's environment: the parent (the unit's main process,
+    NotifyAccess=main) sends READY=1 once both children serve, with MAINPID its own pid;
+    the children never talk to systemd; KillSignal stops it warmly with exit 0."""
+    from amqprpc.testing import unique_name
+
+    name = unique_name("systemd-prefork")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(1.0)
+    states: list[str] = []
+    senders: set = set()
+    notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    service = unit(TEMPLATE)["Service"]
+    log = tmp_path / "worker.log"
+    env = as_systemd_would(tmp_path, broker_url, AMQPRPC_PROCESSES="2", AMQPRPC_APP="tasks_app:service",
+                           AMQPRPC_TEST_SERVICE=name,
+                           PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "apps"), os.environ.get("PYTHONPATH", "")]))
+
+    def read_until(done, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert time.monotonic() < deadline, f"not done within {timeout}s; received {states}: {log.read_text()}"
+            try:
+                data, ancillary, _, _ = notify.recvmsg(4096, socket.CMSG_SPACE(12))
+            except socket.timeout:
+                continue
+            states.extend(data.decode().splitlines())
+            for level, kind, cred in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    senders.add(int.from_bytes(cred[:4], "little"))
+
+    with open(log, "w") as output:
+        worker = subprocess.Popen(exec_start(name), cwd=tmp_path, stdout=output, stderr=output, env=env)
+    try:
+        read_until(lambda: "READY=1" in states, timeout=30)
+        assert f"MAINPID={worker.pid}" in states
+        ready = [line for line in log.read_text().splitlines() if '"child ready"' in line]
+        assert len(ready) == 2, log.read_text()  # both served before READY
+        with RpcClient("systemd-prefork-test", broker_url=broker_url) as client:
+            assert client.call(name, "ping", timeout=10)["pid"] != worker.pid  # a child answers
+        worker.send_signal(getattr(signal, service["KillSignal"]))
+        assert worker.wait(float(service["TimeoutStopSec"])) == 0, log.read_text()
+        read_until(lambda: "STOPPING=1" in states, timeout=5)
+        assert senders == {worker.pid}, (senders, worker.pid)  # the parent alone spoke to systemd
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(10)
+        notify.close()
+        delete_queues(f"service.{name}.request", broker_url=broker_url)

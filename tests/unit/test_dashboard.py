@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 import threading
 import time
 from typing import Any
@@ -137,7 +138,9 @@ def test_basic_auth():
 def test_without_credentials_only_a_loopback_host_header_is_served():
     """A site on the internet that rebinds its name to 127.0.0.1 sends its own Host."""
     assert client_for(Auth(), base_url="http://evil.example:8765").get("/api/snapshot").status_code == 403
-    for base in ("http://127.0.0.1:8765", "http://localhost:8765", "http://[::1]:8765"):
+    # (the starlette that installs on Python 3.9 cannot parse an IPv6 base URL in its test client)
+    ipv6 = ("http://[::1]:8765",) if sys.version_info >= (3, 10) else ()
+    for base in ("http://127.0.0.1:8765", "http://localhost:8765", *ipv6):
         assert client_for(Auth(), base_url=base).get("/api/snapshot").status_code == 200
 
 

@@ -26,6 +26,9 @@ def exported() -> dict[str, set[str]]:
             labels = set(collector._labelnames) | ({"le"} if kind is Histogram else set())
             for suffix in SUFFIXES[kind]:
                 names[collector._name + suffix] = labels
+    # Read from worker stats at scrape time (metrics._StatsCollector): counters with a service label.
+    for name, _ in (*metrics.STATS_COUNTERS.values(), *metrics.PARENT_COUNTERS.values()):
+        names[name + "_total"] = {"service"}
     return names
 
 

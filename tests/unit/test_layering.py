@@ -22,26 +22,27 @@ LAYERS = [
     {"errors", "config", "logs", "version", "outcome", "context", "contracts", "wire", "wire.ids",
      "transport.backoff", "transport.framereader", "transport.framewriter", "ops.sdnotify", "ops.pidfile"},
     # wire and definitions: envelope, topology, frames; a service's handlers; hooks
-    {"wire.envelope", "wire.topology", "transport.framehandler", "transport.link", "transport.deadlines", "retry",
+    {"wire.envelope", "wire.topology", "transport.framehandler", "transport.channels", "transport.link", "transport.deadlines", "retry",
      "rate", "schedule", "service", "caller", "middleware", "middleware.view", "workflow", "workflow.canvas", "workflow.state",
      "workflow.runner", "workflow.handle"},
     # the connection loop and what it carries out
     {"transport", "transport.ioloop", "transport.redelivery", "transport.inbox", "transport.consumer"},
     # client and worker, and the middleware they run
-    {"client", "client.rpc", "client.connection", "client.aio", "client.breaker", "client.breaker_state", "client.responses", "server",
+    {"client", "client.rpc", "client.connection", "client.aio", "client.breaker", "client.breaker_state", "client.responses", "client.confirms",
+     "server",
      "server.worker", "server.dispatcher", "middleware.workflow", "client.countdown", "client.waiter", "middleware.eta",
      "middleware.ticks", "middleware.ratelimit", "middleware.tasks",
      "server.events", "middleware.ping", "middleware.shared_client", "middleware.otel", "middleware.observability",
-     "middleware.redisstate", "middleware.revoke", "middleware.idempotency"},
+     "middleware.redisstate", "middleware.revoke", "middleware.idempotency", "middleware.timelimit"},
     # operations
     {"ops", "ops.daemon", "ops.collector", "ops.dlq", "ops.registry", "middleware.metrics",
      "middleware.clientmetrics", "ops.loading", "ops.demo", "testing", "asyncapi", "ops.actionstats",
-     "ops.beat", "ops.migrate"},
+     "ops.prefork", "ops.child", "ops.taskcontrol", "ops.beat", "ops.migrate"},
     # the dashboard (amqprpc dashboard): reads the operations' data, serves it over HTTP
     {"dashboard", "dashboard.auth", "dashboard.queues", "dashboard.collect", "dashboard.deadletters",
      "dashboard.app", "dashboard.server"},
     # the command line, and the package's public face
-    {"cli", "cli.workflow", "cli.dashboard", "cli.revoke", "cli.beat", "__main__", "__init__"},
+    {"cli", "cli.workflow", "cli.dashboard", "cli.revoke", "cli.taskcontrol", "cli.beat", "__main__", "__init__"},
 ]
 
 

@@ -71,6 +71,38 @@ def test_frames_arrive_whole_through_waits_and_the_end_of_the_stream_is_link_clo
         reader.read(1 << 30)
 
 
+def test_a_frames_dispatch_that_waits_for_the_broker_is_never_cut_short_by_idle():
+    """drain() stops with Idle at a frame boundary with nothing read; a dispatch that waits
+    for the broker (py-amqp reopening a channel the broker closed, waiting for Open-Ok)
+    must wait instead: an Idle raised there unwound through the dispatch and took the
+    broker's error (406 consumer timeout) with it, silently."""
+    ours, theirs = socket.socketpair()
+
+    class Connection:
+        def __init__(self, reader):
+            self.reader = reader
+
+        def on_inbound_frame(self, frame):  # a Channel.Close: answered, then waits for Open-Ok
+            assert self.reader.read(7, initial=True) == b"open-ok"
+            raise ConnectionForced("PRECONDITION_FAILED - delivery acknowledgement timed out", (0, 0),
+                                   reply_code=406)
+
+    waits = []
+
+    def wait():  # as Link.wait_readable: until readable
+        waits.append(1)
+        theirs.sendall(b"open-ok")
+
+    reader = FrameReader(Transport(ours), wait=wait, max_frame=131072)
+    connection = Connection(reader)
+    reader.watch_dispatch(connection)
+    theirs.sendall(b"close!!")
+    with pytest.raises(ConnectionForced, match="timed out"):
+        reader.drain(lambda: connection.on_inbound_frame(reader.read(7, initial=True)))
+    assert waits == [1]
+    reader.drain(lambda: connection.on_inbound_frame(reader.read(7, initial=True)))  # nothing there: Idle, quietly
+
+
 def test_writes_never_block_and_keep_their_order():
     ours, theirs = socket.socketpair()
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
@@ -192,6 +224,7 @@ def test_a_wait_for_the_broker_ends_when_the_link_stays_silent_and_keeps_heartbe
     transport.sock, transport._read_buffer = ours, b""
     heartbeats = []
     connection = SimpleNamespace(heartbeat=0.5, bytes_sent=0, frame_max=131072, transport=transport,
+                                 on_inbound_frame=lambda frame: None,
                                  send_heartbeat=lambda: heartbeats.append(time.monotonic()))
     link = Link(connection, threading.RLock(), wake=lambda: None)
     started = time.monotonic()
