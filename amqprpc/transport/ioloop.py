@@ -68,13 +68,12 @@ def publish(channel: amqp.Channel, message: amqp.Message, exchange: str, routing
     py-amqp drains the socket inside every publish when ``connection.blocked`` is
     negotiated; called from a delivery callback that drain runs the next delivery's
     callback recursively, and so on without bound while deliveries keep coming. Our loop
-    drains the socket itself, so the publish only needs to write the frames.
+    drains the socket itself, so the publish only needs to write the frames. (What
+    ``channel.send_method`` does, minus its promise and re-encoding the same arguments.)
     """
     connection = channel.connection
     if connection is None:
         raise amqp.exceptions.RecoverableConnectionError("connection already closed")
-    # What ``channel.send_method`` does, minus its promise object and the encoding of the
-    # same few (exchange, routing key) arguments on every publish.
     key = (exchange, routing_key, mandatory)
     args = _publish_args.get(key)
     if args is None:
@@ -88,8 +87,7 @@ def publish(channel: amqp.Channel, message: amqp.Message, exchange: str, routing
         raise amqp.exceptions.RecoverableConnectionError("connection already closed") from None
 
 
-_BASIC_PUBLISH = spec.Basic.Publish
-_PUBLISH_ARGS_KEPT = 4096
+_BASIC_PUBLISH, _PUBLISH_ARGS_KEPT = spec.Basic.Publish, 4096
 _publish_args: dict[tuple[str, str, bool], bytes] = {}  # encoded Basic.Publish arguments; dict ops are atomic
 
 
