@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test typecheck lint test-pythons test-rabbitmq4 bench services clean web docs
+.PHONY: demo test typecheck lint test-pythons test-rabbitmq4 bench bench-peers services clean web docs
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,11 @@ docs: $(DOCS_STAMP)
 
 bench: $(STAMP) services
 	$(VENV)/bin/python -m bench $(BENCH_ARGS)
+
+# Other frameworks beside amqprpc (aio-pika JsonRPC, Celery rpc://): installs the `bench` extra first.
+bench-peers: $(STAMP) services
+	$(VENV)/bin/pip install -q -e '.[bench]'
+	$(VENV)/bin/python -m bench.peers $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-3.* build *.egg-info .pytest_cache site

@@ -6,10 +6,11 @@ figures are then pooled over its rounds.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Awaitable, Callable
 
 
 @dataclass
@@ -51,6 +52,27 @@ class Sample:
             out.update(p50_ms=round(percentile(lat, 50) * 1e3, 3), p99_ms=round(percentile(lat, 99) * 1e3, 3),
                        mean_ms=round(sum(lat) / len(lat) * 1e3, 3))
         return out
+
+
+async def from_tasks(count: int, in_flight: int, call: Callable[[], Awaitable[Any]]) -> Sample:
+    """``count`` awaited ``call()``s from ``in_flight`` tasks on this event loop, each awaiting
+    one after another; every latency recorded, failures counted."""
+    latencies: list[float] = []
+    errors: list[BaseException] = []
+    todo = iter(range(count))  # shared by the tasks: one event loop, no lock needed
+
+    async def task() -> None:
+        for _ in todo:
+            t0 = time.perf_counter()
+            try:
+                await call()
+            except Exception as exc:  # noqa: BLE001 - counted in the figures
+                errors.append(exc)
+            latencies.append(time.perf_counter() - t0)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(task() for _ in range(min(in_flight, count))))
+    return Sample(count, time.perf_counter() - started, latencies, len(errors))
 
 
 def percentile(sorted_values: list, pct: float) -> float:

@@ -8,7 +8,7 @@ import time
 
 from amqprpc import AsyncRpcClient, RpcClient
 
-from .measure import Sample
+from .measure import Sample, from_tasks
 
 perf = time.perf_counter
 
@@ -70,22 +70,8 @@ class RpcSide:
         return self._aio_loop.run_until_complete(self._aio_calls(count, in_flight))
 
     async def _aio_calls(self, count: int, in_flight: int) -> Sample:
-        latencies, errors = [], []
         call, service, payload = self._aio.call, self.service, self.payload
-        todo = iter(range(count))  # shared by the tasks: one event loop, no lock needed
-
-        async def task() -> None:
-            for _ in todo:
-                t0 = perf()
-                try:
-                    await call(service, "echo", payload)
-                except Exception as exc:  # noqa: BLE001 - counted in the figures
-                    errors.append(exc)
-                latencies.append(perf() - t0)
-
-        started = perf()
-        await asyncio.gather(*(task() for _ in range(min(in_flight, count))))
-        return Sample(count, perf() - started, latencies, len(errors))
+        return await from_tasks(count, in_flight, lambda: call(service, "echo", payload))
 
     def threads(self, count: int, threads: int) -> Sample:
         """``count`` sequential calls split over ``threads`` threads sharing the client."""

@@ -27,6 +27,7 @@ from amqprpc.middleware import Outgoing
 from amqprpc.retry import Retry, call_with_retry
 from amqprpc.wire.ids import snake_case
 from amqprpc.client.connection import ClientConnection, _failure_of, _settle
+from amqprpc.client.waiter import CallWaiter
 
 log = logs.get_logger("amqprpc.client")
 
@@ -92,7 +93,7 @@ class RpcClient(ClientConnection):
 
     def _call(self, service: str, action: str, payload: Any, timeout: float, idempotency_key: str | None = None,
               priority: int | None = None) -> Any:
-        future = self._call_async(service, action, payload, timeout, idempotency_key, priority)
+        future = self._call_async(service, action, payload, timeout, idempotency_key, priority, blocking=True)
         try:
             return future.result(timeout + _GRACE)
         except FutureTimeout:
@@ -145,7 +146,9 @@ class RpcClient(ClientConnection):
 
     def _call_async(self, service: str, action: str, payload: Any,
                     timeout: float | None, idempotency_key: str | None = None,
-                    priority: int | None = None) -> Future[Any]:
+                    priority: int | None = None, blocking: bool = False) -> Future[Any]:
+        """``blocking``: for :meth:`_call`, whose Future only its own thread waits on (a
+        :class:`~amqprpc.client.waiter.CallWaiter`, lighter than a Future)."""
         check_priority(priority)
         timeout, headers = self._deadline(timeout, idempotency_key=idempotency_key)
         message_id = envelope.new_id()
@@ -167,7 +170,7 @@ class RpcClient(ClientConnection):
                                expiration=str(max(1, int(timeout * 1000))))
         if priority is not None:
             message.properties["priority"] = priority
-        future: Future[Any] = Future()
+        future: Future[Any] = CallWaiter() if blocking else Future()
         future.message_id = message_id  # type: ignore[attr-defined]  # see call_async
         if outgoing is not None:
             if outgoing.headers:

@@ -31,6 +31,7 @@ from typing import Any, Callable
 import amqp
 from amqp import spec
 from amqp.exceptions import FrameSyntaxError
+from amqp.serialization import dumps
 from kombu import Connection
 
 from amqprpc.transport import channels, framehandler
@@ -67,9 +68,27 @@ def publish(channel: amqp.Channel, message: amqp.Message, exchange: str, routing
     py-amqp drains the socket inside every publish when ``connection.blocked`` is
     negotiated; called from a delivery callback that drain runs the next delivery's
     callback recursively, and so on without bound while deliveries keep coming. Our loop
-    drains the socket itself, so the publish only needs to write the frames.
+    drains the socket itself, so the publish only needs to write the frames. (What
+    ``channel.send_method`` does, minus its promise and re-encoding the same arguments.)
     """
-    channel.send_method(spec.Basic.Publish, "Bssbb", (0, exchange, routing_key, mandatory, False), message)
+    connection = channel.connection
+    if connection is None:
+        raise amqp.exceptions.RecoverableConnectionError("connection already closed")
+    key = (exchange, routing_key, mandatory)
+    args = _publish_args.get(key)
+    if args is None:
+        args = dumps("Bssbb", (0, exchange, routing_key, mandatory, False))  # UNENCODABLE raised here
+        if len(_publish_args) >= _PUBLISH_ARGS_KEPT:
+            _publish_args.clear()  # many reply queues over time: start again rather than grow
+        _publish_args[key] = args
+    try:
+        connection.frame_writer(1, channel.channel_id, _BASIC_PUBLISH, args, message)
+    except StopIteration:
+        raise amqp.exceptions.RecoverableConnectionError("connection already closed") from None
+
+
+_BASIC_PUBLISH, _PUBLISH_ARGS_KEPT = spec.Basic.Publish, 4096
+_publish_args: dict[tuple[str, str, bool], bytes] = {}  # encoded Basic.Publish arguments; dict ops are atomic
 
 
 def _broker_not_there_yet(exc: BaseException) -> bool:
@@ -396,8 +415,8 @@ class AmqpLoop:
     def _serve(self) -> None:
         link, connection = self.link, self.connection
         assert link is not None and connection is not None  # _connect set both before serving
-        drain = connection.connection.drain_events
         reader = link.reader
+        drain = reader.events_of(connection.connection)
         sock_fd = link.sock.fileno()
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)

@@ -30,7 +30,7 @@ LAYERS = [
     # client and worker, and the middleware they run
     {"client", "client.rpc", "client.connection", "client.aio", "client.breaker", "client.breaker_state", "client.responses", "client.confirms",
      "server",
-     "server.worker", "server.dispatcher", "middleware.workflow", "client.countdown", "middleware.eta",
+     "server.worker", "server.dispatcher", "middleware.workflow", "client.countdown", "client.waiter", "middleware.eta",
      "middleware.ticks", "middleware.ratelimit", "middleware.tasks",
      "server.events", "middleware.ping", "middleware.shared_client", "middleware.otel", "middleware.observability",
      "middleware.redisstate", "middleware.revoke", "middleware.idempotency", "middleware.timelimit"},
