@@ -39,9 +39,10 @@ def _use(client: RpcClient, nobody: str) -> None:
 
 def test_closing_500_clients_leaves_no_descriptor_and_no_thread(broker_url):
     nobody = unique_name("nobody")
+    others = _amqprpc_threads()  # of earlier tests' workers and clients still ending in this session
     with RpcClient("warm-up", broker_url=broker_url) as client:  # imports, lazily built state
         _use(client, nobody)
-    wait_for(lambda: _amqprpc_threads() == 0, timeout=10)
+    wait_for(lambda: _amqprpc_threads() <= others, timeout=30)
     descriptors, threads = _descriptors(), threading.active_count()
     began = time.monotonic()
     for index in range(CLIENTS):
@@ -50,9 +51,9 @@ def test_closing_500_clients_leaves_no_descriptor_and_no_thread(broker_url):
                 _use(client, nobody)
     took = time.monotonic() - began
     # Threads end just after close() returns (the timer and the callback runner are not joined).
-    wait_for(lambda: _amqprpc_threads() == 0, timeout=10)
+    wait_for(lambda: _amqprpc_threads() <= others, timeout=30)
     # A leak is 2 per client (1000 here); a long test session may close or open one or two of
     # its own meanwhile (a collected socket of an earlier test).
     assert _descriptors() - descriptors <= 2, f"{CLIENTS} clients left {_descriptors() - descriptors} descriptors"
-    assert threading.active_count() - threads == 0
+    assert threading.active_count() - threads <= 0
     print(f"{CLIENTS} clients opened and closed in {took:.1f}s")
