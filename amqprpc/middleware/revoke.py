@@ -109,6 +109,9 @@ class RevocationStore(RedisState):
         self.redis.delete(self.flag_key(service), *keys)
 
 
+_NEVER_READ = (False, -1e9)  # a service's flag before its first read
+
+
 class RevokeChecks(Middleware):
     """Worker middleware: a revoked message that has not started is acked unrun (a call is
     answered with a :class:`~amqprpc.errors.Revoked` error), counted as ``revoked``; a
@@ -134,17 +137,25 @@ class RevokeChecks(Middleware):
         message_id = delivery.message_id
         if not message_id:
             return call_next(delivery)
-        if self.revoked(delivery.service, message_id):
+        service = delivery.service
+        # The common case in one dict read and one clock read: nothing revoked for the service,
+        # known within flag_cache seconds (the poller keeps the flag fresh while handlers run).
+        exists, read_at = self._flags.get(service, _NEVER_READ)
+        now = time.monotonic()
+        if (exists or now - read_at > self.flag_cache) and self.revoked(service, message_id):
             log.info("revoked message acked unrun", message_id=message_id, action=delivery.action,
                      kind=delivery.kind)
             return revoked_decision(delivery)
         cancel = context.Cancellation()
         token = context.scope.set(context.RunScope(cancel, context.scope.get().idempotency_key))
-        self._started(delivery.service, message_id, cancel)
+        running = self._running
+        running[cancel] = (service, message_id, now)  # one dict store (atomic under the GIL)
+        if self._poller is None:
+            self._start_poller()
         try:
             decision = call_next(delivery)
         finally:
-            self._running.pop(cancel, None)
+            running.pop(cancel, None)
             context.scope.reset(token)
         if cancel.cancelled and decision.outcome.error_type == "Revoked":
             # The handler saw `cancelled` and raised Revoked: counted as revoked, a cast is not dead-lettered.
@@ -171,15 +182,13 @@ class RevokeChecks(Middleware):
         return result
 
     # --- running handlers and the poller -----------------------------------------------
-    def _started(self, service: str, message_id: str, cancel: context.Cancellation) -> None:
-        # One dict store per delivery (atomic under the GIL); no lock and no wake-up of the
-        # poller (which ticks on its own): waking it per delivery cost a context switch each.
-        self._running[cancel] = (service, message_id, time.monotonic())
-        if self._poller is None:
-            with self._lock:
-                if self._poller is None and not self._stopping:
-                    self._poller = threading.Thread(target=self._poll, name="amqprpc-revoke-poller", daemon=True)
-                    self._poller.start()
+    def _start_poller(self) -> None:
+        # Once, on the first delivery; it ticks on its own, so no delivery wakes it (waking it
+        # per delivery cost a context switch each when it slept between one-at-a-time calls).
+        with self._lock:
+            if self._poller is None and not self._stopping:
+                self._poller = threading.Thread(target=self._poll, name="amqprpc-revoke-poller", daemon=True)
+                self._poller.start()
 
     def _poll(self) -> None:
         """Every poll_interval: one round trip per service for the ids of the handlers that
