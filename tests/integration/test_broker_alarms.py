@@ -30,6 +30,10 @@ def alarms(node) -> str:
 def test_a_resource_alarm_holds_every_timeout_loses_nothing_confirmed_and_clears(own_broker, done_counts, tmp_path,
                                                                                  alarm):
     own_broker.ensure_running()
+    if alarm == "disk" and "NaN" in own_broker.ctl("eval", "rabbit_disk_monitor:get_disk_free()."):
+        # The cached 4.x install runs its nodes under chroot, where the disk monitor cannot
+        # measure free space: no disk alarm can go off there (3.10's node measures it).
+        pytest.skip("this RabbitMQ node cannot measure its free disk (rabbit_disk_monitor reports NaN)")
     raise_alarm, clear_alarm = ALARMS[alarm]
     redis_client, done = done_counts
     svc = unique_name("alarm")

@@ -46,7 +46,7 @@ def test_closing_500_clients_leaves_no_descriptor_and_no_thread(broker_url):
     descriptors, threads = _descriptors(), threading.active_count()
     began = time.monotonic()
     for index in range(CLIENTS):
-        with RpcClient("close-test", broker_url=broker_url) as client:
+        with RpcClient("close-test", broker_url=broker_url, connect_timeout=30) as client:
             if index % 10 == 0:
                 _use(client, nobody)
     took = time.monotonic() - began
