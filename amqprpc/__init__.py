@@ -1,7 +1,8 @@
 """amqprpc: calls and events between microservices over RabbitMQ, built on kombu."""
 from amqprpc.caller import AsyncCaller, Caller
 from amqprpc.client.breaker import CircuitBreaker
-from amqprpc.client.rpc import RpcClient, ServiceProxy
+from amqprpc.client.proxy import ServiceProxy
+from amqprpc.client.rpc import RpcClient
 from amqprpc.client.aio import AsyncRpcClient
 from amqprpc.context import CallContext, current_call
 from amqprpc.errors import (

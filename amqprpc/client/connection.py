@@ -14,6 +14,7 @@ import amqp
 from amqprpc import logs
 from amqprpc.wire import envelope
 from amqprpc.client.breaker import CircuitBreaker
+from amqprpc.client.publishing import PublishChain
 from amqprpc.client.countdown import CountdownQueues
 from amqprpc.config import broker_url as default_broker_url
 from amqprpc.config import redact
@@ -51,7 +52,8 @@ class ClientConnection:
         self._write_lock = self._loop.write_lock
         self.source = source
         self.timeout = timeout
-        self.breaker = breaker
+        self._breaker = breaker
+        self._chain: PublishChain | None = None  # composed by the first call (RpcClient._publishing)
         self.topology = topology
         self.redis_url = redis_url
         self._revocations: Any = None  # RevocationStore, made by the first revoke()
@@ -77,6 +79,34 @@ class ClientConnection:
             self._loop.start()
         except Exception as exc:  # noqa: BLE001 - any connect failure is "unavailable" to a caller
             raise ServiceUnavailable(f"cannot connect to broker {redact(self.url)}: {redact(str(exc))}") from None
+
+    @property
+    def breaker(self) -> CircuitBreaker | None:
+        """The client's circuit breaker (None: none); setting it re-composes the publish chain."""
+        return self._breaker
+
+    @breaker.setter
+    def breaker(self, breaker: CircuitBreaker | None) -> None:
+        self._breaker, self._chain = breaker, None
+
+    def _refused(self, service: str, action: str, exc: CircuitOpen) -> None:
+        """A call the circuit breaker refused: nothing was built or published (no
+        ``before_publish``), but it settles for ``after_settle`` as ``circuit_open``."""
+        outgoing = Outgoing("call", service, action, self.topology.service_exchange,
+                            self.topology.request_key(service), "", None, {})
+        self._settled(outgoing, exc)
+
+    def _run_callback(self, callback: Callable[[Future[Any]], Any]) -> Callable[[Future[Any]], None]:
+        """``callback`` as a done-callback that runs on the client's callback thread (never
+        on the loop or timer thread that resolves the Future)."""
+        if self._callbacks is None:
+            self._callbacks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="amqprpc-callback")
+        executor = self._callbacks
+
+        def run(future: Future[Any]) -> None:
+            executor.submit(callback, future)
+
+        return run
 
     def _settled(self, outgoing: Outgoing, exc: BaseException | None) -> None:
         hooks = self.hooks

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before Python 3.11
 from datetime import datetime
 from typing import Any, Callable, Mapping
@@ -20,13 +20,14 @@ import amqp
 
 from amqprpc import context, logs
 from amqprpc.wire import envelope
-from amqprpc.caller import Caller
 from amqprpc.client.countdown import ETA_HEADER, check_priority, delay_of
-from amqprpc.errors import CallTimeout, CircuitOpen, ConnectionLost
-from amqprpc.middleware import Outgoing
-from amqprpc.retry import Retry, call_with_retry
-from amqprpc.wire.ids import snake_case
+from amqprpc.errors import CallTimeout, ConnectionLost
+from amqprpc.middleware import Outgoing, PublishCommand
+from amqprpc.client.publishing import BreakerScope, PublishChain
+from amqprpc.retry import Retry
 from amqprpc.client.connection import ClientConnection, _failure_of, _settle
+from amqprpc.client.proxy import ServiceProxy as ServiceProxy  # re-exported: its home was here
+from amqprpc.client.proxy import outgoing_payload, parsed_data
 from amqprpc.client.waiter import CallWaiter
 
 log = logs.get_logger("amqprpc.client")
@@ -79,17 +80,13 @@ class RpcClient(ClientConnection):
         higher ones first; see docs/guides/tasks-in-time.md).
         """
         timeout = self.timeout if timeout is None else timeout
-        key = idempotency_key
-        if retry is not None:
-            data = call_with_retry(lambda left: self.call(service, action, payload, timeout=left, idempotency_key=key,
-                                                          priority=priority), retry, timeout)
-        elif self.breaker is not None:
-            data = self.breaker.call(service, action, payload,
-                                     lambda: self._call(service, action, payload, timeout, key, priority),
-                                     on_reject=self._refused if self.hooks.after_settle else None)
+        chain = self._chain or self._publishing()
+        if retry is None and chain.bare:
+            data = self._call(service, action, payload, timeout, idempotency_key, priority)
         else:
-            data = self._call(service, action, payload, timeout, key, priority)
-        return data if returns is None else _parse(returns, data, service, action)
+            data = chain.run(PublishCommand("call", service, action, payload, timeout, retry, True,
+                                            {"idempotency_key": idempotency_key, "priority": priority}))
+        return data if returns is None else parsed_data(returns, data, service, action)
 
     def _call(self, service: str, action: str, payload: Any, timeout: float, idempotency_key: str | None = None,
               priority: int | None = None) -> Any:
@@ -111,14 +108,13 @@ class RpcClient(ClientConnection):
         the I/O loop's). The Future's ``message_id`` attribute is the request's message id
         (for :meth:`revoke`; None when the circuit breaker refused and nothing was sent).
         """
-        if self.breaker is not None:
-            future = self.breaker.call_async(service, action, payload,
-                                             lambda: self._call_async(service, action, payload, timeout,
-                                                                      idempotency_key, priority),
-                                             self._run_callback,
-                                             on_reject=self._refused if self.hooks.after_settle else None)
-        else:
+        chain = self._chain or self._publishing()
+        if chain.bare:
             future = self._call_async(service, action, payload, timeout, idempotency_key, priority)
+        else:
+            future = chain.run(PublishCommand("call", service, action, payload,
+                                              self.timeout if timeout is None else timeout, None, False,
+                                              {"idempotency_key": idempotency_key, "priority": priority}))
         message_id = getattr(future, "message_id", None)
         if returns is not None:
             future = self._parsed(future, returns, service, action)
@@ -137,7 +133,7 @@ class RpcClient(ClientConnection):
                 _settle(parsed, exception=error)
                 return
             try:
-                _settle(parsed, result=_parse(returns, done.result(), service, action))
+                _settle(parsed, result=parsed_data(returns, done.result(), service, action))
             except Exception as exc:  # noqa: BLE001 - ValidationError, or a type pydantic cannot build
                 _settle(parsed, exception=exc)
 
@@ -158,7 +154,7 @@ class RpcClient(ClientConnection):
             outgoing = self._outgoing("call", service, action, self.topology.service_exchange,
                                       self.topology.request_key(service), message_id, message_id, headers)
         if type(payload) is not dict:  # models, dataclasses, None: converted (a dict, the usual case, is not)
-            payload = _payload(payload)
+            payload = outgoing_payload(payload)
         try:
             body = envelope.request_body(message_id=message_id, source=self.source, target=service, action=action,
                                          payload=payload, reply_to=self.reply_queue.name, headers=headers)
@@ -197,6 +193,13 @@ class RpcClient(ClientConnection):
         broker, durable (see :mod:`amqprpc.client.countdown`). ``priority``: see :meth:`call`.
         ``message_id``: one of the caller's own (the beat names each tick so); ``headers``:
         AMQP application headers to send with it."""
+        options = {"idempotency_key": idempotency_key, "countdown": countdown, "eta": eta, "priority": priority,
+                   "message_id": message_id, "headers": headers}
+        return self._through_chain("cast", service, action, payload, timeout, options)  # type: ignore[no-any-return]
+
+    def _cast(self, service: str, action: str, payload: Any, timeout: float | None, idempotency_key: str | None,
+              countdown: float | None, eta: datetime | None, priority: int | None, message_id: str | None,
+              headers: Mapping[str, Any] | None) -> str:
         timeout, body_headers = self._deadline(timeout, with_deadline=False, idempotency_key=idempotency_key)
         message_id = message_id or envelope.new_id()
         exchange, routing_key = self.topology.service_exchange, self.topology.request_key(service)
@@ -212,7 +215,7 @@ class RpcClient(ClientConnection):
                                   body_headers) if self._observed else None
         try:
             body = envelope.request_body(message_id=message_id, source=self.source, target=service, action=action,
-                                         payload=_payload(payload), reply_to=None, headers=body_headers)
+                                         payload=outgoing_payload(payload), reply_to=None, headers=body_headers)
         except Exception as exc:  # a payload JSON cannot carry: what the hooks began for it ends too
             self._unsent(outgoing, exc)
             raise
@@ -251,6 +254,9 @@ class RpcClient(ClientConnection):
     def publish_event(self, name: str, payload: Any = None, *,
                       timeout: float | None = None) -> None:
         """Publish event ``name`` (e.g. ``order.created``); returns once the broker confirmed it."""
+        self._through_chain("event", None, name, payload, timeout, {})
+
+    def _publish_event(self, name: str, payload: Any, timeout: float | None) -> None:
         timeout, headers = self._deadline(timeout, with_deadline=False)
         message_id = envelope.new_id()
         exchange = self.topology.event_exchange
@@ -258,7 +264,7 @@ class RpcClient(ClientConnection):
                     if self._observed else None)
         try:
             body = envelope.request_body(message_id=message_id, source=self.source, target=None, action=name,
-                                         payload=_payload(payload), reply_to=None, headers=headers)
+                                         payload=outgoing_payload(payload), reply_to=None, headers=headers)
         except Exception as exc:  # a payload JSON cannot carry: what the hooks began for it ends too
             self._unsent(outgoing, exc)
             raise
@@ -286,6 +292,13 @@ class RpcClient(ClientConnection):
         the ids amqprpc makes are unique, not secret).
         ``countdown``, ``eta`` and ``priority`` as for :meth:`cast`.
         """
+        options = {"correlation_id": correlation_id, "idempotency_key": idempotency_key, "countdown": countdown,
+                   "eta": eta, "priority": priority}
+        return self._through_chain("submit", service, action, payload, timeout, options)  # type: ignore[no-any-return]
+
+    def _submit(self, service: str, action: str, payload: Any, timeout: float | None, correlation_id: str | None,
+                idempotency_key: str | None, countdown: float | None, eta: datetime | None,
+                priority: int | None) -> str:
         timeout, headers = self._deadline(timeout, with_deadline=False, idempotency_key=idempotency_key)
         if correlation_id is not None:
             problem = (envelope.shortstr_problem("correlation_id", correlation_id) if correlation_id
@@ -314,7 +327,7 @@ class RpcClient(ClientConnection):
                                   headers) if self._observed else None
         try:
             body = envelope.request_body(message_id=message_id, source=self.source, target=service, action=action,
-                                         payload=_payload(payload), reply_to=collector.name, headers=headers)
+                                         payload=outgoing_payload(payload), reply_to=collector.name, headers=headers)
         except Exception as exc:  # a payload JSON cannot carry: what the hooks began for it ends too
             self._unsent(outgoing, exc)
             raise
@@ -374,6 +387,35 @@ class RpcClient(ClientConnection):
         self.close()
 
     # --- caller thread helpers -------------------------------------------------------
+    def _publishing(self) -> PublishChain:
+        """The publish chain (:mod:`amqprpc.client.publishing`), composed on first use."""
+        breaker = self.breaker
+        scope = None if breaker is None else BreakerScope(
+            breaker, self._refused if self.hooks.after_settle else None, self._run_callback)
+        self._chain = chain = PublishChain(self._send_command, self.hooks.publish_scope, scope)
+        return chain
+
+    def _through_chain(self, kind: str, service: str | None, action: str, payload: Any, timeout: float | None,
+                       options: dict[str, Any]) -> Any:
+        """A cast, event or submit, through the chain (straight to its end when it is bare)."""
+        command = PublishCommand(kind, service, action, payload, self.timeout if timeout is None else timeout,
+                                 options=options)
+        chain = self._chain or self._publishing()
+        return self._send_command(command) if chain.bare else chain.run(command)
+
+    def _send_command(self, command: PublishCommand) -> Any:
+        """The chain's last stage: what the command asks for, built, sent and (a blocking
+        call) waited for."""
+        kind, service, options = command.kind, command.service or "", command.options
+        if kind == "event":
+            return self._publish_event(command.action, command.payload, command.timeout)
+        send: Callable[..., Any]
+        if kind == "call":
+            send = self._call if command.blocking else self._call_async
+        else:
+            send = self._cast if kind == "cast" else self._submit
+        return send(service, command.action, command.payload, command.timeout, **options)
+
     def _deadline(self, timeout: float | None, with_deadline: bool = True,
                   idempotency_key: str | None = None) -> tuple[float, dict[str, Any]]:
         """The effective timeout (bounded by an enclosing handler's deadline) and the
@@ -425,63 +467,3 @@ class RpcClient(ClientConnection):
         that saw it (before the caller gets the exception)."""
         if outgoing is not None and self.hooks.after_settle:
             self._settled(outgoing, exc)
-
-    def _refused(self, service: str, action: str, exc: CircuitOpen) -> None:
-        """A call the circuit breaker refused: nothing was built or published (no
-        ``before_publish``), but it settles for ``after_settle`` as ``circuit_open``."""
-        outgoing = Outgoing("call", service, action, self.topology.service_exchange,
-                            self.topology.request_key(service), "", None, {})
-        self._settled(outgoing, exc)
-
-    def _run_callback(self, callback: Callable[[Future[Any]], Any]) -> Callable[[Future[Any]], None]:
-        if self._callbacks is None:
-            self._callbacks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="amqprpc-callback")
-        executor = self._callbacks
-
-        def run(future: Future[Any]) -> None:
-            executor.submit(callback, future)
-
-        return run
-
-
-class ServiceProxy:
-    """``client.proxy("user-service").get_user(user_id="u1")``; camelCase attribute
-    names are sent as snake_case actions (``getUser`` -> ``get_user``). A method takes a
-    payload (dict or model) and/or fields as keywords, and ``returns=`` as for ``call``
-    (so ``returns`` is no payload field name here)."""
-
-    def __init__(self, client: Caller, service: str, timeout: float | None = None) -> None:
-        self._client = client
-        self._service = service
-        self._timeout = timeout
-
-    def __getattr__(self, name: str) -> Callable[..., Any]:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        action = snake_case(name)
-
-        def remote_method(payload: Any = None, *, returns: Any = None, **kwargs: Any) -> Any:
-            if kwargs:
-                payload = {**_payload(payload), **kwargs}
-            return self._client.call(self._service, action, payload, timeout=self._timeout, returns=returns)
-
-        remote_method.__name__ = action
-        return remote_method
-
-
-def _payload(payload: Any) -> Any:
-    """What the envelope carries: a dict as it is; a pydantic model or dataclass dumped to
-    JSON types (:func:`amqprpc.contracts.to_payload`, imported only then)."""
-    if payload is None:
-        return {}
-    if type(payload) is dict:
-        return payload
-    from amqprpc.contracts import to_payload
-
-    return to_payload(payload)
-
-
-def _parse(returns: Any, data: Any, service: str, action: str) -> Any:
-    from amqprpc.contracts import parse
-
-    return parse(returns, data, f"{service}.{action}")

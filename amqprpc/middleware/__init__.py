@@ -27,6 +27,9 @@ The interface (stable: other features build on these names and fields)::
         def consume_scope(self, call_next, delivery: Delivery) -> Decision
         # right around the handler, inside its retry policy -> the handler's result (or raise)
         def handle_scope(self, call_next, delivery: Delivery) -> Any
+        # client, around-middleware, calling thread: around sending what a call, cast, event or
+        # submit asked for (and, for a blocking call, waiting for its answer) -> what it returns
+        def publish_scope(self, call_next, command: PublishCommand) -> Any
         # client, on the calling thread, before the message is written
         def before_publish(self, message: Outgoing) -> None
         # client, once a call has its answer / error / timeout (loop, timer or calling thread)
@@ -41,6 +44,8 @@ The interface (stable: other features build on these names and fields)::
         REFUSED, EXPIRED, RECOUNTED, DONE), error_type, duration, dead_lettered
     Outgoing: kind ("call" | "cast" | "event" | "submit"), service, action, exchange,
         routing_key, message_id, correlation_id, headers (mutable), body_headers, started, state
+    PublishCommand: kind, service, action, payload, timeout (mutable), retry, blocking,
+        options, state
     CallOutcome (amqprpc.outcome): kind ("ok" | "error" | "timeout" | "unavailable" |
         "circuit_open" | "refused"), error_type, duration
 
@@ -78,6 +83,15 @@ scope returns ``call_next(delivery)`` or its own Decision, made with ``delivery.
 raises is logged and the delivery is dead-lettered (``WorkerError``): it never kills the
 handler thread. The in-memory client (:mod:`amqprpc.testing.inmemory`) runs the same
 dispatcher with the same middleware.
+
+On the client, ``publish_scope`` is the same kind of chain around what the caller asked for
+(:class:`PublishCommand`), composed once per client (:mod:`amqprpc.client.publishing`): the
+client's retry (``call(..., retry=)``) is its outermost stage, the circuit breaker the next,
+then each middleware's ``publish_scope`` in list order, so a scope runs once per attempt the
+breaker lets through; ``before_publish`` and ``after_settle`` run inside, around each message
+written. A client with no breaker and no ``publish_scope`` calls no stage at all. A scope
+returns ``call_next(command)`` (the call's data; for ``call_async`` a Future, which the scope
+must not wait on; the message id of a cast or submit) or raises (the caller gets it).
 
 Validation of payloads needs no middleware: it wraps the handler where it is registered.
 
@@ -191,6 +205,37 @@ class Outgoing:
         return f"<Outgoing {self.kind} {self.service}.{self.action} {self.message_id}>"
 
 
+class PublishCommand:
+    """What a caller asked a client to send, as ``publish_scope`` sees it (FastStream's
+    PublishCommand), before any message is built.
+
+    ``kind`` "call", "cast", "event" or "submit"; ``service`` (None for events); ``action``
+    (or the event name); ``payload`` as given; ``timeout`` the seconds this attempt may take
+    (the client's retry sets it for each attempt; a scope may lower it); ``retry`` the call's
+    :class:`~amqprpc.retry.Retry` (None: not retried); ``blocking`` False for ``call_async``
+    (``call_next`` then returns a Future); ``options`` the method's other keyword arguments
+    (``idempotency_key``, ``priority``, ``countdown``...: mutable, read when the message is
+    built); ``state`` a dict for middleware's own data.
+    """
+
+    __slots__ = ("kind", "service", "action", "payload", "timeout", "retry", "blocking", "options", "state")
+
+    def __init__(self, kind: str, service: str | None, action: str, payload: Any, timeout: float, retry: Any = None,
+                 blocking: bool = True, options: dict[str, Any] | None = None) -> None:
+        self.kind = kind
+        self.service = service
+        self.action = action
+        self.payload = payload
+        self.timeout = timeout
+        self.retry = retry
+        self.blocking = blocking
+        self.options: dict[str, Any] = {} if options is None else options
+        self.state: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"<PublishCommand {self.kind} {self.service}.{self.action}>"
+
+
 class Middleware:
     """Base class: every hook does nothing. Override the ones you need (see the module doc)."""
 
@@ -226,6 +271,11 @@ class Middleware:
         (what you raise follows the retry policy, as the handler's own exceptions do)."""
         return call_next(delivery)
 
+    def publish_scope(self, call_next: Callable[[PublishCommand], Any], command: PublishCommand) -> Any:
+        """Around sending what a caller asked for (client, calling thread): return
+        ``call_next(command)`` or raise. See the module doc."""
+        return call_next(command)
+
     def before_publish(self, message: Outgoing) -> None:
         pass
 
@@ -234,7 +284,7 @@ class Middleware:
 
 
 HOOKS = ("worker_starting", "worker_started", "worker_stopping", "worker_stopped", "before_handle", "after_handle",
-         "outcome_amended", "consume_scope", "handle_scope", "before_publish", "after_settle")
+         "outcome_amended", "consume_scope", "handle_scope", "publish_scope", "before_publish", "after_settle")
 _AFTER = frozenset({"worker_stopping", "worker_stopped", "after_handle", "outcome_amended", "after_settle"})
 
 #: Added to every Worker and RpcClient created from now on, before their own (see :func:`add_default`).
@@ -267,6 +317,7 @@ class Hooks:
     outcome_amended: tuple[Callable[[Delivery, Outcome, Outcome], None], ...]
     consume_scope: tuple[Callable[[Callable[[Delivery], Any], Delivery], Any], ...]
     handle_scope: tuple[Callable[[Callable[[Delivery], Any], Delivery], Any], ...]
+    publish_scope: tuple[Callable[[Callable[[PublishCommand], Any], PublishCommand], Any], ...]
     before_publish: tuple[Callable[[Outgoing], None], ...]
     after_settle: tuple[Callable[[Outgoing, CallOutcome], None], ...]
 

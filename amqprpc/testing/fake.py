@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tup
 
 from amqprpc.wire import envelope
 from amqprpc.client.countdown import check_priority, delay_of
-from amqprpc.client.rpc import ServiceProxy
+from amqprpc.client.proxy import ServiceProxy
 from amqprpc.contracts import parse, to_payload
 from amqprpc.errors import CallTimeout
 from amqprpc.middleware import Delivery, Hooks, Middleware

@@ -240,3 +240,62 @@ def test_a_refused_call_the_fallback_answers_still_settles_as_circuit_open(broke
         assert client.call(target, "get", timeout=5) == {"degraded": True}  # ServiceUnavailable: opens it
         assert client.call(target, "get", timeout=5) == {"degraded": True}  # refused
     assert [o.kind for _, o in recorder.settled] == ["unavailable", "circuit_open"]
+
+
+class Scoped(Recorder):
+    """A publish_scope that journals every command and answers ``cached`` calls itself."""
+
+    def __init__(self) -> None:
+        super().__init__("scoped")
+        self.commands: list = []
+
+    def publish_scope(self, call_next, command):
+        self.commands.append((command.kind, command.action, command.blocking))
+        if command.action == "cached":
+            return {"from": "cache"}  # nothing is built or sent
+        return call_next(command)
+
+
+@pytest.mark.integration
+def test_a_publish_scope_runs_around_every_send_and_may_answer_without_sending(service, broker_url):
+    scoped = Scoped()
+    service.handler("echo")(lambda payload: payload)
+    seen = threading.Event()
+    service.event("mw.scoped")(lambda payload: seen.set())
+    with running_worker(service) as worker, \
+            RpcClient("tests", broker_url=broker_url, middleware=[scoped]) as client:
+        assert client.call(service.name, "echo", {"a": 1}) == {"a": 1}
+        future = client.call_async(service.name, "echo", {"b": 2})
+        assert future.result(5) == {"b": 2} and future.message_id
+        assert client.call(service.name, "cached") == {"from": "cache"}
+        assert client.cast(service.name, "echo", {"c": 3})  # its message id
+        client.publish_event("mw.scoped", {})
+        assert client.submit(service.name, "echo", {"d": 4})
+        wait_for(seen.is_set)
+        wait_for(lambda: worker.stats["succeeded"] >= 4)
+    assert scoped.commands == [("call", "echo", True), ("call", "echo", False), ("call", "cached", True),
+                               ("cast", "echo", True), ("event", "mw.scoped", True), ("submit", "echo", True)]
+    # before_publish and after_settle ran inside, for each message actually written: not the cached one
+    assert [m.kind for m, _ in scoped.settled if m.kind == "call"] == ["call", "call"]
+    assert "cached" not in {m.action for m, _ in scoped.settled}
+
+
+@pytest.mark.integration
+def test_the_client_retry_and_the_breaker_sit_in_the_publish_chain_outside_the_scopes(broker_url):
+    from amqprpc import CircuitBreaker, CircuitOpen
+    from amqprpc.testing import unique_name
+
+    target = unique_name("mw-nobody")  # no queue: every attempt is ServiceUnavailable
+    scoped = Scoped()
+    retry = Retry(max_attempts=3, base_delay=0.01, jitter=False)
+    with RpcClient("tests", broker_url=broker_url, middleware=[scoped]) as client:
+        with pytest.raises(ServiceUnavailable):
+            client.call(target, "get", timeout=5, retry=retry)
+        assert len(scoped.commands) == 3  # one scope per attempt, each a message of its own
+        assert [o.kind for _, o in scoped.settled] == ["unavailable"] * 3
+        client.breaker = CircuitBreaker(failure_threshold=1, reset_timeout=60, shared=False)  # re-composed
+        scoped.commands.clear()
+        with pytest.raises(CircuitOpen):  # attempt 1 opens it; attempt 2 is refused, and not retried
+            client.call(target, "get", timeout=5, retry=retry)
+        assert len(scoped.commands) == 1  # the refused attempt never reached the scope
+        assert [o.kind for _, o in scoped.settled][-2:] == ["unavailable", "circuit_open"]

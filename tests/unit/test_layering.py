@@ -29,6 +29,7 @@ LAYERS = [
     {"transport", "transport.ioloop", "transport.redelivery", "transport.inbox", "transport.consumer"},
     # client and worker, and the middleware they run
     {"client", "client.rpc", "client.connection", "client.aio", "client.breaker", "client.breaker_state", "client.responses", "client.confirms",
+     "client.publishing", "client.proxy",
      "server",
      "server.worker", "server.dispatcher", "middleware.workflow", "client.countdown", "client.waiter", "middleware.eta",
      "middleware.ticks", "middleware.ratelimit", "middleware.tasks",
