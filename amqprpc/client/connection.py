@@ -15,6 +15,7 @@ from amqprpc import logs
 from amqprpc.wire import envelope
 from amqprpc.client.breaker import CircuitBreaker
 from amqprpc.client.publishing import PublishChain
+from amqprpc.client.waiter import CallWaiter
 from amqprpc.client.countdown import CountdownQueues
 from amqprpc.config import broker_url as default_broker_url
 from amqprpc.config import redact
@@ -121,7 +122,7 @@ class ClientConnection:
                                                          **outgoing.headers}
 
         def attempt(left: float) -> None:
-            future: Future[Any] = Future()
+            future: Future[Any] = CallWaiter()  # only this thread waits on it (see waiter.py)
             self._send_confirmed(exchange, routing_key, message, message_id, what, mandatory, future)
             try:
                 future.result(left)
