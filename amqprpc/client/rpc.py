@@ -93,7 +93,10 @@ class RpcClient(ClientConnection):
 
     def _call(self, service: str, action: str, payload: Any, timeout: float, idempotency_key: str | None = None,
               priority: int | None = None) -> Any:
+        deadline = time.monotonic() + timeout
         future = self._call_async(service, action, payload, timeout, idempotency_key, priority, blocking=True)
+        if not future.done():  # read the socket for the reply, if it is lent (transport.readtoken)
+            self._lender.lead(future, deadline)
         try:
             return future.result(timeout + _GRACE)
         except FutureTimeout:
@@ -182,6 +185,8 @@ class RpcClient(ClientConnection):
             return future
         self._register(message_id, future, service, action, timeout)
         self._send_call(message_id, message, service, action, future)
+        if not blocking:
+            self._reader_wanted()
         return future
 
     def cast(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,

@@ -93,6 +93,27 @@ class FrameReader:
             self._pos = end + 1
         return frame_type, channel, payload
 
+    def frame_now(self, fetch: bool) -> tuple[int, int, bytes] | None:
+        """The next frame if it has wholly arrived, never waiting: from the buffer, else (with
+        ``fetch``) after taking what the kernel holds; None when it is not all here yet (a part
+        stays buffered for the next reader). For a caller leading the reads
+        (:mod:`amqprpc.transport.readtoken`), which must never wait inside a frame. A frame
+        larger than frame_max is :class:`LinkClosed`, a bad frame-end octet py-amqp's error,
+        as in :meth:`read_frame`."""
+        while True:
+            frame = self._whole_frame()
+            if frame is not None:
+                return frame
+            buf, pos = self._buf, self._pos
+            if len(buf) - pos >= 7:
+                size = _HEADER.unpack_from(buf, pos)[2]
+                if size + 8 > self._max:
+                    raise LinkClosed(f"a frame of {size} bytes announced; frame_max is {self._max - 8}: not AMQP")
+                if len(buf) - pos >= size + 8:  # all here, but its end octet is wrong: py-amqp says so
+                    return self.read_frame()
+            if not fetch or not self._take_what_arrived():
+                return None
+
     def _take_what_arrived(self) -> bool:
         """One ``recv`` that does not wait, appended to the buffer: whether it brought bytes.
         The end of the stream is :class:`LinkClosed`, as in :meth:`read`."""
