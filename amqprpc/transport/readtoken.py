@@ -42,17 +42,28 @@ are never lent, nor is a worker's loop (it has no token).
 """
 from __future__ import annotations
 
+import collections
 import os
 import select
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 from amqprpc.transport.framereader import FrameReader
 from amqprpc.transport.link import Link
 
-if TYPE_CHECKING:
-    from amqprpc.transport.ioloop import AmqpLoop
+
+class Loop(Protocol):
+    """What the token uses of its :class:`~amqprpc.transport.ioloop.AmqpLoop` (the same package)."""
+
+    _ops: collections.deque[Any]
+    _signaled: bool
+    _stopping: bool
+    _wake_r: int
+
+    def _wake(self) -> None: ...
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None: ...
 
 # How long the loop thread stays off a lent socket after the last leader left (seconds): a
 # caller making one call after another keeps leading without waking the loop per call; the
@@ -67,7 +78,7 @@ class ReadToken:
     """The right to read one loop's socket (see the module). ``may_lend()`` says, on the loop
     thread, whether nothing but blocking callers waits for the broker."""
 
-    def __init__(self, loop: AmqpLoop, may_lend: Callable[[], bool], lease: float = LEASE):
+    def __init__(self, loop: Loop, may_lend: Callable[[], bool], lease: float = LEASE):
         self._loop = loop
         self._may_lend = may_lend
         self.lease = lease
@@ -96,15 +107,15 @@ class ReadToken:
     def lend(self, link: Link) -> None:
         """Lend the socket to blocking callers if nothing else waits for the broker, and stay
         off it until the loop needs it back; returns holding it again (also when raising)."""
-        self.want = False
         reader = link.reader
         loop = self._loop
         if not isinstance(reader, FrameReader) or reader.buffered or loop._ops or self._back_r < 0:
             return
         self.lent = True  # before may_lend(): a publish registered after it sees lent and wakes the loop
         if not self._may_lend():
-            self.lent = False
+            self.lent = False  # (still wanted: asked again after the next read)
             return
+        self.want = False
         if link is not self._link:
             poller = select.poll()
             poller.register(link.sock.fileno(), _READ)
