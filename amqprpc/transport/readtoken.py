@@ -95,6 +95,10 @@ class ReadToken:
         self._link: Link | None = None
         self._poller: Any = None
         self.lends = self.leads = self.reclaims = 0  # (statistics: tests, the bench)
+        # Leases that ran out unused (a caller that thinks longer than a lease between calls)
+        # make the loop skip that many chances to lend, doubling up to 64: such a caller costs
+        # the loop one wake-up per 64 calls, not one per call; the first lease used resets it.
+        self._backoff = self._skip = 0
 
     def close(self) -> None:
         """The give-back pipe's descriptors (the loop thread ended; nothing leads)."""
@@ -116,21 +120,26 @@ class ReadToken:
             self.lent = False  # (still wanted: asked again after the next read)
             return
         self.want = False
+        if self._skip:
+            self._skip -= 1
+            self.lent = False
+            return
         if link is not self._link:
             poller = select.poll()
             poller.register(link.sock.fileno(), _READ)
             poller.register(self._back_r, select.POLLIN)
             self._link, self._poller = link, poller
         self.lends += 1
+        leads = self.leads
         self._released_at = time.monotonic()
         self._token.release()
         try:
-            self._serve_lease(link)
+            self._serve_lease(link, leads)
         finally:
             if self.lent:
                 self._reclaim()
 
-    def _serve_lease(self, link: Link) -> None:
+    def _serve_lease(self, link: Link, leads: int) -> None:
         loop = self._loop
         wake_fd, sock_fd = loop._wake_r, link.sock.fileno()
         poller = select.poll()
@@ -149,6 +158,8 @@ class ReadToken:
             if now >= end:
                 if self._token.acquire(False):  # nobody leads: the loop reads again
                     self._taken_back()
+                    self._backoff = 0 if self.leads != leads else min(2 * self._backoff or 1, 64)
+                    self._skip = self._backoff
                     return
                 end = now + self.lease  # a caller leads: look again later
             due = link.due()

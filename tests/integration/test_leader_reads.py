@@ -54,8 +54,7 @@ def lead_next_call(client: RpcClient, service: str) -> int:
     """Make the loop lend the socket (a blocking call found it reading, then nothing pending)
     and keep it lent for the next call; the leads so far."""
     client._lender.lease = 30.0  # the loop stays off the socket between calls (not waiting for a next one)
-    client.call(service, "echo", {})
-    wait_for(lambda: client._lender.lent, timeout=5)
+    wait_for(lambda: client.call(service, "echo", {}) == {} and client._lender.lent, timeout=5)
     return client._lender.leads
 
 

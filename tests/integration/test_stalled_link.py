@@ -315,8 +315,7 @@ def _leading(client: RpcClient, svc: str, seconds: float, timeout: float) -> tup
     thread of its own once the loop lent the socket; returns the thread and its outcome."""
     lender = client._lender
     lender.lease = 30.0  # the loop stays off the socket between the calls below
-    assert client.call(svc, "echo", {}, timeout=TIMEOUT) == {}
-    wait_for(lambda: lender.lent, timeout=5)
+    wait_for(lambda: client.call(svc, "echo", {}, timeout=TIMEOUT) == {} and lender.lent, timeout=5)
     leads, outcome = lender.leads, []
 
     def call() -> None:
