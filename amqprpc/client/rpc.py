@@ -1,8 +1,13 @@
 """RpcClient: thread-safe calls, casts and events over one connection.
 
-Any number of threads may call at once. The caller's thread builds and serializes the
-request; the loop thread (:class:`~amqprpc.transport.ioloop.AmqpLoop`) publishes it, receives the
-reply on the client's one long-lived reply queue and resolves the caller's Future.
+Any number of threads may call at once. The caller's thread builds, serializes and publishes
+the request (the loop thread, :class:`~amqprpc.transport.ioloop.AmqpLoop`, publishes it when
+another thread is writing). Replies arrive on the client's one long-lived reply queue. The
+loop thread reads them and settles the caller's Future. But while only blocking callers wait
+for the broker, it lends them the socket: a blocking :meth:`RpcClient.call` then reads its own
+reply, and any other caller's that arrives meanwhile
+(:mod:`~amqprpc.transport.readtoken`). ``call_async``, casts, events and submits are read by
+the loop thread, as before.
 Deadlines fire on a timer thread of the client's own (:mod:`amqprpc.transport.deadlines`) and
 writes never block (:mod:`amqprpc.transport.framewriter`), so no caller waits without a bound,
 whatever the network or the loop thread does.

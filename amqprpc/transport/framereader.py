@@ -22,6 +22,10 @@ Errors keep their meaning: an orderly end of the stream is :class:`LinkClosed`; 
 a refused or a timed-out connection (``ETIMEDOUT``, which is a ``socket.timeout`` since
 Python 3.10) propagates as the ``OSError`` it is, never mistaken for "nothing to read".
 
+A blocking caller that reads its own reply (:mod:`amqprpc.transport.readtoken`) takes only
+frames that have wholly arrived (:meth:`FrameReader.frame_now`), so it never waits inside a
+frame; a part it leaves stays in the buffer for the next reader.
+
 Only plain TCP transports are wrapped; TLS keeps py-amqp's reader, whose SSL object does
 its own buffering.
 """
