@@ -68,6 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     if loop_profile is not None:
         print("--- loop thread ---")
         pstats.Stats(loop_profile).sort_stats("tottime").print_stats(25)
+    lender = getattr(side.client, "_lender", None)
+    if lender is not None:  # leader/follower reads (amqprpc.transport.readtoken)
+        print(f"socket lent {lender.lends} times, taken back {lender.reclaims}; calls that read their own reply: "
+              f"{lender.leads}")
     if args.calls:
         print(f"calls {args.calls}: client CPU {cpu / args.calls * 1e6:.1f} us/call, "
               f"voluntary switches {switched / args.calls:.2f}/call, wall {wall / args.calls * 1e6:.0f} us/call; "

@@ -25,6 +25,7 @@ from amqprpc.transport.framehandler import UndecodableMessage
 from amqprpc.client.confirms import ConfirmedChannel, closed_error, default_max_message_size
 from amqprpc.transport.ioloop import AmqpLoop
 from amqprpc.transport.link import describe
+from amqprpc.transport.readtoken import ReadToken
 from amqprpc.middleware import Hooks, Middleware, Outgoing
 from amqprpc.middleware.observability import automatic
 from amqprpc.outcome import CIRCUIT_OPEN, ERROR, OK, REFUSED, TIMEOUT, UNAVAILABLE, CallOutcome
@@ -49,6 +50,8 @@ class ClientConnection:
                               on_connected=self._on_connected, on_disconnected=self._on_disconnected,
                               on_channel_closed=self._on_channel_closed)
         self.url = self._loop.url
+        # Blocking callers read their own replies while nothing else waits (readtoken).
+        self._lender = self._loop.lender = ReadToken(self._loop, self._may_lend)
         # Callers publish under the loop's write lock themselves (see _send_call).
         self._write_lock = self._loop.write_lock
         self.source = source
@@ -108,6 +111,18 @@ class ClientConnection:
             executor.submit(callback, future)
 
         return run
+
+    def _may_lend(self) -> bool:
+        """(loop thread) Whether nothing but blocking callers waits for the broker: no call
+        pending, no confirm owed to a cast."""
+        casts = self._casts
+        return not self._pending and (casts is None or not casts.entries)
+
+    def _reader_wanted(self) -> None:
+        """After sending what a blocking caller's reads may not cover (a call_async, a cast):
+        while the socket is lent, the loop thread takes it back (readtoken)."""
+        if self._lender.lent:
+            self._loop.call_soon(_ignore, ())
 
     def _settled(self, outgoing: Outgoing, exc: BaseException | None) -> None:
         hooks = self.hooks
@@ -372,6 +387,7 @@ class ClientConnection:
                 casts.publish((future, message_id, what), message, exchange, routing_key, mandatory, what)
             except Exception as exc:  # noqa: BLE001 - what the caller gets (ConfirmedChannel.publish)
                 _settle(future, exception=exc)
+        self._reader_wanted()
 
     def _on_confirm_returned(self, exc: Exception, exchange: str, routing_key: str, message: amqp.Message) -> None:
         # basic.return precedes the basic.ack of the same message.

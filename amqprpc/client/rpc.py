@@ -1,8 +1,13 @@
 """RpcClient: thread-safe calls, casts and events over one connection.
 
-Any number of threads may call at once. The caller's thread builds and serializes the
-request; the loop thread (:class:`~amqprpc.transport.ioloop.AmqpLoop`) publishes it, receives the
-reply on the client's one long-lived reply queue and resolves the caller's Future.
+Any number of threads may call at once. The caller's thread builds, serializes and publishes
+the request (the loop thread, :class:`~amqprpc.transport.ioloop.AmqpLoop`, publishes it when
+another thread is writing). Replies arrive on the client's one long-lived reply queue. The
+loop thread reads them and settles the caller's Future. But while only blocking callers wait
+for the broker, it lends them the socket: a blocking :meth:`RpcClient.call` then reads its own
+reply, and any other caller's that arrives meanwhile
+(:mod:`~amqprpc.transport.readtoken`). ``call_async``, casts, events and submits are read by
+the loop thread, as before.
 Deadlines fire on a timer thread of the client's own (:mod:`amqprpc.transport.deadlines`) and
 writes never block (:mod:`amqprpc.transport.framewriter`), so no caller waits without a bound,
 whatever the network or the loop thread does.
@@ -90,7 +95,10 @@ class RpcClient(ClientConnection):
 
     def _call(self, service: str, action: str, payload: Any, timeout: float, idempotency_key: str | None = None,
               priority: int | None = None) -> Any:
+        deadline = time.monotonic() + timeout
         future = self._call_async(service, action, payload, timeout, idempotency_key, priority, blocking=True)
+        if not future.done():  # read the socket for the reply, if it is lent (transport.readtoken)
+            self._lender.lead(future, deadline)
         try:
             return future.result(timeout + _GRACE)
         except FutureTimeout:
@@ -178,6 +186,8 @@ class RpcClient(ClientConnection):
             return future
         self._register(message_id, future, service, action, timeout)
         self._send_call(message_id, message, service, action, future)
+        if not blocking:
+            self._reader_wanted()
         return future
 
     def cast(self, service: str, action: str, payload: Any = None, *, timeout: float | None = None,

@@ -80,3 +80,26 @@ def reason(error: BaseException) -> str:
     if isinstance(error, AMQPError) and error.reply_code:
         return f"{error.reply_code} {error.reply_text}"
     return f"{type(error).__name__}: {error}"
+
+
+def open_confirm_channel(connection: Any, on_ack: Callable[..., Any], on_nack: Callable[..., Any],
+                         on_return: Callable[..., Any] | None = None) -> amqp.Channel:
+    """A new channel of ``connection`` in publisher-confirm mode, with its handlers of the
+    broker's acks, nacks and (for mandatory publishes) returns."""
+    channel = connection.channel()
+    channel.confirm_select()
+    channel.events["basic_ack"].add(on_ack)
+    channel.events["basic_nack"].add(on_nack)
+    if on_return is not None:
+        channel.events["basic_return"].add(on_return)
+    return channel
+
+
+def close_quietly(channel: amqp.Channel | None) -> None:
+    """Close a channel being replaced; if that fails the connection's fate decides."""
+    if channel is None:
+        return
+    try:
+        channel.close()
+    except Exception:  # noqa: BLE001 - a broken channel or connection: nothing to save
+        pass

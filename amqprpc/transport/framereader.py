@@ -22,6 +22,10 @@ Errors keep their meaning: an orderly end of the stream is :class:`LinkClosed`; 
 a refused or a timed-out connection (``ETIMEDOUT``, which is a ``socket.timeout`` since
 Python 3.10) propagates as the ``OSError`` it is, never mistaken for "nothing to read".
 
+A blocking caller that reads its own reply (:mod:`amqprpc.transport.readtoken`) takes only
+frames that have wholly arrived (:meth:`FrameReader.frame_now`), so it never waits inside a
+frame; a part it leaves stays in the buffer for the next reader.
+
 Only plain TCP transports are wrapped; TLS keeps py-amqp's reader, whose SSL object does
 its own buffering.
 """
@@ -92,6 +96,27 @@ class FrameReader:
         else:
             self._pos = end + 1
         return frame_type, channel, payload
+
+    def frame_now(self, fetch: bool) -> tuple[int, int, bytes] | None:
+        """The next frame if it has wholly arrived, never waiting: from the buffer, else (with
+        ``fetch``) after taking what the kernel holds; None when it is not all here yet (a part
+        stays buffered for the next reader). For a caller leading the reads
+        (:mod:`amqprpc.transport.readtoken`), which must never wait inside a frame. A frame
+        larger than frame_max is :class:`LinkClosed`, a bad frame-end octet py-amqp's error,
+        as in :meth:`read_frame`."""
+        while True:
+            frame = self._whole_frame()
+            if frame is not None:
+                return frame
+            buf, pos = self._buf, self._pos
+            if len(buf) - pos >= 7:
+                size = _HEADER.unpack_from(buf, pos)[2]
+                if size + 8 > self._max:
+                    raise LinkClosed(f"a frame of {size} bytes announced; frame_max is {self._max - 8}: not AMQP")
+                if len(buf) - pos >= size + 8:  # all here, but its end octet is wrong: py-amqp says so
+                    return self.read_frame()
+            if not fetch or not self._take_what_arrived():
+                return None
 
     def _take_what_arrived(self) -> bool:
         """One ``recv`` that does not wait, appended to the buffer: whether it brought bytes.

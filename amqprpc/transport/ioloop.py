@@ -9,6 +9,8 @@ pipe, so nothing on the request/reply path sleeps or polls on a timer.
 The one exception, for speed: a publish or an ack may be written by another thread
 while it holds :attr:`AmqpLoop.write_lock`, which every frame written on the connection
 takes (see ``_lock_frames``); a thread that finds it taken hands the write to the loop.
+And a client's loop lends its socket to blocking callers while only they wait for the
+broker: each reads its own reply (:mod:`~amqprpc.transport.readtoken`).
 
 No wait on the loop thread is unbounded (:class:`~amqprpc.transport.link.Link`): writes never
 block (what the socket does not take waits in a backlog the loop sends when it can),
@@ -26,7 +28,7 @@ import ssl
 import struct
 import threading
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import amqp
 from amqp import spec
@@ -35,11 +37,16 @@ from amqp.serialization import dumps
 from kombu import Connection
 
 from amqprpc.transport import channels, framehandler
+from amqprpc.transport.channels import close_quietly as close_quietly  # re-exported: their home was here
+from amqprpc.transport.channels import open_confirm_channel as open_confirm_channel
 from amqprpc import logs
 from amqprpc.transport.backoff import full_jitter
 from amqprpc.config import redact, ssl_options
 from amqprpc.errors import StartCancelled as StartCancelled  # re-exported: its home was here
 from amqprpc.transport.link import Link, describe
+
+if TYPE_CHECKING:
+    from amqprpc.transport.readtoken import ReadToken
 
 
 class ChannelLost(ConnectionError):
@@ -109,29 +116,6 @@ REFUSED_CHANNEL_MIN_AGE_S = 1.0
 def channel_refused(opened: float) -> bool:
     """After a nack: whether the channel opened at monotonic ``opened`` is to be replaced."""
     return time.monotonic() - opened >= REFUSED_CHANNEL_MIN_AGE_S
-
-
-def open_confirm_channel(connection: Any, on_ack: Callable[..., Any], on_nack: Callable[..., Any],
-                         on_return: Callable[..., Any] | None = None) -> amqp.Channel:
-    """A new channel of ``connection`` in publisher-confirm mode, with its handlers of the
-    broker's acks, nacks and (for mandatory publishes) returns."""
-    channel = connection.channel()
-    channel.confirm_select()
-    channel.events["basic_ack"].add(on_ack)
-    channel.events["basic_nack"].add(on_nack)
-    if on_return is not None:
-        channel.events["basic_return"].add(on_return)
-    return channel
-
-
-def close_quietly(channel: amqp.Channel | None) -> None:
-    """Close a channel being replaced; if that fails the connection's fate decides."""
-    if channel is None:
-        return
-    try:
-        channel.close()
-    except Exception:  # noqa: BLE001 - a broken channel or connection: nothing to save
-        pass
 
 
 CONNECT_TIMEOUT = 5.0  # seconds, per connection attempt (TCP, TLS and AMQP handshakes), by default
@@ -207,6 +191,7 @@ class AmqpLoop:
         self.startup_wait = 0.0
         self.on_connect_retry: Callable[[int, float, BaseException], None] | None = None
         self._start_cancelled = False
+        self.lender: ReadToken | None = None  # a client's: blocking callers may read the socket
 
     # --- loop thread: consuming ----------------------------------------------------------
     def consume(self, channel: amqp.Channel, queue: Any, callback: Callable[..., Any], *, consumer_tag: str = "",
@@ -261,6 +246,8 @@ class AmqpLoop:
         would otherwise run out of descriptors after a few hundred)."""
         with self._wake_lock:
             read_end, write_end, self._wake_r, self._wake_w = self._wake_r, self._wake_w, -1, -1
+            if self.lender is not None:
+                self.lender.close()
         for fd in (read_end, write_end):
             if fd >= 0:
                 os.close(fd)
@@ -422,7 +409,10 @@ class AmqpLoop:
         poller.register(self._wake_r, select.POLLIN)
         mask = link.poll_mask()
         poller.register(sock_fd, mask)
+        lender = self.lender
         while not self._stopping:
+            if lender is not None and lender.want:  # lent to blocking callers until needed back
+                lender.lend(link)
             if link.poll_mask() != mask:  # a write left a backlog (POLLOUT), or it is gone
                 mask = link.poll_mask()
                 poller.modify(sock_fd, mask)

@@ -308,3 +308,77 @@ def test_a_slow_link_answers_what_fits_its_timeout_and_times_out_the_rest_on_tim
     assert roomy.outcomes[("call_async", "answered")] == 16  # a slow link is not a dead one
     assert tight.outcomes[("call_async", "CallTimeout")] == 16
     assert client._loop.generation == generation and len(worker.events("broker connection lost")) == losses
+
+
+def _leading(client: RpcClient, svc: str, seconds: float, timeout: float) -> tuple[threading.Thread, list]:
+    """A blocking call that reads its own reply (the socket lent to it, readtoken): started on a
+    thread of its own once the loop lent the socket; returns the thread and its outcome."""
+    lender = client._lender
+    lender.lease = 30.0  # the loop stays off the socket between the calls below
+    wait_for(lambda: client.call(svc, "echo", {}, timeout=TIMEOUT) == {} and lender.lent, timeout=5)
+    leads, outcome = lender.leads, []
+
+    def call() -> None:
+        started = time.monotonic()
+        try:
+            client.call(svc, "nap", {"seconds": seconds}, timeout=timeout)
+        except Exception as exc:  # noqa: BLE001 - what it got
+            outcome.append((started, time.monotonic(), exc))
+        else:
+            outcome.append((started, time.monotonic(), None))
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    wait_for(lambda: lender.leads > leads and lender._token.locked(), timeout=5)  # it leads
+    return thread, outcome
+
+
+def test_a_caller_leading_on_a_blackholed_link_gets_connection_lost_once_the_link_is_found_dead(
+        proxy, worker, clients, svc):
+    client, _ = clients
+    losses, connects = watch_losses(client), client._loop.connects
+    thread, outcome = _leading(client, svc, 1.0, 30.0)
+    began = time.monotonic()
+    proxy.blackhole()
+    short = Tally()  # a second caller, its timeout short: on time whoever reads
+    threading.Thread(target=lambda: short.done("call", time.monotonic(), TIMEOUT, _error_of(
+        lambda: client.call(svc, "echo", {}, timeout=TIMEOUT)))).start()
+    thread.join(DETECT_WITHIN + 5)
+    wait_for(lambda: short.ended == 1, timeout=TIMEOUT + 5)
+    assert outcome and losses, (outcome, losses)
+    _, ended, exc = outcome[0]
+    detected = losses[0] - began
+    report = (f"dead link found after {detected:.2f}s (limit {DETECT_WITHIN}s); the leader's call ended "
+              f"{(ended - losses[0]) * 1000:.0f} ms after: {exc!r}; {short.summary()}")
+    print("\n" + report)
+    proxy.heal()
+    wait_for(lambda: client._loop.connected.is_set() and client._loop.connects == connects + 1, timeout=30)
+    assert isinstance(exc, ConnectionLost) and "the link is dead" in str(exc), report
+    assert detected <= DETECT_WITHIN and ended - losses[0] <= LATE_LIMIT, report
+    assert short.worst() <= LATE_LIMIT, report
+    assert sum(client.call(svc, "echo", {"n": n}, timeout=10) == {"n": n} for n in range(5)) == 5
+
+
+def test_a_reset_under_a_leading_caller_fails_its_call_at_once_and_the_client_reconnects(
+        proxy, worker, clients, svc):
+    client, _ = clients
+    connects = client._loop.connects
+    thread, outcome = _leading(client, svc, 2.0, 30.0)
+    reset_at = time.monotonic()
+    proxy.reset()
+    thread.join(10)
+    assert outcome
+    _, ended, exc = outcome[0]
+    print(f"\nreset under a leader: its call ended {(ended - reset_at) * 1000:.0f} ms after: {exc!r}")
+    assert isinstance(exc, ConnectionLost) and ended - reset_at <= LATE_LIMIT, exc
+    assert "connection reset by the peer" in str(exc) or "closed the TCP connection" in str(exc)
+    wait_for(lambda: client._loop.connected.is_set() and client._loop.connects == connects + 1, timeout=30)
+    assert sum(client.call(svc, "echo", {"n": n}, timeout=10) == {"n": n} for n in range(5)) == 5
+
+
+def _error_of(fn) -> BaseException | None:
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - returned
+        return exc
+    return None

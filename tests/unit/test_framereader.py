@@ -73,3 +73,31 @@ def test_the_end_of_the_stream_is_link_closed_and_nothing_there_waits():
     theirs.close()
     with pytest.raises(LinkClosed):
         reader.read_frame()
+
+
+def test_frame_now_never_waits_a_part_stays_buffered_for_the_next_reader():
+    ours, theirs = socket.socketpair()
+    waits: list[int] = []
+    reader = reader_over(ours, waits)
+    whole = frame(3, 1, b"x" * 100)
+    assert reader.frame_now(True) is None  # nothing there
+    theirs.sendall(frame(1, 1, b"ack") + whole[:50])
+    assert reader.frame_now(True) == (1, 1, b"ack")
+    assert reader.frame_now(True) is None and reader.buffered  # half a frame: kept, not waited for
+    theirs.sendall(whole[50:])
+    assert reader.frame_now(False) is None  # without fetch: only what is buffered
+    assert reader.frame_now(True) == (3, 1, b"x" * 100) and not reader.buffered
+    assert waits == []
+
+
+def test_frame_now_refuses_an_oversized_frame_or_a_bad_frame_end_at_once():
+    ours, theirs = socket.socketpair()
+    reader = reader_over(ours)
+    theirs.sendall(struct.pack(">BHI", 3, 1, 1 << 20))
+    with pytest.raises(LinkClosed):
+        reader.frame_now(True)
+    ours, theirs = socket.socketpair()
+    reader = reader_over(ours)
+    theirs.sendall(frame(1, 1, b"ack", end=0x00))
+    with pytest.raises(UnexpectedFrame):
+        reader.frame_now(True)

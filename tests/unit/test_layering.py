@@ -26,7 +26,7 @@ LAYERS = [
      "rate", "schedule", "service", "caller", "middleware", "middleware.view", "workflow", "workflow.canvas", "workflow.state",
      "workflow.runner", "workflow.handle"},
     # the connection loop and what it carries out
-    {"transport", "transport.ioloop", "transport.redelivery", "transport.inbox", "transport.consumer"},
+    {"transport", "transport.ioloop", "transport.readtoken", "transport.redelivery", "transport.inbox", "transport.consumer"},
     # client and worker, and the middleware they run
     {"client", "client.rpc", "client.connection", "client.aio", "client.breaker", "client.breaker_state", "client.responses", "client.confirms",
      "client.publishing", "client.proxy",
