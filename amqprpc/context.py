@@ -111,6 +111,18 @@ class HandlerCall:
                                                 self.deadline, run)
         return public
 
+    # What else a CallContext answers, for code that reads `current` itself.
+    def remaining(self) -> float | None:
+        return self.public().remaining()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.public().cancelled
+
+    @property
+    def idempotency_key(self) -> str | None:
+        return self.public().idempotency_key
+
     def __repr__(self) -> str:
         return f"<HandlerCall {self.service}.{self.action} {self.correlation_id}>"
 

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import pytest
 
-from amqprpc import CallContext, Service, current_call
+from amqprpc import CallContext, Service, context, current_call
 from amqprpc.middleware import Delivery, Hooks, Middleware
 from amqprpc.middleware.eta import Eta
 from amqprpc.middleware.idempotency import Idempotency
@@ -86,6 +86,9 @@ def test_current_call_is_one_frozen_call_context_per_run_whose_cancelled_is_the_
         with pytest.raises(dataclasses.FrozenInstanceError):
             call.action = "other"  # type: ignore[misc]
         seen["call"] = call
+        raw = context.current.get()  # what the worker sets: the same answers as the CallContext
+        assert isinstance(raw, context.HandlerCall) and raw.public() is call
+        assert (raw.cancelled, raw.idempotency_key, raw.trace_id) == (call.cancelled, None, call.trace_id)
         return call.trace_id
 
     client = InMemoryClient(service)
