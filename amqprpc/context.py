@@ -15,9 +15,10 @@ from typing import Any, Mapping, NamedTuple, Optional
 
 
 class Cancellation:
-    """A flag the revoke middleware raises for one running handler (``cancelled``): a plain
-    attribute, set from its poller thread, read by the handler (one is made per delivery,
-    so it is cheaper than a ``threading.Event``)."""
+    """A flag raised for one running handler (``cancelled``): a plain attribute, set from
+    another thread, read by the handler. Anything with a ``cancelled`` attribute serves as a
+    :class:`RunScope`'s ``cancel``: the worker's own is the delivery's (its ``cancelled``, which
+    the revoke middleware raises; :class:`HandlerCall`)."""
 
     __slots__ = ("cancelled",)
 
@@ -31,7 +32,7 @@ class RunScope(NamedTuple):
     when the message is revoked while its handler runs (:mod:`amqprpc.middleware.revoke`);
     ``idempotency_key`` the key the request carries (:mod:`amqprpc.middleware.idempotency`)."""
 
-    cancel: Optional[Cancellation] = None
+    cancel: Optional[Any] = None  # a Cancellation, or anything with a `cancelled` attribute
     idempotency_key: Optional[str] = None
     # A NamedTuple, not a frozen dataclass: one is made per delivery, on the hot path.
 
@@ -78,7 +79,58 @@ class CallContext:
         return self.run.idempotency_key
 
 
-current: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar("amqprpc_call", default=None)
+class HandlerCall:
+    """What a worker sets in :data:`current` around each handler's run: the fields of a
+    :class:`CallContext` in a plain record, made in a fraction of a frozen dataclass's
+    time (it is made for every delivery; most handlers never ask for it).
+    :func:`current_call` turns it into the CallContext (once: the same object after that).
+    ``cancel`` what says the run was called off (the delivery: its ``cancelled``), read
+    through the CallContext's ``cancelled``; ``run`` the :data:`scope` when it was made."""
+
+    __slots__ = ("service", "action", "correlation_id", "trace_id", "deadline", "cancel", "run", "_public")
+
+    def __init__(self, service: str, action: str, correlation_id: str, trace_id: str, deadline: float | None,
+                 cancel: Any = None) -> None:
+        self.service = service
+        self.action = action
+        self.correlation_id = correlation_id
+        self.trace_id = trace_id
+        self.deadline = deadline
+        self.cancel = cancel
+        self.run = scope.get()
+        self._public: CallContext | None = None
+
+    def public(self) -> CallContext:
+        """The :class:`CallContext` of this run (made on first use)."""
+        public = self._public
+        if public is None:
+            run = self.run
+            if self.cancel is not None and run.cancel is None:
+                run = RunScope(self.cancel, run.idempotency_key)
+            public = self._public = CallContext(self.service, self.action, self.correlation_id, self.trace_id,
+                                                self.deadline, run)
+        return public
+
+    # What else a CallContext answers, for code that reads `current` itself.
+    def remaining(self) -> float | None:
+        return self.public().remaining()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.public().cancelled
+
+    @property
+    def idempotency_key(self) -> str | None:
+        return self.public().idempotency_key
+
+    def __repr__(self) -> str:
+        return f"<HandlerCall {self.service}.{self.action} {self.correlation_id}>"
+
+
+#: The call being handled: a :class:`CallContext`, or the worker's :class:`HandlerCall`
+#: (both have the fields nested calls read: trace_id, correlation_id, deadline).
+current: contextvars.ContextVar[CallContext | HandlerCall | None] = contextvars.ContextVar("amqprpc_call",
+                                                                                           default=None)
 
 #: Envelope headers every message published in this context carries besides its own (a
 #: workflow's steps carry the workflow there); the clients merge them in last.
@@ -94,4 +146,5 @@ def current_call() -> CallContext | None:
         def on_payment(payload):
             if current_call().action == "payment.failed": ...
     """
-    return current.get()
+    call = current.get()
+    return call.public() if isinstance(call, HandlerCall) else call

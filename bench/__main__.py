@@ -8,6 +8,11 @@ Scenarios: calls one at a time; 32 in flight from one RpcClient; 8 threads shari
 32 in flight from one AsyncRpcClient; confirmed casts; 8 calls in flight of 1 KB, 64 KB
 and 1 MB payloads (calls/s and MB/s); 1 to 4 server processes of each side on its one
 queue, 32 in flight (how calls/s scales on this machine); RSS over many calls.
+
+``--dispatch-cost PATH`` and ``--prefork PATH`` attach the JSON that ``python -m bench.dispatch_cost
+--features --out PATH`` and ``python -m bench.prefork --out PATH`` wrote (run apart: the one counts
+instructions under valgrind, the other needs free cores); the table prints them after the
+scenarios, each with its own date and load (bench/report.py).
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from amqprpc.testing import delete_queues, unique_name
 
 from .measure import cpu_of, interleaved, rss_mb
 from .raw_client import RawClient
-from .report import table
+from .report import attach, table
 from .rpc_side import RpcSide
 
 # Operations per side for a full run; --quick takes a tenth, --scale any fraction.
@@ -63,9 +68,14 @@ def main(argv: list[str] | None = None) -> dict:
                              f"groups: {','.join(GROUPS)} (default: all)")
     parser.add_argument("--skip", default=None, help="comma-separated scenarios or groups not to run")
     parser.add_argument("--note", default="", help="free text stored in the JSON (e.g. machine load)")
+    parser.add_argument("--dispatch-cost", default=None,
+                        help="attach this JSON of python -m bench.dispatch_cost --out (features unused: worker CPU)")
+    parser.add_argument("--prefork", default=None,
+                        help="attach this JSON of python -m bench.prefork --out (--processes scaling)")
     args = parser.parse_args(argv)
     try:
         wanted = _select(args.only, args.skip)
+        attached = attach({}, args.dispatch_cost, args.prefork)  # read now: a bad path fails before the run
     except ValueError as exc:
         parser.error(str(exc))
     scale = args.scale if args.scale is not None else (0.1 if args.quick else 1.0)
@@ -158,6 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "body_bytes": len(body)},
             "note": args.note,
             "results": results,
+            **attached,
         }
     finally:
         for side in (ours, raw):

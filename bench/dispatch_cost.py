@@ -26,10 +26,17 @@ consume_scope and handle_scope only call on). RevokeChecks is measured between i
 polls (its "this service has revocations" flag cached, none; its poller thread asleep):
 a round trip and a poller wake-up per ``flag_cache`` / ``poll_interval`` seconds are not
 per-message work, and under valgrind they made the count depend on the run's speed.
+
+``--out PATH`` writes the figures as JSON, with the date, the load and a ``features`` summary:
+what the feature scopes a service does not use cost per message (``new`` against ``new without
+feature scopes``, and against ``old``); ``python -m bench --dispatch-cost PATH`` and
+``python -m bench.report --dispatch-cost PATH`` print it in the bench's table (bench/report.py).
+``--features`` runs only the three variants that summary needs.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import shutil
@@ -56,6 +63,8 @@ VARIANTS = {  # label: (tree, how the worker is set up)
 PAYLOAD = {"user_id": "u-123", "fields": ["name", "email", "created_at"], "n": 42, "note": "bench dispatch"}
 MARKER = "getppid"  # the syscall that splits callgrind's counts into phases (os.getppid)
 WARMUP = 500
+FEATURE_VARIANTS = ("old", "new", "new without feature scopes")  # what the features summary compares
+GOAL = 1.05  # #27: the features a service does not use cost <= 5% worker CPU per call
 
 
 # --- the child: one variant, in a process of its own -----------------------------------
@@ -238,6 +247,21 @@ def table(results: dict[str, dict[str, dict[str, float]]]) -> Iterator[str]:
             yield "| " + " | ".join(row) + " |"
 
 
+def summary(results: dict[str, dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """What the feature scopes cost a message that uses none of them, per kind: ``new`` (as
+    every worker is built) over ``new without feature scopes`` and over ``old``; instructions
+    when counted, else CPU time (said in ``measure``)."""
+    if not all(label in results for label in FEATURE_VARIANTS):
+        return {}
+    measure = "instructions" if "instructions" in results["new"] else "cpu_us"
+    kinds = {}
+    for kind in KINDS:
+        old, built, without = (results[label][measure][kind] for label in FEATURE_VARIANTS)
+        kinds[kind] = {"as_built": built, "without_features": without, "old": old,
+                       "vs_without": round(built / without, 4), "vs_old": round(built / old, 4)}
+    return {"measure": measure, "goal": GOAL, "kinds": kinds}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--messages", type=int, default=20_000, help="per kind, for the CPU time")
@@ -248,7 +272,9 @@ def main() -> None:
     parser.add_argument("--new-ref", help="measure this git ref as the new side (default: this checkout)")
     parser.add_argument("--no-callgrind", action="store_true", help="CPU time only (fast; no valgrind)")
     parser.add_argument("--only", help="these variants, comma-separated (old is always run: the reference)")
-    parser.add_argument("--out", type=Path, help="also write the figures as JSON")
+    parser.add_argument("--out", type=Path, help="also write the figures as JSON (with the date, load and summary)")
+    parser.add_argument("--features", action="store_true",
+                        help=f"only the variants the features summary needs: {', '.join(FEATURE_VARIANTS)}")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -256,11 +282,14 @@ def main() -> None:
         return
     callgrind = not args.no_callgrind
     labels = ["old", *(label for label in args.only.split(",") if label != "old")] if args.only else list(VARIANTS)
+    if args.features:
+        labels = list(FEATURE_VARIANTS)
     unknown = set(labels) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variant {sorted(unknown)[0]!r} (one of: {', '.join(VARIANTS)})")
     if callgrind and shutil.which("valgrind") is None:
         raise SystemExit("valgrind not found (apt-get install valgrind), or run with --no-callgrind")
+    started, load_before = time.time(), os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="dispatch-cost-") as scratch:
         results = measure(trees(Path(scratch), args.old_ref, args.old_tree, args.new_ref), labels, args.messages,
                           args.callgrind_messages, args.rounds, callgrind, Path(scratch))
@@ -268,8 +297,22 @@ def main() -> None:
           f"{args.rounds} rounds" + (f"; {args.callgrind_messages} per kind under callgrind)" if callgrind else ")"))
     print()
     print("\n".join(table(results)))
+    features = summary(results)
+    if features:
+        print()
+        for kind, figures in features["kinds"].items():
+            print(f"features unused, {kind}: {figures['as_built']:,.0f} {features['measure']}/msg as built, "
+                  f"{figures['vs_without']:.3f}x without the feature scopes, {figures['vs_old']:.3f}x old")
     if args.out:
-        args.out.write_text(json.dumps(results, indent=2))
+        doc = {"tool": "dispatch_cost", "started_utc": datetime.datetime.fromtimestamp(
+                   started, datetime.timezone.utc).isoformat(timespec="seconds"),
+               "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "nproc": os.cpu_count(),
+               "settings": {"old_ref": str(args.old_tree or args.old_ref), "new_ref": args.new_ref or "checkout",
+                            "messages": args.messages, "callgrind_messages": args.callgrind_messages if callgrind
+                            else None, "rounds": args.rounds},
+               "results": results, "features": features}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(doc, indent=2) + "\n")
 
 
 if __name__ == "__main__":

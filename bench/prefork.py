@@ -5,11 +5,15 @@ A handler that runs ``--ms`` milliseconds of pure Python (the GIL held throughou
 rounds; ``--in-flight`` client threads call it back to back for ``--calls`` calls a round. It
 prints calls/s per process count (best round, and the median), the ratio to one process and
 the load average before and after: on a machine shared with other work the ratio says little
-(issue #23 asks >= 1.6x for two processes on two idle cores).
+(issue #23 asks >= 1.6x for two processes on two idle cores; #27 >= 0.8*N for N processes on N
+free cores). ``--out PATH`` writes the figures as JSON, which ``python -m bench --prefork PATH`` and
+``python -m bench.report --prefork PATH`` print in the bench's table (bench/report.py).
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
 import signal
 import statistics
@@ -74,10 +78,11 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=300, help="calls per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--in-flight", type=int, default=8)
+    parser.add_argument("--out", type=Path, help="also write the figures as JSON")
     args = parser.parse_args()
     counts = [int(each) for each in args.processes.split(",")]
     loops = loops_for(args.ms)
-    load_before = os.getloadavg()
+    started, load_before = time.time(), os.getloadavg()
     figures: dict[int, list[float]] = {count: [] for count in counts}
     with RpcClient("bench-prefork", timeout=60) as client:
         for _ in range(args.rounds):
@@ -104,7 +109,20 @@ def main() -> None:
     for count in counts:
         best, median = max(figures[count]), statistics.median(figures[count])
         print(f"  --processes {count}: best {best:7.1f} calls/s, median {median:7.1f}  ({best / base:.2f}x)")
-    print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
+    load_after = os.getloadavg()
+    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
+    if args.out:
+        doc = {"tool": "prefork", "started_utc": datetime.datetime.fromtimestamp(
+                   started, datetime.timezone.utc).isoformat(timespec="seconds"),
+               "nproc": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": load_after,
+               "settings": {"ms": args.ms, "loops": loops, "calls": args.calls, "rounds": args.rounds,
+                            "in_flight": args.in_flight, "concurrency": 2},
+               "results": {str(count): {"best_per_s": round(max(figures[count]), 1),
+                                        "median_per_s": round(statistics.median(figures[count]), 1),
+                                        "rounds_per_s": [round(each, 1) for each in figures[count]],
+                                        "scaling": round(max(figures[count]) / base, 3)} for count in counts}}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(doc, indent=2) + "\n")
 
 
 if __name__ == "__main__":

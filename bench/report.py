@@ -4,6 +4,14 @@
 ``python -m bench.report --plot RESULT.json`` draws its figures as SVG charts into docs/benchmark/
 (``--out-dir`` elsewhere; see bench/plot.py). The docs chart the reference run,
 bench/reference/20261122T0938Z.json, so building them never runs a benchmark.
+
+Two figures come from tools of their own, run apart from the bench's load and attached to a
+run's JSON as they are (``python -m bench --dispatch-cost PATH --prefork PATH``, or here with
+the same options): what the features a service does not use cost the worker per message
+(``python -m bench.dispatch_cost --features --out PATH``: callgrind instructions, which the
+load does not move) and how a CPU-bound handler scales with ``--processes``
+(``python -m bench.prefork --processes 1,2 --out PATH``: calls/s, which only free cores make
+meaningful). Each is printed after the table with its own date and load.
 """
 from __future__ import annotations
 
@@ -66,6 +74,7 @@ def table(doc: dict) -> str:
         lines.append(f"RSS over {rss['calls']} calls: " + ", ".join(
             f"{name} {rss[name]['before_mb']:.1f} -> {rss[name]['after_mb']:.1f} MB ({rss[name]['growth_mb']:+.2f})"
             for name in ("worker", "client", "raw_server") if name in rss))
+    lines += attached(doc, markdown=False)
     machine = doc["machine"]
     lines.append(f"machine: {machine['nproc']} x {machine['cpu']}, Python {machine['python']}, "
                  f"{machine.get('json', 'json (stdlib)')}, "
@@ -100,7 +109,74 @@ def markdown(doc: dict) -> str:
     lines.append(f"{doc['started_utc'][:16]} UTC, {doc['seconds']:.0f} s: {machine['nproc']} x {machine['cpu']}, "
                  f"Python {machine['python']}, py-amqp {machine['py_amqp']}, kombu {machine['kombu']}, "
                  f"{machine.get('json', 'json (stdlib)')}; load average {load[0]:.2f} at start, {load[1]:.2f} at end.")
-    return "\n".join(lines)
+    return "\n".join(lines + attached(doc, markdown=True))
+
+
+def attached(doc: dict, markdown: bool) -> list[str]:
+    """The sections of the figures attached to a run (module doc): a heading line saying
+    where each comes from, then its rows (a markdown table, or aligned columns)."""
+    lines: list[str] = []
+    extra = doc.get("attached") or {}
+    features = (extra.get("dispatch_cost") or {}).get("features")
+    if features:
+        source = extra["dispatch_cost"]
+        measure = ("instructions per message (callgrind)" if features["measure"] == "instructions"
+                   else "CPU us per message (no callgrind: moved by the load)")
+        head = (f"Worker CPU per message, features unused (Eta, RevokeChecks, Idempotency, Workflows): "
+                f"python -m bench.dispatch_cost, {measure}, no broker; {_when(source)}")
+        rows = [("kind", "as built", "without the feature scopes", f"ratio (goal <= {features['goal']:.2f})",
+                 "old flat layout", "ratio")]
+        for kind, figures in features["kinds"].items():
+            rows.append((kind, f"{figures['as_built']:,.0f}", f"{figures['without_features']:,.0f}",
+                         f"{figures['vs_without']:.3f}", f"{figures['old']:,.0f}", f"{figures['vs_old']:.3f}"))
+        lines += _section(head, rows, markdown)
+    prefork = extra.get("prefork")
+    if prefork:
+        settings = prefork["settings"]
+        head = (f"--processes N, a CPU-bound handler ({settings['ms']:g} ms of pure Python a call, "
+                f"{settings['in_flight']} in flight; goal >= 0.8*N on N free cores): python -m bench.prefork, "
+                f"best of {settings['rounds']} rounds; {_when(prefork)}")
+        rows = [("processes", "calls/s", "median", "scaling", "goal")]
+        for count, figures in sorted(prefork["results"].items(), key=lambda item: int(item[0])):
+            rows.append((count, f"{figures['best_per_s']:.1f}", f"{figures['median_per_s']:.1f}",
+                         f"{figures['scaling']:.2f}x", f"{0.8 * int(count):.1f}x" if int(count) > 1 else "-"))
+        lines += _section(head, rows, markdown)
+    return lines
+
+
+def _when(source: dict) -> str:
+    return (f"{source['started_utc'][:16].replace('T', ' ')} UTC, {source['nproc']} cores, load average "
+            f"{source['loadavg_before'][0]:.2f} before, {source['loadavg_after'][0]:.2f} after")
+
+
+def _section(head: str, rows: list[tuple[str, ...]], markdown: bool) -> list[str]:
+    if markdown:
+        return ["", head + ":", "", "| " + " | ".join(rows[0]) + " |",
+                "|---|" + "---:|" * (len(rows[0]) - 1), *("| " + " | ".join(row) + " |" for row in rows[1:])]
+    widths = [max(len(row[n]) for row in rows) for n in range(len(rows[0]))]
+    return [head, *("  " + "  ".join(cell.rjust(width) if n else cell.ljust(width)
+                                     for n, (cell, width) in enumerate(zip(row, widths))) for row in rows)]
+
+
+def attach(doc: dict, dispatch_cost: str | None = None, prefork: str | None = None) -> dict:
+    """``doc`` with the JSON files of bench.dispatch_cost and bench.prefork attached (module doc)."""
+    loaded = {}
+    for name, path in (("dispatch_cost", dispatch_cost), ("prefork", prefork)):
+        if path:
+            with open(path) as source:
+                loaded[name] = json.load(source)
+            if loaded[name].get("tool") != name:
+                raise SystemExit(f"{path} is not the JSON of bench.{name} --out "
+                                 f"(its tool: {loaded[name].get('tool')})")
+    return attach_figures(doc, loaded.get("dispatch_cost"), loaded.get("prefork"))
+
+
+def attach_figures(doc: dict, dispatch_cost: dict | None = None, prefork: dict | None = None) -> dict:
+    """``doc`` with those tools' figures (as their JSON has them) under ``attached``."""
+    for name, figures in (("dispatch_cost", dispatch_cost), ("prefork", prefork)):
+        if figures:
+            doc.setdefault("attached", {})[name] = figures
+    return doc
 
 
 if __name__ == "__main__":
@@ -109,9 +185,11 @@ if __name__ == "__main__":
     parser.add_argument("--markdown", action="store_true", help="the docs' table instead of the console's")
     parser.add_argument("--plot", action="store_true", help="write the figures as SVG charts (see --out-dir)")
     parser.add_argument("--out-dir", default=str(DOCS_CHARTS), help="where --plot writes (default: docs/benchmark)")
+    parser.add_argument("--dispatch-cost", help="attach the JSON of python -m bench.dispatch_cost --out")
+    parser.add_argument("--prefork", help="attach the JSON of python -m bench.prefork --out")
     args = parser.parse_args()
     with open(args.result) as source:
-        doc = json.load(source)
+        doc = attach(json.load(source), args.dispatch_cost, args.prefork)
     if args.plot:
         for path in plot.write(doc, Path(args.out_dir)):
             print(f"written: {path}")

@@ -39,7 +39,7 @@ The interface (stable: other features build on these names and fields)::
 
     Delivery: service, kind ("call" | "cast" | "event"), action, handler, message_id,
         correlation_id, reply_to, exchange, routing_key, queue, redelivered, headers,
-        body_headers, payload, body_size, started, state
+        body_headers, payload, body_size, started, state, cancelled
     Outcome (amqprpc.outcome): kind (OutcomeKind: REPLIED, FAILED, RETRIED, DEAD_LETTERED,
         REFUSED, EXPIRED, RECOUNTED, DONE), error_type, duration, dead_lettered
     Outgoing: kind ("call" | "cast" | "event" | "submit"), service, action, exchange,
@@ -48,6 +48,11 @@ The interface (stable: other features build on these names and fields)::
         options, state
     CallOutcome (amqprpc.outcome): kind ("ok" | "error" | "timeout" | "unavailable" |
         "circuit_open" | "refused"), error_type, duration
+
+A middleware whose ``consume_scope`` only has work for messages that carry a header (a
+countdown's ``x-eta``, an ``idempotency_key``, a ``workflow``) says so in ``consume_gate``
+(see :class:`Middleware`): the worker's chain then skips that scope for every other
+message, so a feature a service does not use costs its messages nothing.
 
 A call the client's CircuitBreaker refuses is never published: it gets no
 ``before_publish``, only ``after_settle`` with outcome kind ``circuit_open`` (on the calling
@@ -103,7 +108,7 @@ metrics, registry presence, ping, the shared client), and the process defaults
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence, Tuple
 
 from amqprpc import logs
 from amqprpc.outcome import CallOutcome, Outcome
@@ -130,13 +135,16 @@ class Delivery:
     ``state`` a dict for middleware's own per-delivery data; ``trace_id`` the id the worker
     binds to the handler's log lines and passes on to its nested calls and events (the
     envelope's ``trace_id``, else the correlation or message id): the one field besides
-    ``state`` that ``before_handle`` may set (OpenTelemetry puts its trace id there).
+    ``state`` that ``before_handle`` may set (OpenTelemetry puts its trace id there);
+    ``cancelled`` True once the message was revoked while its handler runs (raised by
+    :class:`~amqprpc.middleware.revoke.RevokeChecks`; the handler reads it as
+    ``current_call().cancelled``).
     """
 
     __slots__ = ("service", "kind", "action", "handler", "message_id", "correlation_id", "reply_to", "exchange",
                  "routing_key", "queue", "redelivered", "headers", "body_headers", "payload", "body_size",
                  "started", "state", "trace_id", "message", "request", "function", "retry", "deadline", "worker",
-                 "result", "decide")
+                 "result", "decide", "cancelled")
 
     def __init__(self, service: str, kind: str, queue: str, properties: Mapping[str, Any],
                  delivery_info: Mapping[str, Any], body_size: int, started: float) -> None:
@@ -158,6 +166,7 @@ class Delivery:
         self.started = started
         self.state: dict[str, Any] = {}
         self.trace_id: str | None = None
+        self.cancelled = False
         # What the dispatcher (amqprpc.server.dispatcher) fills in for the scopes.
         self.message: Any = None
         self.request: Any = None
@@ -236,8 +245,25 @@ class PublishCommand:
         return f"<PublishCommand {self.kind} {self.service}.{self.action}>"
 
 
+#: Where a consume_scope has work: (field, key) pairs, field "headers" or "body_headers".
+Gate = Tuple[Tuple[str, str], ...]
+GATE_FIELDS = ("headers", "body_headers")
+
+
 class Middleware:
-    """Base class: every hook does nothing. Override the ones you need (see the module doc)."""
+    """Base class: every hook does nothing. Override the ones you need (see the module doc).
+
+    ``consume_gate``: where this middleware's ``consume_scope`` has work, as ``(field, key)``
+    pairs, ``field`` one of ``"headers"`` (the AMQP application headers) and
+    ``"body_headers"`` (the envelope's); e.g. ``(("body_headers", "idempotency_key"),)``.
+    Empty (the default): the scope runs for every delivery. Set: the worker's chain skips
+    the scope for a delivery that carries none of those keys, so it must only call on for
+    such a delivery (a delivery with any gated key of any middleware runs the whole chain,
+    each scope in its place). Honoured where it is declared on the class that defines the
+    ``consume_scope`` or below (a subclass that overrides ``consume_scope`` declares its own).
+    """
+
+    consume_gate: ClassVar[Gate] = ()
 
     def worker_starting(self, worker: WorkerView) -> None:
         pass
@@ -303,6 +329,22 @@ def remove_default(middleware: Middleware) -> None:
     default[:] = [existing for existing in default if existing is not middleware]
 
 
+def _gate(middleware: Middleware) -> Gate:
+    """The ``consume_gate`` of ``middleware`` when it is declared where its consume_scope is
+    (or below); () otherwise."""
+    mro = type(middleware).__mro__
+    gate = type(middleware).consume_gate
+    if not gate:
+        return ()
+    for field, key in gate:
+        if field not in GATE_FIELDS or not isinstance(key, str):
+            raise ValueError(f"{type(middleware).__name__}.consume_gate: ({field!r}, {key!r}) is not "
+                             f"(one of {GATE_FIELDS}, a key)")
+    scope_owner = next(cls for cls in mro if "consume_scope" in vars(cls))
+    gate_owner = next(cls for cls in mro if "consume_gate" in vars(cls))
+    return gate if issubclass(gate_owner, scope_owner) else ()
+
+
 class Hooks:
     """The hooks of one worker's or client's middleware list, resolved once: for each hook,
     the bound methods of the middleware that override it, in calling order. Calling a
@@ -316,6 +358,7 @@ class Hooks:
     after_handle: tuple[Callable[[Delivery, Outcome], None], ...]
     outcome_amended: tuple[Callable[[Delivery, Outcome, Outcome], None], ...]
     consume_scope: tuple[Callable[[Callable[[Delivery], Any], Delivery], Any], ...]
+    consume_gates: tuple[Gate, ...]  # each consume_scope's gate (() when it has none)
     handle_scope: tuple[Callable[[Callable[[Delivery], Any], Delivery], Any], ...]
     publish_scope: tuple[Callable[[Callable[[PublishCommand], Any], PublishCommand], Any], ...]
     before_publish: tuple[Callable[[Outgoing], None], ...]
@@ -339,6 +382,8 @@ class Hooks:
             if name in _AFTER:
                 bound.reverse()
             setattr(self, name, tuple(bound))
+        self.consume_gates = tuple(_gate(each) for each in self.middleware
+                                   if type(each).consume_scope is not Middleware.consume_scope)
 
     def __bool__(self) -> bool:
         return bool(self.middleware)

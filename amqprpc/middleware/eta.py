@@ -4,7 +4,7 @@ A delayed cast reaches the request queue when its countdown queue's TTL runs out
 (:mod:`amqprpc.client.countdown`): rounded up, so on time by the publisher's clock. A worker
 whose clock runs ahead of the publisher's may still see it early; then it goes back to wait
 for the rest, in the broker (never held unacked, never a sleeping handler thread). A message
-without ``x-eta`` costs one dict lookup.
+without ``x-eta`` costs nothing: the worker's chain skips this scope for it (``consume_gate``).
 
 :func:`wait_in_broker` is the one way the features of tasks in time put a delivery off:
 through the countdown queue of the delay (50 ms steps under 10 s), headers updated.
@@ -47,6 +47,8 @@ def wait_in_broker(delivery: Delivery, delay: float, kind: OutcomeKind,
 
 class Eta(Middleware):
     """Sends a delivery whose ``x-eta`` is still ahead back to wait; counts those that came due."""
+
+    consume_gate = (("headers", ETA_HEADER),)  # the chain skips this scope for a message without one
 
     def consume_scope(self, call_next: Callable[[Delivery], Any], delivery: Delivery) -> Any:
         eta = delivery.headers.get(ETA_HEADER)

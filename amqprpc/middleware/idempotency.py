@@ -110,7 +110,9 @@ class IdempotencyStore(RedisState):
 
 class Idempotency(Middleware):
     """Worker middleware: runs a handler at most once per idempotency key (see the module
-    doc). Added to every worker; a message without a key costs one dict lookup."""
+    doc). Added to every worker; the chain skips it for a message without a key."""
+
+    consume_gate = (("body_headers", HEADER),)
 
     def __init__(self, store: IdempotencyStore | None = None) -> None:
         self.store = store or IdempotencyStore()

@@ -31,7 +31,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
 
-from amqprpc import context, logs
+from amqprpc import logs
 from amqprpc.errors import ServiceUnavailable
 from amqprpc.middleware import Delivery, Middleware
 from amqprpc.middleware.redisstate import REDIS_TIMEOUT_S, RedisHealth, RedisState
@@ -124,8 +124,9 @@ class RevokeChecks(Middleware):
         self.flag_cache = flag_cache
         self.poll_interval = poll_interval
         self.health = RedisHealth("revocation checks")
+        # Times are time.perf_counter(), the clock of Delivery.started (no clock read per delivery).
         self._flags: dict[str, tuple[bool, float]] = {}  # service -> (revocations exist, read at)
-        self._running: dict[context.Cancellation, tuple[str, str, float]] = {}  # -> (service, message id, since)
+        self._running: dict[int, tuple[Delivery, float]] = {}  # id(delivery) -> (delivery, since)
         self._lock = threading.Condition()
         self._poller: threading.Thread | None = None
         self._stopping = False
@@ -138,26 +139,26 @@ class RevokeChecks(Middleware):
         if not message_id:
             return call_next(delivery)
         service = delivery.service
-        # The common case in one dict read and one clock read: nothing revoked for the service,
-        # known within flag_cache seconds (the poller keeps the flag fresh while handlers run).
+        # The common case in one dict read: nothing revoked for the service, known within
+        # flag_cache seconds of when the delivery was taken (the poller keeps the flag fresh
+        # while handlers run).
+        now = delivery.started
         exists, read_at = self._flags.get(service, _NEVER_READ)
-        now = time.monotonic()
         if (exists or now - read_at > self.flag_cache) and self.revoked(service, message_id):
             log.info("revoked message acked unrun", message_id=message_id, action=delivery.action,
                      kind=delivery.kind)
             return revoked_decision(delivery)
-        cancel = context.Cancellation()
-        token = context.scope.set(context.RunScope(cancel, context.scope.get().idempotency_key))
-        running = self._running
-        running[cancel] = (service, message_id, now)  # one dict store (atomic under the GIL)
+        # Running: the poller raises delivery.cancelled, which the handler reads as
+        # current_call().cancelled (the dispatcher's HandlerCall reads the delivery's flag).
+        running, key = self._running, id(delivery)
+        running[key] = (delivery, now)  # one dict store (atomic under the GIL)
         if self._poller is None:
             self._start_poller()
         try:
             decision = call_next(delivery)
         finally:
-            running.pop(cancel, None)
-            context.scope.reset(token)
-        if cancel.cancelled and decision.outcome.error_type == "Revoked":
+            running.pop(key, None)
+        if delivery.cancelled and decision.outcome.error_type == "Revoked":
             # The handler saw `cancelled` and raised Revoked: counted as revoked, a cast is not dead-lettered.
             return revoked_decision(delivery)
         return decision
@@ -165,7 +166,7 @@ class RevokeChecks(Middleware):
     def revoked(self, service: str, message_id: str) -> bool:
         """Whether ``message_id`` of ``service`` is revoked: a Redis lookup only while the
         service has revocations (cached :attr:`flag_cache` seconds); False without Redis."""
-        now = time.monotonic()
+        now = time.perf_counter()
         health = self.health
         if not health.usable(now):
             return False
@@ -200,15 +201,15 @@ class RevokeChecks(Middleware):
                     self._lock.wait(self.poll_interval)  # only worker_stopped wakes it early
                 if self._stopping:
                     return
-            started_before = time.monotonic() - self.poll_interval
+            started_before = time.perf_counter() - self.poll_interval
             by_service: dict[str, list[str]] = {}
-            for service, message_id, since in self._running.copy().values():  # copy(): atomic, unlike iterating
-                if since <= started_before:
-                    by_service.setdefault(service, []).append(message_id)
+            for delivery, since in self._running.copy().values():  # copy(): atomic, unlike iterating
+                if since <= started_before and delivery.message_id:
+                    by_service.setdefault(delivery.service, []).append(delivery.message_id)
             if not by_service:
                 continue
             by_service = {service: list(dict.fromkeys(ids)) for service, ids in by_service.items()}
-            now = time.monotonic()
+            now = time.perf_counter()
             if self.health.usable(now):
                 for service, ids in by_service.items():
                     self._check_running(service, ids, now)
@@ -224,11 +225,11 @@ class RevokeChecks(Middleware):
         hits = {message_id for message_id, hit in zip(ids, revoked) if hit}
         if not hits:
             return
-        for cancel, (of, message_id, _) in self._running.copy().items():
-            if of == service and message_id in hits and not cancel.cancelled:
+        for delivery, _ in self._running.copy().values():
+            if delivery.service == service and delivery.message_id in hits and not delivery.cancelled:
                 log.info("running handler's message revoked: current_call().cancelled is now true",
-                         message_id=message_id)
-                cancel.cancelled = True
+                         message_id=delivery.message_id)
+                delivery.cancelled = True
 
     def worker_stopped(self, worker: WorkerView) -> None:
         with self._lock:

@@ -1,7 +1,7 @@
 """Which middleware of tasks in time (#22) a service needs: what it does not use costs nothing.
 
-- :class:`~amqprpc.middleware.eta.Eta` for every service (one dict lookup per message
-  without ``x-eta``: anyone may send a countdown cast to any service);
+- :class:`~amqprpc.middleware.eta.Eta` for every service: anyone may send a countdown cast to
+  any service (a message without ``x-eta`` skips it: its ``consume_gate``);
 - :class:`~amqprpc.middleware.ratelimit.RateLimit` when a handler has a ``rate_limit``;
 - :class:`~amqprpc.middleware.ticks.TickOnce` when the service has schedules (``periodic``).
 

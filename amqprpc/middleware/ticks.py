@@ -8,7 +8,7 @@ it; a second copy finds the claim and is acked unrun (outcome ``deduplicated``).
 
 A tick coming back after a failed attempt (retry), a crash (redelivered) or a wait (rate
 limit) is the same copy, not a duplicate: only a first delivery claims. Redis down: the tick
-runs (at-least-once), with one warning. Messages without ``x-tick`` cost one dict lookup;
+runs (at-least-once), with one warning. Messages without ``x-tick`` skip this scope (``consume_gate``);
 the worker adds this middleware only for a service that has schedules.
 """
 from __future__ import annotations
@@ -30,6 +30,8 @@ log = logs.get_logger("amqprpc.ticks")
 
 class TickOnce(Middleware):
     """Claims each tick id of ``service`` in Redis before it runs; drops one already claimed."""
+
+    consume_gate = (("headers", TICK_HEADER),)  # the chain skips this scope for a message without one
 
     def __init__(self, service: str, *, redis_url: str | None = None, prefix: str = "amqprpc:tick",
                  ttl: int = 86400, redis: Any = None) -> None:

@@ -1,6 +1,6 @@
 """What follows a workflow step, run by the worker that ran the step (every worker has it).
 
-A delivery without a ``workflow`` envelope header passes straight on (one dict lookup).
+A delivery without a ``workflow`` envelope header does not enter this scope (``consume_gate``).
 For a step (:mod:`amqprpc.workflow.runner`): claim it (a second copy is acked unrun,
 ``skipped``), run it, and then -- it succeeded -- record its result and cast what follows,
 or -- it failed for good -- fail the workflow. With Redis unreachable, the step waits in a
@@ -23,6 +23,11 @@ PUBLISH_FAILED_RETRY_S = 1.0
 
 
 class Workflows(Middleware):
+    """Runs a workflow's step and what follows it (see the module doc); the chain skips it
+    for a message without a ``workflow`` header."""
+
+    consume_gate = (("body_headers", "workflow"),)
+
     def __init__(self, state: Any = None) -> None:
         self._state = state
 

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from amqprpc import Revoked, RemoteError, current_call
 from amqprpc.cli import main
-from amqprpc.context import CallContext, Cancellation, RunScope, scope
+from amqprpc.context import CallContext, Cancellation, HandlerCall, RunScope, scope
 from amqprpc.middleware.revoke import RevocationStore, RevokeChecks
 from amqprpc.outcome import Outcome, OutcomeKind
 from amqprpc.testing import capture_logs, unique_name, wait_for
@@ -48,7 +48,7 @@ def delivery(service: str, kind: str = "cast", message_id: str | None = None, **
     return SimpleNamespace(service=service, kind=kind, action="work", handler="work", correlation_id=message_id,
                            message_id=message_id, reply_to="amq.reply" if kind == "call" else None,
                            body_headers=headers, decide=Decisions(), started=time.perf_counter(),
-                           deadline=headers.get("deadline"))
+                           deadline=headers.get("deadline"), cancelled=False)
 
 
 def ran(result: Any = "ran") -> Any:
@@ -192,8 +192,8 @@ def test_a_running_handler_sees_cancelled_within_a_second(store):
         seen["after"] = time.monotonic()
         return SimpleNamespace(verdict="ran", body=None, forward=None, outcome=Outcome(OutcomeKind.DONE))
 
-    def current_call_cancelled() -> bool:
-        return CallContext(service, "work", running.message_id, "t", None).cancelled
+    def current_call_cancelled() -> bool:  # current_call() in a handler the dispatcher runs for `running`
+        return HandlerCall(service, "work", running.message_id, "t", None, running).public().cancelled
 
     thread = threading.Thread(target=checks.consume_scope, args=(handler, running))
     thread.start()

@@ -50,3 +50,74 @@ def test_the_committed_charts_are_the_reference_runs() -> None:
         committed = (CHARTS / name).read_text(encoding="utf-8")
         assert committed == text, (f"docs/benchmark/{name} is out of date; redraw with: "
                                    f"python -m bench.report --plot {REFERENCE.relative_to(ROOT)}")
+
+
+# --- figures of bench.dispatch_cost and bench.prefork attached to a run (#27) -------------
+DISPATCH_COST = {
+    "tool": "dispatch_cost", "started_utc": "2026-12-08T10:00:00+00:00", "nproc": 2,
+    "loadavg_before": [3.5, 3.0, 2.0], "loadavg_after": [4.25, 3.0, 2.0], "settings": {},
+    "results": {}, "features": {"measure": "instructions", "goal": 1.05, "kinds": {
+        "call": {"as_built": 145_043, "without_features": 140_171, "old": 144_495, "vs_without": 1.0348,
+                 "vs_old": 1.0038},
+        "cast": {"as_built": 140_029, "without_features": 135_311, "old": 139_650, "vs_without": 1.0349,
+                 "vs_old": 1.0027}}}}
+PREFORK = {
+    "tool": "prefork", "started_utc": "2026-12-08T11:00:00+00:00", "nproc": 2,
+    "loadavg_before": [0.5, 0.4, 0.3], "loadavg_after": [1.75, 0.5, 0.3],
+    "settings": {"ms": 20.0, "loops": 1000, "calls": 300, "rounds": 3, "in_flight": 8, "concurrency": 2},
+    "results": {"1": {"best_per_s": 48.0, "median_per_s": 47.5, "rounds_per_s": [47.5, 48.0, 47.0], "scaling": 1.0},
+                "2": {"best_per_s": 90.0, "median_per_s": 88.0, "rounds_per_s": [88.0, 90.0, 85.0],
+                      "scaling": 1.875}}}
+
+
+def _with_attached() -> dict:
+    from bench import report
+
+    doc = json.loads(REFERENCE.read_text())
+    return report.attach_figures(doc, DISPATCH_COST, PREFORK)
+
+
+def test_the_markdown_shows_what_unused_features_cost_and_the_processes_scaling() -> None:
+    from bench import report
+
+    text = report.markdown(_with_attached())
+    lines = text.splitlines()
+    features = lines.index(next(line for line in lines if line.startswith("Worker CPU per message, features unused")))
+    assert "instructions per message (callgrind)" in lines[features]
+    assert "2026-12-08 10:00 UTC, 2 cores, load average 3.50 before, 4.25 after" in lines[features]
+    assert lines[features + 2].startswith("| kind | as built | without the feature scopes | ratio (goal <= 1.05) |")
+    assert "| call | 145,043 | 140,171 | 1.035 | 144,495 | 1.004 |" in lines
+    assert "| cast | 140,029 | 135,311 | 1.035 | 139,650 | 1.003 |" in lines
+    assert any(line.startswith("--processes N, a CPU-bound handler (20 ms") and "load average 0.50 before" in line
+               for line in lines)
+    assert "| 1 | 48.0 | 47.5 | 1.00x | - |" in lines
+    assert "| 2 | 90.0 | 88.0 | 1.88x | 1.6x |" in lines
+
+
+def test_the_console_table_prints_the_same_sections() -> None:
+    from bench import report
+
+    text = report.table(_with_attached())
+    assert "features unused" in text and "--processes N" in text
+    assert any(line.split() == ["call", "145,043", "140,171", "1.035", "144,495", "1.004"] for line in text.splitlines())
+    assert any(line.split() == ["2", "90.0", "88.0", "1.88x", "1.6x"] for line in text.splitlines())
+
+
+def test_a_run_without_attached_figures_prints_no_such_section() -> None:
+    from bench import report
+
+    doc = json.loads(REFERENCE.read_text())
+    assert "features unused" not in report.markdown(doc) and "--processes N" not in report.table(doc)
+
+
+def test_report_attaches_the_tools_json_files_and_refuses_one_of_another_tool(tmp_path: Path) -> None:
+    (tmp_path / "dispatch.json").write_text(json.dumps(DISPATCH_COST))
+    (tmp_path / "prefork.json").write_text(json.dumps(PREFORK))
+    run = subprocess.run([sys.executable, "-m", "bench.report", "--markdown", str(REFERENCE), "--dispatch-cost",
+                          str(tmp_path / "dispatch.json"), "--prefork", str(tmp_path / "prefork.json")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "| call | 145,043 | 140,171 | 1.035 |" in run.stdout and "| 2 | 90.0 | 88.0 | 1.88x |" in run.stdout
+    wrong = subprocess.run([sys.executable, "-m", "bench.report", str(REFERENCE), "--prefork",
+                            str(tmp_path / "dispatch.json")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert wrong.returncode != 0 and "not the JSON of bench.prefork" in wrong.stderr
