@@ -19,6 +19,13 @@ client does, the loop thread *lends* the socket to them (leader/follower):
   inside a frame, so it leaves within one ``poll()`` wake-up. A caller that finds the token
   held waits on its call as before (a *follower*): the leader's reads settle it. A leader
   that leaves while followers still wait wakes the loop thread, which takes the socket back.
+- A leader sleeps through a lone small frame: its ``poll()`` wakes for more than
+  :data:`LONE_FRAME` bytes (``SO_RCVLOWAT``), so the broker's confirm of the request, which
+  arrives alone before the reply, costs no wake-up of its own; it is read with the reply. What
+  a leader slept through (a confirm, a nack, a heartbeat) is read after :data:`QUIET_MS`,
+  then twice as long each time, up to :data:`QUIET_MAX_MS`: a refused request still fails
+  within milliseconds. The mark is 1 while a frame is partly read, and back to 1 when the
+  leader leaves (the loop's own ``poll()`` sees every byte).
 - Meanwhile the loop thread stays off the socket (:meth:`ReadToken.lend` serves the lease):
   it polls only its wake-up pipe (and the socket for POLLOUT while writes wait in a
   backlog), still sends heartbeats and finds a dead link by its silence (leaders record
@@ -45,6 +52,7 @@ from __future__ import annotations
 import collections
 import os
 import select
+import socket
 import threading
 import time
 from typing import Any, Callable, Protocol
@@ -69,6 +77,11 @@ class Loop(Protocol):
 # caller making one call after another keeps leading without waking the loop per call; the
 # loop wakes once per lease to see whether anyone still does.
 LEASE = 0.010
+# A leader's poll() wakes only for more than this many bytes (SO_RCVLOWAT): a lone basic.ack
+# or basic.nack frame is 21 bytes, a heartbeat 8; a reply is always more. What it slept
+# through is read after QUIET_MS, then after twice as long, up to QUIET_MAX_MS.
+LONE_FRAME = 21
+QUIET_MS, QUIET_MAX_MS = 2, 64
 
 _READ = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
 _TROUBLE = select.POLLERR | select.POLLHUP | select.POLLNVAL
@@ -222,14 +235,17 @@ class ReadToken:
         self.leads += 1
         link, poller, back = self._link, self._poller, self._back_r
         assert link is not None and isinstance(link.reader, FrameReader)
-        reader, dispatch = link.reader, link.connection.on_inbound_frame
+        reader, dispatch, sock = link.reader, link.connection.on_inbound_frame, link.sock
         dispatching = False
+        lowat, quiet_ms, quiet = 1, QUIET_MS, False
         try:
             fetch = reader.buffered  # frames the loop left in the buffer (none, usually)
             while True:
                 if fetch:
                     dispatching = True
                     frame = reader.frame_now(True)
+                    if frame is not None and quiet:
+                        link.last_received = time.monotonic()  # a small frame slept through
                     while frame is not None:
                         dispatch(frame)
                         frame = reader.frame_now(reader.buffered)  # more only while a frame is part here
@@ -239,8 +255,24 @@ class ReadToken:
                 now = time.monotonic()
                 if now >= deadline:
                     break
+                # Sleep through a lone small frame (the request's confirm, which comes before its
+                # reply): wake for more than LONE_FRAME bytes, or after quiet_ms to read it anyway
+                # (a nack fails its call then). Not while a frame is part here: wake for its rest.
+                want = 1 if reader.buffered else LONE_FRAME + 1
+                if want != lowat:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
+                    lowat = want
+                wait_ms = int((deadline - now) * 1000) + 1
+                if lowat > 1 and quiet_ms < wait_ms:
+                    wait_ms = quiet_ms
+                    quiet_ms = min(2 * quiet_ms, QUIET_MAX_MS)
                 fetch = False
-                for fd, _ in poller.poll(int((deadline - now) * 1000) + 1):
+                events = poller.poll(wait_ms)
+                quiet = not events and lowat > 1
+                if quiet:  # read whatever small frame arrived meanwhile
+                    fetch = True
+                    continue
+                for fd, _ in events:
                     if fd == back:
                         break
                     fetch = True
@@ -250,6 +282,7 @@ class ReadToken:
                     continue
                 break  # give-back
         except BaseException as exc:
+            _lowat(sock, lowat)
             if dispatching or isinstance(exc, Exception):
                 self._fail(exc)
             else:
@@ -257,6 +290,7 @@ class ReadToken:
             if not isinstance(exc, Exception):
                 raise
             return
+        _lowat(sock, lowat)
         self._leave()
 
     def _leave(self) -> None:
@@ -278,6 +312,15 @@ class ReadToken:
         if not isinstance(exc, Exception):
             exc = ConnectionError(f"a caller was interrupted while it dispatched a frame: {exc!r}")
         self._loop.call_soon(_raise, exc)
+
+
+def _lowat(sock: socket.socket, lowat: int) -> None:
+    """The socket's receive low-water mark back to 1 (the loop's poll() must see every byte)."""
+    if lowat != 1:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        except OSError:  # the socket is gone already: so is the connection
+            pass
 
 
 def _nothing() -> None:

@@ -183,3 +183,36 @@ def test_the_broker_closing_the_connection_under_a_leader_fails_its_call_at_once
         assert lost[0] < closed_by + 0.5 and ended - lost[0] < 0.5, (lost[0] - closed_by, ended - lost[0])
         wait_for(lambda: client._loop.connected.is_set() and client._loop.connects == 2, timeout=30)
         assert [client.call(service.name, "echo", {"n": n}) for n in range(5)] == [{"n": n} for n in range(5)]
+
+
+def test_a_leader_sleeping_through_lone_confirms_still_fails_a_refused_call_at_once(echo_worker, service, broker_url):
+    """A leader's poll() wakes for more than a lone confirm (SO_RCVLOWAT): the nack of its own
+    request, alone on the wire, is still read within milliseconds, and the socket's low-water
+    mark is back to 1 for the loop once the leader leaves."""
+    import socket
+
+    from kombu import Connection, Queue
+
+    from amqprpc import PublishRefused
+    from amqprpc.testing import delete_queues
+    from amqprpc.wire.topology import DEFAULT_TOPOLOGY
+
+    refusing = unique_name("refusing")
+    queue = Queue(f"service.{refusing}.request", DEFAULT_TOPOLOGY.request_exchange(),
+                  routing_key=f"request.{refusing}", durable=True,
+                  queue_arguments={"x-max-length": 0, "x-overflow": "reject-publish"})
+    with Connection(broker_url) as conn:
+        queue(conn.channel()).declare()
+    try:
+        with RpcClient(unique_name("lowat"), broker_url=broker_url, timeout=10) as client:
+            leads = lead_next_call(client, service.name)
+            started = time.monotonic()
+            with pytest.raises(PublishRefused):
+                client.call(refusing, "x", timeout=10)
+            took = time.monotonic() - started
+            assert client._lender.leads == leads + 1  # it led, and read its nack itself
+            assert took < 0.5, f"the refusal took {took * 1000:.1f} ms"
+            assert client._loop.link.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+            assert client.call(service.name, "echo", {"after": 1}) == {"after": 1}
+    finally:
+        delete_queues(queue.name, broker_url=broker_url)
