@@ -33,11 +33,12 @@ client does, the loop thread *lends* the socket to them (leader/follower):
   give-back pipe every leader polls and waiting for the token, when work is queued for it
   (``call_soon``: declares, channel replacement, a publish handed over, the end of a
   connection, stopping), when the link is dead or in trouble, and when the lease ran out:
-  nobody led for :data:`LEASE` seconds. A ``call_async`` or a cast sent while the socket
+  nobody led for :data:`LEASE` seconds (while callers keep leading, the loop looks twice as
+  late each time it finds one did, up to :data:`LEASE_MAX`). A ``call_async`` or a cast sent while the socket
   is lent wakes the loop too (its answer needs a reader whoever calls next).
 - Frames that arrive while the socket is lent and nobody leads (a heartbeat, a reply that
   came after its call's deadline, a channel closed by the broker) are read by the next
-  leader or by the loop at the lease's end: at most :data:`LEASE` late.
+  leader or by the loop at the lease's end: at most :data:`LEASE_MAX` late.
 - Anything fatal a leader meets (the stream ended, a reset, a frame that is not AMQP, the
   broker closing the connection, an exception from a dispatch) is not raised in the caller:
   the leader hands it to the loop thread, which drops the connection and reconnects as if
@@ -77,6 +78,9 @@ class Loop(Protocol):
 # caller making one call after another keeps leading without waking the loop per call; the
 # loop wakes once per lease to see whether anyone still does.
 LEASE = 0.010
+# While callers keep leading, the loop looks twice as late each time, up to this (seconds):
+# what arrives while nobody leads is read at most this late.
+LEASE_MAX = 0.100
 # A leader's poll() wakes only for more than this many bytes (SO_RCVLOWAT): a lone basic.ack
 # or basic.nack frame is 21 bytes, a heartbeat 8; a reply is always more. What it slept
 # through is read after QUIET_MS, then after twice as long, up to QUIET_MAX_MS.
@@ -158,6 +162,7 @@ class ReadToken:
         poller = select.poll()
         poller.register(wake_fd, select.POLLIN)
         watching = False
+        span, longest = self.lease, max(self.lease, LEASE_MAX)
         while True:
             backlog = link.writer is not None and link.writer.backlog
             if backlog != watching:
@@ -167,14 +172,14 @@ class ReadToken:
                     poller.unregister(sock_fd)
                 watching = backlog
             now = time.monotonic()
-            end = self._released_at + self.lease
+            end = self._released_at + span
             if now >= end:
                 if self._token.acquire(False):  # nobody leads: the loop reads again
                     self._taken_back()
                     self._backoff = 0 if self.leads != leads else min(2 * self._backoff or 1, 64)
                     self._skip = self._backoff
                     return
-                end = now + self.lease  # a caller leads: look again later
+                end = now + span  # a caller leads: look again later
             due = link.due()
             until = end if due is None else min(end, due)
             for fd, event in poller.poll(max(0, int((until - now) * 1000)) + 1):
@@ -194,6 +199,8 @@ class ReadToken:
                     loop._wake()  # the pipe was emptied: the loop's poll() must still see the work
                     return
             link.check(time.monotonic())  # heartbeats; LinkDead when silent too long
+            # Callers kept leading: look less often (a wake-up per lease was 0.13 sleeps per call).
+            span = min(2 * span, longest)
 
     def _reclaim(self) -> None:
         """Take the socket back: tell the leader, if any, and wait for the token (a leader
