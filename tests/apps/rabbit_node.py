@@ -34,6 +34,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from kombu import Connection
@@ -157,8 +158,12 @@ class RabbitNode:
             return conn.connection.server_properties.get("version", "?")
 
     def start(self, timeout: float = 120) -> None:
-        self._run("rabbitmq-server", "-detached", timeout=30)
+        self.boot()
         self.wait_up(timeout)
+
+    def boot(self) -> None:
+        """``rabbitmq-server -detached``: returns at once, the node boots on (:meth:`wait_up`)."""
+        self._run("rabbitmq-server", "-detached", timeout=30)
 
     def wait_up(self, timeout: float = 60) -> None:
         """Until an AMQP handshake succeeds (the port opens a little before)."""
@@ -261,9 +266,13 @@ class RabbitCluster:
         return ";".join(node.url for node in self.nodes)
 
     def start(self) -> None:
+        """Boot the nodes side by side (a boot is mostly waiting: ~16 s instead of ~24 s for three
+        3.10 nodes here), then join the others to the first, one at a time."""
         try:
             for node in self.nodes:
-                node.start()
+                node.boot()
+            for node in self.nodes:
+                node.wait_up(120)
             first = self.nodes[0]
             for node in self.nodes[1:]:
                 node.ctl("stop_app")
@@ -274,8 +283,11 @@ class RabbitCluster:
             raise
 
     def stop(self) -> None:
-        for node in self.nodes:
-            node.stop()
+        stopping = [threading.Thread(target=node.stop) for node in self.nodes]  # side by side too
+        for thread in stopping:
+            thread.start()
+        for thread in stopping:
+            thread.join()
         shutil.rmtree(self.home, ignore_errors=True)
 
 
