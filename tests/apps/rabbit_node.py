@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shlex
 import shutil
 import signal
@@ -49,6 +50,31 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive ports free at the moment, for a server that takes P..P+count-1
+    (``--processes N --metrics-port P``). Below the ephemeral range: there ``free_port() + 1`` may be any
+    outgoing connection's local port (Linux hands bind(0) odd ports and connect() even ones)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+            ephemeral = int(ports.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    for _ in range(200):
+        base = random.randrange(10000, ephemeral - count)
+        if all(_bindable(base + k) for k in range(count)):
+            return base
+    raise RuntimeError(f"no {count} consecutive free ports between 10000 and {ephemeral}")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
 
 
 def broker_address(url: str) -> tuple[str, int]:
