@@ -39,12 +39,14 @@ PYTHONS ?= 3.9 3.10 3.12 3.13
 test-pythons: $(STAMP) services
 	BUILD_PYTHON=$(VENV)/bin/python ./scripts/test-pythons.sh $(PYTHONS)
 
-# The same suite against a RabbitMQ 4.x node of its own (scripts/rabbitmq4.sh installs 4.x once
-# per machine into a cached folder, a few minutes; tests/apps/rabbit_node.py runs the node beside the
-# system's, on free ports). own_broker and the cluster tests then run 4.x nodes too.
+# The integration tests (-m integration: every test that talks to a broker) against a RabbitMQ 4.x
+# node of its own (scripts/rabbitmq4.sh installs 4.x once per machine into a cached folder, a few
+# minutes; tests/apps/rabbit_node.py runs the node beside the system's, on free ports). own_broker and
+# the cluster tests then run 4.x nodes too. The unit tests touch no broker: make test runs them (~30 s
+# saved here); a -m of PYTEST_ARGS replaces this one (PYTEST_ARGS="-m cluster").
 test-rabbitmq4: $(STAMP) services
 	root=$$(./scripts/rabbitmq4.sh) && $(VENV)/bin/python tests/apps/rabbit_node.py --root "$$root" -- \
-		$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+		$(VENV)/bin/python -m pytest -q -m integration $(PYTEST_ARGS)
 
 # The documentation site from docs/ into site/ (mkdocs.yml): --strict fails on a broken link, anchor
 # or API reference. Its tools are the [docs] extra, installed into .venv once (DOCS_STAMP).

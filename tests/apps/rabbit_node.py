@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shlex
 import shutil
 import signal
@@ -34,6 +35,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from kombu import Connection
@@ -48,6 +50,31 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive ports free at the moment, for a server that takes P..P+count-1
+    (``--processes N --metrics-port P``). Below the ephemeral range: there ``free_port() + 1`` may be any
+    outgoing connection's local port (Linux hands bind(0) odd ports and connect() even ones)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+            ephemeral = int(ports.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    for _ in range(200):
+        base = random.randrange(10000, ephemeral - count)
+        if all(_bindable(base + k) for k in range(count)):
+            return base
+    raise RuntimeError(f"no {count} consecutive free ports between 10000 and {ephemeral}")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
 
 
 def broker_address(url: str) -> tuple[str, int]:
@@ -157,8 +184,12 @@ class RabbitNode:
             return conn.connection.server_properties.get("version", "?")
 
     def start(self, timeout: float = 120) -> None:
-        self._run("rabbitmq-server", "-detached", timeout=30)
+        self.boot()
         self.wait_up(timeout)
+
+    def boot(self) -> None:
+        """``rabbitmq-server -detached``: returns at once, the node boots on (:meth:`wait_up`)."""
+        self._run("rabbitmq-server", "-detached", timeout=30)
 
     def wait_up(self, timeout: float = 60) -> None:
         """Until an AMQP handshake succeeds (the port opens a little before)."""
@@ -261,9 +292,13 @@ class RabbitCluster:
         return ";".join(node.url for node in self.nodes)
 
     def start(self) -> None:
+        """Boot the nodes side by side (a boot is mostly waiting: ~16 s instead of ~24 s for three
+        3.10 nodes here), then join the others to the first, one at a time."""
         try:
             for node in self.nodes:
-                node.start()
+                node.boot()
+            for node in self.nodes:
+                node.wait_up(120)
             first = self.nodes[0]
             for node in self.nodes[1:]:
                 node.ctl("stop_app")
@@ -274,8 +309,11 @@ class RabbitCluster:
             raise
 
     def stop(self) -> None:
-        for node in self.nodes:
-            node.stop()
+        stopping = [threading.Thread(target=node.stop) for node in self.nodes]  # side by side too
+        for thread in stopping:
+            thread.start()
+        for thread in stopping:
+            thread.join()
         shutil.rmtree(self.home, ignore_errors=True)
 
 

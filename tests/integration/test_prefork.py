@@ -12,7 +12,7 @@ import pytest
 
 from amqprpc import RpcClient
 from amqprpc.testing import delete_queues, unique_name, wait_for
-from rabbit_node import free_port
+from rabbit_node import free_port, free_ports
 from test_daemon import _scrape, r  # noqa: F401 - r: the Redis fixture with test keys
 from workerproc import WorkerProcess
 
@@ -182,7 +182,7 @@ def test_an_unreachable_broker_exits_4_as_one_worker_does(svc, tmp_path):
 
 
 def test_registry_and_metrics_of_children_show_the_parent_and_its_restarts(svc, tmp_path, r):
-    prefix, port = unique_name("amqprpc-test-registry"), free_port()
+    prefix, port = unique_name("amqprpc-test-registry"), free_ports(2)  # the children serve on port and port+1
     worker = WorkerProcess(svc, str(tmp_path / "w.log"), "--processes", "2", "--concurrency", "2", app=APP,
                            env={"AMQPRPC_REGISTRY_INTERVAL": "0.2", "AMQPRPC_REGISTRY_PREFIX": prefix,
                                 "AMQPRPC_METRICS_PORT": str(port)})
