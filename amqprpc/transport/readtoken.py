@@ -188,7 +188,7 @@ class ReadToken:
         poller.register(wake_fd, select.POLLIN)
         watching = False
         span, longest = self.lease, max(self.lease, LEASE_MAX)
-        prompt, seen, look_at = self.prompt, self._released_at, 0.0
+        prompt, seen, look_at = self.prompt, self._released_at, self._released_at + self.lease
         if prompt:
             longest = max(self.lease, DOZE)
         while True:
