@@ -207,13 +207,14 @@ class Consumer:
                     item = inbox.end_lead()
                 if item is not None:
                     if inbox.qsize() or self._busy():  # not quiet (a burst): the loop reads as before
+                        token.back_off()
                         self.loop.call_soon(_nothing)
                     return item
                 token.want = True  # the loop took the socket back: it lends again once quiet
             elif not token.lent and token.lendable and not self._busy() and not inbox.qsize():
                 # Quiet, and the loop reads: it lends once it looks (it sleeps in poll()).
-                token.want = True
-                self.loop._wake()
+                if token.ask():
+                    self.loop._wake()
             item = inbox.get()
             if item is not LEAD:
                 return item

@@ -136,6 +136,7 @@ class ReadToken:
         # make the loop skip that many chances to lend, doubling up to 64: such a caller costs
         # the loop one wake-up per 64 calls, not one per call; the first lease used resets it.
         self._backoff = self._skip = 0
+        self._leads_at_lend = 0
 
     def close(self) -> None:
         """The give-back pipe's descriptors (the loop thread ended; nothing leads)."""
@@ -170,7 +171,7 @@ class ReadToken:
             poller.register(self._back_r, select.POLLIN)
             self._link, self._poller = link, poller
         self.lends += 1
-        leads = self.leads
+        leads = self._leads_at_lend = self.leads
         self._released_at = time.monotonic()
         self._token.release()
         if self._on_lend is not None:
@@ -289,6 +290,23 @@ class ReadToken:
             return False
         self.leads += 1
         return True
+
+    def ask(self) -> bool:
+        """(A worker's thread going idle while the worker is quiet and the loop reads) Ask the
+        loop to lend: True when it should be woken to look; False while backing off (below)."""
+        if self._skip:
+            self._skip -= 1
+            return False
+        self.want = True
+        return True
+
+    def back_off(self) -> None:
+        """(A worker's leader that found it busy: a burst) The loop reads from now on; the next
+        chances to lend are skipped, twice as many each time (up to 64), so a worker whose
+        quiet moments are short does not lend and take back the socket between every two
+        deliveries; a lend that served more than 64 deliveries starts again at one."""
+        self._backoff = 1 if self.leads - self._leads_at_lend > 64 else min(2 * self._backoff or 1, 64)
+        self._skip = self._backoff
 
     def read_until(self, done: Callable[[], object]) -> None:
         """Holding the token (:meth:`take`): read and dispatch until ``done()`` (looked at after
