@@ -258,8 +258,9 @@ class Worker:
         self._consumer.flush(deadline - time.monotonic())
         self._loop.stop()
         # Not clean = handlers were cut off at the timeout and their messages requeued: an operator should see it.
+        token = self.read_token
         (log.info if finished else log.warning)("worker stopped", clean=finished, **self.stats,
-                                                forwarded=dict(self.forwarder.stats))
+                                                forwarded=dict(self.forwarder.stats), lent=token.lends, led=token.leads)
         hooks.run(hooks.worker_stopped, self)
         return finished
 
