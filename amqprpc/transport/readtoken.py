@@ -159,6 +159,9 @@ class ReadToken:
         self.lent = True  # before may_lend(): a publish registered after it sees lent and wakes the loop
         if not self._may_lend():
             self.lent = False  # (still wanted: asked again after the next read)
+            if self.prompt:  # a worker that is not quiet after all: its threads ask less often
+                self.want = False
+                self.back_off()
             return
         self.want = False
         if self._skip:
