@@ -6,7 +6,10 @@ Threads, and why:
   heartbeats flowing however long handlers run.
 - ``concurrency`` handler threads take deliveries from an in-process queue, decode, run
   the handler, then publish the reply and ack themselves under the loop's ``write_lock``
-  (or, when it is taken, hand ``(reply, ack)`` back to the loop with ``call_soon``).
+  (or, when it is taken, hand ``(reply, ack)`` back to the loop with ``call_soon``). While
+  the worker is quiet the loop lends its socket and an idle handler thread reads it, and runs
+  the delivery it read itself (leader/follower,
+  :meth:`~amqprpc.transport.consumer.Consumer.next_delivery`): one call at a time wakes nobody.
 
 A message is acked only after its reply was published (at-least-once). The prefetch
 bounds how many messages one worker holds unacked (per consumed queue).
@@ -136,6 +139,9 @@ class Worker:
         # Handler thread ident -> the (generation, message) it runs: whoever pops it settles
         # that delivery (the thread itself, or write_off giving up on a stuck one).
         self._running: dict[int, tuple[int, amqp.Message]] = {}
+        # While it is quiet an idle handler thread reads the socket itself and runs what it
+        # reads (leader/follower: Consumer.next_delivery); lends, leads: self.read_token.
+        self.read_token = self._consumer.lend_to_threads(self._running.__len__)
         self.started_at = time.time()
         # Actions every worker answers besides its service's own (which win): registered by
         # middleware as the worker starts (ping).
@@ -252,8 +258,9 @@ class Worker:
         self._consumer.flush(deadline - time.monotonic())
         self._loop.stop()
         # Not clean = handlers were cut off at the timeout and their messages requeued: an operator should see it.
+        token = self.read_token
         (log.info if finished else log.warning)("worker stopped", clean=finished, **self.stats,
-                                                forwarded=dict(self.forwarder.stats))
+                                                forwarded=dict(self.forwarder.stats), lent=token.lends, led=token.leads)
         hooks.run(hooks.worker_stopped, self)
         return finished
 
@@ -330,7 +337,7 @@ class Worker:
 
     # --- handler threads ---------------------------------------------------------------
     def _work(self) -> None:
-        get = self._inbox.get
+        get = self._consumer.next_delivery  # (the inbox's, or read from the socket by this thread)
         running, ident = self._running, threading.get_ident()
         while True:
             item = get()

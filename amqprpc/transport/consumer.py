@@ -11,6 +11,20 @@ an inbox of deliveries for threads of their own, and the acks and forwards that 
   acks of the dead channel's deliveries are dropped by their generation;
 - a warm stop cancels the consumers first; what was prefetched but not taken is requeued
   (or left for the owner's threads to finish).
+
+A worker's handler threads also read (:meth:`Consumer.lend_to_threads`, leader/follower, the
+:class:`~amqprpc.transport.readtoken.ReadToken` the client's callers use): while the worker is
+quiet -- nothing in the inbox, no handler running, no copy awaiting its confirm, no queued loop
+work -- the loop lends its socket and wakes the idle thread that went idle last to lead
+(:meth:`Consumer.next_delivery`). It reads and dispatches what arrives; once a delivery is in
+the inbox it releases the token and runs that delivery itself (nobody else is woken), then leads
+again. One call at a time the worker then sleeps once per call, like a single-threaded server.
+When it takes a delivery while the worker is not quiet (more waiting, other handlers running: a
+burst) it hands the socket back to the loop, which reads as before until the worker is quiet
+again. The loop takes the socket back for anything else it does (queued work: consumer cancels,
+forwards, stopping; dead links; reconnects), and when the token stayed free for a lease (a
+handler that runs longer than :data:`~amqprpc.transport.readtoken.LEASE` while deliveries may
+arrive). TLS connections are never lent.
 """
 from __future__ import annotations
 
@@ -23,8 +37,9 @@ import amqp
 from kombu import Queue
 
 from amqprpc import logs
-from amqprpc.transport.inbox import Inbox
+from amqprpc.transport.inbox import LEAD, Inbox
 from amqprpc.transport.ioloop import AmqpLoop
+from amqprpc.transport.readtoken import ReadToken
 from amqprpc.transport.redelivery import Forward, Forwarder, Redelivery
 from amqprpc.wire.envelope import ARRIVED_PROPERTY
 
@@ -56,6 +71,22 @@ class Consumer:
         self._tags: list[str] = []
         self._consuming = False
         self._stopping = False  # a reconnect during a warm stop must not consume again
+        self.token: ReadToken | None = None  # set by lend_to_threads
+        self._busy: Callable[[], int] = lambda: 0
+
+    def lend_to_threads(self, busy: Callable[[], int]) -> ReadToken:
+        """Let the owner's idle threads read the socket while it is quiet (see the module);
+        ``busy()`` counts the deliveries they are running. Before :meth:`start`."""
+        self._busy = busy
+        self.token = self.loop.lender = ReadToken(self.loop, self._may_lend, on_lend=self.inbox.nudge,
+                                                       prompt=True)
+        return self.token
+
+    def _may_lend(self) -> bool:
+        """(loop thread) Nothing but idle threads waits: no delivery waiting or running, no
+        copy awaiting its confirm, consuming and not stopping."""
+        return (self._consuming and not self._stopping and not self.inbox.qsize() and not self._busy()
+                and self.forwarder.idle.is_set())
 
     # --- loop thread -------------------------------------------------------------------
     def _connected(self, connection: Any) -> None:
@@ -156,6 +187,38 @@ class Consumer:
 
         self.forwarder.forward(channel, message.delivery_tag, forward, bare)
 
+    # --- the owner's threads ------------------------------------------------------------
+    def next_delivery(self) -> Any:
+        """The next item of the inbox for an owner's thread (lend_to_threads): taken at once,
+        or read from the socket by this thread as the leader while the socket is lent, or
+        waited for as before."""
+        inbox, token = self.inbox, self.token
+        if token is None:
+            return inbox.get()
+        while True:
+            item = inbox.take()
+            if item is not None:
+                return item
+            if token.take():
+                inbox.begin_lead()
+                try:
+                    token.read_until(inbox.qsize)
+                finally:
+                    item = inbox.end_lead()
+                if item is not None:
+                    if inbox.qsize() or self._busy():  # not quiet (a burst): the loop reads as before
+                        token.back_off()
+                        self.loop.call_soon(_nothing)
+                    return item
+                token.want = True  # the loop took the socket back: it lends again once quiet
+            elif not token.lent and token.lendable and not self._busy() and not inbox.qsize():
+                # Quiet, and the loop reads: it lends once it looks (it sleeps in poll()).
+                if token.ask():
+                    self.loop._wake()
+            item = inbox.get()
+            if item is not LEAD:
+                return item
+
     # --- any thread --------------------------------------------------------------------
     def take_unstarted(self) -> Iterator[tuple[int, amqp.Message]]:
         """Empty the inbox of the deliveries no thread has taken; STOP sentinels stay."""
@@ -185,3 +248,7 @@ class Consumer:
         self.loop.call_soon(flushed.set)
         if flushed.wait(5.0):
             self.forwarder.idle.wait(max(1.0, timeout))
+
+
+def _nothing() -> None:
+    """Queued loop work: the loop takes a lent socket back to run it (readtoken)."""

@@ -11,6 +11,12 @@ and GIL hand-overs per call for one call's work (measured with strace and
 waits on a lock of its own, and the one released is the one that went idle last (LIFO:
 its stack and caches are still warm, and a quiet service runs on one thread). Under load,
 threads that finish take the next item without sleeping, as they did before.
+
+A worker's quiet handler thread may read the socket itself (:mod:`~amqprpc.transport.readtoken`,
+:meth:`~amqprpc.transport.consumer.Consumer.next_delivery`): while it leads, what it puts in the
+inbox (the consumer callback runs in its reads) wakes nobody -- it takes the first item itself
+when it stops leading (:meth:`Inbox.end_lead`), and wakes one other thread only when more wait.
+:meth:`Inbox.nudge` wakes an idle thread with no item (``get`` returns :data:`LEAD`) to lead.
 """
 from __future__ import annotations
 
@@ -20,12 +26,16 @@ import threading
 from typing import Any
 
 
+LEAD = object()  # what get() returns to a thread nudged to lead (no item for it)
+
+
 class _Waiter:
-    __slots__ = ("wake",)
+    __slots__ = ("wake", "lead")
 
     def __init__(self) -> None:
         self.wake = threading.Lock()
         self.wake.acquire()  # held until the thread is woken (released once per wake-up)
+        self.lead = False  # woken by nudge(), not for an item
 
 
 class Inbox:
@@ -45,11 +55,12 @@ class Inbox:
         self._idle: list[_Waiter] = []
         self._waking = False
         self._local = threading.local()
+        self._leader: int | None = None  # the thread that reads the socket and takes what it puts
 
     def put(self, item: Any) -> None:
         with self._lock:
             self._items.append(item)
-            if self._idle and not self._waking:
+            if self._idle and not self._waking and (self._leader is None or self._leader != threading.get_ident()):
                 self._wake_one()
 
     def get(self) -> Any:
@@ -59,6 +70,10 @@ class Inbox:
             with lock:
                 if waiter is not None:
                     self._waking = False  # the one woken is running: a put may wake another
+                    if waiter.lead:
+                        waiter.lead = False
+                        if not items:
+                            return LEAD
                 if items:
                     item = items.popleft()
                     if items and self._idle and not self._waking:
@@ -70,6 +85,39 @@ class Inbox:
                         waiter = self._local.waiter = _Waiter()
                 self._idle.append(waiter)
             waiter.wake.acquire()  # released by _wake_one
+
+    def take(self) -> Any:
+        """An item, or None at once when there is none (waking the next thread when more wait)."""
+        with self._lock:
+            items = self._items
+            if not items:
+                return None
+            item = items.popleft()
+            if items and self._idle and not self._waking:
+                self._wake_one()
+            return item
+
+    def begin_lead(self) -> None:
+        """This thread reads the socket now: what it puts wakes nobody until :meth:`end_lead`."""
+        self._leader = threading.get_ident()
+
+    def end_lead(self) -> Any:
+        """This thread stopped reading: the first item for it (None when there is none), the
+        next waiting thread woken when more wait."""
+        with self._lock:
+            if self._leader == threading.get_ident():
+                self._leader = None
+        return self.take()
+
+    def nudge(self) -> None:
+        """Wake the thread that went idle last to lead (its ``get`` returns :data:`LEAD`), unless
+        one is waking already or none sleeps."""
+        with self._lock:
+            if self._idle and not self._waking:
+                self._waking = True
+                waiter = self._idle.pop()
+                waiter.lead = True
+                waiter.wake.release()
 
     def get_nowait(self) -> Any:
         with self._lock:

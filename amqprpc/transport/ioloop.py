@@ -10,7 +10,8 @@ The one exception, for speed: a publish or an ack may be written by another thre
 while it holds :attr:`AmqpLoop.write_lock`, which every frame written on the connection
 takes (see ``_lock_frames``); a thread that finds it taken hands the write to the loop.
 And a client's loop lends its socket to blocking callers while only they wait for the
-broker: each reads its own reply (:mod:`~amqprpc.transport.readtoken`).
+broker: each reads its own reply (:mod:`~amqprpc.transport.readtoken`); a worker's, to an idle
+handler thread while the worker is quiet: it runs what it reads.
 
 No wait on the loop thread is unbounded (:class:`~amqprpc.transport.link.Link`): writes never
 block (what the socket does not take waits in a backlog the loop sends when it can),
@@ -191,7 +192,7 @@ class AmqpLoop:
         self.startup_wait = 0.0
         self.on_connect_retry: Callable[[int, float, BaseException], None] | None = None
         self._start_cancelled = False
-        self.lender: ReadToken | None = None  # a client's: blocking callers may read the socket
+        self.lender: ReadToken | None = None  # blocking callers or idle handler threads may read the socket
 
     # --- loop thread: consuming ----------------------------------------------------------
     def consume(self, channel: amqp.Channel, queue: Any, callback: Callable[..., Any], *, consumer_tag: str = "",

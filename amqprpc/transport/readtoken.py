@@ -45,12 +45,21 @@ client does, the loop thread *lends* the socket to them (leader/follower):
   it had read it itself (pending calls fail with ConnectionLost); the caller then waits for
   that, like any follower.
 
+A worker lends its socket the same way to its idle handler threads while it is quiet
+(:meth:`~amqprpc.transport.consumer.Consumer.next_delivery`): a handler thread that takes the
+token (:meth:`ReadToken.take`) reads until a delivery is in its inbox (:meth:`ReadToken.read_until`),
+releases the token and runs that delivery itself. Its token is *prompt*: the loop takes a
+released token back within a lease (a handler runs, deliveries for other threads may come),
+while a token one leader holds all along (an idle worker) is looked at less and less often,
+up to :data:`DOZE`; the loop wakes a handler thread to lead when it lends (``on_lend``).
+
 TLS connections (py-amqp's own reads, :class:`~amqprpc.transport.framereader.TimeoutReads`)
-are never lent, nor is a worker's loop (it has no token).
+are never lent.
 """
 from __future__ import annotations
 
 import collections
+import math
 import os
 import select
 import socket
@@ -85,6 +94,10 @@ LEASE_MAX = 0.100
 # or basic.nack frame is 21 bytes, a heartbeat 8; a reply is always more. What it slept
 # through is read after QUIET_MS, then after twice as long, up to QUIET_MAX_MS.
 LONE_FRAME = 21
+# A worker's token (prompt): while one leader holds it all along the loop looks at it every lease,
+# then twice as late each time, up to this (seconds); a leader that releases it meanwhile wakes
+# the loop, which then looks a lease after that release (see _serve_lease).
+DOZE = 0.64
 QUIET_MS, QUIET_MAX_MS = 2, 64
 
 _READ = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
@@ -95,9 +108,16 @@ class ReadToken:
     """The right to read one loop's socket (see the module). ``may_lend()`` says, on the loop
     thread, whether nothing but blocking callers waits for the broker."""
 
-    def __init__(self, loop: Loop, may_lend: Callable[[], bool], lease: float = LEASE):
+    def __init__(self, loop: Loop, may_lend: Callable[[], bool], lease: float = LEASE,
+                 on_lend: Callable[[], None] | None = None, prompt: bool = False):
         self._loop = loop
         self._may_lend = may_lend
+        self._on_lend = on_lend  # (loop thread) just lent: e.g. a worker wakes an idle handler thread to lead
+        # A worker's: a token released and not taken again is taken back within a lease (its
+        # leader runs a handler: deliveries for the other threads must not wait LEASE_MAX).
+        self.prompt = prompt
+        self.lendable = True  # False once the loop found a reader it cannot lend (TLS)
+        self._dozing = False  # (prompt) the loop looks at a held token less often than every lease
         self.lease = lease
         self._token = threading.Lock()
         self._token.acquire()  # the loop thread's until it lends it
@@ -116,6 +136,7 @@ class ReadToken:
         # make the loop skip that many chances to lend, doubling up to 64: such a caller costs
         # the loop one wake-up per 64 calls, not one per call; the first lease used resets it.
         self._backoff = self._skip = 0
+        self._leads_at_lend = 0
 
     def close(self) -> None:
         """The give-back pipe's descriptors (the loop thread ended; nothing leads)."""
@@ -130,11 +151,17 @@ class ReadToken:
         off it until the loop needs it back; returns holding it again (also when raising)."""
         reader = link.reader
         loop = self._loop
-        if not isinstance(reader, FrameReader) or reader.buffered or loop._ops or self._back_r < 0:
+        if not isinstance(reader, FrameReader):
+            self.lendable = False
+            return
+        if reader.buffered or loop._ops or self._back_r < 0:
             return
         self.lent = True  # before may_lend(): a publish registered after it sees lent and wakes the loop
         if not self._may_lend():
             self.lent = False  # (still wanted: asked again after the next read)
+            if self.prompt:  # a worker that is not quiet after all: its threads ask less often
+                self.want = False
+                self.back_off()
             return
         self.want = False
         if self._skip:
@@ -147,9 +174,11 @@ class ReadToken:
             poller.register(self._back_r, select.POLLIN)
             self._link, self._poller = link, poller
         self.lends += 1
-        leads = self.leads
+        leads = self._leads_at_lend = self.leads
         self._released_at = time.monotonic()
         self._token.release()
+        if self._on_lend is not None:
+            self._on_lend()
         try:
             self._serve_lease(link, leads)
         finally:
@@ -163,6 +192,9 @@ class ReadToken:
         poller.register(wake_fd, select.POLLIN)
         watching = False
         span, longest = self.lease, max(self.lease, LEASE_MAX)
+        prompt, seen, look_at = self.prompt, self._released_at, self._released_at + self.lease
+        if prompt:
+            longest = max(self.lease, DOZE)
         while True:
             backlog = link.writer is not None and link.writer.backlog
             if backlog != watching:
@@ -172,14 +204,24 @@ class ReadToken:
                     poller.unregister(sock_fd)
                 watching = backlog
             now = time.monotonic()
-            end = self._released_at + span
+            if prompt:  # a lease after the last release, else when decided at the last look
+                released = self._released_at
+                end = released + self.lease if released != seen else look_at
+            else:
+                end = self._released_at + span
             if now >= end:
+                if prompt:
+                    if self._released_at != seen:  # released since the last look: still busy
+                        seen, span = self._released_at, self.lease
+                    else:  # held all along (an idle worker's leader): look less often
+                        span = min(2 * span, longest)
+                    self._dozing = span > self.lease  # before looking: a release after it wakes the loop
                 if self._token.acquire(False):  # nobody leads: the loop reads again
                     self._taken_back()
                     self._backoff = 0 if self.leads != leads else min(2 * self._backoff or 1, 64)
                     self._skip = self._backoff
                     return
-                end = now + span  # a caller leads: look again later
+                end = look_at = now + span  # a caller leads: look again later
             due = link.due()
             until = end if due is None else min(end, due)
             for fd, event in poller.poll(max(0, int((until - now) * 1000)) + 1):
@@ -199,8 +241,9 @@ class ReadToken:
                     loop._wake()  # the pipe was emptied: the loop's poll() must still see the work
                     return
             link.check(time.monotonic())  # heartbeats; LinkDead when silent too long
-            # Callers kept leading: look less often (a wake-up per lease was 0.13 sleeps per call).
-            span = min(2 * span, longest)
+            if not prompt:
+                # Callers kept leading: look less often (a wake-up per lease was 0.13 sleeps per call).
+                span = min(2 * span, longest)
 
     def _reclaim(self) -> None:
         """Take the socket back: tell the leader, if any, and wait for the token (a leader
@@ -218,7 +261,7 @@ class ReadToken:
         self._taken_back()
 
     def _taken_back(self) -> None:
-        self.lent = self._give_back = False
+        self.lent = self._give_back = self._dozing = False
         self._followers.clear()  # the loop reads for them now
         self.reclaims += 1
 
@@ -240,6 +283,44 @@ class ReadToken:
                 return
             followers.discard(call)
         self.leads += 1
+        if self._read(call.done, deadline, True):
+            self._leave()
+
+    def take(self) -> bool:
+        """(A worker's idle handler thread) Take the token if it is lent and free: then read
+        with :meth:`read_until`. False: the caller waits for work as before."""
+        if not self.lent or self._give_back or not self._token.acquire(False):
+            return False
+        self.leads += 1
+        return True
+
+    def ask(self) -> bool:
+        """(A worker's thread going idle while the worker is quiet and the loop reads) Ask the
+        loop to lend: True when it should be woken to look; False while backing off (below)."""
+        if self._skip:
+            self._skip -= 1
+            return False
+        self.want = True
+        return True
+
+    def back_off(self) -> None:
+        """(A worker's leader that found it busy: a burst) The loop reads from now on; the next
+        chances to lend are skipped, twice as many each time (up to 64), so a worker whose
+        quiet moments are short does not lend and take back the socket between every two
+        deliveries; a lend that served more than 64 deliveries starts again at one."""
+        self._backoff = 1 if self.leads - self._leads_at_lend > 64 else min(2 * self._backoff or 1, 64)
+        self._skip = self._backoff
+
+    def read_until(self, done: Callable[[], object]) -> None:
+        """Holding the token (:meth:`take`): read and dispatch until ``done()`` (looked at after
+        each read) or the loop wants the socket back; then release it. Never raises what it
+        reads (see the module). Every frame wakes it (a worker receives no lone confirms)."""
+        if self._read(done, math.inf, False):
+            self._release()
+
+    def _read(self, done: Callable[[], object], deadline: float, lone: bool) -> bool:
+        """The leader's reads, until ``done()``, ``deadline`` or a give-back; ``lone``: sleep
+        through lone small frames. False when it failed (the token handed to the loop already)."""
         link, poller, back = self._link, self._poller, self._back_r
         assert link is not None and isinstance(link.reader, FrameReader)
         reader, dispatch, sock = link.reader, link.connection.on_inbound_frame, link.sock
@@ -257,7 +338,7 @@ class ReadToken:
                         dispatch(frame)
                         frame = reader.frame_now(reader.buffered)  # more only while a frame is part here
                     dispatching = False
-                if call.done() or self._give_back:
+                if done() or self._give_back:
                     break
                 now = time.monotonic()
                 if now >= deadline:
@@ -265,11 +346,11 @@ class ReadToken:
                 # Sleep through a lone small frame (the request's confirm, which comes before its
                 # reply): wake for more than LONE_FRAME bytes, or after quiet_ms to read it anyway
                 # (a nack fails its call then). Not while a frame is part here: wake for its rest.
-                want = 1 if reader.buffered else LONE_FRAME + 1
+                want = 1 if reader.buffered or not lone else LONE_FRAME + 1
                 if want != lowat:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
                     lowat = want
-                wait_ms = int((deadline - now) * 1000) + 1
+                wait_ms = -1 if deadline == math.inf else int((deadline - now) * 1000) + 1
                 if lowat > 1 and quiet_ms < wait_ms:
                     wait_ms = quiet_ms
                     quiet_ms = min(2 * quiet_ms, QUIET_MAX_MS)
@@ -296,13 +377,19 @@ class ReadToken:
                 self._leave()  # interrupted while polling (KeyboardInterrupt): nothing half-read
             if not isinstance(exc, Exception):
                 raise
-            return
+            return False
         _lowat(sock, lowat)
-        self._leave()
+        return True
 
-    def _leave(self) -> None:
+    def _release(self) -> None:
         self._released_at = time.monotonic()
         self._token.release()
+        if self._dozing:  # the loop looks rarely while the token is held: now within a lease
+            self._dozing = False
+            self._loop._wake()
+
+    def _leave(self) -> None:
+        self._release()
         followers = self._followers
         if followers:
             for call in list(followers):

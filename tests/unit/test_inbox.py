@@ -79,3 +79,74 @@ def test_items_with_no_idle_thread_wait_in_order_and_can_be_taken_back():
     assert inbox.get_nowait() == 1 and inbox.get_nowait() == 2
     with pytest.raises(queue.Empty):
         inbox.get_nowait()
+
+
+def test_a_leaders_puts_wake_nobody_and_it_takes_the_first_itself_waking_one_when_more_wait():
+    inbox, took = Inbox(), queue.SimpleQueue()
+
+    def take(name: str) -> None:
+        took.put((name, inbox.get()))
+
+    sleepers = [threading.Thread(target=take, args=(f"t{i}",)) for i in range(2)]
+    for thread in sleepers:
+        thread.start()
+    _waiting(inbox, 2)
+    inbox.begin_lead()  # this thread reads the socket: what it puts is its own to take
+    inbox.put("first")
+    assert len(inbox._idle) == 2 and not inbox._waking  # noqa: SLF001 - nobody woken
+    assert inbox.end_lead() == "first" and took.empty()
+    inbox.begin_lead()
+    inbox.put("second")
+    inbox.put("third")
+    assert inbox.end_lead() == "second"
+    assert took.get(timeout=5)[1] == "third"  # more waited: one sleeper woken for it
+    inbox.put("from another thread")  # not the leader's: wakes the other sleeper as before
+    assert took.get(timeout=5)[1] == "from another thread"
+    for thread in sleepers:
+        thread.join(5)
+    assert inbox.take() is None
+
+
+def test_a_put_by_another_thread_while_one_leads_wakes_a_sleeper():
+    inbox, took = Inbox(), queue.SimpleQueue()
+    leading, put_done = threading.Event(), threading.Event()
+
+    def lead() -> None:
+        inbox.begin_lead()
+        leading.set()
+        put_done.wait(5)
+        took.put(("leader", inbox.end_lead()))
+
+    sleeper = threading.Thread(target=lambda: took.put(("sleeper", inbox.get())))
+    sleeper.start()
+    _waiting(inbox, 1)
+    leader = threading.Thread(target=lead)
+    leader.start()
+    leading.wait(5)
+    inbox.put("x")  # this thread is not the leader
+    assert took.get(timeout=5) == ("sleeper", "x")
+    put_done.set()
+    leader.join(5)
+    assert took.get(timeout=5) == ("leader", None)
+
+
+def test_nudge_wakes_the_last_idle_thread_to_lead():
+    from amqprpc.transport.inbox import LEAD
+
+    inbox, took = Inbox(), queue.SimpleQueue()
+
+    def take(name: str) -> None:
+        took.put((name, inbox.get()))
+
+    first = threading.Thread(target=take, args=("first",))
+    first.start()
+    _waiting(inbox, 1)
+    second = threading.Thread(target=take, args=("second",))
+    second.start()
+    _waiting(inbox, 2)
+    inbox.nudge()
+    assert took.get(timeout=5) == ("second", LEAD)  # the one that went idle last
+    inbox.put("item")  # an item wakes the other as before
+    assert took.get(timeout=5) == ("first", "item")
+    inbox.nudge()  # nobody sleeps: nothing happens
+    assert inbox.take() is None
