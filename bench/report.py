@@ -3,7 +3,7 @@
 ``python -m bench.report --markdown RESULT.json`` prints the benchmark page's table from a run;
 ``python -m bench.report --plot RESULT.json`` draws its figures as SVG charts into docs/benchmark/
 (``--out-dir`` elsewhere; see bench/plot.py). The docs chart the reference run,
-bench/reference/20261122T0938Z.json, so building them never runs a benchmark.
+bench/reference/20261207T1314Z.json, so building them never runs a benchmark.
 
 Two figures come from tools of their own, run apart from the bench's load and attached to a
 run's JSON as they are (``python -m bench --dispatch-cost PATH --prefork PATH``, or here with
